@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The block driver interface: what frontends (NBD, ublk, bench) call and
+ * what image formats (raw, qcow2) implement.
+ *
+ * Thread model: a bdrv is opened and closed outside request processing;
+ * the co_* entry points run inside a request coroutine on a thread with a
+ * current aio_ctx (see aio.h), and may yield.  Drivers serialise their
+ * own metadata (co_mutex); frontends may issue any number of requests
+ * concurrently.
+ *
+ * Contract, checked once in block.c before a driver is called: the range
+ * lies inside the virtual size, len > 0 (flush excepted), the iovec sums
+ * to len and has at most BDRV_IOV_MAX entries, writes are refused with
+ * -EROFS on read-only devices.  Drivers trust these.
+ *
+ * All functions return 0 or -errno.
+ */
+#ifndef QUBLK_BDRV_H
+#define QUBLK_BDRV_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "common/io.h"
+
+#define BDRV_IOV_MAX 16
+
+enum {
+	BDRV_O_RDONLY     = 1 << 0,
+	BDRV_O_DIRECT     = 1 << 1,  /* cache=none: O_DIRECT on every file */
+	BDRV_O_NO_BACKING = 1 << 2,  /* do not open backing files */
+};
+
+/* Request flags */
+enum {
+	BDRV_REQ_FUA       = 1 << 0,  /* write: data and metadata durable on return */
+	BDRV_REQ_MAY_UNMAP = 1 << 1,  /* write_zeroes: may deallocate */
+};
+
+struct bdrv_opts {
+	unsigned flags;                 /* BDRV_O_* */
+	const char *format;             /* "qcow2", "raw" or NULL to probe */
+	uint64_t l2_cache_size;         /* bytes; 0 = driver default */
+	uint64_t refcount_cache_size;   /* bytes; 0 = driver default */
+	unsigned backing_depth;         /* internal: loop/depth guard */
+};
+
+struct bdrv;
+
+struct bdrv_driver {
+	const char *name;
+	/* Optional: score how well the first bytes of a file match (0 = no). */
+	int (*probe)(const uint8_t *buf, size_t len);
+	/* Required.  Called outside a coroutine or inside one; @file is owned
+	 * by bs from then on (closed by bdrv_close even if open fails). */
+	int (*open)(struct bdrv *bs, const struct bdrv_opts *opts);
+	/* Required.  Write back everything, release driver state. */
+	void (*close)(struct bdrv *bs);
+	/* Required.  Coroutine context. */
+	int (*co_preadv)(struct bdrv *bs, uint64_t off, uint64_t len,
+			 const struct iovec *iov, int iovcnt);
+	int (*co_pwritev)(struct bdrv *bs, uint64_t off, uint64_t len,
+			  const struct iovec *iov, int iovcnt, unsigned flags);
+	int (*co_pwrite_zeroes)(struct bdrv *bs, uint64_t off, uint64_t len,
+				unsigned flags);
+	int (*co_discard)(struct bdrv *bs, uint64_t off, uint64_t len);
+	int (*co_flush)(struct bdrv *bs);
+};
+
+struct bdrv {
+	const struct bdrv_driver *drv;
+	void *opaque;              /* driver state */
+	struct io_file *file;      /* the image file */
+	char *filename;            /* as opened */
+	uint64_t size;             /* virtual size in bytes */
+	bool read_only;
+	unsigned open_flags;       /* BDRV_O_* */
+	unsigned cluster_size;     /* allocation unit for io_min/io_opt, 0 = none */
+	bool zeroes_read_zero;     /* discard makes reads return zeros */
+	struct bdrv *parent;       /* image whose backing file this is, or NULL */
+	uint64_t dev, ino;         /* identity of the file, for loop detection */
+};
+
+/* Open @filename as an image.  Errors are logged naming the file. */
+int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **out);
+/* Open a backing file @name for @parent: relative names resolve against
+ * the directory of @parent's file; depth-limited (loops refused). */
+int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
+		      struct bdrv **out);
+void bdrv_close(struct bdrv *bs);
+const struct bdrv_driver *bdrv_find_driver(const char *name);
+
+/* Checked entry points (coroutine context). */
+int bdrv_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
+		   const struct iovec *iov, int iovcnt);
+int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
+		    const struct iovec *iov, int iovcnt, unsigned flags);
+int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags);
+int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
+int bdrv_co_flush(struct bdrv *bs);
+static inline int bdrv_co_pread(struct bdrv *bs, uint64_t off, uint64_t len, void *buf)
+{ struct iovec v = { buf, len }; return bdrv_co_preadv(bs, off, len, &v, 1); }
+static inline int bdrv_co_pwrite(struct bdrv *bs, uint64_t off, uint64_t len, const void *buf, unsigned fl)
+{ struct iovec v = { (void *)buf, len }; return bdrv_co_pwritev(bs, off, len, &v, 1, fl); }
+
+extern const struct bdrv_driver bdrv_raw;
+extern const struct bdrv_driver bdrv_qcow2;
+
+#endif

@@ -1,0 +1,229 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Generic block layer: opening images (format probing, backing files)
+ * and the checked entry points every frontend calls.  The request
+ * contract (see bdrv.h) is checked here once; drivers trust it.
+ */
+#include "block/bdrv.h"
+
+#include <errno.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "common/util.h"
+
+#define BDRV_MAX_BACKING_DEPTH 32
+
+static const struct bdrv_driver *const drivers[] = {
+	&bdrv_qcow2,
+	&bdrv_raw,
+};
+
+const struct bdrv_driver *bdrv_find_driver(const char *name)
+{
+	for (size_t i = 0; i < ARRAY_SIZE(drivers); i++)
+		if (!strcmp(drivers[i]->name, name))
+			return drivers[i];
+	return NULL;
+}
+
+static const struct bdrv_driver *probe(struct io_file *f)
+{
+	uint8_t buf[512];
+	const struct bdrv_driver *best = &bdrv_raw;
+	int best_score = 0;
+
+	if (io_pread(f, buf, sizeof(buf), 0) < 0)
+		return &bdrv_raw;
+	for (size_t i = 0; i < ARRAY_SIZE(drivers); i++) {
+		int score = drivers[i]->probe ? drivers[i]->probe(buf, sizeof(buf)) : 0;
+		if (score > best_score) {
+			best = drivers[i];
+			best_score = score;
+		}
+	}
+	return best;
+}
+
+static int open_common(const char *filename, const struct bdrv_opts *opts,
+		       struct bdrv *parent, struct bdrv **out)
+{
+	const struct bdrv_driver *drv = NULL;
+	struct bdrv *bs;
+	struct stat st;
+	unsigned ioflags = 0;
+	int ret;
+
+	if (opts->format && !(drv = bdrv_find_driver(opts->format))) {
+		log_error("%s: unknown format '%s'", filename, opts->format);
+		return -EINVAL;
+	}
+	bs = calloc(1, sizeof(*bs));
+	if (!bs || !(bs->filename = strdup(filename))) {
+		free(bs);
+		return -ENOMEM;
+	}
+	bs->parent = parent;
+	bs->open_flags = opts->flags;
+	bs->read_only = opts->flags & BDRV_O_RDONLY;
+	if (bs->read_only)
+		ioflags |= IO_OPEN_RDONLY;
+	if (opts->flags & BDRV_O_DIRECT)
+		ioflags |= IO_OPEN_DIRECT;
+	ret = io_file_open(filename, ioflags, &bs->file);
+	if (ret < 0) {
+		log_error("%s: cannot open: %s", filename, strerror(-ret));
+		goto fail;
+	}
+	if (fstat(bs->file->fd, &st) == 0) {
+		bs->dev = st.st_dev;
+		bs->ino = st.st_ino;
+	}
+	for (struct bdrv *p = parent; p; p = p->parent) {
+		if (p->dev == bs->dev && p->ino == bs->ino) {
+			log_error("%s: backing file loop (it backs itself through %s)",
+				  filename, parent->filename);
+			ret = -ELOOP;
+			goto fail;
+		}
+	}
+	if (!drv)
+		drv = probe(bs->file);
+	bs->drv = drv;
+	ret = drv->open(bs, opts);
+	if (ret < 0) {
+		bs->drv = NULL;
+		goto fail;
+	}
+	*out = bs;
+	return 0;
+fail:
+	io_file_close(bs->file);
+	free(bs->filename);
+	free(bs);
+	return ret;
+}
+
+int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **out)
+{
+	return open_common(filename, opts, NULL, out);
+}
+
+int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
+		      struct bdrv **out)
+{
+	struct bdrv_opts opts = {
+		.flags = BDRV_O_RDONLY | (parent->open_flags & BDRV_O_DIRECT),
+		.format = format,
+		.backing_depth = 0,
+	};
+	char path[PATH_MAX];
+	unsigned depth = 0;
+
+	for (struct bdrv *p = parent; p; p = p->parent)
+		depth++;
+	if (depth > BDRV_MAX_BACKING_DEPTH) {
+		log_error("%s: backing chain deeper than %d", parent->filename,
+			  BDRV_MAX_BACKING_DEPTH);
+		return -ELOOP;
+	}
+	if (!name[0]) {
+		log_error("%s: empty backing file name", parent->filename);
+		return -EINVAL;
+	}
+	if (name[0] == '/' || !strchr(parent->filename, '/')) {
+		if (snprintf(path, sizeof(path), "%s", name) >= (int)sizeof(path))
+			return -ENAMETOOLONG;
+	} else {
+		char dir[PATH_MAX];
+		snprintf(dir, sizeof(dir), "%s", parent->filename);
+		if (snprintf(path, sizeof(path), "%s/%s", dirname(dir), name) >= (int)sizeof(path))
+			return -ENAMETOOLONG;
+	}
+	int ret = open_common(path, &opts, parent, out);
+	if (ret < 0)
+		log_error("%s: cannot open backing file %s", parent->filename, path);
+	return ret;
+}
+
+void bdrv_close(struct bdrv *bs)
+{
+	if (!bs)
+		return;
+	if (bs->drv)
+		bs->drv->close(bs);
+	io_file_close(bs->file);
+	free(bs->filename);
+	free(bs);
+}
+
+static inline int check_range(struct bdrv *bs, uint64_t off, uint64_t len)
+{
+	uint64_t end;
+	if (!len || ckd_add(&end, off, len) || end > bs->size)
+		return -EINVAL;
+	return 0;
+}
+
+static int check_iov(const struct iovec *iov, int iovcnt, uint64_t len)
+{
+	if (iovcnt <= 0 || iovcnt > BDRV_IOV_MAX || iov_size(iov, iovcnt) != len)
+		return -EINVAL;
+	return 0;
+}
+
+int bdrv_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
+		   const struct iovec *iov, int iovcnt)
+{
+	int ret = check_range(bs, off, len);
+	if (!ret)
+		ret = check_iov(iov, iovcnt, len);
+	return ret ? ret : bs->drv->co_preadv(bs, off, len, iov, iovcnt);
+}
+
+int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
+		    const struct iovec *iov, int iovcnt, unsigned flags)
+{
+	if (bs->read_only)
+		return -EROFS;
+	int ret = check_range(bs, off, len);
+	if (!ret)
+		ret = check_iov(iov, iovcnt, len);
+	if (!ret && (flags & ~BDRV_REQ_FUA))
+		ret = -EINVAL;
+	return ret ? ret : bs->drv->co_pwritev(bs, off, len, iov, iovcnt, flags);
+}
+
+int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags)
+{
+	if (bs->read_only)
+		return -EROFS;
+	int ret = check_range(bs, off, len);
+	if (!ret && (flags & ~(BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP)))
+		ret = -EINVAL;
+	if (ret)
+		return ret;
+	ret = bs->drv->co_pwrite_zeroes(bs, off, len, flags);
+	if (!ret && (flags & BDRV_REQ_FUA))
+		ret = bs->drv->co_flush(bs);
+	return ret;
+}
+
+int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
+{
+	if (bs->read_only)
+		return -EROFS;
+	int ret = check_range(bs, off, len);
+	return ret ? ret : bs->drv->co_discard(bs, off, len);
+}
+
+int bdrv_co_flush(struct bdrv *bs)
+{
+	if (bs->read_only)
+		return 0;
+	return bs->drv->co_flush(bs);
+}

@@ -1,0 +1,143 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The raw driver: the image file (or block device) is the disk.
+ * Discard punches holes; write-zeroes uses fallocate where the file
+ * system can, else writes zeros from a shared zero buffer.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "block/bdrv.h"
+#include "common/util.h"
+
+#define RAW_ZERO_BUF (1024 * 1024)
+
+struct raw_state {
+	void *zeros;          /* RAW_ZERO_BUF of zeros, shared by requests */
+	bool no_fallocate;    /* file system refused ZERO_RANGE */
+	bool no_punch;        /* file system refused PUNCH_HOLE */
+};
+
+static int raw_open(struct bdrv *bs, const struct bdrv_opts *opts)
+{
+	struct raw_state *s = calloc(1, sizeof(*s));
+	int ret;
+
+	if (!s)
+		return -ENOMEM;
+	s->zeros = io_zalloc(RAW_ZERO_BUF);
+	if (!s->zeros) {
+		free(s);
+		return -ENOMEM;
+	}
+	bs->opaque = s;
+	ret = io_get_size(bs->file, &bs->size);
+	if (ret < 0) {
+		log_error("%s: cannot get size: %s", bs->filename, strerror(-ret));
+		io_free(s->zeros);
+		free(s);
+		return ret;
+	}
+	bs->zeroes_read_zero = true;
+	return 0;
+}
+
+static void raw_close(struct bdrv *bs)
+{
+	struct raw_state *s = bs->opaque;
+
+	if (!bs->read_only)
+		io_flush(bs->file);
+	io_free(s->zeros);
+	free(s);
+}
+
+static int raw_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
+		      const struct iovec *iov, int iovcnt)
+{
+	return io_preadv(bs->file, iov, iovcnt, off);
+}
+
+static int raw_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
+		       const struct iovec *iov, int iovcnt, unsigned flags)
+{
+	int ret = io_pwritev(bs->file, iov, iovcnt, off);
+	if (!ret && (flags & BDRV_REQ_FUA))
+		ret = io_flush(bs->file);
+	return ret;
+}
+
+static int write_zero_buffers(struct bdrv *bs, uint64_t off, uint64_t len)
+{
+	struct raw_state *s = bs->opaque;
+
+	while (len) {
+		size_t n = MIN(len, (uint64_t)RAW_ZERO_BUF);
+		int ret = io_pwrite(bs->file, s->zeros, n, off);
+		if (ret < 0)
+			return ret;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+static int raw_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags)
+{
+	struct raw_state *s = bs->opaque;
+	int ret;
+
+	if ((flags & BDRV_REQ_MAY_UNMAP) && !s->no_punch) {
+		ret = io_fallocate(bs->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+		if (!ret)
+			return 0;
+		if (ret != -EOPNOTSUPP && ret != -EINVAL)
+			return ret;
+		s->no_punch = true;
+	}
+	if (!s->no_fallocate) {
+		ret = io_fallocate(bs->file, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len);
+		if (!ret)
+			return 0;
+		if (ret != -EOPNOTSUPP && ret != -EINVAL)
+			return ret;
+		s->no_fallocate = true;
+	}
+	return write_zero_buffers(bs, off, len);
+}
+
+static int raw_discard(struct bdrv *bs, uint64_t off, uint64_t len)
+{
+	struct raw_state *s = bs->opaque;
+	int ret;
+
+	/* Discard is advisory: where holes cannot be punched the data stays. */
+	if (s->no_punch)
+		return 0;
+	ret = io_fallocate(bs->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+	if (ret == -EOPNOTSUPP || ret == -EINVAL) {
+		s->no_punch = true;
+		return 0;
+	}
+	return ret;
+}
+
+static int raw_flush(struct bdrv *bs)
+{
+	return io_flush(bs->file);
+}
+
+const struct bdrv_driver bdrv_raw = {
+	.name = "raw",
+	.probe = NULL,
+	.open = raw_open,
+	.close = raw_close,
+	.co_preadv = raw_preadv,
+	.co_pwritev = raw_pwritev,
+	.co_pwrite_zeroes = raw_pwrite_zeroes,
+	.co_discard = raw_discard,
+	.co_flush = raw_flush,
+};

@@ -1,0 +1,17 @@
+/* SPDX-License-Identifier: MIT */
+/* Subcommands of the qublk binary.  Each cmd_* parses its own options
+ * (getopt_long, --help prints usage to stdout and returns 0) and returns
+ * the process exit code: */
+#ifndef QUBLK_CLI_H
+#define QUBLK_CLI_H
+
+#define EXIT_OK     0   /* success */
+#define EXIT_FAIL   1   /* the operation failed (message on stderr names file and reason) */
+#define EXIT_USAGE  2   /* bad command line */
+
+int cmd_create(int argc, char **argv);   /* src/cli/create.c */
+int cmd_info(int argc, char **argv);     /* src/cli/info.c */
+int cmd_bench(int argc, char **argv);    /* src/cli/bench.c */
+int cmd_nbd(int argc, char **argv);      /* src/cli/nbd.c */
+
+#endif

@@ -1,0 +1,200 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Per-thread event loop: one io_uring and a ready list of coroutines.
+ *
+ * user_data of every SQE is a struct aio_req * (or 0 for fire-and-forget
+ * SQEs whose completion nobody waits for); this file is the only place
+ * that encodes or decodes it.  Completions are copied out of the CQ ring
+ * before their callbacks run, so a callback may submit new SQEs freely.
+ */
+#include "common/aio.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+
+static __thread struct aio_ctx *cur_ctx;
+
+int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)
+{
+	struct io_uring_params p;
+	int ret;
+
+	memset(ctx, 0, sizeof(*ctx));
+	memset(&p, 0, sizeof(p));
+	/* Only this thread submits; completions are reaped when we enter. */
+	p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
+	p.flags |= IORING_SETUP_CQSIZE;
+	p.cq_entries = entries * 4;
+	ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
+	if (ret == -EINVAL) {
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_CQSIZE;
+		p.cq_entries = entries * 4;
+		ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
+	}
+	return ret;
+}
+
+void aio_ctx_deinit(struct aio_ctx *ctx)
+{
+	io_uring_queue_exit(&ctx->ring);
+	if (cur_ctx == ctx)
+		cur_ctx = NULL;
+}
+
+void aio_ctx_set_current(struct aio_ctx *ctx) { cur_ctx = ctx; }
+struct aio_ctx *aio_ctx_current(void) { return cur_ctx; }
+
+struct io_uring_sqe *aio_get_sqe(struct aio_ctx *ctx, struct aio_req *req)
+{
+	struct io_uring_sqe *sqe;
+
+	while (!(sqe = io_uring_get_sqe(&ctx->ring))) {
+		int ret = io_uring_submit(&ctx->ring);
+		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+			log_error("io_uring_submit: %s", strerror(-ret));
+			abort();
+		}
+		if (ret <= 0) {
+			/* CQ pressure: reap without running callbacks is not
+			 * possible here, so wait for the kernel to drain. */
+			io_uring_submit_and_wait(&ctx->ring, 0);
+		}
+	}
+	io_uring_sqe_set_data(sqe, req);
+	ctx->inflight++;
+	return sqe;
+}
+
+struct co_wait {
+	struct aio_req req;
+	struct coro *co;
+	int res;
+	bool done;
+};
+
+static void co_wait_complete(struct aio_req *req, int res)
+{
+	struct co_wait *w = (struct co_wait *)req;
+
+	w->res = res;
+	w->done = true;
+	coro_enter(w->co);
+}
+
+int aio_co_wait_sqe(struct aio_ctx *ctx, struct io_uring_sqe *sqe)
+{
+	struct co_wait w = { .req.complete = co_wait_complete, .co = coro_self() };
+
+	(void)ctx;
+	assert(w.co);
+	io_uring_sqe_set_data(sqe, &w.req);
+	while (!w.done)
+		coro_yield();
+	return w.res;
+}
+
+void aio_schedule(struct coro *co)
+{
+	struct aio_ctx *ctx = cur_ctx;
+
+	assert(ctx);
+	coro_set_next(co, NULL);
+	if (ctx->ready_tail)
+		coro_set_next(ctx->ready_tail, co);
+	else
+		ctx->ready_head = co;
+	ctx->ready_tail = co;
+}
+
+static void run_ready(struct aio_ctx *ctx)
+{
+	/* Only those ready now: coroutines scheduled while we run wait for
+	 * the next round, after their SQEs have been submitted. */
+	struct coro *co = ctx->ready_head;
+	struct coro *last = ctx->ready_tail;
+
+	ctx->ready_head = ctx->ready_tail = NULL;
+	while (co) {
+		struct coro *next = coro_next(co);
+		bool was_last = co == last;
+		coro_set_next(co, NULL);
+		coro_enter(co);
+		if (was_last)
+			break;
+		co = next;
+	}
+}
+
+#define AIO_REAP_BATCH 64
+
+int aio_run_once(struct aio_ctx *ctx, bool block)
+{
+	struct io_uring_cqe *cqes[AIO_REAP_BATCH];
+	struct { struct aio_req *req; int res; } done[AIO_REAP_BATCH];
+	unsigned n, i;
+	int ret;
+
+	run_ready(ctx);
+	unsigned wait = (block && !ctx->ready_head && ctx->inflight) ? 1 : 0;
+	ret = io_uring_submit_and_wait(&ctx->ring, wait);
+	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME)
+		return ret;
+	do {
+		n = io_uring_peek_batch_cqe(&ctx->ring, cqes, AIO_REAP_BATCH);
+		for (i = 0; i < n; i++) {
+			done[i].req = io_uring_cqe_get_data(cqes[i]);
+			done[i].res = cqes[i]->res;
+		}
+		io_uring_cq_advance(&ctx->ring, n);
+		ctx->inflight -= n;
+		for (i = 0; i < n; i++)
+			if (done[i].req)
+				done[i].req->complete(done[i].req, done[i].res);
+	} while (n == AIO_REAP_BATCH);
+	return 0;
+}
+
+struct run_co {
+	coro_fn fn;
+	void *opaque;
+};
+
+int aio_run_coroutine(coro_fn fn, void *opaque)
+{
+	struct aio_ctx tmp, *ctx = cur_ctx;
+	struct coro *co;
+	int ret = 0;
+
+	if (!ctx) {
+		ret = aio_ctx_init(&tmp, 128);
+		if (ret < 0) {
+			log_error("io_uring_queue_init: %s", strerror(-ret));
+			return ret;
+		}
+		ctx = &tmp;
+		aio_ctx_set_current(ctx);
+	}
+	co = coro_new(fn, opaque, 0);
+	if (!co) {
+		ret = -errno;
+		goto out;
+	}
+	aio_schedule(co);
+	while (!coro_finished(co) || ctx->inflight || ctx->ready_head) {
+		ret = aio_run_once(ctx, true);
+		if (ret < 0) {
+			log_error("io_uring_submit_and_wait: %s", strerror(-ret));
+			break;
+		}
+	}
+	coro_free(co);
+out:
+	if (ctx == &tmp)
+		aio_ctx_deinit(&tmp);
+	return ret;
+}

@@ -1,0 +1,358 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The io layer's default backend: a file descriptor driven through the
+ * thread's io_uring when called from a coroutine, and through plain
+ * syscalls otherwise.
+ *
+ * O_DIRECT: requests that are not aligned to the file's DIO alignment
+ * (offset, length or buffer) go through an aligned bounce buffer; writes
+ * are read-modify-write.  To keep a RMW from overwriting a neighbour's
+ * concurrent write in the same block, every write on a direct file
+ * registers its block-aligned range; a RMW waits for every overlapping
+ * write and an aligned write waits for overlapping RMWs.
+ *
+ * Thread model: the range list is per file and used by one thread's
+ * coroutines at a time (the owner of the aio_ctx).
+ */
+#include "common/io.h"
+
+#include <assert.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <linux/stat.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/aio.h"
+#include "common/coro.h"
+#include "common/util.h"
+
+#define IO_IOV_MAX 64
+
+struct io_range {
+	uint64_t start, end;      /* block-aligned */
+	bool rmw;
+	struct co_queue waiters;
+	struct io_range *next;
+};
+
+struct fd_file {
+	struct io_file f;
+	struct io_range *ranges;  /* in-flight direct writes */
+};
+
+void *io_alloc(size_t len)
+{
+	void *p;
+	if (posix_memalign(&p, 4096, len ? ALIGN_UP(len, (size_t)4096) : 4096))
+		return NULL;
+	return p;
+}
+
+void *io_zalloc(size_t len)
+{
+	void *p = io_alloc(len);
+	if (p)
+		memset(p, 0, len);
+	return p;
+}
+
+void io_free(void *buf) { free(buf); }
+
+/* One read or write through io_uring (coroutine) or a syscall.
+ * Returns bytes transferred or -errno. */
+static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int cnt, uint64_t off)
+{
+	struct aio_ctx *ctx = aio_ctx_current();
+	ssize_t ret;
+
+	if (coro_self() && ctx) {
+		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
+		if (cnt == 1) {
+			if (write)
+				io_uring_prep_write(sqe, f->fd, iov[0].iov_base, iov[0].iov_len, off);
+			else
+				io_uring_prep_read(sqe, f->fd, iov[0].iov_base, iov[0].iov_len, off);
+		} else {
+			if (write)
+				io_uring_prep_writev(sqe, f->fd, iov, cnt, off);
+			else
+				io_uring_prep_readv(sqe, f->fd, iov, cnt, off);
+		}
+		return aio_co_wait_sqe(ctx, sqe);
+	}
+	do {
+		ret = write ? pwritev(f->fd, iov, cnt, off) : preadv(f->fd, iov, cnt, off);
+	} while (ret < 0 && errno == EINTR);
+	return ret < 0 ? -errno : ret;
+}
+
+/* Full transfer: retry short transfers; reads past EOF give zeros. */
+static int rw_full(struct io_file *f, bool write, const struct iovec *iov, int cnt, uint64_t off)
+{
+	struct iovec local[IO_IOV_MAX];
+	size_t total = iov_size(iov, cnt);
+	size_t done = 0;
+
+	if (cnt > IO_IOV_MAX)
+		return -EINVAL;
+	memcpy(local, iov, cnt * sizeof(*iov));
+	while (done < total) {
+		int n = iov_slice(iov, cnt, done, total - done, local, IO_IOV_MAX);
+		if (n < 0)
+			return n;
+		ssize_t ret = do_rw(f, write, local, n, off + done);
+		if (ret == -EINTR || ret == -EAGAIN)
+			continue;
+		if (ret < 0)
+			return (int)ret;
+		if (ret == 0) {
+			if (write)
+				return -EIO;
+			iov_memset(iov, cnt, done, 0, total - done);
+			return 0;
+		}
+		done += ret;
+	}
+	return 0;
+}
+
+static bool iov_aligned(const struct iovec *iov, int cnt, unsigned align)
+{
+	for (int i = 0; i < cnt; i++)
+		if (!IS_ALIGNED((uintptr_t)iov[i].iov_base, align) ||
+		    !IS_ALIGNED(iov[i].iov_len, (size_t)align))
+			return false;
+	return true;
+}
+
+static bool req_aligned(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
+{
+	return !f->direct ||
+	       (IS_ALIGNED(off, (uint64_t)f->align) && iov_aligned(iov, cnt, f->align));
+}
+
+static int fd_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
+{
+	if (req_aligned(f, iov, cnt, off))
+		return rw_full(f, false, iov, cnt, off);
+
+	size_t len = iov_size(iov, cnt);
+	uint64_t start = ALIGN_DOWN(off, (uint64_t)f->align);
+	uint64_t end = ALIGN_UP(off + len, (uint64_t)f->align);
+	void *bounce = io_alloc(end - start);
+	if (!bounce)
+		return -ENOMEM;
+	struct iovec v = { bounce, end - start };
+	int ret = rw_full(f, false, &v, 1, start);
+	if (!ret)
+		iov_from_buf(iov, cnt, 0, (char *)bounce + (off - start), len);
+	io_free(bounce);
+	return ret;
+}
+
+static bool ranges_conflict(const struct io_range *a, uint64_t start, uint64_t end, bool rmw)
+{
+	return a->start < end && start < a->end && (rmw || a->rmw);
+}
+
+static void range_lock(struct fd_file *ff, struct io_range *r)
+{
+	if (coro_self()) {
+	again:
+		for (struct io_range *o = ff->ranges; o; o = o->next) {
+			if (ranges_conflict(o, r->start, r->end, r->rmw)) {
+				co_queue_wait(&o->waiters);
+				goto again;
+			}
+		}
+	}
+	r->waiters = (struct co_queue)CO_QUEUE_INIT;
+	r->next = ff->ranges;
+	ff->ranges = r;
+}
+
+static void range_unlock(struct fd_file *ff, struct io_range *r)
+{
+	struct io_range **pp = &ff->ranges;
+	while (*pp != r)
+		pp = &(*pp)->next;
+	*pp = r->next;
+	if (coro_self() || aio_ctx_current())
+		co_queue_wake_all(&r->waiters);
+}
+
+static int fd_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
+{
+	struct fd_file *ff = (struct fd_file *)f;
+	size_t len = iov_size(iov, cnt);
+	int ret;
+
+	if (f->read_only)
+		return -EROFS;
+	if (!f->direct)
+		return rw_full(f, true, iov, cnt, off);
+
+	struct io_range r = {
+		.start = ALIGN_DOWN(off, (uint64_t)f->align),
+		.end = ALIGN_UP(off + len, (uint64_t)f->align),
+		.rmw = !req_aligned(f, iov, cnt, off),
+	};
+	range_lock(ff, &r);
+	if (!r.rmw) {
+		ret = rw_full(f, true, iov, cnt, off);
+	} else {
+		size_t blen = r.end - r.start;
+		void *bounce = io_alloc(blen);
+		struct iovec v = { bounce, f->align };
+		ret = bounce ? 0 : -ENOMEM;
+		/* Head and tail blocks keep their old bytes. */
+		if (!ret && off != r.start)
+			ret = rw_full(f, false, &v, 1, r.start);
+		if (!ret && off + len != r.end &&
+		    (r.end - f->align != r.start || off == r.start)) {
+			v.iov_base = (char *)bounce + blen - f->align;
+			ret = rw_full(f, false, &v, 1, r.end - f->align);
+		}
+		if (!ret) {
+			iov_to_buf(iov, cnt, 0, (char *)bounce + (off - r.start), len);
+			v.iov_base = bounce;
+			v.iov_len = blen;
+			ret = rw_full(f, true, &v, 1, r.start);
+		}
+		io_free(bounce);
+	}
+	range_unlock(ff, &r);
+	return ret;
+}
+
+static int fd_flush(struct io_file *f)
+{
+	struct aio_ctx *ctx = aio_ctx_current();
+
+	if (f->read_only)
+		return 0;
+	if (coro_self() && ctx) {
+		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
+		io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
+		return aio_co_wait_sqe(ctx, sqe);
+	}
+	return fdatasync(f->fd) ? -errno : 0;
+}
+
+static int fd_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
+{
+	struct aio_ctx *ctx = aio_ctx_current();
+
+	if (f->read_only)
+		return -EROFS;
+	if (coro_self() && ctx) {
+		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
+		io_uring_prep_fallocate(sqe, f->fd, mode, off, len);
+		return aio_co_wait_sqe(ctx, sqe);
+	}
+	return fallocate(f->fd, mode, off, len) ? -errno : 0;
+}
+
+static int fd_truncate(struct io_file *f, uint64_t size)
+{
+	if (f->read_only)
+		return -EROFS;
+	return ftruncate(f->fd, size) ? -errno : 0;
+}
+
+static int fd_get_size(struct io_file *f, uint64_t *size)
+{
+	struct stat st;
+
+	if (fstat(f->fd, &st))
+		return -errno;
+	if (S_ISBLK(st.st_mode)) {
+		if (ioctl(f->fd, BLKGETSIZE64, size))
+			return -errno;
+		return 0;
+	}
+	*size = st.st_size;
+	return 0;
+}
+
+static void fd_close(struct io_file *f)
+{
+	assert(!((struct fd_file *)f)->ranges);
+	close(f->fd);
+	free(f->path);
+	free(f);
+}
+
+static const struct io_file_ops fd_ops = {
+	.preadv = fd_preadv,
+	.pwritev = fd_pwritev,
+	.flush = fd_flush,
+	.fallocate = fd_fallocate,
+	.truncate = fd_truncate,
+	.get_size = fd_get_size,
+	.close = fd_close,
+};
+
+static unsigned dio_alignment(int fd)
+{
+	struct statx stx;
+	unsigned align = 0;
+
+#ifdef STATX_DIOALIGN
+	if (!statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) &&
+	    (stx.stx_mask & STATX_DIOALIGN))
+		align = MAX(stx.stx_dio_mem_align, stx.stx_dio_offset_align);
+#else
+	(void)stx;
+	(void)fd;
+#endif
+	if (!align || (align & (align - 1)))
+		align = 4096;
+	return MAX(align, 512u);
+}
+
+int io_file_open(const char *path, unsigned flags, struct io_file **out)
+{
+	int oflags = O_CLOEXEC | ((flags & IO_OPEN_RDONLY) ? O_RDONLY : O_RDWR);
+	struct fd_file *ff;
+	int fd = -1;
+	bool direct = false;
+
+	if (flags & IO_OPEN_CREATE)
+		oflags |= O_CREAT | O_TRUNC;
+	if (flags & IO_OPEN_DIRECT) {
+		fd = open(path, oflags | O_DIRECT, 0644);
+		if (fd >= 0)
+			direct = true;
+		else if (errno != EINVAL)
+			return -errno;
+	}
+	if (fd < 0)
+		fd = open(path, oflags, 0644);
+	if (fd < 0)
+		return -errno;
+	ff = calloc(1, sizeof(*ff));
+	if (!ff || !(ff->f.path = strdup(path))) {
+		free(ff);
+		close(fd);
+		return -ENOMEM;
+	}
+	ff->f.ops = &fd_ops;
+	ff->f.fd = fd;
+	ff->f.read_only = flags & IO_OPEN_RDONLY;
+	ff->f.direct = direct;
+	ff->f.align = direct ? dio_alignment(fd) : 1;
+	*out = &ff->f;
+	return 0;
+}
+
+void io_file_close(struct io_file *f)
+{
+	if (f)
+		f->ops->close(f);
+}

@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The io layer: files the drivers read and write.
+ *
+ * All calls work both inside a coroutine (async on the thread's io_uring,
+ * the coroutine yields) and outside (plain blocking syscalls, for tools).
+ * Reads are complete or fail: bytes past end of file read as zeros.
+ * Writes are complete or fail.  With O_DIRECT, unaligned requests are
+ * bounced and read-modify-written under a range lock, so callers may use
+ * any offset, length and buffer.
+ *
+ * struct io_file carries an ops table so a test backend can sit between
+ * a driver and the real file (record, fail or drop writes).
+ *
+ * All functions return 0 or -errno.
+ */
+#ifndef QUBLK_IO_H
+#define QUBLK_IO_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct io_file;
+
+struct io_file_ops {
+	int (*preadv)(struct io_file *f, const struct iovec *iov, int iovcnt, uint64_t off);
+	int (*pwritev)(struct io_file *f, const struct iovec *iov, int iovcnt, uint64_t off);
+	int (*flush)(struct io_file *f);                       /* fdatasync */
+	/* mode: FALLOC_FL_* (0, ZERO_RANGE, PUNCH_HOLE|KEEP_SIZE) */
+	int (*fallocate)(struct io_file *f, int mode, uint64_t off, uint64_t len);
+	int (*truncate)(struct io_file *f, uint64_t size);
+	int (*get_size)(struct io_file *f, uint64_t *size);
+	void (*close)(struct io_file *f);                      /* frees f */
+};
+
+struct io_file {
+	const struct io_file_ops *ops;
+	void *priv;
+	int fd;                 /* -1 for files with no descriptor */
+	bool read_only;
+	bool direct;            /* opened with O_DIRECT */
+	unsigned align;         /* offset/length/buffer alignment of the fd */
+	char *path;
+};
+
+enum {
+	IO_OPEN_RDONLY = 1 << 0,
+	IO_OPEN_DIRECT = 1 << 1,   /* try O_DIRECT, fall back to buffered */
+	IO_OPEN_CREATE = 1 << 2,   /* O_CREAT | O_TRUNC */
+};
+
+int io_file_open(const char *path, unsigned flags, struct io_file **out);
+void io_file_close(struct io_file *f);
+
+static inline int io_preadv(struct io_file *f, const struct iovec *iov, int n, uint64_t off)
+{ return f->ops->preadv(f, iov, n, off); }
+static inline int io_pwritev(struct io_file *f, const struct iovec *iov, int n, uint64_t off)
+{ return f->ops->pwritev(f, iov, n, off); }
+static inline int io_pread(struct io_file *f, void *buf, size_t len, uint64_t off)
+{ struct iovec v = { buf, len }; return f->ops->preadv(f, &v, 1, off); }
+static inline int io_pwrite(struct io_file *f, const void *buf, size_t len, uint64_t off)
+{ struct iovec v = { (void *)buf, len }; return f->ops->pwritev(f, &v, 1, off); }
+static inline int io_flush(struct io_file *f) { return f->ops->flush(f); }
+static inline int io_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
+{ return f->ops->fallocate(f, mode, off, len); }
+static inline int io_truncate(struct io_file *f, uint64_t size) { return f->ops->truncate(f, size); }
+static inline int io_get_size(struct io_file *f, uint64_t *size) { return f->ops->get_size(f, size); }
+
+/* Aligned buffer for the io layer (posix_memalign to 4096). NULL on ENOMEM. */
+void *io_alloc(size_t len);
+void *io_zalloc(size_t len);
+void io_free(void *buf);
+
+#endif

@@ -1,0 +1,202 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qcow2 on-disk format: constants and the parsed header.
+ * Spec: qemu docs/interop/qcow2.rst.  Everything on disk is big-endian.
+ * Shared by the driver (src/qcow2/*.c) and the image tools.
+ */
+#ifndef QUBLK_QCOW2_FORMAT_H
+#define QUBLK_QCOW2_FORMAT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#define QCOW2_MAGIC 0x514649fbu              /* "QFI\xfb" */
+
+/* "Header" section: field offsets of the fixed header. */
+#define QCOW2_HDR_MAGIC                 0
+#define QCOW2_HDR_VERSION               4
+#define QCOW2_HDR_BACKING_OFFSET        8
+#define QCOW2_HDR_BACKING_SIZE         16
+#define QCOW2_HDR_CLUSTER_BITS         20
+#define QCOW2_HDR_SIZE                 24
+#define QCOW2_HDR_CRYPT_METHOD         32
+#define QCOW2_HDR_L1_SIZE              36
+#define QCOW2_HDR_L1_OFFSET            40
+#define QCOW2_HDR_REFTABLE_OFFSET      48
+#define QCOW2_HDR_REFTABLE_CLUSTERS    56
+#define QCOW2_HDR_NB_SNAPSHOTS         60
+#define QCOW2_HDR_SNAPSHOTS_OFFSET     64
+#define QCOW2_HDR_V2_LENGTH            72
+#define QCOW2_HDR_INCOMPAT             72   /* v3 fields from here */
+#define QCOW2_HDR_COMPAT               80
+#define QCOW2_HDR_AUTOCLEAR            88
+#define QCOW2_HDR_REFCOUNT_ORDER       96
+#define QCOW2_HDR_HEADER_LENGTH       100
+#define QCOW2_HDR_COMPRESSION_TYPE    104
+#define QCOW2_HDR_V3_LENGTH           104   /* minimum v3 header_length */
+#define QCOW2_HDR_V3_FULL_LENGTH      112   /* with compression type, padded */
+
+/* Incompatible feature bits */
+#define QCOW2_INCOMPAT_DIRTY            (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT          (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE        (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION      (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2            (1ull << 4)
+#define QCOW2_INCOMPAT_KNOWN            0x1full
+/* Compatible feature bits */
+#define QCOW2_COMPAT_LAZY_REFCOUNTS     (1ull << 0)
+/* Autoclear feature bits */
+#define QCOW2_AUTOCLEAR_BITMAPS         (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW   (1ull << 1)
+
+#define QCOW2_COMPRESSION_ZLIB          0
+#define QCOW2_COMPRESSION_ZSTD          1
+
+/* "Header extensions" */
+#define QCOW2_EXT_END                   0x00000000u
+#define QCOW2_EXT_BACKING_FORMAT        0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE         0x6803f857u
+#define QCOW2_EXT_BITMAPS               0x23852875u
+#define QCOW2_EXT_CRYPTO                0x0537be77u
+#define QCOW2_EXT_DATA_FILE             0x44415441u
+
+/* "Cluster mapping": L1 / L2 entries (standard, non-extended L2) */
+#define QCOW2_L1E_OFFSET_MASK           0x00fffffffffffe00ull
+#define QCOW2_L1E_RESERVED_MASK         0x7f000000000001ffull
+#define QCOW2_L2E_OFFSET_MASK           0x00fffffffffffe00ull
+#define QCOW2_L2E_RESERVED_MASK         0x3f000000000001feull
+#define QCOW2_OFLAG_COPIED              (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED          (1ull << 62)
+#define QCOW2_OFLAG_ZERO                (1ull << 0)   /* v3 only */
+/* "Compressed Clusters Descriptor": x = 62 - (cluster_bits - 8);
+ * bits 0..x-1 host offset, bits x..61 additional 512-byte sectors. */
+#define QCOW2_COMPRESSED_SECTOR_SIZE    512
+
+/* "Refcount table": entries are refcount block offsets. */
+#define QCOW2_REFT_OFFSET_MASK          0xfffffffffffffe00ull
+#define QCOW2_REFT_RESERVED_MASK        0x00000000000001ffull
+
+#define QCOW2_MIN_CLUSTER_BITS          9
+#define QCOW2_MAX_CLUSTER_BITS          21
+/* QEMU's limits (block/qcow2.h), enforced for interoperability. */
+#define QCOW2_MAX_L1_SIZE               (32u * 1024 * 1024)   /* bytes */
+#define QCOW2_MAX_REFTABLE_SIZE         (8u * 1024 * 1024)    /* bytes */
+#define QCOW2_MAX_SNAPSHOTS             65536
+#define QCOW2_MAX_BACKING_NAME          1023
+#define QCOW2_MAX_HOST_OFFSET           (1ull << 56)           /* bits 9-55 */
+
+/* "Snapshot table" entry, fixed part */
+#define QCOW2_SNAP_L1_OFFSET            0
+#define QCOW2_SNAP_L1_SIZE              8
+#define QCOW2_SNAP_ID_SIZE             12
+#define QCOW2_SNAP_NAME_SIZE           14
+#define QCOW2_SNAP_DATE_SEC            16
+#define QCOW2_SNAP_DATE_NSEC           20
+#define QCOW2_SNAP_VM_CLOCK_NSEC       24
+#define QCOW2_SNAP_VM_STATE_SIZE       32
+#define QCOW2_SNAP_EXTRA_SIZE          36
+#define QCOW2_SNAP_FIXED_LEN           40
+
+/* The header as parsed and validated (header.c). */
+struct qcow2_header {
+	uint32_t version;               /* 2 or 3 */
+	uint32_t cluster_bits;
+	uint64_t size;                  /* virtual size */
+	uint64_t backing_offset;
+	uint32_t backing_size;
+	uint32_t crypt_method;
+	uint32_t l1_size;               /* entries */
+	uint64_t l1_offset;
+	uint64_t reftable_offset;
+	uint32_t reftable_clusters;
+	uint32_t nb_snapshots;
+	uint64_t snapshots_offset;
+	uint64_t incompat;
+	uint64_t compat;
+	uint64_t autoclear;
+	uint32_t refcount_order;        /* refcount_bits = 1 << refcount_order */
+	uint32_t header_length;
+	uint8_t compression_type;
+};
+
+
+/* Header extensions as found on disk, in order (END excluded).  Known
+ * ones are also decoded into struct qcow2_meta; all are kept so that a
+ * header rewrite preserves unknown extensions byte for byte. */
+struct qcow2_ext {
+	uint32_t type;
+	uint32_t len;
+	uint8_t *data;
+};
+
+/* Everything in cluster 0, parsed (header.c). */
+struct qcow2_meta {
+	struct qcow2_header h;
+	char *backing_file;       /* NULL if none */
+	char *backing_format;     /* NULL if no backing format extension */
+	char *data_file;          /* NULL if no external data file extension */
+	struct qcow2_ext *exts;
+	unsigned n_exts;
+	uint8_t *unknown_hdr;     /* bytes of header_length past what we know (v3) */
+	uint32_t unknown_hdr_len;
+};
+
+struct io_file;
+
+/* Read cluster 0 of @f and validate every field against @file_size (and
+ * QEMU's limits): cluster_bits, version, header_length, table offsets
+ * aligned and inside the file, sizes overflow-free, extensions well formed,
+ * backing name length.  Does not refuse on feature bits: the caller
+ * decides.  On failure writes a one-line reason to @err.  Returns -errno
+ * (-EINVAL for a malformed header). */
+int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
+		    char *err, size_t errlen);
+/* Serialise @m (fixed header, extensions, backing name) into cluster 0
+ * and write it.  Returns -EFBIG if it does not fit in one cluster. */
+int qcow2_meta_write(struct io_file *f, const struct qcow2_meta *m);
+void qcow2_meta_free(struct qcow2_meta *m);
+/* Names of set bits from the feature name table if present, else the
+ * spec's names ("dirty", "corrupt", "external data file", ...), else
+ * "bit N".  Writes a comma-separated list to @buf. */
+void qcow2_feature_names(const struct qcow2_meta *m, int type /* 0 incompat, 1 compat, 2 autoclear */,
+			 uint64_t bits, char *buf, size_t buflen);
+
+/* "Snapshot table" (snapshot.c) */
+struct qcow2_snapshot {
+	uint64_t l1_offset;
+	uint32_t l1_size;
+	char *id;
+	char *name;
+	uint32_t date_sec, date_nsec;
+	uint64_t vm_clock_nsec;
+	uint64_t vm_state_size;
+	uint64_t disk_size;       /* virtual size at snapshot time (extra data) or header size */
+};
+/* Read and validate the snapshot table (offsets, sizes, L1 tables inside
+ * the file).  Returns -errno; *out is an array of h->nb_snapshots. */
+int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64_t file_size,
+			 struct qcow2_snapshot **out, char *err, size_t errlen);
+void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t n);
+
+/* "Compressed Clusters" (compress.c): inflate raw deflate (zlib, no
+ * header, windowBits -12) or a zstd frame from @src into exactly
+ * @dst_len bytes.  Returns -EIO on malformed data. */
+int qcow2_decompress(uint8_t type, const void *src, size_t src_len, void *dst, size_t dst_len);
+
+/* Image creation (create.c).  Writes a new image at @path (truncating). */
+struct qcow2_create_opts {
+	uint64_t size;
+	uint32_t cluster_size;        /* default 65536 */
+	uint32_t version;             /* 2 (compat=0.10) or 3 (compat=1.1, default) */
+	uint32_t refcount_bits;       /* default 16 */
+	bool lazy_refcounts;
+	int prealloc;                 /* QCOW2_PREALLOC_* */
+	const char *backing_file;
+	const char *backing_format;
+	uint8_t compression_type;
+	bool extended_l2;             /* refused for now */
+};
+enum { QCOW2_PREALLOC_OFF, QCOW2_PREALLOC_METADATA, QCOW2_PREALLOC_FALLOC, QCOW2_PREALLOC_FULL };
+int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen);
+
+#endif
