@@ -11,6 +11,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -18,12 +19,15 @@
 
 static __thread struct aio_ctx *cur_ctx;
 
+static void remote_complete(struct aio_req *req, int res);
+
 int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)
 {
 	struct io_uring_params p;
 	int ret;
 
 	memset(ctx, 0, sizeof(*ctx));
+	ctx->remote_req.complete = remote_complete;
 	memset(&p, 0, sizeof(p));
 	/* Only this thread submits; completions are reaped when we enter. */
 	p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
@@ -98,11 +102,60 @@ int aio_co_wait_sqe(struct aio_ctx *ctx, struct io_uring_sqe *sqe)
 	return w.res;
 }
 
+
+/* Runs on the home loop when another thread posted to us. */
+static void remote_complete(struct aio_req *req, int res)
+{
+	struct aio_ctx *ctx = (struct aio_ctx *)((char *)req - offsetof(struct aio_ctx, remote_req));
+	struct coro *co;
+
+	(void)res;
+	spin_lock(&ctx->remote_spin);
+	co = ctx->remote_head;
+	ctx->remote_head = ctx->remote_tail = NULL;
+	ctx->remote_signalled = false;
+	spin_unlock(&ctx->remote_spin);
+	while (co) {
+		struct coro *next = coro_next(co);
+		aio_schedule(co);
+		co = next;
+	}
+}
+
+static void schedule_remote(struct aio_ctx *home, struct coro *co)
+{
+	bool signal;
+
+	spin_lock(&home->remote_spin);
+	coro_set_next(co, NULL);
+	if (home->remote_tail)
+		coro_set_next(home->remote_tail, co);
+	else
+		home->remote_head = co;
+	home->remote_tail = co;
+	signal = !home->remote_signalled;
+	home->remote_signalled = true;
+	spin_unlock(&home->remote_spin);
+	if (signal) {
+		/* Post a CQE to the home ring; submitted with our next batch
+		 * (or now, when we are not inside a loop). */
+		struct io_uring_sqe *sqe = aio_get_sqe(cur_ctx, NULL);
+		io_uring_prep_msg_ring(sqe, home->ring.ring_fd, 0,
+				       (uint64_t)(uintptr_t)&home->remote_req, 0);
+		if (!coro_self())
+			io_uring_submit(&cur_ctx->ring);
+	}
+}
+
 void aio_schedule(struct coro *co)
 {
-	struct aio_ctx *ctx = cur_ctx;
+	struct aio_ctx *ctx = cur_ctx, *home = coro_home(co);
 
 	assert(ctx);
+	if (home && home != ctx) {
+		schedule_remote(home, co);
+		return;
+	}
 	coro_set_next(co, NULL);
 	if (ctx->ready_tail)
 		coro_set_next(ctx->ready_tail, co);
@@ -149,9 +202,11 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 		for (i = 0; i < n; i++) {
 			done[i].req = io_uring_cqe_get_data(cqes[i]);
 			done[i].res = cqes[i]->res;
+			/* Posted by another ring: not one of our SQEs. */
+			if (done[i].req != &ctx->remote_req)
+				ctx->inflight--;
 		}
 		io_uring_cq_advance(&ctx->ring, n);
-		ctx->inflight -= n;
 		for (i = 0; i < n; i++)
 			if (done[i].req)
 				done[i].req->complete(done[i].req, done[i].res);

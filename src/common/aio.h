@@ -27,6 +27,13 @@ struct aio_ctx {
 	unsigned inflight;        /* SQEs handed out, CQEs not yet seen */
 	struct coro *ready_head, *ready_tail;
 	bool stop;
+	/* Coroutines of this loop woken by other threads: pushed under
+	 * remote_spin, announced with an IORING_OP_MSG_RING CQE whose
+	 * user_data is &remote_req. */
+	int remote_spin;
+	bool remote_signalled;
+	struct coro *remote_head, *remote_tail;
+	struct aio_req remote_req;
 };
 
 /* Returns -errno. */
@@ -41,7 +48,8 @@ struct io_uring_sqe *aio_get_sqe(struct aio_ctx *ctx, struct aio_req *req);
  * Returns the CQE result. */
 int aio_co_wait_sqe(struct aio_ctx *ctx, struct io_uring_sqe *sqe);
 
-/* Put @co on the ready list; it runs from the loop. */
+/* Put @co on its home loop's ready list (waking that thread if it is not
+ * this one); it runs from the loop. */
 void aio_schedule(struct coro *co);
 /* Submit, reap completions, run ready coroutines.  With @block, waits
  * for at least one completion if nothing is ready.  Returns -errno. */

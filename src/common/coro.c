@@ -49,6 +49,7 @@ struct coro {
 	void *opaque;
 	struct coro *caller;    /* coroutine that entered us, or NULL */
 	struct coro *next;      /* wait-queue / ready-list link */
+	struct aio_ctx *home;   /* the loop that resumes us */
 	bool finished;
 	bool fresh;             /* not yet started since the last reset */
 	void *asan_fake;        /* ASan fake stack of the side switched away */
@@ -164,6 +165,7 @@ struct coro *coro_new(coro_fn fn, void *opaque, size_t stack_size)
 	co->stack_size = stack_size;
 	co->fn = fn;
 	co->opaque = opaque;
+	co->home = aio_ctx_current();
 	coro_prepare(co);
 	return co;
 }
@@ -200,6 +202,8 @@ void coro_enter(struct coro *co)
 	void *fake = NULL;
 
 	assert(!co->finished && co != prev);
+	if (!co->home)
+		co->home = aio_ctx_current();
 	co->caller = prev;
 	co->fresh = false;
 	current = co;
@@ -228,34 +232,29 @@ void coro_yield(void)
 }
 
 struct coro *coro_self(void) { return current; }
+struct aio_ctx *coro_home(struct coro *co) { return co->home; }
 bool coro_finished(const struct coro *co) { return co->finished; }
 struct coro *coro_next(struct coro *co) { return co->next; }
 void coro_set_next(struct coro *co, struct coro *next) { co->next = next; }
+
+static void enqueue(struct co_queue *q, struct coro *co);
+static struct coro *dequeue(struct co_queue *q);
 
 void co_queue_wait(struct co_queue *q)
 {
 	struct coro *co = current;
 
 	assert(co);
-	co->next = NULL;
-	if (q->tail)
-		q->tail->next = co;
-	else
-		q->head = co;
-	q->tail = co;
+	enqueue(q, co);
 	coro_yield();
 }
 
 bool co_queue_wake_one(struct co_queue *q)
 {
-	struct coro *co = q->head;
+	struct coro *co = dequeue(q);
 
 	if (!co)
 		return false;
-	q->head = co->next;
-	if (!q->head)
-		q->tail = NULL;
-	co->next = NULL;
 	aio_schedule(co);
 	return true;
 }
@@ -266,22 +265,73 @@ void co_queue_wake_all(struct co_queue *q)
 		;
 }
 
+
+static void enqueue(struct co_queue *q, struct coro *co)
+{
+	co->next = NULL;
+	if (q->tail)
+		q->tail->next = co;
+	else
+		q->head = co;
+	q->tail = co;
+}
+
+static struct coro *dequeue(struct co_queue *q)
+{
+	struct coro *co = q->head;
+	if (co) {
+		q->head = co->next;
+		if (!q->head)
+			q->tail = NULL;
+		co->next = NULL;
+	}
+	return co;
+}
+
 void co_mutex_lock(struct co_mutex *m)
 {
-	if (!current) {
-		/* Tools outside coroutines: nothing can hold it. */
-		assert(!m->locked);
+	spin_lock(&m->spin);
+	if (!m->locked) {
 		m->locked = true;
+		spin_unlock(&m->spin);
 		return;
 	}
-	while (m->locked)
-		co_queue_wait(&m->waiters);
-	m->locked = true;
+	/* Tools outside coroutines are single-threaded: nobody can hold it. */
+	assert(current);
+	enqueue(&m->waiters, current);
+	spin_unlock(&m->spin);
+	/* Woken by unlock with the lock handed to us.  Our home loop cannot
+	 * resume us before we have yielded: it runs on this thread. */
+	coro_yield();
 }
 
 void co_mutex_unlock(struct co_mutex *m)
 {
+	struct coro *next;
+
+	spin_lock(&m->spin);
 	assert(m->locked);
-	m->locked = false;
-	co_queue_wake_one(&m->waiters);
+	next = dequeue(&m->waiters);
+	if (!next)
+		m->locked = false;
+	spin_unlock(&m->spin);
+	if (next)
+		aio_schedule(next);
+}
+
+void co_queue_wait_unlock(struct co_queue *q, struct co_mutex *m)
+{
+	assert(current);
+	enqueue(q, current);
+	co_mutex_unlock(m);
+	coro_yield();
+	co_mutex_lock(m);
+}
+
+void co_queue_wait_spin(struct co_queue *q, int *spin)
+{
+	assert(current);
+	enqueue(q, current);
+	spin_unlock(spin);
+	coro_yield();
 }

@@ -8,8 +8,14 @@
  * back to whoever entered it.  Stacks are allocated once (coro_new) and
  * reused (coro_reset), so the I/O path allocates nothing.
  *
- * co_queue / co_mutex are wait lists for coroutines of one thread; a woken
- * coroutine is scheduled on the thread's aio context, never entered from
+ * A coroutine's home is the aio_ctx current when it was created (or first
+ * entered); it is only ever resumed by its home thread's loop.
+ *
+ * co_mutex works across threads (ublk queues share one qcow2 image): the
+ * lock is handed directly to the first waiter, which is woken on its home
+ * thread.  co_queue is NOT locked itself: use it under a co_mutex (and
+ * wait with co_queue_wait_unlock) or from a single thread.  A woken
+ * coroutine is scheduled on its home aio context, never entered from
  * inside the waker.
  */
 #ifndef QUBLK_CORO_H
@@ -54,10 +60,21 @@ void co_queue_wake_all(struct co_queue *q);
 struct co_mutex {
 	bool locked;
 	struct co_queue waiters;
+	int spin;                 /* guards locked and waiters */
 };
-#define CO_MUTEX_INIT { false, CO_QUEUE_INIT }
+#define CO_MUTEX_INIT { false, CO_QUEUE_INIT, 0 }
 /* Outside a coroutine the mutex must be free (tools run single-threaded). */
 void co_mutex_lock(struct co_mutex *m);
 void co_mutex_unlock(struct co_mutex *m);
+/* With @m held: queue on @q, release @m, sleep until woken, retake @m.
+ * No wakeup can be lost between the release and the sleep. */
+void co_queue_wait_unlock(struct co_queue *q, struct co_mutex *m);
+
+/* With spinlock *@spin held: queue on @q, release it, sleep until woken.
+ * For wait lists guarded by a spinlock instead of a co_mutex. */
+void co_queue_wait_spin(struct co_queue *q, int *spin);
+
+struct aio_ctx;
+struct aio_ctx *coro_home(struct coro *co);
 
 #endif

@@ -42,7 +42,8 @@ struct io_range {
 
 struct fd_file {
 	struct io_file f;
-	struct io_range *ranges;  /* in-flight direct writes */
+	struct io_range *ranges;  /* in-flight direct writes, under spin */
+	int spin;
 };
 
 void *io_alloc(size_t len)
@@ -162,28 +163,34 @@ static bool ranges_conflict(const struct io_range *a, uint64_t start, uint64_t e
 
 static void range_lock(struct fd_file *ff, struct io_range *r)
 {
+	r->waiters = (struct co_queue)CO_QUEUE_INIT;
+again:
+	spin_lock(&ff->spin);
 	if (coro_self()) {
-	again:
 		for (struct io_range *o = ff->ranges; o; o = o->next) {
 			if (ranges_conflict(o, r->start, r->end, r->rmw)) {
-				co_queue_wait(&o->waiters);
+				co_queue_wait_spin(&o->waiters, &ff->spin);
 				goto again;
 			}
 		}
 	}
-	r->waiters = (struct co_queue)CO_QUEUE_INIT;
 	r->next = ff->ranges;
 	ff->ranges = r;
+	spin_unlock(&ff->spin);
 }
 
 static void range_unlock(struct fd_file *ff, struct io_range *r)
 {
-	struct io_range **pp = &ff->ranges;
+	struct io_range **pp;
+
+	spin_lock(&ff->spin);
+	pp = &ff->ranges;
 	while (*pp != r)
 		pp = &(*pp)->next;
 	*pp = r->next;
-	if (coro_self() || aio_ctx_current())
-		co_queue_wake_all(&r->waiters);
+	spin_unlock(&ff->spin);
+	/* Nobody can queue on r any more: it is off the list. */
+	co_queue_wake_all(&r->waiters);
 }
 
 static int fd_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)

@@ -3,6 +3,7 @@
  * io layer (buffered and O_DIRECT with unaligned read-modify-write),
  * the raw driver and the small helpers. */
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -103,6 +104,69 @@ static void test_mutex(void)
 		coro_free(co[i]);
 	aio_ctx_deinit(&ctx);
 	io_file_close(tf);
+}
+
+/* --- the mutex shared by two threads, each with its own loop --- */
+static struct co_mutex xmtx = CO_MUTEX_INIT;
+static long xcounter;
+static int xin, xmax;
+static struct io_file *xf;
+
+static void xworker(void *opaque)
+{
+	int *done = opaque;
+	for (int i = 0; i < 200; i++) {
+		co_mutex_lock(&xmtx);
+		if (++xin > xmax)
+			xmax = xin;
+		long v = xcounter;
+		char c;
+		if (i % 8 == 0)
+			io_pread(xf, &c, 1, 0);   /* yield while holding it */
+		xcounter = v + 1;
+		xin--;
+		co_mutex_unlock(&xmtx);
+	}
+	(*done)++;
+}
+
+static void *xthread(void *arg)
+{
+	struct aio_ctx ctx;
+	struct coro *co[4];
+	int done = 0;
+	(void)arg;
+	if (aio_ctx_init(&ctx, 32))
+		return (void *)1;
+	aio_ctx_set_current(&ctx);
+	for (int i = 0; i < 4; i++) {
+		co[i] = coro_new(xworker, &done, 0);
+		aio_schedule(co[i]);
+	}
+	while (done < 4)
+		if (aio_run_once(&ctx, true))
+			return (void *)1;
+	for (int i = 0; i < 4; i++)
+		coro_free(co[i]);
+	aio_ctx_deinit(&ctx);
+	return NULL;
+}
+
+static void test_mutex_threads(void)
+{
+	char path[256];
+	pthread_t t[2];
+	void *r0 = (void *)1, *r1 = (void *)1;
+	snprintf(path, sizeof(path), "%s/x", tmpdir);
+	CHECK(io_file_open(path, IO_OPEN_CREATE, &xf) == 0);
+	CHECK(pthread_create(&t[0], NULL, xthread, NULL) == 0);
+	CHECK(pthread_create(&t[1], NULL, xthread, NULL) == 0);
+	pthread_join(t[0], &r0);
+	pthread_join(t[1], &r1);
+	CHECK(r0 == NULL && r1 == NULL);
+	CHECK(xcounter == 2 * 4 * 200);
+	CHECK(xmax == 1);
+	io_file_close(xf);
 }
 
 /* --- io layer: random unaligned concurrent writes vs a memory model --- */
@@ -244,6 +308,7 @@ int main(void)
 	test_helpers();
 	test_coro_basic();
 	test_mutex();
+	test_mutex_threads();
 	run_io_model(0, "buffered");
 	run_io_model(IO_OPEN_DIRECT, "direct");
 	test_raw();
