@@ -79,6 +79,13 @@ static int open_common(const char *filename, const struct bdrv_opts *opts,
 		log_error("%s: cannot open: %s", filename, strerror(-ret));
 		goto fail;
 	}
+	if (opts->wrap_file && !parent) {
+		struct io_file *wrapped;
+		ret = opts->wrap_file(bs->file, &wrapped, opts->wrap_opaque);
+		if (ret < 0)
+			goto fail;
+		bs->file = wrapped;
+	}
 	if (fstat(bs->file->fd, &st) == 0) {
 		bs->dev = st.st_dev;
 		bs->ino = st.st_ino;
