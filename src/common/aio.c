@@ -166,20 +166,18 @@ void aio_schedule(struct coro *co)
 
 static void run_ready(struct aio_ctx *ctx)
 {
-	/* Only those ready now: coroutines scheduled while we run wait for
-	 * the next round, after their SQEs have been submitted. */
-	struct coro *co = ctx->ready_head;
-	struct coro *last = ctx->ready_tail;
+	/* Drain the list, including coroutines woken while it runs: a lock
+	 * handed to a waiter must not stay parked until the next loop
+	 * iteration, or every later arrival queues behind it (a convoy
+	 * costing one io_uring_enter per request). */
+	struct coro *co;
 
-	ctx->ready_head = ctx->ready_tail = NULL;
-	while (co) {
-		struct coro *next = coro_next(co);
-		bool was_last = co == last;
+	while ((co = ctx->ready_head)) {
+		ctx->ready_head = coro_next(co);
+		if (!ctx->ready_head)
+			ctx->ready_tail = NULL;
 		coro_set_next(co, NULL);
 		coro_enter(co);
-		if (was_last)
-			break;
-		co = next;
 	}
 }
 

@@ -9,8 +9,17 @@
 
 #include "common/util.h"
 
+struct pending_write {
+	uint64_t off;
+	size_t len;
+	struct pending_write *next;
+	unsigned char data[];
+};
+
 struct fault_file {
 	struct io_file f;
+	struct pending_write *head, *tail;   /* reorder: not yet flushed */
+	bool crashed;
 	struct io_file *inner;
 	struct io_fault_cfg cfg;
 	struct io_fault_stats st;
@@ -19,11 +28,40 @@ struct fault_file {
 
 static struct fault_file *FF(struct io_file *f) { return (struct fault_file *)f; }
 
+static uint64_t next_rand(struct fault_file *ff)
+{
+	uint64_t x = ff->cfg.seed ? ff->cfg.seed : 0x2545f4914f6cdd1dull;
+	x ^= x << 13;
+	x ^= x >> 7;
+	x ^= x << 17;
+	ff->cfg.seed = x;
+	return x;
+}
+
+/* Write pending writes to the file; with @subset, each with p = 1/2. */
+static int apply_pending(struct fault_file *ff, bool subset)
+{
+	int ret = 0;
+	while (ff->head) {
+		struct pending_write *w = ff->head;
+		ff->head = w->next;
+		if (!ret && (!subset || (next_rand(ff) & 1)))
+			ret = io_pwrite(ff->inner, w->data, w->len, w->off);
+		free(w);
+	}
+	ff->tail = NULL;
+	return ret;
+}
+
 /* Decide the fate of a mutating call: 0 pass, 1 drop, -errno fail. */
 static int judge(struct fault_file *ff)
 {
 	unsigned long n = ++ff->mutations;
 	if (ff->cfg.drop_after && n >= ff->cfg.drop_after) {
+		if (!ff->crashed) {
+			ff->crashed = true;
+			apply_pending(ff, true);
+		}
 		ff->st.dropped++;
 		return 1;
 	}
@@ -41,7 +79,17 @@ static int ff_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64
 		ff->st.failed++;
 		return -(ff->cfg.fail_errno ? ff->cfg.fail_errno : EIO);
 	}
-	return io_preadv(ff->inner, iov, cnt, off);
+	int ret = io_preadv(ff->inner, iov, cnt, off);
+	if (ret < 0)
+		return ret;
+	/* Overlay writes not yet flushed, oldest first. */
+	size_t len = iov_size(iov, cnt);
+	for (struct pending_write *w = ff->head; w; w = w->next) {
+		uint64_t s = MAX(off, w->off), e = MIN(off + len, w->off + w->len);
+		if (s < e)
+			iov_from_buf(iov, cnt, s - off, w->data + (s - w->off), e - s);
+	}
+	return 0;
 }
 
 static int ff_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
@@ -49,7 +97,24 @@ static int ff_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint6
 	struct fault_file *ff = FF(f);
 	int v = judge(ff);
 	ff->st.writes++;
-	return v ? (v > 0 ? 0 : v) : io_pwritev(ff->inner, iov, cnt, off);
+	if (v)
+		return v > 0 ? 0 : v;
+	if (!ff->cfg.reorder)
+		return io_pwritev(ff->inner, iov, cnt, off);
+	size_t len = iov_size(iov, cnt);
+	struct pending_write *w = malloc(sizeof(*w) + len);
+	if (!w)
+		return -ENOMEM;
+	w->off = off;
+	w->len = len;
+	w->next = NULL;
+	iov_to_buf(iov, cnt, 0, w->data, len);
+	if (ff->tail)
+		ff->tail->next = w;
+	else
+		ff->head = w;
+	ff->tail = w;
+	return 0;
 }
 
 static int ff_flush(struct io_file *f)
@@ -57,7 +122,10 @@ static int ff_flush(struct io_file *f)
 	struct fault_file *ff = FF(f);
 	int v = judge(ff);
 	ff->st.flushes++;
-	return v ? (v > 0 ? 0 : v) : io_flush(ff->inner);
+	if (v)
+		return v > 0 ? 0 : v;
+	int ret = apply_pending(ff, false);
+	return ret ? ret : io_flush(ff->inner);
 }
 
 static int ff_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
@@ -65,7 +133,10 @@ static int ff_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 	struct fault_file *ff = FF(f);
 	int v = judge(ff);
 	ff->st.writes++;
-	return v ? (v > 0 ? 0 : v) : io_fallocate(ff->inner, mode, off, len);
+	if (v)
+		return v > 0 ? 0 : v;
+	int ret = apply_pending(ff, false);
+	return ret ? ret : io_fallocate(ff->inner, mode, off, len);
 }
 
 static int ff_truncate(struct io_file *f, uint64_t size)
@@ -73,7 +144,10 @@ static int ff_truncate(struct io_file *f, uint64_t size)
 	struct fault_file *ff = FF(f);
 	int v = judge(ff);
 	ff->st.writes++;
-	return v ? (v > 0 ? 0 : v) : io_truncate(ff->inner, size);
+	if (v)
+		return v > 0 ? 0 : v;
+	int ret = apply_pending(ff, false);
+	return ret ? ret : io_truncate(ff->inner, size);
 }
 
 static int ff_get_size(struct io_file *f, uint64_t *size)
@@ -83,6 +157,11 @@ static int ff_get_size(struct io_file *f, uint64_t *size)
 
 static void ff_close(struct io_file *f)
 {
+	/* Closing without a crash: what a clean shutdown would leave. */
+	if (!FF(f)->crashed)
+		apply_pending(FF(f), false);
+	else
+		apply_pending(FF(f), true);
 	io_file_close(FF(f)->inner);
 	free(f);
 }
@@ -116,6 +195,11 @@ void io_fault_get_stats(struct io_file *f, struct io_fault_stats *st)
 	*st = FF(f)->st;
 }
 
+bool io_fault_crashed(struct io_file *f)
+{
+	return FF(f)->crashed;
+}
+
 int io_fault_parse(const char *spec, struct io_fault_cfg *cfg)
 {
 	char buf[256], *save = NULL;
@@ -136,6 +220,8 @@ int io_fault_parse(const char *spec, struct io_fault_cfg *cfg)
 		else if (!strcmp(tok, "drop_after")) cfg->drop_after = v;
 		else if (!strcmp(tok, "read_fail_after")) cfg->read_fail_after = v;
 		else if (!strcmp(tok, "errno")) cfg->fail_errno = (int)v;
+		else if (!strcmp(tok, "reorder")) cfg->reorder = v != 0;
+		else if (!strcmp(tok, "seed")) cfg->seed = v;
 		else return -EINVAL;
 	}
 	return 0;

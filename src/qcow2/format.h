@@ -2,7 +2,7 @@
 /*
  * qcow2 on-disk format: constants and the parsed header.
  * Spec: qemu docs/interop/qcow2.rst.  Everything on disk is big-endian.
- * Shared by the driver (src/qcow2/*.c) and the image tools.
+ * Shared by the driver (the src/qcow2 sources) and the image tools.
  */
 #ifndef QUBLK_QCOW2_FORMAT_H
 #define QUBLK_QCOW2_FORMAT_H

@@ -1,0 +1,301 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The qcow2 block driver: open (header checks, feature policy, L1 and
+ * refcount tables, caches, backing file), close (write everything back)
+ * and the bdrv_qcow2 ops table.  The request paths are in rw.c.
+ *
+ * Feature policy on open:
+ *  - unknown incompatible bits, encryption, extended L2, external data
+ *    file: refused (named);
+ *  - corrupt bit: read-only opens only;
+ *  - dirty bit (lazy refcounts, refcounts may be stale): read-only opens
+ *    only, we do not repair; the message points at qemu-img check -r all;
+ *  - read-write opens clear every autoclear bit (we maintain none of the
+ *    structures they vouch for, bitmaps included) and rewrite the header,
+ *    which keeps unknown compatible bits and unknown extensions.
+ *
+ * Thread model: open and close run outside request processing (in or out
+ * of a coroutine); no request may be in flight at close.
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "common/io.h"
+#include "common/util.h"
+#include "qcow2/qcow2.h"
+
+#define L2_CACHE_DEFAULT_MAX (32ull << 20)   /* 256 GiB at 64 KiB clusters */
+#define CACHE_MAX (1ull << 30)
+
+static int qcow2_probe(const uint8_t *buf, size_t len)
+{
+	if (len < 8 || get_be32(buf) != QCOW2_MAGIC)
+		return 0;
+	return get_be32(buf + 4) == 2 || get_be32(buf + 4) == 3 ? 100 : 0;
+}
+
+static unsigned ilog2(uint64_t v)
+{
+	return 63 - (unsigned)__builtin_clzll(v);
+}
+
+static void state_free(struct qcow2_state *s)
+{
+	if (!s)
+		return;
+	qcow2_bounce_deinit(s);
+	qcow2_cache_deinit(&s->l2c);
+	qcow2_cache_deinit(&s->rbc);
+	qcow2_refcount_close(s);
+	io_free(s->meta_buf);
+	free(s->l1);
+	bdrv_close(s->backing);
+	qcow2_meta_free(&s->meta);
+	free(s);
+}
+
+static int check_features(struct qcow2_state *s, bool ro)
+{
+	const struct qcow2_header *h = &s->meta.h;
+	const char *fn = s->bs->filename;
+	char names[256];
+
+	if (h->incompat & ~QCOW2_INCOMPAT_KNOWN) {
+		qcow2_feature_names(&s->meta, 0, h->incompat & ~QCOW2_INCOMPAT_KNOWN,
+				    names, sizeof(names));
+		log_error("%s: unsupported qcow2 feature(s): %s", fn, names);
+		return -ENOTSUP;
+	}
+	if (h->crypt_method) {
+		log_error("%s: encrypted images are not supported", fn);
+		return -ENOTSUP;
+	}
+	if (h->incompat & QCOW2_INCOMPAT_EXTL2) {
+		log_error("%s: extended L2 entries (subclusters) are not supported yet", fn);
+		return -ENOTSUP;
+	}
+	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || s->meta.data_file) {
+		log_error("%s: external data files are not supported yet", fn);
+		return -ENOTSUP;
+	}
+	if (h->compression_type != QCOW2_COMPRESSION_ZLIB &&
+	    h->compression_type != QCOW2_COMPRESSION_ZSTD) {
+		log_error("%s: unknown compression type %u", fn, h->compression_type);
+		return -ENOTSUP;
+	}
+	if (ro)
+		return 0;
+	if (h->incompat & QCOW2_INCOMPAT_CORRUPT) {
+		log_error("%s: image is marked corrupt; it can only be opened read-only "
+			  "(repair it with 'qemu-img check -r all %s')", fn, fn);
+		return -EACCES;
+	}
+	if (h->incompat & QCOW2_INCOMPAT_DIRTY) {
+		log_error("%s: image was not closed cleanly and its refcounts may be stale "
+			  "(lazy refcounts); run 'qemu-img check -r all %s' before opening "
+			  "it read-write", fn, fn);
+		return -EACCES;
+	}
+	return 0;
+}
+
+static int load_l1(struct qcow2_state *s)
+{
+	const char *fn = s->bs->filename;
+	uint64_t per_l1 = (uint64_t)s->cluster_size << s->l2_bits;
+	uint64_t need = DIV_ROUND_UP(s->meta.h.size, per_l1);
+	uint64_t bytes = (uint64_t)s->l1_size * 8;
+	uint8_t *buf;
+	int ret;
+
+	if (s->l1_size < need) {
+		log_error("%s: L1 table too small (%u entries) for the virtual size", fn, s->l1_size);
+		return -EINVAL;
+	}
+	if (bytes > QCOW2_MAX_L1_SIZE) {
+		log_error("%s: L1 table too large", fn);
+		return -EINVAL;
+	}
+	s->l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
+	buf = io_alloc(bytes ? bytes : 512);
+	if (!s->l1 || !buf) {
+		io_free(buf);
+		return -ENOMEM;
+	}
+	ret = bytes ? io_pread(s->file, buf, bytes, s->l1_offset) : 0;
+	if (ret < 0) {
+		log_error("%s: reading the L1 table: %s", fn, strerror(-ret));
+		io_free(buf);
+		return ret;
+	}
+	for (uint32_t i = 0; i < s->l1_size; i++) {
+		uint64_t e = get_be64(buf + 8 * (size_t)i);
+		uint64_t off = e & QCOW2_L1E_OFFSET_MASK;
+		if ((e & QCOW2_L1E_RESERVED_MASK) ||
+		    (off && (!IS_ALIGNED(off, s->cluster_size) || off >= s->file_end ||
+			     s->file_end - off < s->cluster_size))) {
+			log_error("%s: L1 entry %u is invalid (%#llx)", fn, i, (unsigned long long)e);
+			io_free(buf);
+			return -EINVAL;
+		}
+		s->l1[i] = e;
+	}
+	io_free(buf);
+	return 0;
+}
+
+static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
+{
+	struct qcow2_state *s = calloc(1, sizeof(*s));
+	const char *fn = bs->filename;
+	bool ro = bs->read_only || (opts->flags & BDRV_O_RDONLY);
+	struct qcow2_header *h;
+	uint64_t file_size, l2_bytes, rc_bytes, coverage;
+	uint32_t slice;
+	char err[256] = "";
+	int ret;
+
+	if (!s)
+		return -ENOMEM;
+	s->bs = bs;
+	s->file = bs->file;
+	s->read_only = ro;
+	s->lock = (struct co_mutex)CO_MUTEX_INIT;
+	ret = io_get_size(s->file, &file_size);
+	if (ret < 0) {
+		log_error("%s: cannot get the file size: %s", fn, strerror(-ret));
+		goto fail;
+	}
+	ret = qcow2_meta_read(s->file, file_size, &s->meta, err, sizeof(err));
+	if (ret < 0) {
+		log_error("%s: %s", fn, err[0] ? err : strerror(-ret));
+		goto fail;
+	}
+	h = &s->meta.h;
+	ret = check_features(s, ro);
+	if (ret < 0)
+		goto fail;
+
+	/* Geometry ("Header" and "Host cluster management" sections). */
+	s->file_end = file_size;
+	s->cluster_bits = h->cluster_bits;
+	s->cluster_size = 1u << h->cluster_bits;
+	if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS || s->cluster_bits > QCOW2_MAX_CLUSTER_BITS ||
+	    h->refcount_order > 6) {
+		log_error("%s: unsupported cluster size or refcount width", fn);
+		ret = -EINVAL;
+		goto fail;
+	}
+	s->l2_bits = s->cluster_bits - 3;
+	slice = MIN(4096u, s->cluster_size);
+	s->l2_slice_bits = ilog2(slice) - 3;
+	s->refcount_order = h->refcount_order;
+	s->refcount_max = s->refcount_order == 6 ? UINT64_MAX
+						 : (1ull << (1u << s->refcount_order)) - 1;
+	s->rb_bits = s->cluster_bits + 3 - s->refcount_order;
+	s->rb_slice_bits = ilog2(slice) + 3 - s->refcount_order;
+	s->csize_shift = 62 - (s->cluster_bits - 8);
+	s->coffset_mask = (1ull << s->csize_shift) - 1;
+	s->csize_mask = (1ull << (s->cluster_bits - 8)) - 1;
+	s->l1_size = h->l1_size;
+	s->l1_offset = h->l1_offset;
+	s->reftable_offset = h->reftable_offset;
+	s->reftable_clusters = h->reftable_clusters;
+
+	ret = load_l1(s);
+	if (ret < 0)
+		goto fail;
+	ret = qcow2_refcount_open(s);
+	if (ret < 0)
+		goto fail;
+
+	/* Caches: by default enough L2 to map the whole image, up to 32 MiB
+	 * (256 GiB at 64 KiB clusters, 8 TiB at 2 MiB, 2 GiB at 512 B);
+	 * refcounts a quarter of that.  Memory is reserved now, touched on
+	 * first use. */
+	coverage = DIV_ROUND_UP(h->size, s->cluster_size) * 8;
+	l2_bytes = opts->l2_cache_size ? opts->l2_cache_size : MIN(coverage, L2_CACHE_DEFAULT_MAX);
+	l2_bytes = MIN(l2_bytes, CACHE_MAX);
+	rc_bytes = opts->refcount_cache_size ? opts->refcount_cache_size
+					     : MAX(64ull << 10, l2_bytes / 4);
+	rc_bytes = MIN(rc_bytes, CACHE_MAX);
+	ret = qcow2_cache_init(s, &s->l2c, "L2", l2_bytes, slice, true);
+	if (ret == 0)
+		ret = qcow2_cache_init(s, &s->rbc, "refcount", rc_bytes, slice, false);
+	if (ret == 0)
+		ret = qcow2_bounce_init(s);
+	if (ret == 0 && !(s->meta_buf = io_alloc(s->cluster_size)))
+		ret = -ENOMEM;
+	if (ret < 0) {
+		log_error("%s: allocating caches: %s", fn, strerror(-ret));
+		goto fail;
+	}
+
+	if (s->meta.backing_file && !(opts->flags & BDRV_O_NO_BACKING)) {
+		ret = bdrv_open_backing(bs, s->meta.backing_file, s->meta.backing_format,
+					&s->backing);
+		if (ret < 0)
+			goto fail;
+	}
+
+	if (!ro && h->autoclear) {
+		char names[256];
+		qcow2_feature_names(&s->meta, 2, h->autoclear, names, sizeof(names));
+		log_debug("%s: clearing autoclear feature(s): %s", fn, names);
+		h->autoclear = 0;
+		ret = qcow2_meta_write(s->file, &s->meta);
+		if (ret == 0)
+			ret = io_flush(s->file);
+		if (ret < 0) {
+			log_error("%s: rewriting the header: %s", fn, strerror(-ret));
+			goto fail;
+		}
+	}
+
+	bs->opaque = s;
+	bs->size = h->size;
+	bs->cluster_size = s->cluster_size;
+	/* Discarded whole clusters read as zeros unless v2 falls through to
+	 * a backing file. */
+	bs->zeroes_read_zero = h->version >= 3 || !s->backing;
+	return 0;
+fail:
+	state_free(s);
+	bs->opaque = NULL;
+	return ret;
+}
+
+static void qcow2_close(struct bdrv *bs)
+{
+	struct qcow2_state *s = bs->opaque;
+	int ret = 0;
+
+	if (!s)
+		return;
+	if (!s->read_only) {
+		co_mutex_lock(&s->lock);
+		/* First flush applies the deferred decrements to the cache,
+		 * the second writes them. */
+		ret = qcow2_flush_locked(s);
+		if (ret == 0)
+			ret = qcow2_flush_locked(s);
+		co_mutex_unlock(&s->lock);
+		if (ret < 0)
+			log_error("%s: writing metadata back on close: %s", bs->filename,
+				  strerror(-ret));
+	}
+	state_free(s);
+	bs->opaque = NULL;
+}
+
+const struct bdrv_driver bdrv_qcow2 = {
+	.name = "qcow2",
+	.probe = qcow2_probe,
+	.open = qcow2_open,
+	.close = qcow2_close,
+	.co_preadv = qcow2_co_preadv,
+	.co_pwritev = qcow2_co_pwritev,
+	.co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
+	.co_discard = qcow2_co_discard,
+	.co_flush = qcow2_co_flush,
+};

@@ -1,0 +1,514 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Refcounts and the cluster allocator ("Host cluster management" in
+ * qcow2.rst): the in-memory refcount table, refcount block updates
+ * through the refcount cache, new refcount blocks, refcount table growth,
+ * deferred frees, and the metadata flush.
+ *
+ * Crash-safety rules (everything else in the driver relies on them):
+ *  1. Refcount increments reach the disk before any L2 entry that uses the
+ *     cluster: the L2 cache writes the refcount cache and syncs before it
+ *     writes a dirty slice (cache.c).
+ *  2. A new L2 table is on disk (and its refcount) before the L1 entry
+ *     pointing to it; L1 entry writes are synced (cluster.c).
+ *  3. Guest data (COW included) is written before the L2 entry pointing to
+ *     it is updated in the cache, and rule 1's sync covers it.
+ *  4. Refcount decrements are deferred: freed ranges sit on s->pending
+ *     (their refcount still >= 1, so the allocator cannot reuse them) and
+ *     are applied only after the L2/L1 writes that dropped the references
+ *     are durable, i.e. at the end of qcow2_flush_locked().  The applied
+ *     decrements reach the disk with the next flush (close flushes twice).
+ *     A crash can leak clusters, never leave two users of one.
+ *  5. Refcount table growth writes the new table and its refcount blocks,
+ *     syncs, switches the header (synced), then frees the old table
+ *     (deferred, rule 4).
+ *
+ * Thread model: every function here runs with s->lock held.
+ */
+#include <errno.h>
+#include <stdlib.h>
+
+#include "common/io.h"
+#include "common/util.h"
+#include "qcow2/qcow2.h"
+
+/* Refcount entry @i of a refcount block (slice) buffer.  Sub-byte widths
+ * are packed from the least significant bit, wider ones are big-endian. */
+static uint64_t rc_get(const uint8_t *p, uint64_t i, unsigned order)
+{
+	switch (order) {
+	case 0: return (p[i / 8] >> (i % 8)) & 1;
+	case 1: return (p[i / 4] >> (2 * (i % 4))) & 3;
+	case 2: return (p[i / 2] >> (4 * (i % 2))) & 15;
+	case 3: return p[i];
+	case 4: return get_be16(p + 2 * i);
+	case 5: return get_be32(p + 4 * i);
+	default: return get_be64(p + 8 * i);
+	}
+}
+
+static void rc_set(uint8_t *p, uint64_t i, unsigned order, uint64_t v)
+{
+	unsigned sh;
+
+	switch (order) {
+	case 0: sh = i % 8; p[i / 8] = (uint8_t)((p[i / 8] & ~(1u << sh)) | (v << sh)); break;
+	case 1: sh = 2 * (i % 4); p[i / 4] = (uint8_t)((p[i / 4] & ~(3u << sh)) | (v << sh)); break;
+	case 2: sh = 4 * (i % 2); p[i / 2] = (uint8_t)((p[i / 2] & ~(15u << sh)) | (v << sh)); break;
+	case 3: p[i] = (uint8_t)v; break;
+	case 4: put_be16(p + 2 * i, (uint16_t)v); break;
+	case 5: put_be32(p + 4 * i, (uint32_t)v); break;
+	default: put_be64(p + 8 * i, v); break;
+	}
+}
+
+int qcow2_refcount_open(struct qcow2_state *s)
+{
+	const char *fn = s->bs->filename;
+	uint64_t bytes = (uint64_t)s->reftable_clusters << s->cluster_bits;
+	uint8_t *buf;
+	int ret;
+
+	if (bytes > QCOW2_MAX_REFTABLE_SIZE) {
+		log_error("%s: refcount table too large (%llu bytes)", fn, (unsigned long long)bytes);
+		return -EINVAL;
+	}
+	s->reftable_size = (uint32_t)(bytes / 8);
+	s->reftable = calloc(s->reftable_size ? s->reftable_size : 1, 8);
+	buf = io_alloc(bytes ? bytes : 512);
+	if (!s->reftable || !buf) {
+		io_free(buf);
+		return -ENOMEM;
+	}
+	ret = bytes ? io_pread(s->file, buf, bytes, s->reftable_offset) : 0;
+	if (ret < 0) {
+		log_error("%s: reading the refcount table: %s", fn, strerror(-ret));
+		io_free(buf);
+		return ret;
+	}
+	for (uint32_t i = 0; i < s->reftable_size; i++) {
+		uint64_t e = get_be64(buf + 8 * (size_t)i);
+		uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
+		if ((e & QCOW2_REFT_RESERVED_MASK) || !IS_ALIGNED(off, s->cluster_size) ||
+		    off >= s->file_end || s->file_end - off < s->cluster_size) {
+			log_error("%s: refcount table entry %u is invalid (%#llx)", fn, i,
+				  (unsigned long long)e);
+			io_free(buf);
+			return -EINVAL;
+		}
+		s->reftable[i] = off;
+	}
+	io_free(buf);
+	s->free_hint = 0;
+	return 0;
+}
+
+void qcow2_refcount_close(struct qcow2_state *s)
+{
+	free(s->reftable);
+	s->reftable = NULL;
+}
+
+/* Locate refcount entry of @cluster: slice offset and index in it.
+ * Returns 0 with *slice_off == 0 when no refcount block covers it. */
+static void rc_locate(struct qcow2_state *s, uint64_t cluster, uint64_t *slice_off,
+		      uint64_t *index)
+{
+	uint64_t rt = cluster >> s->rb_bits;
+	uint64_t in_block = cluster & ((1ull << s->rb_bits) - 1);
+
+	if (rt >= s->reftable_size || !s->reftable[rt]) {
+		*slice_off = 0;
+		return;
+	}
+	*slice_off = s->reftable[rt] + (in_block >> s->rb_slice_bits) * s->rbc.slice_size;
+	*index = in_block & ((1ull << s->rb_slice_bits) - 1);
+}
+
+int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc)
+{
+	uint64_t soff, idx;
+	void *data;
+	int slot, ret;
+
+	rc_locate(s, cluster, &soff, &idx);
+	if (!soff) {
+		*rc = 0;
+		return 0;
+	}
+	ret = qcow2_cache_get(&s->rbc, soff, false, &slot, &data);
+	if (ret < 0)
+		return ret;
+	*rc = rc_get(data, idx, s->refcount_order);
+	qcow2_cache_put(&s->rbc, slot);
+	return 0;
+}
+
+/* Find @n contiguous clusters with refcount 0 without taking them; moves
+ * the hint past them so nested allocations do not return them again. */
+static int alloc_noref(struct qcow2_state *s, uint64_t n, uint64_t *first)
+{
+	uint64_t start = s->free_hint, i = start, run = 0;
+	uint64_t first_free = UINT64_MAX;
+	uint64_t rc;
+	int ret;
+
+	while (run < n) {
+		if ((i + 1) > (QCOW2_MAX_HOST_OFFSET >> s->cluster_bits)) {
+			log_error("%s: image file would exceed the qcow2 host offset limit",
+				  s->bs->filename);
+			return -EFBIG;
+		}
+		ret = qcow2_get_refcount(s, i, &rc);
+		if (ret < 0)
+			return ret;
+		if (rc) {
+			i++;
+			start = i;
+			run = 0;
+			continue;
+		}
+		if (first_free == UINT64_MAX)
+			first_free = i;
+		i++;
+		run++;
+	}
+	*first = start;
+	s->free_hint = first_free == start ? start + n : first_free;
+	return 0;
+}
+
+static int grow_reftable(struct qcow2_state *s, uint64_t need);
+
+/* Write the L1/reftable style 8-byte entry @v at @off and sync. */
+static int write_entry_sync(struct qcow2_state *s, uint64_t off, uint64_t v)
+{
+	uint8_t be[8];
+	int ret;
+
+	put_be64(be, v);
+	ret = io_pwrite(s->file, be, 8, off);
+	if (ret == 0)
+		ret = io_flush(s->file);
+	return ret;
+}
+
+static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend);
+
+/* Make sure a refcount block covers refcount table index @rt. */
+static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
+{
+	uint64_t b, boff;
+	void *data;
+	int slot, ret;
+
+	if (rt >= s->reftable_size) {
+		ret = grow_reftable(s, rt);
+		if (ret < 0)
+			return ret;
+	}
+	if (s->reftable[rt])
+		return 0;
+
+	ret = alloc_noref(s, 1, &b);
+	if (ret < 0)
+		return ret;
+	boff = b << s->cluster_bits;
+	if (rt >= s->reftable_size)
+		return -EIO;
+	if ((b >> s->rb_bits) != rt) {
+		/* The block lands outside its own range: count it there. */
+		ret = update_refcount(s, b, 1);
+		if (ret < 0)
+			return ret;
+		if (s->reftable[rt])    /* a nested allocation covered it */
+			return qcow2_free_deferred(s, boff, s->cluster_size);
+	}
+	qcow2_cache_invalidate(&s->rbc, boff, s->cluster_size);
+	ret = qcow2_zero_host(s, boff, s->cluster_size);
+	if (ret < 0)
+		return ret;
+	if (s->file_end < boff + s->cluster_size)
+		s->file_end = boff + s->cluster_size;
+	if ((b >> s->rb_bits) == rt) {
+		/* Self-describing block: it holds its own refcount. */
+		uint64_t in_block = b & ((1ull << s->rb_bits) - 1);
+		uint64_t soff = boff + (in_block >> s->rb_slice_bits) * s->rbc.slice_size;
+		ret = qcow2_cache_get(&s->rbc, soff, true, &slot, &data);
+		if (ret < 0)
+			return ret;
+		rc_set(data, in_block & ((1ull << s->rb_slice_bits) - 1), s->refcount_order, 1);
+		qcow2_cache_mark_dirty(&s->rbc, slot);
+		qcow2_cache_put(&s->rbc, slot);
+	}
+	/* Block contents and refcounts durable before the table points at it. */
+	ret = qcow2_cache_writeback(&s->rbc);
+	if (ret == 0)
+		ret = io_flush(s->file);
+	if (ret == 0)
+		ret = write_entry_sync(s, s->reftable_offset + rt * 8, boff);
+	if (ret < 0) {
+		log_error("%s: adding a refcount block: %s", s->bs->filename, strerror(-ret));
+		return ret;
+	}
+	s->reftable[rt] = boff;
+	return 0;
+}
+
+static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
+{
+	uint64_t rt = cluster >> s->rb_bits, soff, idx, v;
+	void *data;
+	int slot, ret;
+
+	if (addend > 0) {
+		ret = ensure_refblock(s, rt);
+		if (ret < 0)
+			return ret;
+	}
+	rc_locate(s, cluster, &soff, &idx);
+	if (!soff) {
+		log_error("%s: refcount underflow at cluster %llu (no refcount block)",
+			  s->bs->filename, (unsigned long long)cluster);
+		return -EIO;
+	}
+	ret = qcow2_cache_get(&s->rbc, soff, false, &slot, &data);
+	if (ret < 0)
+		return ret;
+	v = rc_get(data, idx, s->refcount_order);
+	if (addend < 0 && v == 0) {
+		qcow2_cache_put(&s->rbc, slot);
+		log_error("%s: refcount underflow at cluster %llu", s->bs->filename,
+			  (unsigned long long)cluster);
+		return -EIO;
+	}
+	if (addend > 0 && v >= s->refcount_max) {
+		qcow2_cache_put(&s->rbc, slot);
+		log_error("%s: refcount overflow at cluster %llu", s->bs->filename,
+			  (unsigned long long)cluster);
+		return -ERANGE;
+	}
+	v = addend > 0 ? v + 1 : v - 1;
+	rc_set(data, idx, s->refcount_order, v);
+	qcow2_cache_mark_dirty(&s->rbc, slot);
+	qcow2_cache_put(&s->rbc, slot);
+	if (v == 0 && cluster < s->free_hint)
+		s->free_hint = cluster;
+	return 0;
+}
+
+int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off)
+{
+	uint64_t first;
+	int ret;
+
+	ret = alloc_noref(s, n, &first);
+	if (ret < 0)
+		return ret;
+	for (uint64_t i = 0; i < n; i++) {
+		ret = update_refcount(s, first + i, 1);
+		if (ret < 0) {
+			while (i--)
+				update_refcount(s, first + i, -1);
+			return ret;
+		}
+	}
+	*off = first << s->cluster_bits;
+	if (s->file_end < ((first + n) << s->cluster_bits))
+		s->file_end = (first + n) << s->cluster_bits;
+	return 0;
+}
+
+int qcow2_free_deferred(struct qcow2_state *s, uint64_t off, uint64_t len)
+{
+	uint64_t first = off >> s->cluster_bits;
+	uint64_t nb = ((off + len - 1) >> s->cluster_bits) - first + 1;
+	struct qcow2_pending_free *last;
+	int ret;
+
+	if (!len)
+		return 0;
+	if (s->npending) {
+		last = &s->pending[s->npending - 1];
+		if (last->cluster + last->nb == first) {
+			last->nb += nb;
+			return 0;
+		}
+	}
+	if (s->npending == QCOW2_PENDING_MAX) {
+		ret = qcow2_flush_locked(s);
+		if (ret < 0)
+			return ret;
+	}
+	s->pending[s->npending].cluster = first;
+	s->pending[s->npending].nb = nb;
+	s->npending++;
+	return 0;
+}
+
+int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
+{
+	enum qcow2_ctype t;
+	uint64_t off, len;
+	int ret = qcow2_l2_entry_type(s, l2e, &t);
+
+	if (ret < 0)
+		return ret;
+	switch (t) {
+	case QCOW2_NORMAL:
+	case QCOW2_ZERO_ALLOC:
+		return qcow2_free_deferred(s, l2e & QCOW2_L2E_OFFSET_MASK, s->cluster_size);
+	case QCOW2_COMPRESSED:
+		ret = qcow2_compressed_range(s, l2e, &off, &len);
+		if (ret < 0)
+			return ret;
+		return qcow2_free_deferred(s, off, len);
+	default:
+		return 0;
+	}
+}
+
+/* Apply the deferred decrements (their references are gone on disk). */
+static int apply_pending(struct qcow2_state *s)
+{
+	unsigned e;
+	int ret = 0;
+
+	if (!s->npending)
+		return 0;
+	/* Let data I/O that looked up the old mappings finish first. */
+	spin_lock(&s->spin);
+	e = s->epoch;
+	s->epoch ^= 1;
+	while (s->inflight[e] && coro_self()) {
+		co_queue_wait_spin(&s->drain_wait, &s->spin);
+		spin_lock(&s->spin);
+	}
+	spin_unlock(&s->spin);
+	/* Work on a stable count: a decrement cannot queue new frees. */
+	for (unsigned i = 0; i < s->npending && ret == 0; i++)
+		for (uint64_t c = 0; c < s->pending[i].nb && ret == 0; c++)
+			ret = update_refcount(s, s->pending[i].cluster + c, -1);
+	s->npending = 0;
+	if (ret < 0)
+		log_error("%s: applying deferred refcount decrements: %s (clusters leak)",
+			  s->bs->filename, strerror(-ret));
+	return ret;
+}
+
+int qcow2_flush_locked(struct qcow2_state *s)
+{
+	int ret;
+
+	if (s->read_only)
+		return 0;
+	/* Phase 1+2: refcounts, sync, L2 slices (cache.c orders them). */
+	if (qcow2_cache_has_dirty(&s->l2c))
+		ret = qcow2_cache_writeback(&s->l2c);
+	else
+		ret = qcow2_cache_writeback(&s->rbc);
+	if (ret == 0)
+		ret = io_flush(s->file);
+	if (ret < 0)
+		return ret;
+	/* The references the pending frees drop are now gone on disk. */
+	return apply_pending(s);
+}
+
+/*
+ * Refcount table growth to cover index @need.  New refcount blocks for
+ * the new area and the new table go to clusters past everything the old
+ * table covers (all free by definition), laid out as [blocks][table].
+ */
+static int grow_reftable(struct qcow2_state *s, uint64_t need)
+{
+	const char *fn = s->bs->filename;
+	uint64_t cs = s->cluster_size, E = 1ull << s->rb_bits;
+	uint64_t A = MAX(s->free_hint, (uint64_t)s->reftable_size * E);
+	uint64_t N = MAX(need + 1, (uint64_t)s->reftable_size + s->reftable_size / 2 + 1);
+	uint64_t rtc, nb, total, fb, lb;
+	uint64_t old_off = s->reftable_offset, old_clusters = s->reftable_clusters;
+	uint8_t *tbl = NULL, *blk = NULL;
+	uint64_t *newrt;
+	int ret;
+
+	for (;;) {
+		rtc = DIV_ROUND_UP(N * 8, cs);
+		nb = 0;
+		for (;;) {
+			total = nb + rtc;
+			fb = A >> s->rb_bits;
+			lb = (A + total - 1) >> s->rb_bits;
+			if (lb - fb + 1 == nb)
+				break;
+			nb = lb - fb + 1;
+		}
+		if (lb < N)
+			break;
+		N = lb + 1;
+	}
+	N = rtc * cs / 8;
+	if (N * 8 > QCOW2_MAX_REFTABLE_SIZE || ((A + total) << s->cluster_bits) >= QCOW2_MAX_HOST_OFFSET) {
+		log_error("%s: refcount table cannot grow further", fn);
+		return -EFBIG;
+	}
+	tbl = io_zalloc(rtc * cs);
+	blk = io_alloc(cs);
+	newrt = calloc(N, 8);
+	if (!tbl || !blk || !newrt) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	for (uint64_t i = 0; i < s->reftable_size; i++) {
+		newrt[i] = s->reftable[i];
+		put_be64(tbl + 8 * i, s->reftable[i]);
+	}
+	for (uint64_t j = 0; j < nb; j++) {
+		uint64_t bi = fb + j, boff = (A + j) << s->cluster_bits;
+		memset(blk, 0, cs);
+		for (uint64_t c = A; c < A + total; c++)
+			if ((c >> s->rb_bits) == bi)
+				rc_set(blk, c & (E - 1), s->refcount_order, 1);
+		ret = io_pwrite(s->file, blk, cs, boff);
+		if (ret < 0)
+			goto out_io;
+		newrt[bi] = boff;
+		put_be64(tbl + 8 * bi, boff);
+	}
+	ret = io_pwrite(s->file, tbl, rtc * cs, (A + nb) << s->cluster_bits);
+	if (ret == 0)
+		ret = io_flush(s->file);
+	if (ret < 0)
+		goto out_io;
+	s->meta.h.reftable_offset = (A + nb) << s->cluster_bits;
+	s->meta.h.reftable_clusters = (uint32_t)rtc;
+	ret = qcow2_meta_write(s->file, &s->meta);
+	if (ret == 0)
+		ret = io_flush(s->file);
+	if (ret < 0) {
+		s->meta.h.reftable_offset = old_off;
+		s->meta.h.reftable_clusters = (uint32_t)old_clusters;
+		goto out_io;
+	}
+	qcow2_cache_invalidate(&s->rbc, A << s->cluster_bits, total << s->cluster_bits);
+	qcow2_cache_invalidate(&s->l2c, A << s->cluster_bits, total << s->cluster_bits);
+	free(s->reftable);
+	s->reftable = newrt;
+	newrt = NULL;
+	s->reftable_size = (uint32_t)N;
+	s->reftable_offset = (A + nb) << s->cluster_bits;
+	s->reftable_clusters = (uint32_t)rtc;
+	if (s->free_hint >= A)
+		s->free_hint = A + total;
+	if (s->file_end < ((A + total) << s->cluster_bits))
+		s->file_end = (A + total) << s->cluster_bits;
+	ret = qcow2_free_deferred(s, old_off, old_clusters * cs);
+	goto out;
+out_io:
+	log_error("%s: growing the refcount table: %s", fn, strerror(-ret));
+out:
+	free(newrt);
+	io_free(tbl);
+	io_free(blk);
+	return ret;
+}
