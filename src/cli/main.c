@@ -15,6 +15,9 @@ static const struct command {
 } commands[] = {
 	{ "create", cmd_create, "create a qcow2 or raw image" },
 	{ "info",   cmd_info,   "show an image's format, features, backing chain, snapshots" },
+	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
+	{ "list",   cmd_list,   "list ublk devices" },
+	{ "del",    cmd_del,    "stop and remove ublk devices" },
 	{ "nbd",    cmd_nbd,    "serve an image over NBD (unix socket or TCP)" },
 	{ "bench",  cmd_bench,  "run I/O against an image through the engine, print IOPS" },
 };

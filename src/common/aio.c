@@ -30,7 +30,7 @@ int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)
 	ctx->remote_req.complete = remote_complete;
 	memset(&p, 0, sizeof(p));
 	/* Only this thread submits; completions are reaped when we enter. */
-	p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN;
+	p.flags = IORING_SETUP_SINGLE_ISSUER;
 	p.flags |= IORING_SETUP_CQSIZE;
 	p.cq_entries = entries * 4;
 	ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
@@ -164,8 +164,9 @@ void aio_schedule(struct coro *co)
 	ctx->ready_tail = co;
 }
 
-static void run_ready(struct aio_ctx *ctx)
+static unsigned run_ready(struct aio_ctx *ctx)
 {
+	unsigned ran = 0;
 	/* Drain the list, including coroutines woken while it runs: a lock
 	 * handed to a waiter must not stay parked until the next loop
 	 * iteration, or every later arrival queues behind it (a convoy
@@ -178,7 +179,9 @@ static void run_ready(struct aio_ctx *ctx)
 			ctx->ready_tail = NULL;
 		coro_set_next(co, NULL);
 		coro_enter(co);
+		ran++;
 	}
+	return ran;
 }
 
 #define AIO_REAP_BATCH 64
@@ -190,8 +193,11 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 	unsigned n, i;
 	int ret;
 
-	run_ready(ctx);
-	unsigned wait = (block && !ctx->ready_head && ctx->inflight) ? 1 : 0;
+	unsigned ran = run_ready(ctx);
+	/* Block even with nothing in flight (a coroutine parked on a lock
+	 * held by another thread is woken by a MSG_RING CQE), but not after
+	 * running coroutines: the caller's exit condition may now hold. */
+	unsigned wait = (block && !ran && !ctx->ready_head) ? 1 : 0;
 	ret = io_uring_submit_and_wait(&ctx->ring, wait);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME)
 		return ret;

@@ -52,7 +52,9 @@ int aio_co_wait_sqe(struct aio_ctx *ctx, struct io_uring_sqe *sqe);
  * this one); it runs from the loop. */
 void aio_schedule(struct coro *co);
 /* Submit, reap completions, run ready coroutines.  With @block, waits
- * for at least one completion if nothing is ready.  Returns -errno. */
+ * for at least one completion if nothing is ready (call it only when
+ * something is pending: I/O in flight or a coroutine that another thread
+ * will wake).  Returns -errno. */
 int aio_run_once(struct aio_ctx *ctx, bool block);
 /* Run @fn in a new coroutine on the current thread and drive the loop
  * until it finishes (tools and tests).  Creates a temporary aio_ctx if the

@@ -29,9 +29,12 @@
 
 static int qcow2_probe(const uint8_t *buf, size_t len)
 {
-	if (len < 8 || get_be32(buf) != QCOW2_MAGIC)
+	/* The magic alone decides: a qcow2 file that fails to open must be
+	 * refused, never served as raw (clients would write over its
+	 * header). */
+	if (len < 4 || get_be32(buf) != QCOW2_MAGIC)
 		return 0;
-	return get_be32(buf + 4) == 2 || get_be32(buf + 4) == 3 ? 100 : 0;
+	return 100;
 }
 
 static unsigned ilog2(uint64_t v)

@@ -385,8 +385,11 @@ int qcow2_meta_write(struct io_file *f, const struct qcow2_meta *m)
 	const struct qcow2_header *h = &m->h;
 	uint32_t cs;
 	uint64_t need, hdr_len;
-	size_t bf_len = m->backing_format ? strlen(m->backing_format) : 0;
-	size_t df_len = m->data_file ? strlen(m->data_file) : 0;
+	/* An empty name (a name cut at an embedded NUL) is no name. */
+	const char *bformat = m->backing_format && *m->backing_format ? m->backing_format : NULL;
+	const char *dfile = m->data_file && *m->data_file ? m->data_file : NULL;
+	size_t bf_len = bformat ? strlen(bformat) : 0;
+	size_t df_len = dfile ? strlen(dfile) : 0;
 	size_t bn_len = m->backing_file ? strlen(m->backing_file) : 0;
 	bool have_bf = false, have_df = false;
 	int ret;
@@ -405,20 +408,20 @@ int qcow2_meta_write(struct io_file *f, const struct qcow2_meta *m)
 	for (unsigned i = 0; i < m->n_exts; i++) {
 		const struct qcow2_ext *e = &m->exts[i];
 		if (e->type == QCOW2_EXT_BACKING_FORMAT) {
-			if (m->backing_format && !have_bf)
+			if (bformat && !have_bf)
 				need += ext_space(bf_len);
 			have_bf = true;
 		} else if (e->type == QCOW2_EXT_DATA_FILE) {
-			if (m->data_file && !have_df)
+			if (dfile && !have_df)
 				need += ext_space(df_len);
 			have_df = true;
 		} else {
 			need += ext_space(e->len);
 		}
 	}
-	if (m->backing_format && !have_bf)
+	if (bformat && !have_bf)
 		need += ext_space(bf_len);
-	if (m->data_file && !have_df)
+	if (dfile && !have_df)
 		need += ext_space(df_len);
 	need += 8 + bn_len;        /* END, then the backing file name */
 	if (need > cs || hdr_len % 8)
@@ -459,20 +462,20 @@ int qcow2_meta_write(struct io_file *f, const struct qcow2_meta *m)
 			have_bf = true;
 		else if (m->exts[i].type == QCOW2_EXT_DATA_FILE)
 			have_df = true;
-	if (m->backing_format && !have_bf)
-		p = put_ext(p, QCOW2_EXT_BACKING_FORMAT, m->backing_format, (uint32_t)bf_len);
-	if (m->data_file && !have_df)
-		p = put_ext(p, QCOW2_EXT_DATA_FILE, m->data_file, (uint32_t)df_len);
+	if (bformat && !have_bf)
+		p = put_ext(p, QCOW2_EXT_BACKING_FORMAT, bformat, (uint32_t)bf_len);
+	if (dfile && !have_df)
+		p = put_ext(p, QCOW2_EXT_DATA_FILE, dfile, (uint32_t)df_len);
 	have_bf = have_df = false;
 	for (unsigned i = 0; i < m->n_exts; i++) {
 		const struct qcow2_ext *e = &m->exts[i];
 		if (e->type == QCOW2_EXT_BACKING_FORMAT) {
-			if (m->backing_format && !have_bf)
-				p = put_ext(p, e->type, m->backing_format, (uint32_t)bf_len);
+			if (bformat && !have_bf)
+				p = put_ext(p, e->type, bformat, (uint32_t)bf_len);
 			have_bf = true;
 		} else if (e->type == QCOW2_EXT_DATA_FILE) {
-			if (m->data_file && !have_df)
-				p = put_ext(p, e->type, m->data_file, (uint32_t)df_len);
+			if (dfile && !have_df)
+				p = put_ext(p, e->type, dfile, (uint32_t)df_len);
 			have_df = true;
 		} else {
 			p = put_ext(p, e->type, e->data, e->len);

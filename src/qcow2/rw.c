@@ -675,6 +675,10 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	uint64_t start = ALIGN_UP(off, cs);
 	uint64_t end = off + len == bs->size ? bs->size : ALIGN_DOWN(off + len, (uint64_t)cs);
 
+	/* v2 has no zero flag: deallocating would expose stale backing
+	 * data, so QEMU refuses (ENOTSUP, which discard callers ignore). */
+	if (s->meta.h.version < 3 && s->backing)
+		return 0;
 	/* Partial clusters are left alone, except a whole partial cluster at
 	 * an unaligned image end. */
 	if (start >= end)

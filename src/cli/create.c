@@ -1,0 +1,276 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qublk create: make a new qcow2 or raw image, with qemu-img's option
+ * names.  Parsing only; the qcow2 layout lives in src/qcow2/create.c.
+ * Single-threaded tool code.
+ */
+#include <stddef.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "common/util.h"
+#include "qcow2/format.h"
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: qublk create [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] FILE [SIZE]\n"
+		"\n"
+		"Create FILE, a new image of SIZE bytes (suffixes K, M, G, T: binary units;\n"
+		"rounded up to a multiple of 512).  SIZE may be left out when a backing\n"
+		"file is given: the new image then takes the backing image's size.\n"
+		"\n"
+		"  -f FMT         image format: qcow2 (default) or raw\n"
+		"  -b BACKING     backing file name, stored as given; a relative name is\n"
+		"                 relative to FILE's directory (qcow2 only)\n"
+		"  -F FMT         backing file format, qcow2 or raw (probed if not given)\n"
+		"  -o OPTIONS     comma-separated key=value list:\n"
+		"     cluster_size=SIZE           512 to 2M, a power of two (default 64K)\n"
+		"     compat=0.10|1.1             qcow2 version 2 or 3 (also v2, v3; default 1.1)\n"
+		"     lazy_refcounts=on|off       (compat=1.1 only; default off)\n"
+		"     refcount_bits=N             1, 2, 4, 8, 16, 32 or 64 (default 16; 0.10: 16 only)\n"
+		"     preallocation=MODE          off, metadata, falloc or full (raw: off, falloc, full)\n"
+		"     compression_type=zlib|zstd  (zstd needs compat=1.1; default zlib)\n"
+		"     backing_file=NAME           same as -b\n"
+		"     backing_fmt=FMT             same as -F\n"
+		"     extended_l2=on|off          on is not supported yet\n"
+		"  -h, --help     show this help\n"
+		"\n"
+		"Exit status: 0 success, 1 failure, 2 usage error.\n");
+}
+
+static int parse_bool(const char *v, bool *out)
+{
+	if (!strcmp(v, "on") || !strcmp(v, "true") || !strcmp(v, "yes"))
+		*out = true;
+	else if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "no"))
+		*out = false;
+	else
+		return -EINVAL;
+	return 0;
+}
+
+struct create_args {
+	const char *fmt;
+	struct qcow2_create_opts q;
+	bool raw_conflict;           /* an option that raw does not take */
+	const char *raw_bad;
+};
+
+/* Apply one key=value of -o.  Returns 0 or -EINVAL with a message printed. */
+static int apply_option(struct create_args *a, char *kv)
+{
+	char *v = strchr(kv, '=');
+	uint64_t n;
+
+	if (!v) {
+		log_error("option '%s' needs a value (key=value)", kv);
+		return -EINVAL;
+	}
+	*v++ = '\0';
+	if (strcmp(kv, "preallocation")) {
+		a->raw_conflict = true;
+		a->raw_bad = kv;
+	}
+	if (!strcmp(kv, "cluster_size")) {
+		if (parse_size(v, &n) || n > UINT32_MAX)
+			goto bad;
+		a->q.cluster_size = (uint32_t)n;
+	} else if (!strcmp(kv, "compat")) {
+		if (!strcmp(v, "0.10") || !strcmp(v, "v2"))
+			a->q.version = 2;
+		else if (!strcmp(v, "1.1") || !strcmp(v, "v3"))
+			a->q.version = 3;
+		else
+			goto bad;
+	} else if (!strcmp(kv, "lazy_refcounts")) {
+		if (parse_bool(v, &a->q.lazy_refcounts))
+			goto bad;
+	} else if (!strcmp(kv, "refcount_bits")) {
+		char *end;
+		errno = 0;
+		unsigned long b = strtoul(v, &end, 10);
+		if (errno || *end || end == v || b == 0 || b > 64 || (b & (b - 1)))
+			goto bad;
+		a->q.refcount_bits = (uint32_t)b;
+	} else if (!strcmp(kv, "preallocation")) {
+		if (!strcmp(v, "off"))
+			a->q.prealloc = QCOW2_PREALLOC_OFF;
+		else if (!strcmp(v, "metadata"))
+			a->q.prealloc = QCOW2_PREALLOC_METADATA;
+		else if (!strcmp(v, "falloc"))
+			a->q.prealloc = QCOW2_PREALLOC_FALLOC;
+		else if (!strcmp(v, "full"))
+			a->q.prealloc = QCOW2_PREALLOC_FULL;
+		else
+			goto bad;
+	} else if (!strcmp(kv, "compression_type")) {
+		if (!strcmp(v, "zlib"))
+			a->q.compression_type = QCOW2_COMPRESSION_ZLIB;
+		else if (!strcmp(v, "zstd"))
+			a->q.compression_type = QCOW2_COMPRESSION_ZSTD;
+		else
+			goto bad;
+	} else if (!strcmp(kv, "backing_file")) {
+		a->q.backing_file = v;
+	} else if (!strcmp(kv, "backing_fmt")) {
+		a->q.backing_format = v;
+	} else if (!strcmp(kv, "extended_l2")) {
+		if (parse_bool(v, &a->q.extended_l2))
+			goto bad;
+	} else {
+		log_error("unknown option '%s'", kv);
+		return -EINVAL;
+	}
+	return 0;
+bad:
+	log_error("invalid value '%s' for option '%s'", v, kv);
+	return -EINVAL;
+}
+
+static int parse_options(struct create_args *a, char *list)
+{
+	char *save = NULL;
+
+	for (char *kv = strtok_r(list, ",", &save); kv; kv = strtok_r(NULL, ",", &save))
+		if (apply_option(a, kv))
+			return -EINVAL;
+	return 0;
+}
+
+static int write_zero_range(int fd, uint64_t size)
+{
+	static const uint8_t zero[65536];
+	uint64_t off = 0;
+
+	while (off < size) {
+		size_t n = (size_t)MIN(size - off, (uint64_t)sizeof(zero));
+		ssize_t w = pwrite(fd, zero, n, (off_t)off);
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		off += (uint64_t)w;
+	}
+	return 0;
+}
+
+static int create_raw(const char *path, uint64_t size, int prealloc, char *err, size_t errlen)
+{
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	int ret = 0;
+
+	if (fd < 0) {
+		snprintf(err, errlen, "%s", strerror(errno));
+		return -errno;
+	}
+	if (ftruncate(fd, (off_t)size) < 0)
+		ret = -errno;
+	if (!ret && prealloc == QCOW2_PREALLOC_FALLOC && size &&
+	    fallocate(fd, 0, 0, (off_t)size) < 0)
+		ret = -errno;
+	if (!ret && prealloc == QCOW2_PREALLOC_FULL)
+		ret = write_zero_range(fd, size);
+	if (!ret && fsync(fd) < 0)
+		ret = -errno;
+	if (close(fd) < 0 && !ret)
+		ret = -errno;
+	if (ret)
+		snprintf(err, errlen, "%s", strerror(-ret));
+	return ret;
+}
+
+int cmd_create(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct create_args a = { .fmt = "qcow2" };
+	char err[512] = "";
+	uint64_t size = 0;
+	int c, ret;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "f:o:b:F:h", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			a.fmt = optarg;
+			break;
+		case 'o':
+			if (parse_options(&a, optarg))
+				return EXIT_USAGE;
+			break;
+		case 'b':
+			a.q.backing_file = optarg;
+			a.raw_conflict = true;
+			a.raw_bad = "-b";
+			break;
+		case 'F':
+			a.q.backing_format = optarg;
+			a.raw_conflict = true;
+			a.raw_bad = "-F";
+			break;
+		case 'h':
+			usage(stdout);
+			return EXIT_OK;
+		default:
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	int nargs = argc - optind;
+	if (nargs < 1 || nargs > 2 || (nargs == 1 && !a.q.backing_file)) {
+		log_error(nargs < 1 ? "missing FILE" : nargs > 2 ? "too many arguments"
+								 : "missing SIZE");
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	const char *path = argv[optind];
+	if (nargs == 2) {
+		ret = parse_size(argv[optind + 1], &size);
+		if (ret) {
+			log_error("invalid size '%s'", argv[optind + 1]);
+			return EXIT_USAGE;
+		}
+		if (size > (uint64_t)INT64_MAX - 511) {
+			log_error("%s: size %s is too large", path, argv[optind + 1]);
+			return EXIT_FAIL;
+		}
+	}
+
+	if (!strcmp(a.fmt, "raw")) {
+		if (a.raw_conflict) {
+			log_error("option '%s' is not valid for the raw format", a.raw_bad);
+			return EXIT_USAGE;
+		}
+		if (a.q.prealloc == QCOW2_PREALLOC_METADATA) {
+			log_error("preallocation=metadata is not valid for the raw format");
+			return EXIT_USAGE;
+		}
+		if (nargs < 2) {
+			log_error("missing SIZE");
+			return EXIT_USAGE;
+		}
+		ret = create_raw(path, size, a.q.prealloc, err, sizeof(err));
+	} else if (!strcmp(a.fmt, "qcow2")) {
+		a.q.size = size;
+		ret = qcow2_create(path, &a.q, err, sizeof(err));
+	} else {
+		log_error("unknown format '%s' (qcow2 or raw)", a.fmt);
+		return EXIT_USAGE;
+	}
+	if (ret) {
+		log_error("%s: %s", path, err[0] ? err : strerror(-ret));
+		return EXIT_FAIL;
+	}
+	return EXIT_OK;
+}

@@ -1,0 +1,500 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qublk info: describe an image (and optionally its backing chain) in
+ * qemu-img's words, as text or JSON.  Read-only, single-threaded tool
+ * code; never writes to any image.
+ *
+ * Everything shown comes from qcow2_meta_read()/qcow2_snapshots_read(),
+ * which validate all offsets, so a malformed image is reported (exit 1),
+ * never trusted.  Strings from the image are escaped on output.
+ * The chain walk resolves relative backing names against the directory
+ * of the image naming them and refuses loops (same device and inode
+ * seen twice) and chains deeper than MAX_CHAIN.
+ */
+#include <stddef.h>
+
+#include <errno.h>
+#include <getopt.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "cli/cli.h"
+#include "common/io.h"
+#include "common/util.h"
+#include "qcow2/format.h"
+
+#define MAX_CHAIN 64
+
+struct layer {
+	char *path;                 /* as opened */
+	const char *format;         /* "qcow2" or "raw" */
+	uint64_t virtual_size, file_size, disk_size;
+	dev_t dev;
+	ino_t ino;
+	bool is_qcow2;
+	struct qcow2_meta m;
+	struct qcow2_snapshot *snaps;
+	uint32_t n_snaps;
+	char *backing_path;         /* host path of the backing file, or NULL */
+};
+
+static void layer_free(struct layer *l)
+{
+	free(l->path);
+	free(l->backing_path);
+	qcow2_snapshots_free(l->snaps, l->n_snaps);
+	qcow2_meta_free(&l->m);
+	memset(l, 0, sizeof(*l));
+}
+
+static char *resolve(const char *image, const char *name)
+{
+	char *copy, *out = NULL;
+
+	if (name[0] == '/')
+		return strdup(name);
+	copy = strdup(image);
+	if (!copy)
+		return NULL;
+	if (asprintf(&out, "%s/%s", dirname(copy), name) < 0)
+		out = NULL;
+	free(copy);
+	return out;
+}
+
+/* Open and parse one image.  @fmt: "qcow2", "raw" or NULL to probe by
+ * magic.  On failure prints "FILE: reason" and returns -errno. */
+static int layer_open(const char *path, const char *fmt, struct layer *l)
+{
+	struct io_file *f = NULL;
+	struct stat st;
+	uint8_t magic[4] = { 0 };
+	char err[512] = "";
+	int ret;
+
+	memset(l, 0, sizeof(*l));
+	l->path = strdup(path);
+	if (!l->path)
+		return -ENOMEM;
+	ret = io_file_open(path, IO_OPEN_RDONLY, &f);
+	if (ret) {
+		log_error("%s: %s", path, strerror(-ret));
+		return ret;
+	}
+	if (fstat(f->fd, &st) < 0) {
+		ret = -errno;
+		log_error("%s: stat: %s", path, strerror(-ret));
+		goto out;
+	}
+	l->dev = st.st_dev;
+	l->ino = st.st_ino;
+	l->disk_size = (uint64_t)st.st_blocks * 512;
+	ret = io_get_size(f, &l->file_size);
+	if (!ret && l->file_size >= 4)
+		ret = io_pread(f, magic, sizeof(magic), 0);
+	if (ret) {
+		log_error("%s: reading: %s", path, strerror(-ret));
+		goto out;
+	}
+	if (!fmt)
+		fmt = get_be32(magic) == QCOW2_MAGIC ? "qcow2" : "raw";
+	if (!strcmp(fmt, "raw")) {
+		l->format = "raw";
+		l->virtual_size = l->file_size;
+		goto out;
+	}
+	if (strcmp(fmt, "qcow2")) {
+		log_error("%s: unknown format '%s'", path, fmt);
+		ret = -ENOTSUP;
+		goto out;
+	}
+	l->format = "qcow2";
+	l->is_qcow2 = true;
+	ret = qcow2_meta_read(f, l->file_size, &l->m, err, sizeof(err));
+	if (ret) {
+		log_error("%s: %s", path, err[0] ? err : strerror(-ret));
+		goto out;
+	}
+	uint64_t unknown = l->m.h.incompat & ~QCOW2_INCOMPAT_KNOWN;
+	if (unknown) {
+		char names[512];
+		qcow2_feature_names(&l->m, 0, unknown, names, sizeof(names));
+		log_error("%s: unsupported qcow2 incompatible feature(s): %s", path, names);
+		ret = -ENOTSUP;
+		goto out;
+	}
+	l->virtual_size = l->m.h.size;
+	ret = qcow2_snapshots_read(f, &l->m.h, l->file_size, &l->snaps, err, sizeof(err));
+	if (ret) {
+		log_error("%s: %s", path, err[0] ? err : strerror(-ret));
+		goto out;
+	}
+	l->n_snaps = l->m.h.nb_snapshots;
+	if (l->m.backing_file) {
+		l->backing_path = resolve(path, l->m.backing_file);
+		if (!l->backing_path)
+			ret = -ENOMEM;
+	}
+out:
+	io_file_close(f);
+	return ret;
+}
+
+/* ---- output helpers ---- */
+
+static void json_str(FILE *o, const char *s)
+{
+	fputc('"', o);
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+		if (*p == '"' || *p == '\\')
+			fprintf(o, "\\%c", *p);
+		else if (*p < 0x20 || *p >= 0x7f)
+			fprintf(o, "\\u%04x", *p);   /* bytes from the image: no UTF-8 trust */
+		else
+			fputc(*p, o);
+	}
+	fputc('"', o);
+}
+
+/* Printable copy for text output: control bytes become '?'. */
+static void text_str(FILE *o, const char *s)
+{
+	for (const unsigned char *p = (const unsigned char *)s; *p; p++)
+		fputc(*p < 0x20 || *p == 0x7f ? '?' : *p, o);
+}
+
+/* Printable, truncated copy of an image string for column output. */
+static void sanitize(char *out, size_t len, const char *s)
+{
+	size_t n = 0;
+
+	for (const unsigned char *p = (const unsigned char *)s; *p && n + 1 < len; p++)
+		out[n++] = *p < 0x20 || *p == 0x7f ? '?' : (char)*p;
+	out[n] = '\0';
+}
+
+static const char *human_size(uint64_t v, char *buf, size_t len)
+{
+	static const char *const units[] = { "B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+	unsigned u = 0;
+	double d = (double)v;
+
+	while (d >= 1024 && u + 1 < ARRAY_SIZE(units)) {
+		d /= 1024;
+		u++;
+	}
+	if (u == 0)
+		snprintf(buf, len, "%llu B", (unsigned long long)v);
+	else if (d == (double)(uint64_t)d)
+		snprintf(buf, len, "%llu %s", (unsigned long long)d, units[u]);
+	else
+		snprintf(buf, len, "%.3g %s", d, units[u]);
+	return buf;
+}
+
+static const char *compat_str(const struct qcow2_header *h)
+{
+	return h->version == 2 ? "0.10" : "1.1";
+}
+
+static const char *compression_str(const struct qcow2_header *h)
+{
+	return h->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib";
+}
+
+static void print_text(FILE *o, const struct layer *l)
+{
+	char b1[64], names[512];
+	const struct qcow2_header *h = &l->m.h;
+
+	fprintf(o, "image: ");
+	text_str(o, l->path);
+	fprintf(o, "\nfile format: %s\n", l->format);
+	fprintf(o, "virtual size: %s (%llu bytes)\n", human_size(l->virtual_size, b1, sizeof(b1)),
+		(unsigned long long)l->virtual_size);
+	fprintf(o, "disk size: %s\n", human_size(l->disk_size, b1, sizeof(b1)));
+	if (!l->is_qcow2)
+		return;
+	fprintf(o, "cluster_size: %u\n", 1u << h->cluster_bits);
+	if (l->m.backing_file) {
+		fprintf(o, "backing file: ");
+		text_str(o, l->m.backing_file);
+		if (l->backing_path && strcmp(l->backing_path, l->m.backing_file)) {
+			fprintf(o, " (actual path: ");
+			text_str(o, l->backing_path);
+			fprintf(o, ")");
+		}
+		fprintf(o, "\n");
+		if (l->m.backing_format) {
+			fprintf(o, "backing file format: ");
+			text_str(o, l->m.backing_format);
+			fprintf(o, "\n");
+		}
+	}
+	if (l->n_snaps) {
+		fprintf(o, "Snapshot list:\n%-10s%-17s%8s%20s%13s\n", "ID", "TAG", "VM SIZE", "DATE",
+			"VM CLOCK");
+		for (uint32_t i = 0; i < l->n_snaps; i++) {
+			const struct qcow2_snapshot *s = &l->snaps[i];
+			char date[32] = "";
+			time_t t = (time_t)s->date_sec;
+			struct tm tm;
+			if (localtime_r(&t, &tm))
+				strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+			uint64_t secs = s->vm_clock_nsec / 1000000000ull;
+			char id[64], name[256];
+			sanitize(id, sizeof(id), s->id);
+			sanitize(name, sizeof(name), s->name);
+			fprintf(o, "%-9s %-16s ", id, name);
+			fprintf(o, "%8s %19s %02llu:%02llu:%02llu.%03llu\n",
+				human_size(s->vm_state_size, b1, sizeof(b1)), date,
+				(unsigned long long)(secs / 3600), (unsigned long long)(secs / 60 % 60),
+				(unsigned long long)(secs % 60),
+				(unsigned long long)(s->vm_clock_nsec / 1000000 % 1000));
+		}
+	}
+	fprintf(o, "Format specific information:\n");
+	fprintf(o, "    compat: %s\n", compat_str(h));
+	fprintf(o, "    compression type: %s\n", compression_str(h));
+	if (h->version >= 3)
+		fprintf(o, "    lazy refcounts: %s\n",
+			h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS ? "true" : "false");
+	fprintf(o, "    refcount bits: %u\n", 1u << h->refcount_order);
+	if (h->version >= 3) {
+		fprintf(o, "    corrupt: %s\n", h->incompat & QCOW2_INCOMPAT_CORRUPT ? "true" : "false");
+		fprintf(o, "    dirty: %s\n", h->incompat & QCOW2_INCOMPAT_DIRTY ? "true" : "false");
+		fprintf(o, "    extended l2: %s\n", h->incompat & QCOW2_INCOMPAT_EXTL2 ? "true" : "false");
+	}
+	if (l->m.data_file) {
+		fprintf(o, "    data file: ");
+		text_str(o, l->m.data_file);
+		fprintf(o, "\n    data file raw: %s\n",
+			h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW ? "true" : "false");
+	}
+	if (h->autoclear & QCOW2_AUTOCLEAR_BITMAPS)
+		fprintf(o, "    bitmaps: present\n");
+	uint64_t uc = h->compat & ~QCOW2_COMPAT_LAZY_REFCOUNTS;
+	uint64_t ua = h->autoclear & ~(QCOW2_AUTOCLEAR_BITMAPS | QCOW2_AUTOCLEAR_DATA_FILE_RAW);
+	if (uc) {
+		qcow2_feature_names(&l->m, 1, uc, names, sizeof(names));
+		fprintf(o, "    unknown compatible features: %s\n", names);
+	}
+	if (ua) {
+		qcow2_feature_names(&l->m, 2, ua, names, sizeof(names));
+		fprintf(o, "    unknown autoclear features: %s\n", names);
+	}
+}
+
+static void print_json(FILE *o, const struct layer *l, const char *ind)
+{
+	const struct qcow2_header *h = &l->m.h;
+	char names[512];
+
+	fprintf(o, "%s{\n%s    \"filename\": ", ind, ind);
+	json_str(o, l->path);
+	fprintf(o, ",\n%s    \"format\": \"%s\",\n", ind, l->format);
+	fprintf(o, "%s    \"virtual-size\": %llu,\n", ind, (unsigned long long)l->virtual_size);
+	fprintf(o, "%s    \"actual-size\": %llu", ind, (unsigned long long)l->disk_size);
+	if (!l->is_qcow2) {
+		fprintf(o, "\n%s}", ind);
+		return;
+	}
+	fprintf(o, ",\n%s    \"cluster-size\": %u,\n", ind, 1u << h->cluster_bits);
+	fprintf(o, "%s    \"dirty-flag\": %s", ind, h->incompat & QCOW2_INCOMPAT_DIRTY ? "true" : "false");
+	if (l->m.backing_file) {
+		fprintf(o, ",\n%s    \"backing-filename\": ", ind);
+		json_str(o, l->m.backing_file);
+		if (l->backing_path) {
+			fprintf(o, ",\n%s    \"full-backing-filename\": ", ind);
+			json_str(o, l->backing_path);
+		}
+		if (l->m.backing_format) {
+			fprintf(o, ",\n%s    \"backing-filename-format\": ", ind);
+			json_str(o, l->m.backing_format);
+		}
+	}
+	if (l->n_snaps) {
+		fprintf(o, ",\n%s    \"snapshots\": [", ind);
+		for (uint32_t i = 0; i < l->n_snaps; i++) {
+			const struct qcow2_snapshot *s = &l->snaps[i];
+			fprintf(o, "%s\n%s        {\"id\": ", i ? "," : "", ind);
+			json_str(o, s->id);
+			fprintf(o, ", \"name\": ");
+			json_str(o, s->name);
+			fprintf(o, ", \"vm-state-size\": %llu, \"date-sec\": %u, \"date-nsec\": %u, "
+				   "\"vm-clock-sec\": %llu, \"vm-clock-nsec\": %llu, \"disk-size\": %llu}",
+				(unsigned long long)s->vm_state_size, s->date_sec, s->date_nsec,
+				(unsigned long long)(s->vm_clock_nsec / 1000000000ull),
+				(unsigned long long)(s->vm_clock_nsec % 1000000000ull),
+				(unsigned long long)s->disk_size);
+		}
+		fprintf(o, "\n%s    ]", ind);
+	}
+	fprintf(o, ",\n%s    \"format-specific\": {\n%s        \"type\": \"qcow2\",\n", ind, ind);
+	fprintf(o, "%s        \"data\": {\n", ind);
+	fprintf(o, "%s            \"compat\": \"%s\",\n", ind, compat_str(h));
+	fprintf(o, "%s            \"compression-type\": \"%s\",\n", ind, compression_str(h));
+	if (h->version >= 3) {
+		fprintf(o, "%s            \"lazy-refcounts\": %s,\n", ind,
+			h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS ? "true" : "false");
+		fprintf(o, "%s            \"corrupt\": %s,\n", ind,
+			h->incompat & QCOW2_INCOMPAT_CORRUPT ? "true" : "false");
+		fprintf(o, "%s            \"extended-l2\": %s,\n", ind,
+			h->incompat & QCOW2_INCOMPAT_EXTL2 ? "true" : "false");
+	}
+	if (l->m.data_file) {
+		fprintf(o, "%s            \"data-file\": ", ind);
+		json_str(o, l->m.data_file);
+		fprintf(o, ",\n%s            \"data-file-raw\": %s,\n", ind,
+			h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW ? "true" : "false");
+	}
+	uint64_t uc = h->compat & ~QCOW2_COMPAT_LAZY_REFCOUNTS;
+	uint64_t ua = h->autoclear & ~(QCOW2_AUTOCLEAR_BITMAPS | QCOW2_AUTOCLEAR_DATA_FILE_RAW);
+	if (uc) {
+		qcow2_feature_names(&l->m, 1, uc, names, sizeof(names));
+		fprintf(o, "%s            \"unknown-compatible-features\": ", ind);
+		json_str(o, names);
+		fprintf(o, ",\n");
+	}
+	if (ua) {
+		qcow2_feature_names(&l->m, 2, ua, names, sizeof(names));
+		fprintf(o, "%s            \"unknown-autoclear-features\": ", ind);
+		json_str(o, names);
+		fprintf(o, ",\n");
+	}
+	fprintf(o, "%s            \"refcount-bits\": %u\n", ind, 1u << h->refcount_order);
+	fprintf(o, "%s        }\n%s    }\n%s}", ind, ind, ind);
+}
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: qublk info [--output human|json] [--backing-chain] [-f FMT] FILE\n"
+		"\n"
+		"Show FILE's format (qcow2 or raw, probed by magic unless -f is given),\n"
+		"virtual and on-disk size and, for qcow2, cluster size, compat level,\n"
+		"refcount width, compression type, feature flags, backing file and\n"
+		"format, and internal snapshots.  The image is only read.\n"
+		"\n"
+		"  --output FMT     human (default) or json\n"
+		"  --backing-chain  also show every image of the backing chain\n"
+		"                   (relative names resolve against the directory of\n"
+		"                   the image naming them; loops are refused)\n"
+		"  -f FMT           do not probe: FILE is qcow2 or raw\n"
+		"  -h, --help       show this help\n"
+		"\n"
+		"Exit status: 0 success, 1 the image could not be read or is invalid,\n"
+		"2 usage error.\n");
+}
+
+int cmd_info(int argc, char **argv)
+{
+	enum { OPT_OUTPUT = 256, OPT_CHAIN };
+	static const struct option longopts[] = {
+		{ "output", required_argument, NULL, OPT_OUTPUT },
+		{ "backing-chain", no_argument, NULL, OPT_CHAIN },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct layer *chain = NULL;
+	unsigned n = 0;
+	bool json = false, want_chain = false;
+	const char *fmt = NULL;
+	int c, ret = EXIT_FAIL;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "f:h", longopts, NULL)) != -1) {
+		switch (c) {
+		case OPT_OUTPUT:
+			if (!strcmp(optarg, "json")) {
+				json = true;
+			} else if (!strcmp(optarg, "human")) {
+				json = false;
+			} else {
+				log_error("unknown output format '%s' (human or json)", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case OPT_CHAIN:
+			want_chain = true;
+			break;
+		case 'f':
+			fmt = optarg;
+			if (strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+				log_error("unknown format '%s' (qcow2 or raw)", fmt);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'h':
+			usage(stdout);
+			return EXIT_OK;
+		default:
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (argc - optind != 1) {
+		log_error(argc - optind < 1 ? "missing FILE" : "too many arguments");
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+
+	chain = calloc(MAX_CHAIN, sizeof(*chain));
+	if (!chain) {
+		log_error("out of memory");
+		return EXIT_FAIL;
+	}
+	const char *path = argv[optind];
+	for (;;) {
+		if (n == MAX_CHAIN) {
+			log_error("%s: backing chain longer than %d images", argv[optind], MAX_CHAIN);
+			goto out;
+		}
+		if (layer_open(path, fmt, &chain[n]))
+			goto out;
+		for (unsigned i = 0; i < n; i++) {
+			if (chain[i].dev == chain[n].dev && chain[i].ino == chain[n].ino) {
+				log_error("%s: backing chain loop: %s is also layer %u", argv[optind],
+					  chain[n].path, i);
+				n++;
+				goto out;
+			}
+		}
+		n++;
+		struct layer *l = &chain[n - 1];
+		if (!want_chain || !l->backing_path)
+			break;
+		path = l->backing_path;
+		fmt = l->m.backing_format;
+		if (fmt && strcmp(fmt, "qcow2") && strcmp(fmt, "raw")) {
+			log_error("%s: backing file %s has unsupported format '%s'", l->path,
+				  l->backing_path, fmt);
+			goto out;
+		}
+	}
+
+	if (json && want_chain)
+		printf("[\n");
+	for (unsigned i = 0; i < n; i++) {
+		if (json) {
+			print_json(stdout, &chain[i], want_chain ? "    " : "");
+			printf("%s\n", want_chain && i + 1 < n ? "," : "");
+		} else {
+			if (i)
+				printf("\n");
+			print_text(stdout, &chain[i]);
+		}
+	}
+	if (json && want_chain)
+		printf("]\n");
+	ret = fflush(stdout) ? EXIT_FAIL : EXIT_OK;
+out:
+	for (unsigned i = 0; i < MAX_CHAIN; i++)
+		layer_free(&chain[i]);
+	free(chain);
+	return ret;
+}

@@ -1,0 +1,455 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qublk add / list / del: the ublk frontend's commands.
+ *
+ * add forks a daemon (unless --foreground) and waits on a pipe for its
+ * report: the device path once the device is live, or EOF if it failed
+ * (its errors went to our stderr).  The daemon itself runs
+ * ublk_dev_run() (src/ublk/dev.c).
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "common/util.h"
+#include "ublk/ublk.h"
+
+/* ---------------------------------------------------------------- add */
+
+static void add_usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only]\n"
+		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--foreground] [FILE]\n\n"
+		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
+		"Prints the device path once the device is live; the daemon runs until\n"
+		"'qublk del -n N' or SIGTERM.\n\n"
+		"  -t, --type TYPE      qcow2, raw or null (default: probed from FILE)\n"
+		"  -q, --queues N       hardware queues, one thread each (default %u)\n"
+		"  -d, --depth N        requests in flight per queue (default %u, max %u)\n"
+		"  -r, --read-only      refuse writes\n"
+		"  -n, --number ID      device number (default: first free)\n"
+		"  -s, --size SIZE      null target: device size (K/M/G/T suffixes)\n"
+		"      --cache MODE     none (O_DIRECT, default) or writeback\n"
+		"  -f, --foreground     do not daemonise; print the path, run until SIGTERM\n\n"
+		"Exit codes: 0 device live, 1 failure, 2 usage error.\n",
+		UBLK_DEF_QUEUES, UBLK_DEF_DEPTH, UBLK_MAX_QUEUE_DEPTH);
+}
+
+static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+{
+	char *end;
+	unsigned long v;
+
+	errno = 0;
+	v = strtoul(s, &end, 10);
+	if (errno || end == s || *end || v < lo || v > hi)
+		return -EINVAL;
+	*out = (unsigned)v;
+	return 0;
+}
+
+static const char *probe_type(const char *file)
+{
+	unsigned char magic[4];
+	int fd = open(file, O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+
+	if (fd < 0)
+		return "raw";   /* the open error is reported by the daemon */
+	n = read(fd, magic, sizeof(magic));
+	close(fd);
+	if (n == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb)
+		return "qcow2";
+	return "raw";
+}
+
+/* Fork the daemon and wait for its report.  Returns the exit code. */
+static int daemonise(const struct ublk_dev_opts *o)
+{
+	char buf[128];
+	size_t got = 0;
+	int pfd[2], status;
+	pid_t pid;
+
+	if (pipe2(pfd, O_CLOEXEC) < 0) {
+		log_error("pipe: %s", strerror(errno));
+		return EXIT_FAIL;
+	}
+	fflush(NULL);
+	pid = fork();
+	if (pid < 0) {
+		log_error("fork: %s", strerror(errno));
+		return EXIT_FAIL;
+	}
+	if (pid == 0) {
+		close(pfd[0]);
+		setsid();
+		if (chdir("/") < 0)
+			log_debug("chdir /: %s", strerror(errno));
+		_exit(ublk_dev_run(o, pfd[1]) < 0 ? EXIT_FAIL : EXIT_OK);
+	}
+	close(pfd[1]);
+	for (;;) {
+		ssize_t n = read(pfd[0], buf + got, sizeof(buf) - 1 - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+		if (got == sizeof(buf) - 1)
+			break;
+	}
+	close(pfd[0]);
+	buf[got] = 0;
+	if (got && !strncmp(buf, "/dev/ublkb", 10)) {
+		fputs(buf, stdout);
+		return EXIT_OK;
+	}
+	/* The daemon failed before going live; its errors are on stderr. */
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (WIFSIGNALED(status))
+		log_error("the daemon died with signal %d before the device was live",
+			  WTERMSIG(status));
+	return EXIT_FAIL;
+}
+
+int cmd_add(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+		{ "type", required_argument, NULL, 't' },
+		{ "queues", required_argument, NULL, 'q' },
+		{ "depth", required_argument, NULL, 'd' },
+		{ "read-only", no_argument, NULL, 'r' },
+		{ "number", required_argument, NULL, 'n' },
+		{ "size", required_argument, NULL, 's' },
+		{ "cache", required_argument, NULL, 'c' },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ublk_dev_opts o = {
+		.type = NULL, .dev_id = -1, .nr_queues = UBLK_DEF_QUEUES,
+		.depth = UBLK_DEF_DEPTH, .max_io = UBLK_DEF_MAX_IO, .direct = true,
+	};
+	char abspath[PATH_MAX];
+	bool foreground = false, have_size = false;
+	unsigned id;
+	int c;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "t:q:d:rn:s:fh", lopts, NULL)) != -1) {
+		switch (c) {
+		case 't':
+			if (!ublk_tgt_find(optarg)) {
+				log_error("unknown type '%s' (qcow2, raw, null)", optarg);
+				return EXIT_USAGE;
+			}
+			o.type = optarg;
+			break;
+		case 'q':
+			if (parse_uint(optarg, 1, UBLK_MAX_QUEUES, &o.nr_queues) < 0) {
+				log_error("--queues '%s': expected 1..%u", optarg, UBLK_MAX_QUEUES);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'd':
+			if (parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &o.depth) < 0) {
+				log_error("--depth '%s': expected 1..%u", optarg, UBLK_MAX_QUEUE_DEPTH);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'r':
+			o.read_only = true;
+			break;
+		case 'n':
+			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+				log_error("--number '%s': expected a device number", optarg);
+				return EXIT_USAGE;
+			}
+			o.dev_id = (int)id;
+			break;
+		case 's':
+			if (parse_size(optarg, &o.size) < 0 || o.size < 512) {
+				log_error("--size '%s': expected a size of at least 512 bytes", optarg);
+				return EXIT_USAGE;
+			}
+			have_size = true;
+			break;
+		case 'c':
+			if (!strcmp(optarg, "none"))
+				o.direct = true;
+			else if (!strcmp(optarg, "writeback"))
+				o.direct = false;
+			else {
+				log_error("--cache '%s': expected none or writeback", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'f':
+			foreground = true;
+			break;
+		case 'h':
+			add_usage(stdout);
+			return EXIT_OK;
+		default:
+			add_usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (argc - optind > 1) {
+		log_error("too many arguments");
+		add_usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (optind < argc) {
+		if (o.type && !strcmp(o.type, "null")) {
+			log_error("the null target takes no FILE");
+			return EXIT_USAGE;
+		}
+		/* The daemon changes directory; keep the name it was given
+		 * meaningful (and absolute in 'qublk list'). */
+		if (!realpath(argv[optind], abspath)) {
+			log_error("%s: %s", argv[optind], strerror(errno));
+			return EXIT_FAIL;
+		}
+		o.file = abspath;
+		if (!o.type)
+			o.type = probe_type(abspath);
+	} else {
+		if (!o.type)
+			o.type = have_size ? "null" : NULL;
+		if (!o.type || strcmp(o.type, "null")) {
+			log_error("missing FILE");
+			add_usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (!strcmp(o.type, "null") && !have_size) {
+		log_error("the null target needs --size");
+		return EXIT_USAGE;
+	}
+	if (strcmp(o.type, "null") && have_size) {
+		log_error("--size is for the null target only");
+		return EXIT_USAGE;
+	}
+	if (foreground)
+		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
+	return daemonise(&o);
+}
+
+/* --------------------------------------------------------------- list */
+
+/* Device numbers from /dev/ublkcN and from state files, deduplicated. */
+static int collect_ids(int *ids, int max)
+{
+	const char *dirs[2] = { "/dev", ublk_run_dir() };
+	int n = 0;
+
+	for (int k = 0; k < 2; k++) {
+		DIR *dir = opendir(dirs[k]);
+		struct dirent *de;
+
+		if (!dir)
+			continue;
+		while ((de = readdir(dir)) && n < max) {
+			unsigned id;
+			char tail;
+			bool dup = false;
+
+			if (k == 0 ? sscanf(de->d_name, "ublkc%u%c", &id, &tail) != 1
+				   : sscanf(de->d_name, "ublk%u%c", &id, &tail) != 1)
+				continue;
+			if (id > INT_MAX)
+				continue;
+			for (int i = 0; i < n; i++)
+				dup |= ids[i] == (int)id;
+			if (!dup)
+				ids[n++] = (int)id;
+		}
+		closedir(dir);
+	}
+	/* Sorted, for stable output. */
+	for (int i = 1; i < n; i++)
+		for (int j = i; j > 0 && ids[j] < ids[j - 1]; j--) {
+			int t = ids[j]; ids[j] = ids[j - 1]; ids[j - 1] = t;
+		}
+	return n;
+}
+
+static void json_string(FILE *out, const char *s)
+{
+	fputc('"', out);
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '"' || ch == '\\')
+			fprintf(out, "\\%c", ch);
+		else if (ch < 0x20)
+			fprintf(out, "\\u%04x", ch);
+		else
+			fputc(ch, out);
+	}
+	fputc('"', out);
+}
+
+int cmd_list(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+		{ "output", required_argument, NULL, 'o' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ublk_ctrl ctrl;
+	int ids[1024], n, c, shown = 0;
+	bool json = false;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "o:h", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'o':
+			if (!strcmp(optarg, "json"))
+				json = true;
+			else if (strcmp(optarg, "human")) {
+				log_error("--output '%s': expected human or json", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'h':
+			printf("Usage: qublk list [--output human|json]\n\n"
+			       "Show the ublk devices: id, state, target, queues, depth, daemon pid, image.\n"
+			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
+			return EXIT_OK;
+		default:
+			return EXIT_USAGE;
+		}
+	}
+	if (optind != argc) {
+		log_error("too many arguments");
+		return EXIT_USAGE;
+	}
+	if (ublk_ctrl_open(&ctrl) < 0)
+		return EXIT_FAIL;
+	n = collect_ids(ids, (int)ARRAY_SIZE(ids));
+	if (json)
+		printf("[");
+	else
+		printf("%-4s %-8s %-6s %6s %5s %7s %-3s %s\n", "ID", "STATE", "TARGET", "QUEUES",
+		       "DEPTH", "PID", "RO", "IMAGE");
+	for (int i = 0; i < n; i++) {
+		struct ublksrv_ctrl_dev_info info;
+		struct ublk_state st;
+		bool have_st, alive;
+
+		/* State files of devices that are gone are stale: skip. */
+		if (ublk_ctrl_get_info(&ctrl, (unsigned)ids[i], &info) < 0)
+			continue;
+		have_st = ublk_state_read(ids[i], &st) == 0;
+		if (!have_st) {
+			memset(&st, 0, sizeof(st));
+			snprintf(st.target, sizeof(st.target), "?");
+			snprintf(st.image, sizeof(st.image), "?");
+		}
+		alive = info.ublksrv_pid > 0 && kill(info.ublksrv_pid, 0) == 0;
+		if (json) {
+			printf("%s\n  {\"id\": %d, \"state\": \"%s\", \"target\": ", shown ? "," : "",
+			       ids[i], ublk_state_name(info.state));
+			json_string(stdout, st.target);
+			printf(", \"image\": ");
+			json_string(stdout, st.image);
+			printf(", \"queues\": %u, \"depth\": %u, \"pid\": %d, \"daemon_alive\": %s, "
+			       "\"read_only\": %s, \"device\": \"/dev/ublkb%d\"}",
+			       info.nr_hw_queues, info.queue_depth, info.ublksrv_pid,
+			       alive ? "true" : "false", st.read_only ? "true" : "false", ids[i]);
+		} else {
+			printf("%-4d %-8s %-6s %6u %5u %7d%s %-3s %s\n", ids[i],
+			       ublk_state_name(info.state), st.target, info.nr_hw_queues,
+			       info.queue_depth, info.ublksrv_pid, alive ? " " : "!",
+			       st.read_only ? "yes" : "no", st.image);
+		}
+		shown++;
+	}
+	if (json)
+		printf("%s]\n", shown ? "\n" : "");
+	ublk_ctrl_close(&ctrl);
+	return EXIT_OK;
+}
+
+/* ---------------------------------------------------------------- del */
+
+int cmd_del(int argc, char **argv)
+{
+	static const struct option lopts[] = {
+		{ "number", required_argument, NULL, 'n' },
+		{ "all", no_argument, NULL, 'a' },
+		{ "timeout", required_argument, NULL, 'T' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ublk_ctrl ctrl;
+	unsigned id = 0, timeout_s = 120;
+	bool all = false, have_id = false;
+	int c, rc = EXIT_OK;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "n:ah", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'n':
+			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+				log_error("--number '%s': expected a device number", optarg);
+				return EXIT_USAGE;
+			}
+			have_id = true;
+			break;
+		case 'a':
+			all = true;
+			break;
+		case 'T':
+			if (parse_uint(optarg, 1, 86400, &timeout_s) < 0) {
+				log_error("--timeout '%s': expected seconds", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'h':
+			printf("Usage: qublk del -n ID | --all [--timeout SECONDS]\n\n"
+			       "Stop a ublk device, flush and close its image, and remove it.  A device\n"
+			       "whose daemon died is stopped and removed directly.\n"
+			       "  --timeout  how long to wait for the daemon (default 120 s)\n\n"
+			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
+			return EXIT_OK;
+		default:
+			return EXIT_USAGE;
+		}
+	}
+	if (optind != argc || all == have_id) {
+		log_error("expected exactly one of -n ID and --all");
+		return EXIT_USAGE;
+	}
+	if (ublk_ctrl_open(&ctrl) < 0)
+		return EXIT_FAIL;
+	if (all) {
+		int ids[1024];
+		int n = collect_ids(ids, (int)ARRAY_SIZE(ids));
+		for (int i = 0; i < n; i++) {
+			struct ublksrv_ctrl_dev_info info;
+			if (ublk_ctrl_get_info(&ctrl, (unsigned)ids[i], &info) < 0) {
+				ublk_state_remove(ids[i]);   /* stale */
+				continue;
+			}
+			if (ublk_dev_delete(&ctrl, ids[i], (int)timeout_s * 1000) < 0)
+				rc = EXIT_FAIL;
+		}
+	} else if (ublk_dev_delete(&ctrl, (int)id, (int)timeout_s * 1000) < 0) {
+		rc = EXIT_FAIL;
+	}
+	ublk_ctrl_close(&ctrl);
+	return rc;
+}

@@ -1,0 +1,597 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * ublk device lifecycle, on the daemon's main thread:
+ *
+ *   open target -> ADD_DEV -> SET_PARAMS -> open /dev/ublkcN -> queue
+ *   threads (buffers, stacks, FETCH) -> START_DEV -> state file, report
+ *   -> wait for SIGTERM/SIGINT/SIGHUP or a queue thread leaving ->
+ *   STOP_DEV (the kernel drains and flushes through us, then aborts the
+ *   FETCHes) -> join queues -> close target (writes back) -> close
+ *   /dev/ublkcN -> DEL_DEV -> remove state file.
+ *
+ * DEL_DEV waits for the last reference to the device, so /dev/ublkcN and
+ * every queue ring must be closed before it.  A daemon killed with -9
+ * leaves a device whose queues the kernel has cancelled; ublk_dev_delete
+ * (qublk del) stops and deletes it.
+ *
+ * Memory: mlockall(MCL_ONFAULT) and PR_SET_IO_FLUSHER where permitted;
+ * tag buffers are faulted in before START_DEV.
+ *
+ * State files: <run dir>/ublkN, "key=value" lines, written atomically
+ * (rename) once the device is live, removed by whoever deletes it.
+ */
+#include "ublk/ublk.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/util.h"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+#ifndef MCL_ONFAULT
+#define MCL_ONFAULT 4
+#endif
+
+#define UBLK_MAX_DISCARD_SECTORS (64u << 11)   /* 64 MiB per request */
+
+/* ------------------------------------------------------------ params */
+
+void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
+		       unsigned max_io, bool read_only)
+{
+	unsigned shift = 12;
+
+	memset(p, 0, sizeof(*p));
+	/* io_min/io_opt: the allocation unit, never below the 4 KiB
+	 * physical block (file systems align to it). */
+	if (t->cluster_size && (t->cluster_size & (t->cluster_size - 1)) == 0)
+		shift = MAX(12, __builtin_ctz(t->cluster_size));
+	p->types = UBLK_PARAM_TYPE_BASIC;
+	/* VOLATILE_CACHE and FUA: without them the kernel never sends FLUSH
+	 * and the guest's fsync persists nothing. */
+	p->basic.attrs = UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA;
+	if (read_only)
+		p->basic.attrs |= UBLK_ATTR_READ_ONLY;
+	p->basic.logical_bs_shift = 9;
+	p->basic.physical_bs_shift = 12;
+	p->basic.io_min_shift = shift;
+	p->basic.io_opt_shift = shift;
+	p->basic.max_sectors = max_io >> 9;
+	p->basic.chunk_sectors = 0;
+	p->basic.dev_sectors = t->size >> 9;
+	if (t->ops->discard || t->ops->write_zeroes) {
+		p->types |= UBLK_PARAM_TYPE_DISCARD;
+		p->discard.discard_granularity = 1u << shift;
+		p->discard.max_discard_sectors = t->ops->discard ? UBLK_MAX_DISCARD_SECTORS : 0;
+		p->discard.max_write_zeroes_sectors = t->ops->write_zeroes ? UBLK_MAX_DISCARD_SECTORS : 0;
+		p->discard.max_discard_segments = 1;
+	}
+	/* Send only what we set: older kernels have a shorter struct. */
+	p->len = offsetof(struct ublk_params, devt);
+}
+
+/* -------------------------------------------------------- state files */
+
+const char *ublk_run_dir(void)
+{
+	const char *d = getenv("QUBLK_RUN_DIR");
+
+	return d && *d ? d : UBLK_RUN_DIR_DEFAULT;
+}
+
+static void state_path(int dev_id, char *buf, size_t len)
+{
+	snprintf(buf, len, "%s/ublk%d", ublk_run_dir(), dev_id);
+}
+
+int ublk_state_write(const struct ublk_state *s)
+{
+	char path[PATH_MAX], tmp[PATH_MAX + 8];
+	FILE *f;
+	int ret = 0;
+
+	if (mkdir(ublk_run_dir(), 0755) < 0 && errno != EEXIST) {
+		ret = -errno;
+		log_error("%s: mkdir: %s", ublk_run_dir(), strerror(errno));
+		return ret;
+	}
+	state_path(s->dev_id, path, sizeof(path));
+	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+	f = fopen(tmp, "w");
+	if (!f) {
+		ret = -errno;
+		log_error("%s: %s", tmp, strerror(errno));
+		return ret;
+	}
+	fprintf(f, "id=%d\npid=%d\ntarget=%s\nqueues=%u\ndepth=%u\nread_only=%d\nimage=%s\n",
+		s->dev_id, s->pid, s->target, s->queues, s->depth, s->read_only, s->image);
+	if (fclose(f) != 0 || rename(tmp, path) < 0) {
+		ret = -errno;
+		log_error("%s: %s", path, strerror(errno));
+		unlink(tmp);
+	}
+	return ret;
+}
+
+int ublk_state_read(int dev_id, struct ublk_state *s)
+{
+	char path[PATH_MAX], line[4200];
+	FILE *f;
+
+	memset(s, 0, sizeof(*s));
+	s->dev_id = dev_id;
+	state_path(dev_id, path, sizeof(path));
+	f = fopen(path, "r");
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		char *v = strchr(line, '=');
+		size_t n;
+
+		if (!v)
+			continue;
+		*v++ = 0;
+		n = strlen(v);
+		if (n && v[n - 1] == '\n')
+			v[--n] = 0;
+		if (!strcmp(line, "pid"))
+			s->pid = atoi(v);
+		else if (!strcmp(line, "target"))
+			snprintf(s->target, sizeof(s->target), "%s", v);
+		else if (!strcmp(line, "queues"))
+			s->queues = (unsigned)atoi(v);
+		else if (!strcmp(line, "depth"))
+			s->depth = (unsigned)atoi(v);
+		else if (!strcmp(line, "read_only"))
+			s->read_only = atoi(v) != 0;
+		else if (!strcmp(line, "image"))
+			snprintf(s->image, sizeof(s->image), "%s", v);
+	}
+	fclose(f);
+	return 0;
+}
+
+void ublk_state_remove(int dev_id)
+{
+	char path[PATH_MAX];
+
+	state_path(dev_id, path, sizeof(path));
+	unlink(path);
+}
+
+/* ------------------------------------------------------------ helpers */
+
+static int wait_for_path(const char *path, int timeout_ms)
+{
+	struct stat st;
+
+	for (int waited = 0; ; waited += 10) {
+		if (stat(path, &st) == 0)
+			return 0;
+		if (errno != ENOENT || waited >= timeout_ms)
+			return -errno;
+		usleep(10 * 1000);
+	}
+}
+
+static void lock_memory(void)
+{
+	/* ONFAULT: lock what we touch (buffers are touched up front) without
+	 * populating every reserved mapping. */
+	if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
+	    (errno != EINVAL || mlockall(MCL_CURRENT | MCL_FUTURE) < 0))
+		log_debug("mlockall: %s (continuing unlocked)", strerror(errno));
+	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0)
+		log_debug("PR_SET_IO_FLUSHER: %s", strerror(errno));
+}
+
+static void redirect_stdio(unsigned dev_id)
+{
+	char log_path[PATH_MAX];
+	int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
+	int log_fd;
+
+	snprintf(log_path, sizeof(log_path), "%s/ublk%u.log", ublk_run_dir(), dev_id);
+	log_fd = open(log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (null_fd >= 0) {
+		dup2(null_fd, STDIN_FILENO);
+		dup2(null_fd, STDOUT_FILENO);
+	}
+	dup2(log_fd >= 0 ? log_fd : null_fd, STDERR_FILENO);
+	if (null_fd >= 0)
+		close(null_fd);
+	if (log_fd >= 0)
+		close(log_fd);
+}
+
+/* ------------------------------------------------------------- daemon */
+
+static int setup_queues(struct ublk_dev *d)
+{
+	size_t per_q = (size_t)d->info.queue_depth * d->opts.max_io;
+	int ret;
+
+	d->queues = calloc(d->info.nr_hw_queues, sizeof(*d->queues));
+	if (!d->queues)
+		return -ENOMEM;
+	d->nr_queues = d->info.nr_hw_queues;
+	for (unsigned i = 0; i < d->nr_queues; i++) {
+		d->queues[i].stop_efd = -1;
+		d->queues[i].dev = d;
+		d->queues[i].q_id = i;
+		d->queues[i].depth = d->info.queue_depth;
+	}
+	for (unsigned i = 0; i < d->nr_queues; i++) {
+		struct ublk_queue *q = &d->queues[i];
+
+		q->bufs = mmap(NULL, per_q, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+		if (q->bufs == MAP_FAILED) {
+			ret = -errno;
+			q->bufs = NULL;
+			log_error("queue %u: %zu bytes of I/O buffers: %s", i, per_q, strerror(errno));
+			return ret;
+		}
+		ret = ublk_queue_start(q);
+		if (ret < 0)
+			return ret;
+	}
+	return 0;
+}
+
+/* Stop everything that was started, in the order DEL_DEV needs. */
+static void teardown(struct ublk_dev *d, bool started)
+{
+	int ret;
+
+	if (started) {
+		ret = ublk_ctrl_stop_dev(&d->ctrl, d->info.dev_id);
+		if (ret < 0 && ret != -ENODEV)
+			log_warn("ublk%u: STOP_DEV: %s", d->info.dev_id, strerror(-ret));
+	}
+	/* After STOP_DEV the queues are idle and the kernel has aborted
+	 * their FETCHes; the stop request covers every other case. */
+	for (unsigned i = 0; i < d->nr_queues; i++)
+		ublk_queue_stop(&d->queues[i]);
+	for (unsigned i = 0; i < d->nr_queues; i++)
+		ublk_queue_join(&d->queues[i]);
+	if (d->tgt_open) {
+		d->tgt.ops->close(&d->tgt);
+		d->tgt_open = false;
+	}
+	for (unsigned i = 0; i < d->nr_queues; i++)
+		if (d->queues[i].bufs)
+			munmap(d->queues[i].bufs, (size_t)d->queues[i].depth * d->opts.max_io);
+	free(d->queues);
+	d->queues = NULL;
+	if (d->cdev_fd >= 0) {
+		close(d->cdev_fd);
+		d->cdev_fd = -1;
+	}
+	if (d->added) {
+		ret = ublk_ctrl_del_dev(&d->ctrl, d->info.dev_id);
+		if (ret < 0 && ret != -ENODEV)
+			log_error("ublk%u: DEL_DEV: %s", d->info.dev_id, strerror(-ret));
+		d->added = false;
+	}
+	if (d->ctrl_open) {
+		ublk_ctrl_close(&d->ctrl);
+		d->ctrl_open = false;
+	}
+	if (d->exit_efd >= 0) {
+		close(d->exit_efd);
+		d->exit_efd = -1;
+	}
+}
+
+static int report(int report_fd, const char *msg)
+{
+	size_t len = strlen(msg);
+
+	if (report_fd < 0) {
+		fputs(msg, stdout);
+		fflush(stdout);
+		return 0;
+	}
+	while (len) {
+		ssize_t n = write(report_fd, msg, len);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		msg += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* Wait until a signal asks us to stop or a queue thread leaves. */
+static void serve(struct ublk_dev *d, int sfd)
+{
+	struct pollfd pfd[2] = {
+		{ .fd = sfd, .events = POLLIN },
+		{ .fd = d->exit_efd, .events = POLLIN },
+	};
+
+	for (;;) {
+		if (poll(pfd, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			log_error("poll: %s", strerror(errno));
+			return;
+		}
+		if (pfd[0].revents) {
+			struct signalfd_siginfo si;
+			if (read(sfd, &si, sizeof(si)) == sizeof(si))
+				log_info("ublk%u: signal %u: stopping", d->info.dev_id, si.ssi_signo);
+			return;
+		}
+		if (pfd[1].revents) {
+			log_info("ublk%u: a queue stopped (device stopped by the kernel?): shutting down",
+				 d->info.dev_id);
+			return;
+		}
+	}
+}
+
+int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
+{
+	struct ublk_dev dev = { .cdev_fd = -1, .exit_efd = -1 }, *d = &dev;
+	struct ublk_tgt_opts to = {
+		.file = o->file, .size = o->size, .read_only = o->read_only,
+		.direct = o->direct, .nr_queues = o->nr_queues,
+	};
+	struct ublk_state st = { 0 };
+	char path[64];
+	sigset_t mask;
+	int sfd = -1, ret;
+	bool started = false;
+
+	d->opts = *o;
+	/* Signals are taken through a signalfd; block them before any queue
+	 * thread exists so that all threads inherit the mask. */
+	sigemptyset(&mask);
+	sigaddset(&mask, SIGTERM);
+	sigaddset(&mask, SIGINT);
+	sigaddset(&mask, SIGHUP);
+	pthread_sigmask(SIG_BLOCK, &mask, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	sfd = signalfd(-1, &mask, SFD_CLOEXEC);
+	d->exit_efd = eventfd(0, EFD_CLOEXEC);
+	if (sfd < 0 || d->exit_efd < 0) {
+		ret = -errno;
+		log_error("signalfd/eventfd: %s", strerror(errno));
+		goto out;
+	}
+	lock_memory();
+
+	d->tgt.ops = ublk_tgt_find(o->type);
+	if (!d->tgt.ops) {
+		log_error("unknown target '%s' (qcow2, raw, null)", o->type);
+		ret = -EINVAL;
+		goto out;
+	}
+	ret = d->tgt.ops->open(&d->tgt, &to);
+	if (ret < 0)
+		goto out;
+	d->tgt_open = true;
+	if (o->nr_queues > 1 && !d->tgt.can_multiqueue) {
+		log_error("--queues > 1 with %s: not yet", o->type);
+		ret = -EINVAL;
+		goto out;
+	}
+
+	ret = ublk_ctrl_open(&d->ctrl);
+	if (ret < 0)
+		goto out;
+	d->ctrl_open = true;
+
+	d->info.nr_hw_queues = o->nr_queues;
+	d->info.queue_depth = o->depth;
+	d->info.max_io_buf_bytes = o->max_io;
+	d->info.dev_id = o->dev_id < 0 ? (__u32)-1 : (__u32)o->dev_id;
+	d->info.ublksrv_pid = getpid();
+	if (d->ctrl.features & UBLK_F_CMD_IOCTL_ENCODE)
+		d->info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
+	ret = ublk_ctrl_add_dev(&d->ctrl, &d->info);
+	if (ret < 0) {
+		if (o->dev_id >= 0 && ret == -EEXIST)
+			log_error("ublk%d already exists", o->dev_id);
+		else
+			log_error("%s: ADD_DEV: %s", UBLK_CONTROL_PATH, strerror(-ret));
+		goto out;
+	}
+	d->added = true;
+	d->encode_io = d->ctrl.encode == 1;
+	if (d->info.nr_hw_queues != o->nr_queues)
+		log_warn("ublk%u: the driver gave %u queues (asked %u)", d->info.dev_id,
+			 d->info.nr_hw_queues, o->nr_queues);
+	if (d->info.max_io_buf_bytes < o->max_io)
+		d->opts.max_io = d->info.max_io_buf_bytes;
+	if (d->opts.max_io < 4096 || d->info.queue_depth == 0 || d->info.nr_hw_queues == 0) {
+		log_error("ublk%u: unusable device geometry from the driver", d->info.dev_id);
+		ret = -EINVAL;
+		goto out;
+	}
+
+	ublk_build_params(&d->params, &d->tgt, d->opts.max_io, d->tgt.read_only);
+	ret = ublk_ctrl_set_params(&d->ctrl, d->info.dev_id, &d->params);
+	if (ret < 0) {
+		log_error("ublk%u: SET_PARAMS: %s", d->info.dev_id, strerror(-ret));
+		goto out;
+	}
+
+	snprintf(path, sizeof(path), "/dev/ublkc%u", d->info.dev_id);
+	ret = wait_for_path(path, 5000);
+	if (ret == 0) {
+		d->cdev_fd = open(path, O_RDWR | O_CLOEXEC);
+		ret = d->cdev_fd < 0 ? -errno : 0;
+	}
+	if (ret < 0) {
+		log_error("%s: %s", path, strerror(-ret));
+		goto out;
+	}
+
+	ret = setup_queues(d);
+	if (ret < 0)
+		goto out;
+
+	ret = ublk_ctrl_start_dev(&d->ctrl, d->info.dev_id, getpid());
+	if (ret < 0) {
+		log_error("ublk%u: START_DEV: %s", d->info.dev_id, strerror(-ret));
+		goto out;
+	}
+	started = true;
+
+	snprintf(path, sizeof(path), "/dev/ublkb%u", d->info.dev_id);
+	if (wait_for_path(path, 5000) < 0)
+		log_warn("%s did not appear (no devtmpfs or udev?)", path);
+
+	st.dev_id = (int)d->info.dev_id;
+	st.pid = getpid();
+	snprintf(st.target, sizeof(st.target), "%s", o->type);
+	snprintf(st.image, sizeof(st.image), "%s", o->file ? o->file : "-");
+	st.queues = d->nr_queues;
+	st.depth = d->info.queue_depth;
+	st.read_only = d->tgt.read_only;
+	if (ublk_state_write(&st) < 0)
+		log_warn("ublk%u: no state file: 'qublk list' will not show the image",
+			 d->info.dev_id);
+
+	/* From here on a daemon logs to <run dir>/ublkN.log: the parent's
+	 * stdout and stderr must not stay open behind it. */
+	if (report_fd >= 0)
+		redirect_stdio(d->info.dev_id);
+	log_info("%s: live, %s %s, %u queue(s) of depth %u, %llu bytes%s", path, o->type,
+		 st.image, d->nr_queues, d->info.queue_depth, (unsigned long long)d->tgt.size,
+		 d->tgt.read_only ? ", read-only" : "");
+	{
+		char msg[80];
+		snprintf(msg, sizeof(msg), "%s\n", path);
+		if (report(report_fd, msg) < 0)
+			log_warn("cannot report to the parent: %s", strerror(errno));
+		if (report_fd >= 0) {
+			close(report_fd);
+			report_fd = -1;
+		}
+	}
+
+	serve(d, sfd);
+	ret = 0;
+out:
+	if (d->added || started)
+		log_debug("ublk%u: tearing down", d->info.dev_id);
+	teardown(d, started);
+	if (started) {
+		ublk_state_remove((int)d->info.dev_id);
+		log_info("ublk%u: deleted", d->info.dev_id);
+	}
+	if (sfd >= 0)
+		close(sfd);
+	return ret;
+}
+
+/* ------------------------------------------------------------- delete */
+
+static bool is_qublk(int pid)
+{
+	char path[64], comm[64] = "";
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/comm", pid);
+	f = fopen(path, "r");
+	if (!f)
+		return false;
+	if (!fgets(comm, sizeof(comm), f))
+		comm[0] = 0;
+	fclose(f);
+	return !strncmp(comm, "qublk", 5);
+}
+
+static int wait_pid_exit(int pid, int timeout_ms)
+{
+#ifdef SYS_pidfd_open
+	int pfd = (int)syscall(SYS_pidfd_open, pid, 0);
+
+	if (pfd >= 0) {
+		struct pollfd p = { .fd = pfd, .events = POLLIN };
+		int ret;
+		do
+			ret = poll(&p, 1, timeout_ms);
+		while (ret < 0 && errno == EINTR);
+		close(pfd);
+		return ret > 0 ? 0 : -ETIMEDOUT;
+	}
+#endif
+	for (int waited = 0; waited < timeout_ms; waited += 20) {
+		if (kill(pid, 0) < 0 && errno == ESRCH)
+			return 0;
+		usleep(20 * 1000);
+	}
+	return -ETIMEDOUT;
+}
+
+int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms)
+{
+	struct ublksrv_ctrl_dev_info info;
+	struct ublk_state st;
+	int pid, ret;
+
+	ret = ublk_ctrl_get_info(c, (unsigned)dev_id, &info);
+	if (ret < 0) {
+		ublk_state_remove(dev_id);
+		if (ret == -ENODEV)
+			log_error("ublk%d: no such device", dev_id);
+		else
+			log_error("ublk%d: GET_DEV_INFO: %s", dev_id, strerror(-ret));
+		return ret;
+	}
+	pid = info.ublksrv_pid;
+	if (pid <= 0 && ublk_state_read(dev_id, &st) == 0)
+		pid = st.pid;
+	if (pid > 0 && pid != getpid() && is_qublk(pid)) {
+		/* The daemon stops, flushes, closes the image and deletes. */
+		if (kill(pid, SIGTERM) == 0) {
+			ret = wait_pid_exit(pid, timeout_ms);
+			if (ret < 0) {
+				log_error("ublk%d: daemon %d did not exit within %d ms", dev_id, pid,
+					  timeout_ms);
+				return ret;
+			}
+		}
+	}
+	/* Dead daemon (or it failed to delete): clean up here. */
+	ret = ublk_ctrl_get_info(c, (unsigned)dev_id, &info);
+	if (ret == 0) {
+		log_debug("ublk%d: daemon gone, state %s: deleting here", dev_id,
+			  ublk_state_name(info.state));
+		ret = ublk_ctrl_stop_dev(c, (unsigned)dev_id);
+		if (ret < 0)
+			log_debug("ublk%d: STOP_DEV: %s", dev_id, strerror(-ret));
+		ret = ublk_ctrl_del_dev(c, (unsigned)dev_id);
+		if (ret < 0 && ret != -ENODEV) {
+			log_error("ublk%d: DEL_DEV: %s", dev_id, strerror(-ret));
+			return ret;
+		}
+	}
+	ublk_state_remove(dev_id);
+	return 0;
+}

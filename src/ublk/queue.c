@@ -1,0 +1,346 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * One ublk hardware queue: a thread with its own aio_ctx (one io_uring
+ * carrying this queue's FETCH/COMMIT_AND_FETCH uring_cmds and the
+ * target's backend I/O, submitted together) and one coroutine per tag.
+ *
+ * A tag's coroutine loops: hand the tag's buffer to the kernel with a
+ * FETCH (first time) or COMMIT_AND_FETCH (carrying the previous result),
+ * wait for the next request, check its descriptor at this boundary, run
+ * the target op, repeat.  So every request the kernel gives us ends in
+ * exactly one COMMIT, error paths included (the result is then -errno).
+ * The loop ends when the kernel answers UBLK_IO_RES_ABORT (device
+ * stopped) or any other error.
+ *
+ * Thread model: everything here runs on the queue thread except
+ * ublk_queue_start/stop/join (main thread).  The device is read-only
+ * while queues run; the per-queue state lives in struct ublk_queue, so
+ * several queue threads share nothing but the target.
+ *
+ * Memory: iods are mapped, buffers (allocated by dev.c) and coroutine
+ * stacks are allocated before the first FETCH; the request path
+ * allocates nothing.
+ */
+#include "ublk/ublk.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include "block/bdrv.h"
+#include "common/coro.h"
+#include "common/util.h"
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+
+struct ublk_io {
+	struct ublk_queue *q;
+	unsigned tag;
+	struct coro *co;
+};
+
+int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
+		   uint32_t max_io, bool read_only, uint64_t *off, uint32_t *len)
+{
+	unsigned op = ublk_iod_op(iod);
+	uint64_t end;
+
+	*off = 0;
+	*len = 0;
+	switch (op) {
+	case UBLK_IO_OP_FLUSH:
+		return op;
+	case UBLK_IO_OP_READ:
+	case UBLK_IO_OP_WRITE:
+	case UBLK_IO_OP_DISCARD:
+	case UBLK_IO_OP_WRITE_ZEROES:
+		break;
+	default:
+		return -EOPNOTSUPP;
+	}
+	if (iod->nr_sectors == 0 || iod->nr_sectors > (UINT32_MAX >> 9) ||
+	    iod->start_sector > (UINT64_MAX >> 9))
+		return -EINVAL;
+	*off = iod->start_sector << 9;
+	*len = iod->nr_sectors << 9;
+	if (ckd_add(&end, *off, (uint64_t)*len) || end > dev_size)
+		return -EINVAL;
+	if ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) && *len > max_io)
+		return -EINVAL;
+	if (op != UBLK_IO_OP_READ && read_only)
+		return -EROFS;
+	return op;
+}
+
+/* Run one request; returns the COMMIT result (bytes or -errno). */
+static int handle_request(struct ublk_queue *q, unsigned tag, void *buf)
+{
+	const struct ublk_dev *d = q->dev;
+	const struct ublk_tgt *t = &d->tgt;
+	struct ublksrv_io_desc iod;
+	uint64_t off;
+	uint32_t len;
+	int op, ret;
+
+	/* Read the shared descriptor once: checks and use see one copy. */
+	memcpy(&iod, (const void *)&q->iods[tag], sizeof(iod));
+	op = ublk_check_iod(&iod, t->size, d->opts.max_io, t->read_only, &off, &len);
+	if (op < 0) {
+		log_debug("queue %u tag %u: refused op 0x%x sector %llu+%u: %s",
+			  q->q_id, tag, iod.op_flags, (unsigned long long)iod.start_sector,
+			  iod.nr_sectors, strerror(-op));
+		return op;
+	}
+	switch (op) {
+	case UBLK_IO_OP_READ:
+		ret = t->ops->read((struct ublk_tgt *)t, buf, off, len);
+		return ret < 0 ? ret : (int)len;
+	case UBLK_IO_OP_WRITE:
+		ret = t->ops->write((struct ublk_tgt *)t, buf, off, len,
+				    (iod.op_flags & UBLK_IO_F_FUA) ? BDRV_REQ_FUA : 0);
+		return ret < 0 ? ret : (int)len;
+	case UBLK_IO_OP_FLUSH:
+		return t->ops->flush((struct ublk_tgt *)t);
+	case UBLK_IO_OP_DISCARD:
+		if (!t->ops->discard)
+			return -EOPNOTSUPP;
+		return t->ops->discard((struct ublk_tgt *)t, off, len);
+	case UBLK_IO_OP_WRITE_ZEROES:
+		if (!t->ops->write_zeroes)
+			return -EOPNOTSUPP;
+		return t->ops->write_zeroes((struct ublk_tgt *)t, off, len,
+					    (iod.op_flags & UBLK_IO_F_NOUNMAP) ? 0 : BDRV_REQ_MAY_UNMAP);
+	}
+	return -EOPNOTSUPP;
+}
+
+static void tag_main(void *opaque)
+{
+	struct ublk_io *io = opaque;
+	struct ublk_queue *q = io->q;
+	const struct ublk_dev *d = q->dev;
+	uint8_t *buf = q->bufs + (size_t)io->tag * d->opts.max_io;
+	bool commit = false;
+	int result = 0;
+
+	for (;;) {
+		struct io_uring_sqe *sqe = aio_get_sqe(&q->aio, NULL);
+		int res;
+
+		ublk_io_prep(sqe, d->cdev_fd, ublk_io_opcode(commit, d->encode_io),
+			     q->q_id, io->tag, result, (uint64_t)(uintptr_t)buf);
+		res = aio_co_wait_sqe(&q->aio, sqe);
+		if (res != UBLK_IO_RES_OK) {
+			if (res != UBLK_IO_RES_ABORT)
+				log_error("queue %u tag %u: %s: %s", q->q_id, io->tag,
+					  commit ? "COMMIT_AND_FETCH_REQ" : "FETCH_REQ",
+					  strerror(-res));
+			break;
+		}
+		q->busy_tags++;
+		result = handle_request(q, io->tag, buf);
+		q->busy_tags--;
+		q->nr_ios++;
+		if (result < 0)
+			q->nr_errors++;
+		commit = true;
+	}
+	q->live_tags--;
+}
+
+static void stop_complete(struct aio_req *req, int res)
+{
+	struct ublk_queue *q = (struct ublk_queue *)((char *)req - offsetof(struct ublk_queue, stop_req));
+
+	(void)res;
+	q->stop_now = true;
+}
+
+static unsigned ring_entries(unsigned depth)
+{
+	unsigned n = 64;
+
+	/* One uring_cmd per tag plus room for the target's own SQEs. */
+	while (n < 2 * depth && n < 4096)
+		n <<= 1;
+	return n;
+}
+
+static int queue_setup(struct ublk_queue *q)
+{
+	const struct ublk_dev *d = q->dev;
+	long page = sysconf(_SC_PAGESIZE);
+	size_t stride = ALIGN_UP((size_t)UBLK_MAX_QUEUE_DEPTH * sizeof(struct ublksrv_io_desc),
+				 (size_t)page);
+	struct io_uring_sqe *sqe;
+	int ret;
+
+	ret = aio_ctx_init(&q->aio, ring_entries(q->depth));
+	if (ret < 0) {
+		log_error("queue %u: io_uring_queue_init: %s", q->q_id, strerror(-ret));
+		return ret;
+	}
+	aio_ctx_set_current(&q->aio);
+
+	/* The kernel places queue i's descriptors at i * stride. */
+	q->iods_len = ALIGN_UP(q->depth * sizeof(struct ublksrv_io_desc), (size_t)page);
+	q->iods = mmap(NULL, q->iods_len, PROT_READ, MAP_SHARED | MAP_POPULATE, d->cdev_fd,
+		       UBLKSRV_CMD_BUF_OFFSET + (off_t)q->q_id * (off_t)stride);
+	if (q->iods == MAP_FAILED) {
+		ret = -errno;
+		q->iods = NULL;
+		log_error("/dev/ublkc%u: mmap of queue %u descriptors: %s", d->info.dev_id,
+			  q->q_id, strerror(errno));
+		return ret;
+	}
+
+	q->ios = calloc(q->depth, sizeof(*q->ios));
+	if (!q->ios)
+		return -ENOMEM;
+	for (unsigned i = 0; i < q->depth; i++) {
+		q->ios[i].q = q;
+		q->ios[i].tag = i;
+		q->ios[i].co = coro_new(tag_main, &q->ios[i], 0);
+		if (!q->ios[i].co) {
+			ret = -errno;
+			log_error("queue %u: coroutine stacks: %s", q->q_id, strerror(errno));
+			return ret;
+		}
+	}
+
+	/* The main thread's way to make us leave without the kernel. */
+	q->stop_req.complete = stop_complete;
+	sqe = aio_get_sqe(&q->aio, &q->stop_req);
+	io_uring_prep_read(sqe, q->stop_efd, &q->stop_val, sizeof(q->stop_val), 0);
+
+	for (unsigned i = 0; i < q->depth; i++) {
+		q->live_tags++;
+		aio_schedule(q->ios[i].co);
+	}
+	/* Run the tags to their first FETCH and submit them all; a FETCH the
+	 * driver refuses fails inline, so a second round reaps it. */
+	ret = aio_run_once(&q->aio, false);
+	if (ret == 0)
+		ret = aio_run_once(&q->aio, false);
+	if (ret < 0) {
+		log_error("queue %u: io_uring_submit: %s", q->q_id, strerror(-ret));
+		return ret;
+	}
+	if (q->live_tags != q->depth) {
+		log_error("queue %u: the driver refused FETCH_REQ", q->q_id);
+		return -EIO;
+	}
+	return 0;
+}
+
+static void queue_teardown(struct ublk_queue *q)
+{
+	if (q->ios) {
+		for (unsigned i = 0; i < q->depth; i++)
+			if (q->ios[i].co)
+				coro_free(q->ios[i].co);
+		free(q->ios);
+		q->ios = NULL;
+	}
+	/* Closing the ring cancels any uring_cmd still queued. */
+	if (aio_ctx_current() == &q->aio)
+		aio_ctx_deinit(&q->aio);
+	if (q->iods) {
+		munmap(q->iods, q->iods_len);
+		q->iods = NULL;
+	}
+}
+
+static void *queue_thread(void *opaque)
+{
+	struct ublk_queue *q = opaque;
+	const struct ublk_dev *d = q->dev;
+	uint64_t one = 1;
+	char name[16];
+	int ret;
+
+	snprintf(name, sizeof(name), "qublk-q%u", q->q_id);
+	pthread_setname_np(pthread_self(), name);
+	/* The flag is per task: every thread doing the device's I/O. */
+	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0)
+		log_debug("queue %u: PR_SET_IO_FLUSHER: %s", q->q_id, strerror(errno));
+
+	ret = queue_setup(q);
+	q->init_ret = ret;
+	sem_post(&q->ready);
+	if (ret < 0) {
+		queue_teardown(q);
+		goto out;
+	}
+
+	/* After a stop request, leave once no tag is inside a target op:
+	 * their buffers must outlive any backend I/O in flight. */
+	while (q->live_tags && !(q->stop_now && !q->busy_tags)) {
+		ret = aio_run_once(&q->aio, true);
+		if (ret < 0) {
+			log_error("queue %u: io_uring_submit_and_wait: %s", q->q_id, strerror(-ret));
+			break;
+		}
+	}
+	log_debug("queue %u: exit after %llu requests (%llu errors)", q->q_id,
+		  (unsigned long long)q->nr_ios, (unsigned long long)q->nr_errors);
+	queue_teardown(q);
+out:
+	if (write(d->exit_efd, &one, sizeof(one)) < 0)
+		log_debug("queue %u: eventfd write: %s", q->q_id, strerror(errno));
+	return NULL;
+}
+
+int ublk_queue_start(struct ublk_queue *q)
+{
+	pthread_attr_t attr;
+	int ret;
+
+	q->stop_efd = eventfd(0, EFD_CLOEXEC);
+	if (q->stop_efd < 0)
+		return -errno;
+	if (sem_init(&q->ready, 0, 0) < 0)
+		return -errno;
+	pthread_attr_init(&attr);
+	/* Requests run on coroutine stacks; this one only runs the loop.
+	 * Small, so that mlockall does not pin megabytes per queue. */
+	pthread_attr_setstacksize(&attr, 256 * 1024);
+	ret = -pthread_create(&q->thread, &attr, queue_thread, q);
+	pthread_attr_destroy(&attr);
+	if (ret < 0) {
+		log_error("queue %u: pthread_create: %s", q->q_id, strerror(-ret));
+		return ret;
+	}
+	q->thread_started = true;
+	while (sem_wait(&q->ready) < 0 && errno == EINTR)
+		;
+	return q->init_ret;
+}
+
+void ublk_queue_stop(struct ublk_queue *q)
+{
+	uint64_t one = 1;
+
+	if (q->stop_efd >= 0 && write(q->stop_efd, &one, sizeof(one)) < 0)
+		log_debug("queue %u: eventfd write: %s", q->q_id, strerror(errno));
+}
+
+void ublk_queue_join(struct ublk_queue *q)
+{
+	if (q->thread_started) {
+		pthread_join(q->thread, NULL);
+		q->thread_started = false;
+		sem_destroy(&q->ready);
+	}
+	if (q->stop_efd >= 0) {
+		close(q->stop_efd);
+		q->stop_efd = -1;
+	}
+}

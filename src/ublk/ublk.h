@@ -1,0 +1,215 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The ublk frontend: a qublk daemon serving one target (qcow2, raw or
+ * null) as /dev/ublkbN through the kernel's ublk driver.
+ *
+ *   ctrl.c     /dev/ublk-control commands over an SQE128 io_uring
+ *   queue.c    one thread per hardware queue: FETCH/COMMIT uring_cmds and
+ *              the target's backend I/O on one aio_ctx, a coroutine per tag
+ *   dev.c      device lifecycle: add, params, start, signals, stop, del;
+ *              daemonisation and the state files under the run directory
+ *   targets.c  the target ops tables
+ *
+ * Thread model: the main thread owns the control ring, the target's open
+ * and close, and the device lifecycle.  Queue threads own their aio_ctx,
+ * iod mapping and tag coroutines, and touch nothing global: everything a
+ * queue needs hangs off its struct ublk_queue and the read-only device.
+ */
+#ifndef QUBLK_UBLK_H
+#define QUBLK_UBLK_H
+
+#include <liburing.h>
+#include <pthread.h>
+#include <semaphore.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "common/aio.h"
+#include "ublk/uapi.h"
+
+#define UBLK_CONTROL_PATH "/dev/ublk-control"
+#define UBLK_DEF_QUEUES 1
+#define UBLK_DEF_DEPTH 64
+/* Per-tag buffer (and so max_sectors).  Every tag owns one, allocated and
+ * locked before START_DEV: depth * this per queue. */
+#define UBLK_DEF_MAX_IO (512u * 1024)
+#define UBLK_MAX_QUEUES 64
+#define UBLK_RUN_DIR_DEFAULT "/run/qublk"
+
+/* ---------------------------------------------------------------- ctrl */
+
+struct ublk_ctrl {
+	int fd;                 /* /dev/ublk-control */
+	struct io_uring ring;   /* SQE128: the control header is 32 bytes */
+	int encode;             /* 1: UBLK_U_CMD_*, 0: legacy, -1: try both */
+	uint64_t features;      /* GET_FEATURES, 0 if the kernel lacks it */
+	bool have_features;
+};
+
+/* Open the control device and probe features.  Returns -errno (logged). */
+int ublk_ctrl_open(struct ublk_ctrl *c);
+void ublk_ctrl_close(struct ublk_ctrl *c);
+/* All return 0 (or the kernel's non-negative result) or -errno. */
+int ublk_ctrl_add_dev(struct ublk_ctrl *c, struct ublksrv_ctrl_dev_info *info);
+int ublk_ctrl_set_params(struct ublk_ctrl *c, unsigned dev_id, const struct ublk_params *p);
+int ublk_ctrl_get_params(struct ublk_ctrl *c, unsigned dev_id, struct ublk_params *p);
+int ublk_ctrl_start_dev(struct ublk_ctrl *c, unsigned dev_id, int pid);
+int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
+int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id);
+int ublk_ctrl_get_info(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info);
+
+/* Encoding helpers, exported for the unit test. */
+unsigned ublk_ctrl_opcode(unsigned nr, bool encoded);
+void ublk_ctrl_prep(struct io_uring_sqe *sqe, int fd, unsigned op,
+		    const struct ublksrv_ctrl_cmd *cmd);
+unsigned ublk_io_opcode(bool commit, bool encoded);
+void ublk_io_prep(struct io_uring_sqe *sqe, int fd, unsigned op, unsigned q_id,
+		  unsigned tag, int result, uint64_t addr);
+const char *ublk_state_name(unsigned state);
+
+/* ------------------------------------------------------------- targets */
+
+struct ublk_tgt;
+
+struct ublk_tgt_opts {
+	const char *file;       /* image (qcow2, raw); NULL for null */
+	uint64_t size;          /* null: device size in bytes */
+	bool read_only;
+	bool direct;            /* --cache none */
+	unsigned nr_queues;
+};
+
+/*
+ * One const table per target.  open/close run on the main thread outside
+ * request processing; the I/O ops run in a tag coroutine on a queue
+ * thread (concurrently on several queue threads with -q > 1) and may
+ * yield.  The queue has checked the request: the range lies inside the
+ * device, len > 0, len <= max I/O for reads and writes, writes are not
+ * sent to read-only devices.  I/O ops return 0 or -errno.
+ */
+struct ublk_tgt_ops {
+	const char *name;
+	/* Required.  Fill size, cluster_size, and can_multiqueue.  Errors are
+	 * logged naming the file.  Returns -errno. */
+	int (*open)(struct ublk_tgt *t, const struct ublk_tgt_opts *o);
+	/* Required.  After every queue has stopped: write back, release. */
+	void (*close)(struct ublk_tgt *t);
+	/* Required. */
+	int (*read)(struct ublk_tgt *t, void *buf, uint64_t off, uint32_t len);
+	/* Required.  flags: BDRV_REQ_FUA. */
+	int (*write)(struct ublk_tgt *t, const void *buf, uint64_t off, uint32_t len,
+		     unsigned flags);
+	/* Required. */
+	int (*flush)(struct ublk_tgt *t);
+	/* Optional (NULL: -EOPNOTSUPP and no discard parameters). */
+	int (*discard)(struct ublk_tgt *t, uint64_t off, uint32_t len);
+	/* Optional.  flags: BDRV_REQ_MAY_UNMAP. */
+	int (*write_zeroes)(struct ublk_tgt *t, uint64_t off, uint32_t len, unsigned flags);
+};
+
+struct ublk_tgt {
+	const struct ublk_tgt_ops *ops;
+	void *priv;
+	uint64_t size;          /* bytes, multiple of 512 */
+	unsigned cluster_size;  /* allocation unit, 0 = none */
+	bool read_only;
+	bool can_multiqueue;    /* safe to call from several queue threads */
+};
+
+const struct ublk_tgt_ops *ublk_tgt_find(const char *name);
+
+/* -------------------------------------------------------------- device */
+
+struct ublk_dev;
+
+struct ublk_queue {
+	const struct ublk_dev *dev;   /* read-only while queues run */
+	unsigned q_id;
+	unsigned depth;
+	struct ublksrv_io_desc *iods; /* mmap of /dev/ublkcN, read-only */
+	size_t iods_len;
+	uint8_t *bufs;                /* depth * max_io bytes */
+	struct ublk_io *ios;          /* per tag */
+	struct aio_ctx aio;
+	unsigned live_tags;           /* tag coroutines not yet finished */
+	unsigned busy_tags;           /* tags inside a target op */
+	pthread_t thread;
+	bool thread_started;
+	sem_t ready;                  /* posted once init_ret is set */
+	int init_ret;
+	int stop_efd;                 /* written by main: leave now */
+	uint64_t stop_val;
+	struct aio_req stop_req;
+	bool stop_now;
+	/* counters, read after the thread is joined */
+	uint64_t nr_ios, nr_errors;
+};
+
+struct ublk_dev_opts {
+	const char *type;       /* "qcow2", "raw", "null" */
+	const char *file;       /* absolute path or NULL (null) */
+	int dev_id;             /* -1: let the kernel choose */
+	unsigned nr_queues;
+	unsigned depth;
+	unsigned max_io;        /* bytes per tag buffer */
+	bool read_only;
+	bool direct;
+	uint64_t size;          /* null target */
+};
+
+struct ublk_dev {
+	struct ublk_dev_opts opts;
+	struct ublk_tgt tgt;
+	bool tgt_open;
+	struct ublk_ctrl ctrl;
+	bool ctrl_open;
+	struct ublksrv_ctrl_dev_info info;   /* as returned by ADD_DEV */
+	bool added;
+	struct ublk_params params;
+	int cdev_fd;
+	bool encode_io;         /* UBLK_U_IO_* opcodes */
+	struct ublk_queue *queues;
+	unsigned nr_queues;
+	int exit_efd;           /* queue threads write here when they exit */
+};
+
+/* Queue thread lifecycle (queue.c).  start returns once the thread has
+ * submitted its FETCH commands (or failed: -errno). */
+int ublk_queue_start(struct ublk_queue *q);
+void ublk_queue_stop(struct ublk_queue *q);   /* ask it to leave, any time */
+void ublk_queue_join(struct ublk_queue *q);
+/* Request boundary check, exported for the unit test.  Returns the op
+ * (UBLK_IO_OP_*) with the byte range in *off and *len, or -EINVAL/-EOPNOTSUPP/-EROFS. */
+int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
+		   uint32_t max_io, bool read_only, uint64_t *off, uint32_t *len);
+
+/* Build the SET_PARAMS block for a target (dev.c; exported for tests). */
+void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
+		       unsigned max_io, bool read_only);
+
+/* Run a device to completion: open target, add, start, report
+ * "/dev/ublkbN\n" on @report_fd (-1: stdout), serve until SIGTERM/SIGINT
+ * or until the kernel stops it, then stop, close the image and delete the
+ * device.  Returns 0 or -errno (logged). */
+int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd);
+
+/* State files under the run directory (QUBLK_RUN_DIR overrides). */
+struct ublk_state {
+	int dev_id;
+	int pid;
+	char target[16];
+	char image[4096];
+	unsigned queues, depth;
+	bool read_only;
+};
+const char *ublk_run_dir(void);
+int ublk_state_write(const struct ublk_state *s);
+int ublk_state_read(int dev_id, struct ublk_state *s);
+void ublk_state_remove(int dev_id);
+
+/* Stop and delete device @dev_id: SIGTERM its daemon and wait up to
+ * @timeout_ms for it; if the device is still there (dead daemon), stop
+ * and delete it here.  Returns -errno (logged). */
+int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms);
+
+#endif

@@ -1,0 +1,235 @@
+# SPDX-License-Identifier: MIT
+# shellcheck shell=bash
+# Shared helpers for tests/test-*.sh.  Source it first:
+#     . "$(dirname "$0")/lib.sh"
+# It sets `set -euo pipefail`, makes a scratch directory $TMPD (under
+# /dev/shm, removed on exit), and provides:
+#   requires TOOL...          skip (exit 77) unless every TOOL is on $PATH
+#   fail MSG...               print FAIL and exit 1
+#   start_nbd_server FILE [--read-only] [--format F] [--cache C]
+#                             serve FILE on a unix socket in the background;
+#                             sets NBD_SOCK, NBD_URI, NBD_PID, NBD_LOG
+#   stop_nbd_server           SIGTERM the server; fails the test unless it
+#                             exits 0 with no sanitizer report in its log
+#   qcheck IMG                qemu-img check: exit 0, no leaks, no corruption
+#   qcompare A B              qemu-img compare (formats detected): identical
+#   img_format FILE           prints qcow2 or raw (by magic)
+#   qio FILE-OR-URI FMT [qemu-io args]   run a qemu-io script from stdin,
+#                             fail on any failed command (aio ones included)
+#   nbd_read_all OUT          copy the whole served export to raw file OUT
+# The server under test is $QUBLK (default build/qublk).  With
+# QUBLK_TEST_SERVER=qemu-nbd the same tests run against qemu-nbd instead,
+# which validates the tests themselves against QEMU's own implementation.
+# One server at a time per test.
+
+set -euo pipefail
+
+TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TOP_DIR=$(cd "$TESTS_DIR/.." && pwd)
+QUBLK=${QUBLK:-$TOP_DIR/build/qublk}
+QUBLK_TEST_SERVER=${QUBLK_TEST_SERVER:-qublk}
+PYTHON=/usr/bin/python3
+[ -x "$PYTHON" ] || PYTHON=python3
+TEST_NAME=$(basename "$0" .sh)
+
+NBD_PID=
+NBD_SOCK=
+NBD_URI=
+NBD_LOG=
+NBD_COUNT=0
+
+# FAIL_CONTEXT (e.g. the seed and configuration) is printed with a failure
+# so that it can be replayed.
+FAIL_CONTEXT=
+fail() {
+    echo "FAIL: $TEST_NAME: $*" >&2
+    [ -z "$FAIL_CONTEXT" ] || echo "  while: $FAIL_CONTEXT" >&2
+    exit 1
+}
+
+skip() {
+    echo "SKIP: $TEST_NAME: $*" >&2
+    exit 77
+}
+
+requires() {
+    local t
+    for t in "$@"; do
+        command -v "$t" >/dev/null 2>&1 || skip "'$t' not found"
+    done
+}
+
+# The server under test must exist unless we run against the stand-in.
+requires_server() {
+    if [ "$QUBLK_TEST_SERVER" = qemu-nbd ]; then
+        requires qemu-nbd
+    else
+        [ -x "$QUBLK" ] || skip "$QUBLK not built"
+    fi
+}
+
+_cleanup() {
+    local rc=$?
+    if [ -n "$NBD_PID" ]; then
+        kill -KILL "$NBD_PID" 2>/dev/null || true
+        wait "$NBD_PID" 2>/dev/null || true
+    fi
+    if [ "$rc" -ne 0 ] && [ "${QUBLK_KEEP:-0}" = 1 ]; then
+        echo "keeping $TMPD" >&2
+    else
+        rm -rf "$TMPD"
+    fi
+    exit "$rc"
+}
+
+TMPD=$(mktemp -d "${QUBLK_TMPDIR:-/dev/shm}/qublk-$TEST_NAME.XXXXXX")
+trap _cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+# True if a log holds a sanitizer or crash report.
+_has_crash_report() {
+    grep -qE 'ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:|SUMMARY: (Address|Undefined|Leak)Sanitizer' "$1"
+}
+
+# State of a child process from /proc: a zombie has exited but is not yet
+# reaped, and kill -0 still succeeds on it.
+_alive() {
+    local st
+    st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "$st" != Z ]
+}
+
+start_nbd_server() {
+    local file=$1; shift
+    local ro=0 fmt="" cache=writeback
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --read-only) ro=1 ;;
+            --format) fmt=$2; shift ;;
+            --cache) cache=$2; shift ;;
+            *) fail "start_nbd_server: unknown option $1" ;;
+        esac
+        shift
+    done
+    [ -z "$NBD_PID" ] || fail "start_nbd_server: a server is already running"
+    NBD_COUNT=$((NBD_COUNT + 1))
+    NBD_SOCK=$TMPD/nbd.$NBD_COUNT.sock
+    NBD_URI="nbd+unix:///?socket=$NBD_SOCK"
+    NBD_LOG=$TMPD/server.$NBD_COUNT.log
+    local -a cmd
+    if [ "$QUBLK_TEST_SERVER" = qemu-nbd ]; then
+        [ -n "$fmt" ] || fmt=$(img_format "$file")
+        # --discard=unmap: TRIM does what the reference model expects;
+        # --persistent/--shared: several clients one after another.
+        cmd=(qemu-nbd -f "$fmt" --socket "$NBD_SOCK" --cache="$cache"
+             --discard=unmap --persistent --shared=8)
+        [ "$ro" = 0 ] || cmd+=(--read-only)
+    else
+        cmd=("$QUBLK" nbd --socket "$NBD_SOCK" --cache "$cache")
+        [ -z "$fmt" ] || cmd+=(--format "$fmt")
+        [ "$ro" = 0 ] || cmd+=(--read-only)
+    fi
+    echo "+ ${cmd[*]} $file" >"$NBD_LOG"
+    "${cmd[@]}" "$file" >>"$NBD_LOG" 2>&1 &
+    NBD_PID=$!
+    local n=0
+    while [ "$n" -lt 200 ]; do
+        n=$((n + 1))
+        [ -S "$NBD_SOCK" ] && return 0
+        if ! _alive "$NBD_PID"; then
+            local rc=0
+            wait "$NBD_PID" || rc=$?
+            NBD_PID=
+            cat "$NBD_LOG" >&2
+            fail "NBD server exited with $rc before listening on $NBD_SOCK"
+        fi
+        sleep 0.05
+    done
+    cat "$NBD_LOG" >&2
+    fail "NBD server did not create $NBD_SOCK within 10 s"
+}
+
+stop_nbd_server() {
+    [ -n "$NBD_PID" ] || fail "stop_nbd_server: no server running"
+    local pid=$NBD_PID rc=0 n=0
+    kill -TERM "$pid" 2>/dev/null || true
+    while _alive "$pid" && [ "$n" -lt 600 ]; do
+        sleep 0.05
+        n=$((n + 1))
+    done
+    if _alive "$pid"; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        NBD_PID=
+        cat "$NBD_LOG" >&2
+        fail "NBD server did not exit within 30 s of SIGTERM"
+    fi
+    wait "$pid" || rc=$?
+    NBD_PID=
+    if [ "$rc" -ne 0 ] || _has_crash_report "$NBD_LOG"; then
+        tail -n 60 "$NBD_LOG" >&2
+        if [ "$rc" -ge 128 ]; then
+            fail "NBD server killed by signal $((rc - 128))"
+        fi
+        fail "NBD server exited with status $rc"
+    fi
+    rm -f "$NBD_SOCK"
+}
+
+img_format() {
+    if [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 514649fb ]; then
+        echo qcow2
+    else
+        echo raw
+    fi
+}
+
+qcheck() {
+    local img=$1 out rc=0
+    [ "$(img_format "$img")" = qcow2 ] || return 0
+    out=$(qemu-img check --output=json "$img" 2>&1) || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        qemu-img check "$img" >&2 || true
+        fail "qemu-img check $img exited with $rc"
+    fi
+    # Exit 0 already means no corruption and no leaks; parse the report too
+    # so a qemu-img that changes its exit codes cannot hide either.
+    echo "$out" | "$PYTHON" -c '
+import json, sys
+r = json.load(sys.stdin)
+bad = {k: r.get(k, 0) for k in ("corruptions", "leaks", "check-errors",
+                                "corruptions-fixed", "leaks-fixed")}
+if any(bad.values()):
+    sys.exit("qemu-img check: %s" % bad)
+' || fail "qemu-img check $img is not clean: $out"
+}
+
+qcompare() {
+    local a=$1 b=$2 out
+    out=$(qemu-img compare -f "$(img_format "$a")" -F "$(img_format "$b")" \
+        "$a" "$b" 2>&1) || fail "qemu-img compare $a $b: $out"
+}
+
+# qio TARGET FMT [args]: run the qemu-io script on stdin against TARGET.
+# qemu-io's exit status covers synchronous commands only, so also look for
+# "failed" (aio_write failed: ...) in its output.
+qio() {
+    local target=$1 fmt=$2; shift 2
+    local out=$TMPD/qemu-io.out rc=0
+    qemu-io -f "$fmt" "$@" "$target" >"$out" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ] || grep -qiE 'failed|error|mismatch' "$out"; then
+        grep -iE -m 20 'failed|error|mismatch' "$out" >&2 || true
+        fail "qemu-io on $target failed (exit $rc)"
+    fi
+}
+
+nbd_read_all() {
+    qemu-img convert -f raw "$NBD_URI" -O raw "$1" \
+        || fail "qemu-img convert from $NBD_URI failed"
+}
+
+# qemu-img: quiet image creation that fails the test on error.
+mkimg() {
+    qemu-img create -q "$@" >/dev/null || fail "qemu-img create $*"
+}

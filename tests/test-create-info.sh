@@ -1,0 +1,299 @@
+#!/bin/bash
+# SPDX-License-Identifier: MIT
+# qublk create / info against the oracle, qemu-img:
+#  - for a matrix of create options, `qublk create` and `qemu-img create`
+#    must give the same `qemu-img info` properties, and `qemu-img check`
+#    must find no errors and no leaks in ours;
+#  - `qublk info` must agree with `qemu-img info` on images either made,
+#    including internal snapshots made by `qemu-img snapshot -c`;
+#  - malformed images (unknown incompatible bits, bad offsets, truncated
+#    files, ...) make `qublk info` exit 1 with a message, never crash.
+# Exit: 0 pass, 1 fail, 77 skip (a tool is missing).
+set -u
+
+QUBLK=${QUBLK:-build/qublk}
+for tool in qemu-img python3; do
+	if ! command -v "$tool" >/dev/null 2>&1; then
+		echo "SKIP: $tool not found"
+		exit 77
+	fi
+done
+if [ ! -x "$QUBLK" ]; then
+	echo "SKIP: $QUBLK not built"
+	exit 77
+fi
+QUBLK=$(realpath "$QUBLK")   # some steps run in another directory
+
+base=/tmp
+[ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm
+T=$(mktemp -d "$base/qublk-create-info.XXXXXX") || exit 1
+trap 'rm -rf "$T"' EXIT
+
+pass=0
+fail=0
+ok() { pass=$((pass + 1)); }
+bad() { fail=$((fail + 1)); echo "FAIL: $*"; }
+
+# Print the properties we compare, one per line, from qemu-img info JSON.
+props() {
+	qemu-img info --output=json "$1" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+d = j.get("format-specific", {}).get("data", {})
+for k in ("format", "virtual-size", "cluster-size", "backing-filename", "backing-filename-format"):
+    print(k, j.get(k))
+for k in ("compat", "lazy-refcounts", "refcount-bits", "compression-type", "extended-l2", "corrupt"):
+    print(k, d.get(k))
+'
+}
+
+# check_clean IMAGE: qemu-img check exits 0 and reports no leaks/errors.
+check_clean() {
+	local out rc
+	out=$(qemu-img check --output=json "$1" 2>&1)
+	rc=$?
+	if [ $rc -ne 0 ]; then
+		echo "$out"
+		return 1
+	fi
+	echo "$out" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+bad = {k: j.get(k, 0) for k in ("leaks", "corruptions", "check-errors")}
+sys.exit(1 if any(bad.values()) else 0)' || { echo "$out"; return 1; }
+}
+
+# Compare the properties that matter in four info reports and one check
+# report: qemu-img on theirs and ours (must agree), qublk info on both
+# (must agree with qemu-img), qemu-img check on ours (clean, no leaks).
+COMPARE_PY='
+import json, sys
+q_theirs, q_ours, u_theirs, u_ours, chk = (json.load(open(f)) for f in sys.argv[1:6])
+top = ("format", "virtual-size", "cluster-size", "backing-filename", "backing-filename-format")
+spec = ("compat", "lazy-refcounts", "refcount-bits", "compression-type", "extended-l2", "corrupt")
+def props(j):
+    d = j.get("format-specific", {}).get("data", {})
+    return {**{k: j.get(k) for k in top}, **{k: d.get(k) for k in spec}}
+errs = []
+for what, a, b in (("qemu-img info, qemu vs qublk image", q_theirs, q_ours),
+                   ("qublk info vs qemu-img info, qemu image", q_theirs, u_theirs),
+                   ("qublk info vs qemu-img info, qublk image", q_ours, u_ours)):
+    pa, pb = props(a), props(b)
+    for k in pa:
+        if pa[k] != pb[k]:
+            errs.append("%s: %s: %r != %r" % (what, k, pa[k], pb[k]))
+for k in ("leaks", "corruptions", "check-errors"):
+    if chk.get(k, 0):
+        errs.append("qemu-img check: %s=%s" % (k, chk[k]))
+print("\n".join(errs))
+sys.exit(1 if errs else 0)
+'
+
+# compare NAME SIZE [create options...]: both tools, same options.
+compare() {
+	local name=$1 size=$2
+	shift 2
+	local ours="$T/ours-$name.qcow2" theirs="$T/qemu-$name.qcow2" err t0=$SECONDS
+	if ! err=$("$QUBLK" create -f qcow2 "$@" "$ours" $size 2>&1); then
+		bad "$name: qublk create failed: $err"
+		return
+	fi
+	if ! err=$(qemu-img create -q -f qcow2 "$@" "$theirs" $size 2>&1); then
+		bad "$name: qemu-img create failed: $err"
+		return
+	fi
+	qemu-img info --output=json "$theirs" >"$T/q1.json" &&
+	qemu-img info --output=json "$ours" >"$T/q2.json" &&
+	"$QUBLK" info --output json "$theirs" >"$T/u1.json" &&
+	"$QUBLK" info --output json "$ours" >"$T/u2.json" || { bad "$name: info failed"; return; }
+	if ! qemu-img check --output=json "$ours" >"$T/check.json" 2>&1; then
+		bad "$name: qemu-img check exit $?: $(cat "$T/check.json")"
+		return
+	fi
+	if ! err=$(python3 -c "$COMPARE_PY" "$T/q1.json" "$T/q2.json" "$T/u1.json" "$T/u2.json" \
+			"$T/check.json" 2>&1); then
+		bad "$name: $err"
+		return
+	fi
+	ok
+	[ -n "${VERBOSE:-}" ] && echo "ok $name ($((SECONDS - t0))s)"
+	rm -f "$ours" "$theirs"
+}
+
+# --- matrix: cluster sizes x compat, refcount widths, preallocation ---
+for cs in 512 1024 4096 65536 2097152; do
+	for compat in 0.10 1.1; do
+		compare "cs$cs-$compat" 256M -o cluster_size=$cs,compat=$compat
+	done
+done
+for rb in 1 2 4 8 16 32 64; do
+	compare "rb$rb" 1G -o refcount_bits=$rb
+	compare "rb$rb-cs512" 64M -o refcount_bits=$rb,cluster_size=512
+done
+for pre in off metadata falloc full; do
+	compare "pre-$pre" 64M -o preallocation=$pre
+	compare "pre-$pre-cs512-rb1" 8M -o preallocation=$pre,cluster_size=512,refcount_bits=1
+	compare "pre-$pre-v2" 16M -o preallocation=$pre,compat=0.10
+	compare "pre-$pre-cs2M" 20M -o preallocation=$pre,cluster_size=2M
+done
+compare "pre-metadata-cs4k-rb64" 300M -o preallocation=metadata,cluster_size=4096,refcount_bits=64
+compare lazy 1G -o lazy_refcounts=on
+compare zstd 1G -o compression_type=zstd
+compare zstd-lazy-rb8 10G -o compression_type=zstd,lazy_refcounts=on,refcount_bits=8
+compare odd-size 1000001
+compare zero-size 0
+compare big-cs512 30G -o cluster_size=512
+compare huge 4T
+compare huge-cs4k-rb1 2T -o cluster_size=4096,refcount_bits=1
+
+# --- backing files ---
+qemu-img create -q -f qcow2 "$T/base.qcow2" 3G
+qemu-img create -q -f raw "$T/base.raw" 5M
+compare backing-qcow2 "" -b "$T/base.qcow2" -F qcow2
+compare backing-raw 10M -b "$T/base.raw" -F raw
+compare backing-v2 "" -b "$T/base.qcow2" -F qcow2 -o compat=0.10
+(cd "$T" && "$QUBLK" create -b base.qcow2 rel.qcow2) || bad "relative backing create"
+p=$(props "$T/rel.qcow2")
+if echo "$p" | grep -q "^backing-filename-format qcow2$" &&
+   echo "$p" | grep -q "^virtual-size 3221225472$" &&
+   echo "$p" | grep -q "^backing-filename base.qcow2$"; then ok
+else bad "probed backing format/size: $p"; fi
+"$QUBLK" create -b base.raw "$T/rel-raw.qcow2" >/dev/null 2>&1 || bad "raw backing create"
+p=$(props "$T/rel-raw.qcow2")
+echo "$p" | grep -q "^backing-filename-format raw$" && ok || bad "probed raw backing"
+check_clean "$T/rel.qcow2" >/dev/null && ok || bad "check of image with backing"
+# chain: rel.qcow2 -> base.qcow2, shown with --backing-chain, loops refused
+out=$("$QUBLK" info --backing-chain --output json "$T/rel.qcow2")
+if echo "$out" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+assert len(j) == 2 and j[1]["virtual-size"] == 3221225472, j'; then ok; else bad "backing chain json: $out"; fi
+out=$("$QUBLK" info --backing-chain "$T/rel.qcow2")
+echo "$out" | grep -q "^image: .*base.qcow2$" && ok || bad "backing chain text"
+qemu-img create -q -f qcow2 -u -b loop2.qcow2 -F qcow2 "$T/loop1.qcow2" 1M
+qemu-img create -q -f qcow2 -u -b loop1.qcow2 -F qcow2 "$T/loop2.qcow2" 1M
+"$QUBLK" info --backing-chain "$T/loop1.qcow2" >/dev/null 2>"$T/err"
+rc=$?
+if [ $rc -eq 1 ] && grep -q loop "$T/err"; then ok; else bad "loop: rc=$rc $(cat "$T/err")"; fi
+
+# --- raw ---
+for pre in off falloc full; do
+	"$QUBLK" create -f raw -o preallocation=$pre "$T/r-$pre.raw" 3M || bad "raw $pre"
+	[ "$(stat -c %s "$T/r-$pre.raw")" = 3145728 ] && ok || bad "raw $pre size"
+done
+[ "$(stat -c %b "$T/r-full.raw")" -gt 0 ] && ok || bad "raw full is not allocated"
+"$QUBLK" info --output json "$T/r-off.raw" | python3 -m json.tool >/dev/null && ok || bad "raw info json"
+
+# --- refused options, usage errors ---
+expect_rc() {   # expect_rc RC DESCRIPTION cmd...
+	local want=$1 what=$2 rc
+	shift 2
+	"$@" >"$T/out" 2>&1
+	rc=$?
+	if [ $rc -eq "$want" ]; then ok; else bad "$what: exit $rc, wanted $want: $(cat "$T/out")"; fi
+}
+expect_rc 1 "extended_l2" "$QUBLK" create -o extended_l2=on "$T/x.qcow2" 1G
+grep -q "not supported yet" "$T/out" && ok || bad "extended_l2 message: $(cat "$T/out")"
+expect_rc 1 "v2 refcount_bits=8" "$QUBLK" create -o compat=0.10,refcount_bits=8 "$T/x.qcow2" 1G
+expect_rc 1 "v2 lazy" "$QUBLK" create -o compat=0.10,lazy_refcounts=on "$T/x.qcow2" 1G
+expect_rc 1 "v2 zstd" "$QUBLK" create -o compat=0.10,compression_type=zstd "$T/x.qcow2" 1G
+expect_rc 1 "too big for 512 clusters" "$QUBLK" create -o cluster_size=512 "$T/x.qcow2" 4T
+grep -q "x.qcow2: .*too large" "$T/out" && ok || bad "too-big message: $(cat "$T/out")"
+expect_rc 2 "unknown -o key" "$QUBLK" create -o bogus=1 "$T/x.qcow2" 1G
+expect_rc 2 "unknown flag" "$QUBLK" create --bogus "$T/x.qcow2" 1G
+expect_rc 2 "bad size" "$QUBLK" create "$T/x.qcow2" 12Q
+expect_rc 1 "bad cluster size" "$QUBLK" create -o cluster_size=3000 "$T/x.qcow2" 1G
+expect_rc 1 "missing backing" "$QUBLK" create -b "$T/nonexistent" "$T/x.qcow2"
+expect_rc 0 "create --help" "$QUBLK" create --help
+expect_rc 0 "info --help" "$QUBLK" info --help
+expect_rc 2 "info bad output" "$QUBLK" info --output xml "$T/rel.qcow2"
+
+# --- snapshots made by qemu-img ---
+qemu-img create -q -f qcow2 "$T/snap.qcow2" 64M
+qemu-img snapshot -c first "$T/snap.qcow2"
+qemu-img snapshot -c "second one" "$T/snap.qcow2"
+if "$QUBLK" info --output json "$T/snap.qcow2" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+names = [s["name"] for s in j["snapshots"]]
+assert names == ["first", "second one"], names
+assert [s["id"] for s in j["snapshots"]] == ["1", "2"]'; then ok; else bad "snapshots in json"; fi
+out=$("$QUBLK" info "$T/snap.qcow2")
+echo "$out" | grep -q "second one" && ok || bad "snapshots in text"
+# ours with a snapshot taken by qemu-img
+"$QUBLK" create -o compat=0.10 "$T/snap2.qcow2" 16M
+qemu-img snapshot -c s "$T/snap2.qcow2"
+out=$("$QUBLK" info --output json "$T/snap2.qcow2" | python3 -m json.tool)
+echo "$out" | grep -q '"name": "s"' && ok || bad "snapshot on v2 image"
+
+# --- malformed images: exit 1 with a message, never a crash ---
+patch() {   # patch FILE OFFSET HEXBYTES
+	printf "$(echo "$3" | sed 's/\(..\)/\\x\1/g')" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
+bad_image() {   # bad_image NAME EXPECTED-MESSAGE-REGEX
+	local rc
+	"$QUBLK" info "$T/$1" >/dev/null 2>"$T/err"
+	rc=$?
+	if [ $rc -eq 1 ] && grep -Eq "$2" "$T/err"; then
+		ok
+	else
+		bad "bad image $1: exit $rc, message: $(cat "$T/err")"
+	fi
+	"$QUBLK" info --output json "$T/$1" >/dev/null 2>&1
+	rc=$?
+	[ $rc -lt 128 ] && ok || bad "bad image $1 (json): crashed with $rc"
+}
+mk() { qemu-img create -q -f qcow2 "$T/$1" 1G; }
+mk unk-incompat.qcow2; patch "$T/unk-incompat.qcow2" 78 04          # incompat bit 10
+bad_image unk-incompat.qcow2 "unsupported .*feature.*bit 10"
+mk l1-unaligned.qcow2; patch "$T/l1-unaligned.qcow2" 40 0000000000030200
+bad_image l1-unaligned.qcow2 "l1_table.*not cluster aligned"
+mk l1-beyond.qcow2; patch "$T/l1-beyond.qcow2" 40 0000100000000000
+bad_image l1-beyond.qcow2 "l1_table.*beyond the end"
+mk l1-huge.qcow2; patch "$T/l1-huge.qcow2" 36 7fffffff
+bad_image l1-huge.qcow2 "l1_size .*exceeds"
+mk l1-small.qcow2; patch "$T/l1-small.qcow2" 36 00000001
+bad_image l1-small.qcow2 "l1_size .*too small"
+mk rt-beyond.qcow2; patch "$T/rt-beyond.qcow2" 48 ffffffffffff0000
+bad_image rt-beyond.qcow2 "refcount_table.*beyond the end"
+mk rt-huge.qcow2; patch "$T/rt-huge.qcow2" 56 00100000
+bad_image rt-huge.qcow2 "refcount table too large"
+mk snap-bad.qcow2; patch "$T/snap-bad.qcow2" 60 0000000500000000deadbe00
+bad_image snap-bad.qcow2 "snapshot table.*not cluster aligned"
+mk cbits.qcow2; patch "$T/cbits.qcow2" 20 0000001f
+bad_image cbits.qcow2 "cluster_bits 31"
+mk version.qcow2; patch "$T/version.qcow2" 4 00000007
+bad_image version.qcow2 "version 7"
+mk crypt.qcow2; patch "$T/crypt.qcow2" 32 00000001
+bad_image crypt.qcow2 "encrypted"
+mk hlen.qcow2; patch "$T/hlen.qcow2" 100 00000069
+bad_image hlen.qcow2 "header_length"
+mk rorder.qcow2; patch "$T/rorder.qcow2" 96 00000007
+bad_image rorder.qcow2 "refcount_order"
+mk ctype.qcow2; patch "$T/ctype.qcow2" 104 01
+bad_image ctype.qcow2 "compression type"
+mk extlen.qcow2; patch "$T/extlen.qcow2" 116 00100000               # feature table length 1M
+bad_image extlen.qcow2 "extension .*exceeds"
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$T/bname.qcow2"
+patch "$T/bname.qcow2" 16 00000800                                   # 2048-byte name
+bad_image bname.qcow2 "backing file name length"
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "$T/boff.qcow2"
+patch "$T/boff.qcow2" 8 000000000000fffe
+bad_image boff.qcow2 "backing file name .*outside cluster 0"
+mk trunc.qcow2; truncate -s 100000 "$T/trunc.qcow2"
+bad_image trunc.qcow2 "beyond the end of the file"
+mk short.qcow2; truncate -s 50 "$T/short.qcow2"
+bad_image short.qcow2 "too short"
+qemu-img create -q -f qcow2 "$T/snaptrunc.qcow2" 1M
+qemu-img snapshot -c s "$T/snaptrunc.qcow2"
+off=$(python3 -c 'import struct,sys; print(struct.unpack(">Q", open(sys.argv[1],"rb").read()[64:72])[0])' "$T/snaptrunc.qcow2")
+patch "$T/snaptrunc.qcow2" $((off + 12)) ffff                        # id length 65535
+bad_image snaptrunc.qcow2 "snapshot 0: entry extends"
+# qublk's images must also carry a well-formed header for qemu-img
+"$QUBLK" create -o lazy_refcounts=on "$T/lazy.qcow2" 1G
+out=$("$QUBLK" info "$T/lazy.qcow2")
+echo "$out" | grep -q "lazy refcounts: true" && ok || bad "lazy in text info"
+expect_rc 1 "nonexistent file" "$QUBLK" info "$T/nope.qcow2"
+
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]

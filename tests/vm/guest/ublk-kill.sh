@@ -1,0 +1,55 @@
+# SPDX-License-Identifier: MIT
+# shellcheck shell=bash
+# tests/vm/guest/ublk-kill.sh: kill -9 of a daemon under load (issue 3
+# acceptance).  Pending I/O must fail cleanly (fio ends, no hung task),
+# `qublk del` must clean up the dead daemon's device, and qemu-img check
+# may find leaked clusters but never corruption.
+
+W=/tmp/ublk-kill
+mkdir -p "$W"
+devnum() { echo "${1#/dev/ublkb}"; }
+
+kill_case() {
+    local fmt=$1 img dev pid fio_pid rc
+    img=$W/k.$fmt
+    qemu-img create -q -f "$fmt" "$img" 128M
+    dev=$(qublk add -t "$fmt" "$img")
+    pid=$(qublk list --output json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -n 1)
+    fio --name=load --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+        --bssplit=4k/50:64k/50 --iodepth=64 --size=100M --time_based --runtime=60 \
+        >"$W/fio.out" 2>&1 &
+    fio_pid=$!
+    sleep 4
+    kill -KILL "$pid"
+    # fio must see errors and end, not hang on a dead device.  Requests the
+    # daemon held when it died end at the block layer timeout (30 s).
+    for _ in $(seq 1 600); do kill -0 "$fio_pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$fio_pid" 2>/dev/null; then
+        kill -KILL "$fio_pid"
+        fail "fio still running 60 s after the daemon was killed"
+    fi
+    rc=0; wait "$fio_pid" || rc=$?
+    tail -n 5 "$W/fio.out"
+    echo "fio exit $rc (errors expected)"
+    qublk list || true
+    qublk del -n "$(devnum "$dev")"
+    [ ! -e "$dev" ]
+    [ ! -e "/dev/ublkc$(devnum "$dev")" ]
+    if [ "$fmt" = qcow2 ]; then
+        # exit 0: clean; 3: leaks only.  2 (corruption) or 1 fail.
+        rc=0; qemu-img check "$img" || rc=$?
+        [ "$rc" = 0 ] || [ "$rc" = 3 ] || fail "qemu-img check exit $rc"
+    fi
+    # The device number is free again.
+    dev=$(qublk add -t "$fmt" "$img")
+    dd if="$dev" of=/dev/null bs=1M count=4 iflag=direct status=none
+    qublk del -n "$(devnum "$dev")"
+    rm -f "$img"
+}
+
+t_kill_raw() { kill_case raw; }
+t_kill_qcow2() { kill_case qcow2; }
+
+need qublk fio qemu-img
+vmtest ublk-kill9-raw t_kill_raw
+vmtest ublk-kill9-qcow2 t_kill_qcow2
