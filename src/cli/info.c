@@ -60,7 +60,10 @@ static char *resolve(const char *image, const char *name)
 	copy = strdup(image);
 	if (!copy)
 		return NULL;
-	if (asprintf(&out, "%s/%s", dirname(copy), name) < 0)
+	const char *dir = dirname(copy);
+	if (!strcmp(dir, "."))
+		out = strdup(name);     /* keep "b.qcow2" rather than "./b.qcow2" */
+	else if (asprintf(&out, "%s/%s", dir, name) < 0)
 		out = NULL;
 	free(copy);
 	return out;

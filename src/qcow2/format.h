@@ -8,6 +8,7 @@
 #define QUBLK_QCOW2_FORMAT_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #define QCOW2_MAGIC 0x514649fbu              /* "QFI\xfb" */

@@ -1,0 +1,270 @@
+# SPDX-License-Identifier: MIT
+# shellcheck shell=bash
+# bench/vm-ublk.guest.sh: the guest half of bench/vm-ublk.sh (sourced by the
+# VM harness, tests/vm/guest-lib.sh).  Runs fio with ublksrv's parameters
+# (libaio, direct=1, iodepth=128, batch submit/complete 16, numjobs=1) on the
+# same 2 GiB image through qublk (1 and 2 queues), qemu-nbd -c /dev/nbd0,
+# the null target and the raw target, one configuration after the other in
+# this one boot, and prints one machine-readable line per run:
+#
+#   BENCH img=KIND cfg=CONFIG wl=RW/BS st=ok|err|na riops=N rbw=KiB/s
+#         wiops=N wbw=KiB/s srv=CPU% iowq=CPU% fio=CPU% tot=CPU% n=TICKS
+#
+# CPU%: percent of one vCPU over a sampling window in the middle of the run
+# (from /proc: the server daemon with all its threads, iowq the part of it
+# in io_uring's io-wq workers, the fio processes,
+# and every non-idle tick of the machine); the host turns these into the
+# tables.  Nothing here asserts performance: a configuration fails only if
+# fio reports errors, the device cannot be set up, or qemu-img check finds
+# the image damaged after the device is deleted.
+#
+# Memory: the 2 GiB images live in a tmpfs of their own (/bench), so the VM
+# needs --mem 4G or more (bench/vm-ublk.sh passes it); images are created one
+# kind at a time and removed before the next.
+#
+# Environment (set by the host with run.sh --env): BENCH_SIZE (2G),
+# BENCH_RUNTIME (5 s), BENCH_RAMP (1 s), BENCH_QDEPTH (qublk -d, 128: the
+# same as the nbd driver's tag set and ublksrv's default), BENCH_CACHE (none,
+# or writeback when O_DIRECT fails on tmpfs), BENCH_ONLY (a regex on
+# "img/cfg", default all).
+
+SIZE=${BENCH_SIZE:-2G}
+RUNTIME=${BENCH_RUNTIME:-5}
+RAMP=${BENCH_RAMP:-1}
+QDEPTH=${BENCH_QDEPTH:-128}
+CACHE=${BENCH_CACHE:-none}
+ONLY=${BENCH_ONLY:-.}
+WORKLOADS=(randwrite/4k randread/4k randrw/4k rw/64k rw/512k)
+B=/bench
+PATH=$VMTEST_DIR:$PATH
+# The sampling helpers are noise on the console.
+VMTEST_XTRACE=0
+
+mkdir -p "$B"
+mountpoint -q "$B" || mount -t tmpfs -o size=90% tmpfs "$B"
+
+# ---- CPU accounting ------------------------------------------------------
+
+# ticks PID...: CPU ticks (utime+stime) of the processes' live threads, as
+# "ALL IOWQ": IOWQ is the share of io_uring's io-wq workers (iou-wrk-*), the
+# threads io_uring punts a request to when the file cannot take it without
+# blocking.  Per thread, so that both halves come from the same counters.
+ticks() {
+    local p t s all=0 wq=0 v
+    for p in "$@"; do
+        for t in /proc/"$p"/task/*; do
+            s=$(cat "$t/stat" 2>/dev/null) || continue
+            # after "pid (comm) ": state is field 1, utime 12, stime 13
+            v=${s##*) }
+            set -- $v
+            v=$((${12} + ${13}))
+            all=$((all + v))
+            case $s in *'(iou-wrk'*) wq=$((wq + v)) ;; esac
+        done
+    done
+    echo "$all $wq"
+}
+
+# busy: non-idle ticks of all CPUs (user nice system idle iowait irq softirq steal).
+busy() {
+    local _c u n s i w q sq st
+    read -r _c u n s i w q sq st _ </proc/stat
+    echo $((u + n + s + q + sq + st)) $((u + n + s + i + w + q + sq + st))
+}
+
+# ---- one fio run ---------------------------------------------------------
+
+# run_fio IMG CFG DEV WORKLOAD SRVPIDS: fio on DEV, sampling CPU in the
+# middle of the run; prints the BENCH line.  Returns 1 on fio errors.
+run_fio() {
+    local img=$1 cfg=$2 dev=$3 wl=$4 srvpids=$5
+    local rw=${wl%/*} bs=${wl#*/} out=$B/fio.out fpid
+    local s0 s1 w0 w1 f0 f1 b0 b1 t0 t1 fiopids st=ok
+    fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
+        --bs="$bs" --iodepth=128 --iodepth_batch_submit=16 \
+        --iodepth_batch_complete_min=16 --numjobs=1 --rw="$rw" \
+        --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
+        --group_reporting --output-format=terse --terse-version=3 \
+        >"$out" 2>&1 &
+    fpid=$!
+    # Window: from after the ramp (and fio's start-up) to before the end.
+    sleep $((RAMP + 1))
+    fiopids=$(pidof fio)
+    read -r s0 w0 < <(ticks $srvpids)
+    read -r f0 _ < <(ticks $fiopids)
+    read -r b0 t0 < <(busy)
+    sleep $((RUNTIME > 3 ? RUNTIME - 2 : 1))
+    read -r s1 w1 < <(ticks $srvpids)
+    read -r f1 _ < <(ticks $fiopids)
+    read -r b1 t1 < <(busy)
+    if [ "$wl" = randread/4k ]; then
+        # One snapshot per configuration, for the log.
+        echo "top during $img $cfg $wl:"
+        top -b -n1 | head -n 14
+        local p
+        for p in $srvpids; do
+            for t in /proc/"$p"/task/*; do
+                echo "  thread ${t##*/} $(cut -d' ' -f2 "$t/stat") utime+stime=$(awk '{ print $14 + $15 }' "$t/stat")"
+            done
+        done
+    fi
+    wait "$fpid" || st=err
+    local line
+    line=$(grep '^3;' "$out" | tail -n 1)
+    if [ -z "$line" ]; then
+        st=err
+        cat "$out"
+        line='3;;;;1;0;0;0'
+    fi
+    local tot=$((t1 - t0))
+    [ "$tot" -gt 0 ] || tot=1
+    # Percent of one vCPU: ticks / (window ticks / nr_cpus).
+    local ncpu
+    ncpu=$(grep -c '^cpu[0-9]' /proc/stat)
+    echo "$line" | awk -F';' -v img="$img" -v cfg="$cfg" -v wl="$wl" -v st="$st" \
+        -v srv=$((s1 - s0)) -v wq=$((w1 - w0)) -v fio=$((f1 - f0)) -v bsy=$((b1 - b0)) \
+        -v win="$tot" -v ncpu="$ncpu" '{
+            if ($5 != 0) st = "err"
+            w = win / ncpu
+            printf "BENCH img=%s cfg=%s wl=%s st=%s riops=%d rbw=%d wiops=%d wbw=%d srv=%.0f iowq=%.0f fio=%.0f tot=%.0f n=%d err=%s\n",
+                img, cfg, wl, st, $8, $7, $49, $48, 100 * srv / w, 100 * wq / w, 100 * fio / w, 100 * bsy / w, win, $5
+        }'
+    [ "$st" = ok ] || { cat "$out"; return 1; }
+}
+
+na_line() { echo "BENCH img=$1 cfg=$2 wl=$3 st=na"; }
+
+# ---- servers -------------------------------------------------------------
+
+# Each start_* prints the device; stop_* takes it down and waits until the
+# server has closed the image.
+devnum() { echo "${1#/dev/ublkb}"; }
+
+start_qublk() { # TYPE QUEUES [FILE | --size S]
+    local type=$1 q=$2; shift 2
+    qublk add -t "$type" -q "$q" -d "$QDEPTH" --cache "$CACHE" "$@" \
+        2>"$B/add.err" || { cat "$B/add.err" >&2; return 1; }
+}
+stop_qublk() { # DEV
+    qublk del -n "$(devnum "$1")"
+    [ ! -e "$1" ]
+}
+
+start_nbd() { # FMT FILE
+    # -c daemonises (the parent returns once the device is connected); the
+    # daemon must not hold our stdout.
+    qemu-nbd -c /dev/nbd0 -f "$1" --cache="$CACHE" --aio=io_uring \
+        "$2" >"$B/nbd.log" 2>&1 </dev/null || { cat "$B/nbd.log" >&2; return 1; }
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ "$(cat /sys/block/nbd0/size)" != 0 ] && { echo /dev/nbd0; return 0; }
+        sleep 0.1
+    done
+    echo "nbd0 never got a size" >&2
+    return 1
+}
+stop_nbd() {
+    local i
+    qemu-nbd -d /dev/nbd0 >/dev/null
+    for ((i = 0; i < 100; i++)); do
+        pidof qemu-nbd >/dev/null || return 0
+        sleep 0.1
+    done
+    echo "qemu-nbd did not exit" >&2
+    return 1
+}
+
+# ---- images --------------------------------------------------------------
+
+mk_image() { # KIND PATH
+    rm -f "$2"
+    case $1 in
+        raw) qemu-img create -q -f raw -o preallocation=falloc "$2" "$SIZE" ;;
+        prealloc) qemu-img create -q -f qcow2 -o preallocation=falloc "$2" "$SIZE" ;;
+        empty) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
+    esac
+}
+
+# ---- one configuration: all workloads ------------------------------------
+
+# bench_cfg IMGKIND CFG: CFG is null, raw, qublk-q1, qublk-q2 or qemu-nbd.
+# An empty qcow2 is recreated (and the device set up again) before each
+# workload, so every run starts from an empty image.
+bench_cfg() {
+    local kind=$1 cfg=$2 wl dev pids fmt img rc=0 fresh=0
+    case $kind in
+        raw) fmt=raw img=$B/img.raw ;;
+        none) fmt='' img='' ;;
+        *) fmt=qcow2 img=$B/img.qcow2 ;;
+    esac
+    [ "$kind" = empty ] && fresh=1
+    for wl in "${WORKLOADS[@]}"; do
+        if [ -z "${dev:-}" ]; then
+            if [ -n "$img" ] && { [ "$fresh" = 1 ] || [ ! -e "$img" ]; }; then
+                mk_image "$kind" "$img"
+            fi
+            case $cfg in
+                null) dev=$(start_qublk null 1 --size "$SIZE") ;;
+                raw) dev=$(start_qublk raw 1 "$img") ;;
+                qublk-q*) dev=$(start_qublk "$fmt" "${cfg#qublk-q}" "$img") ;;
+                qemu-nbd) dev=$(start_nbd "$fmt" "$img") ;;
+            esac || {
+                if grep -q 'not yet' "$B/add.err" 2>/dev/null; then
+                    for wl in "${WORKLOADS[@]}"; do na_line "$kind" "$cfg" "$wl"; done
+                    return 0
+                fi
+                return 1
+            }
+            [ -b "$dev" ]
+        fi
+        if [ "$cfg" = qemu-nbd ]; then pids=$(pidof qemu-nbd); else pids=$(pidof qublk); fi
+        run_fio "$kind" "$cfg" "$dev" "$wl" "$pids" || rc=1
+        if [ "$fresh" = 1 ] || [ "$wl" = "${WORKLOADS[-1]}" ]; then
+            if [ "$cfg" = qemu-nbd ]; then stop_nbd; else stop_qublk "$dev"; fi
+            dev=''
+            # After qublk: the image must be clean (writes under load).
+            if [ "$fmt" = qcow2 ] && [ "$cfg" != qemu-nbd ]; then
+                qemu-img check -q "$img" || { echo "qemu-img check failed after $cfg $wl"; rc=1; }
+            fi
+        fi
+    done
+    return "$rc"
+}
+
+# ---- main ----------------------------------------------------------------
+
+t_setup() {
+    need fio qemu-img qublk qemu-nbd
+    [ -b /dev/nbd0 ] || fail "/dev/nbd0 missing (nbd module not loaded?)"
+    # O_DIRECT on tmpfs (Linux >= 6.6); the host picks writeback otherwise.
+    if [ "$CACHE" = none ]; then
+        dd if=/dev/zero of="$B/odirect" bs=4k count=1 oflag=direct status=none \
+            || fail "O_DIRECT fails on tmpfs: rerun with BENCH_CACHE=writeback"
+        rm -f "$B/odirect"
+    fi
+    # qemu-nbd -c binds a lock socket there.
+    mkdir -p /var/lock
+    # Warm-up, not recorded: under TCG the first run of a code path pays for
+    # its translation, which would penalise whichever configuration ran first.
+    local dev
+    dev=$(start_qublk null 1 --size 1G)
+    fio --name=warm --filename="$dev" --ioengine=libaio --direct=1 --bs=4k \
+        --iodepth=128 --rw=randrw --time_based --runtime=2 >/dev/null
+    stop_qublk "$dev"
+    echo "BENCH-CONF size=$SIZE runtime=$RUNTIME ramp=$RAMP qdepth=$QDEPTH cache=$CACHE ncpu=$(grep -c '^cpu[0-9]' /proc/stat) kernel=$(uname -r) mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)kB"
+    df -h "$B"
+}
+vmtest bench-setup t_setup
+
+bench() { # KIND CFG
+    [[ "$1/$2" =~ $ONLY ]] || return 0
+    vmtest "bench-$1-$2" bench_cfg "$1" "$2"
+}
+
+bench none null
+bench raw raw
+rm -f "$B/img.raw"
+for cfg in qublk-q1 qublk-q2 qemu-nbd; do bench prealloc "$cfg"; done
+rm -f "$B/img.qcow2"
+for cfg in qublk-q1 qublk-q2 qemu-nbd; do bench empty "$cfg"; done
+rm -f "$B/img.qcow2"
