@@ -10,6 +10,6 @@ mkdir -p "$(dirname "$out")"
 CC=${CC:-clang}
 exec $CC -std=gnu11 -g -O1 -D_GNU_SOURCE -Isrc -fsanitize=fuzzer,address,undefined \
 	-o "$out" tests/fuzz/fuzz_header.c \
-	src/qcow2/header.c src/qcow2/snapshot.c src/common/util.c src/common/io.c \
+	src/qcow2/header.c src/qcow2/snapshot.c src/common/util.c src/common/io.c src/common/io_mem.c \
 	src/common/aio.c src/common/coro.c \
 	-luring -lpthread

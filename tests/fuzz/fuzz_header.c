@@ -13,47 +13,8 @@
 #include <string.h>
 
 #include "common/io.h"
+#include "common/io_mem.h"
 #include "qcow2/format.h"
-
-struct memfile {
-	struct io_file f;
-	uint8_t *data;
-	size_t size;
-};
-
-static int mem_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
-{
-	struct memfile *m = (struct memfile *)f;
-
-	for (int i = 0; i < cnt; i++) {
-		uint8_t *p = iov[i].iov_base;
-		for (size_t k = 0; k < iov[i].iov_len; k++, off++)
-			p[k] = off < m->size ? m->data[off] : 0;
-	}
-	return 0;
-}
-
-static int mem_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
-{
-	struct memfile *m = (struct memfile *)f;
-
-	for (int i = 0; i < cnt; i++) {
-		size_t end = off + iov[i].iov_len;
-		if (end > m->size) {
-			uint8_t *n = realloc(m->data, end);
-			if (!n)
-				return -ENOMEM;
-			memset(n + m->size, 0, end - m->size);
-			m->data = n;
-			m->size = end;
-		}
-		memcpy(m->data + off, iov[i].iov_base, iov[i].iov_len);
-		off = end;
-	}
-	return 0;
-}
-
-static const struct io_file_ops mem_ops = { .preadv = mem_preadv, .pwritev = mem_pwritev };
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -69,16 +30,13 @@ static unsigned count_opaque(const struct qcow2_meta *m)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	struct memfile m = { .f = { .ops = &mem_ops, .fd = -1 } };
+	struct io_mem m;
 	struct qcow2_meta meta, again;
 	struct qcow2_snapshot *snaps;
 	char err[256], names[512];
 
-	m.data = malloc(size ? size : 1);
-	if (!m.data)
+	if (io_mem_init_copy(&m, data, size))
 		return 0;
-	memcpy(m.data, data, size);
-	m.size = size;
 	if (qcow2_meta_read(&m.f, m.size, &meta, err, sizeof(err)) == 0) {
 		for (int t = 0; t < 3; t++)
 			qcow2_feature_names(&meta, t, ~0ull, names, sizeof(names));
@@ -95,6 +53,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		}
 		qcow2_meta_free(&meta);
 	}
-	free(m.data);
+	io_mem_deinit(&m);
 	return 0;
 }

@@ -17,6 +17,7 @@
 #include <zstd.h>
 
 #include "common/io.h"
+#include "common/io_mem.h"
 #include "common/util.h"
 #include "qcow2/format.h"
 
@@ -34,74 +35,13 @@ static int passed, failed;
 		}                                                               \
 	} while (0)
 
-/* ---- in-memory io_file ---- */
-
-struct memfile {
-	struct io_file f;
-	uint8_t *data;
-	size_t size;
-};
-
-static int mem_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
-{
-	struct memfile *m = (struct memfile *)f;
-
-	for (int i = 0; i < cnt; i++) {
-		uint8_t *p = iov[i].iov_base;
-		for (size_t k = 0; k < iov[i].iov_len; k++, off++)
-			p[k] = off < m->size ? m->data[off] : 0;
-	}
-	return 0;
-}
-
-static int mem_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
-{
-	struct memfile *m = (struct memfile *)f;
-
-	for (int i = 0; i < cnt; i++) {
-		size_t end = off + iov[i].iov_len;
-		if (end > m->size) {
-			uint8_t *n = realloc(m->data, end);
-			if (!n)
-				return -ENOMEM;
-			memset(n + m->size, 0, end - m->size);
-			m->data = n;
-			m->size = end;
-		}
-		memcpy(m->data + off, iov[i].iov_base, iov[i].iov_len);
-		off = end;
-	}
-	return 0;
-}
-
-static int mem_get_size(struct io_file *f, uint64_t *size)
-{
-	*size = ((struct memfile *)f)->size;
-	return 0;
-}
-
-static const struct io_file_ops mem_ops = {
-	.preadv = mem_preadv,
-	.pwritev = mem_pwritev,
-	.get_size = mem_get_size,
-};
-
-static void mem_init(struct memfile *m, size_t size)
-{
-	memset(m, 0, sizeof(*m));
-	m->f.ops = &mem_ops;
-	m->f.fd = -1;
-	m->data = calloc(1, size);
-	m->size = size;
-}
-
 /* ---- a valid image: 4 KiB clusters, 1 GiB, v3 ---- */
 
 #define CS 4096u
 
-static void build_good(struct memfile *m)
+static void build_good(struct io_mem *m)
 {
-	mem_init(m, 4 * CS);
+	io_mem_init(m, 4 * CS);
 	uint8_t *b = m->data;
 	put_be32(b + QCOW2_HDR_MAGIC, QCOW2_MAGIC);
 	put_be32(b + QCOW2_HDR_VERSION, 3);
@@ -118,13 +58,13 @@ static void build_good(struct memfile *m)
 		put_be16(b + 2 * CS + 2 * i, 1);
 }
 
-static int read_meta(struct memfile *m, struct qcow2_meta *meta, char *err, size_t errlen)
+static int read_meta(struct io_mem *m, struct qcow2_meta *meta, char *err, size_t errlen)
 {
 	return qcow2_meta_read(&m->f, m->size, meta, err, errlen);
 }
 
 /* Expect a refusal whose message contains @needle. */
-static void expect_bad(struct memfile *m, const char *needle, const char *what)
+static void expect_bad(struct io_mem *m, const char *needle, const char *what)
 {
 	struct qcow2_meta meta;
 	char err[256] = "";
@@ -139,7 +79,7 @@ static void expect_bad(struct memfile *m, const char *needle, const char *what)
 
 static void test_good(void)
 {
-	struct memfile m;
+	struct io_mem m;
 	struct qcow2_meta meta;
 	char err[256] = "";
 
@@ -180,7 +120,7 @@ static void test_good(void)
 
 static void test_bad(void)
 {
-	struct memfile m;
+	struct io_mem m;
 
 	build_good(&m);
 	m.size = 71;
@@ -295,7 +235,7 @@ static void test_bad(void)
 
 static void test_roundtrip(void)
 {
-	struct memfile m;
+	struct io_mem m;
 	struct qcow2_meta a, b;
 	char err[256] = "";
 	static const uint8_t unk[5] = { 1, 2, 3, 4, 5 };
@@ -342,8 +282,8 @@ static void test_roundtrip(void)
 	CHECK(strlen(names) < 6, "truncated names");
 
 	/* Rewrite into a fresh file, changing the backing name. */
-	struct memfile out;
-	mem_init(&out, 4 * CS);
+	struct io_mem out;
+	io_mem_init(&out, 4 * CS);
 	memcpy(out.data + CS, m.data + CS, 3 * CS);
 	free(a.backing_file);
 	a.backing_file = strdup("a/much/longer/backing/name.qcow2");
@@ -429,7 +369,7 @@ static void put_snapshot(uint8_t *p, uint64_t l1, uint32_t l1n, const char *id, 
 
 static void test_snapshots(void)
 {
-	struct memfile m;
+	struct io_mem m;
 	struct qcow2_meta meta;
 	struct qcow2_snapshot *s;
 	char err[256] = "";
