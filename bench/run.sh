@@ -29,8 +29,8 @@ while [ $# -gt 0 ]; do
 	esac
 	shift
 done
-COUNT=$(( QUICK ? 50000 : 200000 ))
-RUNTIME=$(( QUICK ? 5 : 15 ))
+COUNT=${QUBLK_BENCH_COUNT:-$(( QUICK ? 50000 : 200000 ))}
+RUNTIME=${QUBLK_BENCH_RUNTIME:-$(( QUICK ? 5 : 15 ))}
 SIZE=1G
 
 mkimg() { # kind path
@@ -78,7 +78,7 @@ fio_nbd() { # sock rw depth
 	fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw="$2" --bs=4k \
 	    --iodepth="$3" --numjobs=1 --time_based --runtime="$RUNTIME" --size=$SIZE \
 	    --output-format=json 2>/dev/null |
-	python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
+	/usr/bin/python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(int(j["read"]["iops"]+j["write"]["iops"]))'
 }
 
 serve_qublk() { # fmt img sock
@@ -86,7 +86,7 @@ serve_qublk() { # fmt img sock
 	wait_sock "$3"
 }
 serve_qemu() { # img sock
-	qemu-nbd -f qcow2 --cache=none --aio=io_uring --socket "$2" "$1" 2>/dev/null &
+	qemu-nbd -f qcow2 --cache=none --aio=io_uring --persistent --shared=8 --discard=unmap --socket "$2" "$1" 2>/dev/null &
 	wait_sock "$2"
 }
 stop_server() { kill %% 2>/dev/null || true; wait 2>/dev/null || true; }

@@ -314,7 +314,7 @@ static int read_cow_region(struct qcow2_state *s, const struct qcow2_map *m, uin
  * from the old contents (@first, @last mappings). */
 static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 		     const struct qcow2_map *last, uint64_t host, uint64_t guest, uint64_t len,
-		     const struct iovec *iov, int iovcnt, uint64_t iov_off)
+		     const struct iovec *iov, int iovcnt, uint64_t iov_off, bool fresh)
 {
 	uint64_t cs = s->cluster_size;
 	uint64_t c0 = ALIGN_DOWN(guest, cs), cend = ALIGN_UP(guest + len, cs);
@@ -323,6 +323,12 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 	uint8_t *b = NULL;
 	int n = 0, k, ret;
 
+	if ((head || tail) && fresh && region_reads_zero(s, first, c0, head) &&
+	    region_reads_zero(s, last, cend - tail, tail)) {
+		/* Clusters past everything ever allocated in the file are
+		 * holes or beyond its end: they read as zeros already. */
+		head = tail = 0;
+	}
 	if ((head || tail) && region_reads_zero(s, first, c0, head) &&
 	    region_reads_zero(s, last, cend - tail, tail) && !s->no_zero_range) {
 		/* Cheap zero fill of the whole range, then just the data. */
@@ -373,7 +379,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	struct iovec sl[BDRV_IOV_MAX];
 	uint64_t *ents;
 	unsigned idx, e;
-	bool reuse;
+	bool reuse, fresh = false;
 	int slot, n, ret;
 
 	co_mutex_lock(&s->lock);
@@ -413,9 +419,13 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	if (reuse) {
 		host = m.l2e & QCOW2_L2E_OFFSET_MASK;
 	} else {
+		uint64_t old_end = s->file_end;
 		ret = qcow2_alloc_clusters(s, nclusters, &host);
 		if (ret < 0)
 			goto out_unlock;
+		/* file_end only grows (allocations, never frees), so clusters
+		 * at or past it were never written since the file began. */
+		fresh = host >= old_end;
 	}
 	a.start = c0;
 	a.end = cend;
@@ -425,7 +435,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	e = io_begin(s);
 	co_mutex_unlock(&s->lock);
 
-	ret = cow_write(s, &m, &last, host, guest, m.bytes, iov, iovcnt, iov_off);
+	ret = cow_write(s, &m, &last, host, guest, m.bytes, iov, iovcnt, iov_off, fresh);
 	io_end(s, e);
 
 	co_mutex_lock(&s->lock);

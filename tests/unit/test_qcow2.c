@@ -182,10 +182,15 @@ static int norm_map(const char *img, char *out, size_t outlen)
 		if (!p || sscanf(p, "\"start\": %lld, \"length\": %lld, \"depth\": %d",
 				 &st, &len, &depth) != 3)
 			continue;
+		/* On allocated data, "zero" only says the host file has a
+		 * hole there: that depends on how the host range was zeroed
+		 * (explicit zeros, ZERO_RANGE, never-written tail of a fresh
+		 * cluster), not on the image, so it is not compared. */
+		bool data = strstr(line, "\"data\": true") != NULL;
 		snprintf(k, sizeof(k), "d%d%s%s%s", depth,
 			 strstr(line, "\"present\": true") ? "P" : "-",
-			 strstr(line, "\"zero\": true") ? "Z" : "-",
-			 strstr(line, "\"data\": true") ? "D" : "-");
+			 !data && strstr(line, "\"zero\": true") ? "Z" : "-",
+			 data ? "D" : "-");
 		if (ps >= 0 && !strcmp(k, pk) && ps + pl == st) {
 			pl += len;
 			continue;
