@@ -3,41 +3,47 @@
 # bench/vm-ublk.guest.sh: the guest half of bench/vm-ublk.sh (sourced by the
 # VM harness, tests/vm/guest-lib.sh).  Runs fio with ublksrv's parameters
 # (libaio, direct=1, iodepth=128, batch submit/complete 16, numjobs=1) on the
-# same 2 GiB image through qublk (1 and 2 queues), qemu-nbd -c /dev/nbd0,
-# the null target and the raw target, one configuration after the other in
-# this one boot, and prints one machine-readable line per run:
+# same 2 GiB images through qublk (1 and 2 queues), qemu-nbd -c /dev/nbd0,
+# the null target and the raw target, all in this one boot.  Order: for each
+# round, for each workload, every configuration back to back (null, raw,
+# qcow2 preallocated via qublk -q1/-q2/qemu-nbd, qcow2 empty via the same),
+# each with its own device set up and torn down, so that a change in the
+# host's load (the vCPUs are host threads) hits all of one workload's
+# configurations alike.  One machine-readable line per run:
 #
-#   BENCH img=KIND cfg=CONFIG wl=RW/BS st=ok|err|na riops=N rbw=KiB/s
-#         wiops=N wbw=KiB/s srv=CPU% iowq=CPU% fio=CPU% tot=CPU% n=TICKS
+#   BENCH round=N img=KIND cfg=CONFIG wl=RW/BS st=ok|err|na riops=N
+#         rbw=KiB/s wiops=N wbw=KiB/s srv=CPU% iowq=CPU% fio=CPU% tot=CPU%
+#         n=TICKS err=N
 #
-# CPU%: percent of one vCPU over a sampling window in the middle of the run
-# (from /proc: the server daemon with all its threads, iowq the part of it
-# in io_uring's io-wq workers, the fio processes,
-# and every non-idle tick of the machine); the host turns these into the
-# tables.  Nothing here asserts performance: a configuration fails only if
-# fio reports errors, the device cannot be set up, or qemu-img check finds
-# the image damaged after the device is deleted.
+# CPU%: percent of one vCPU over a window in the middle of the run (from
+# /proc: the server daemon's threads, iowq the part of it in io_uring's
+# io-wq workers, the fio processes, and every non-idle tick of the machine);
+# the host turns these into the tables.  Nothing here asserts performance:
+# a run fails only if fio reports errors, the device cannot be set up, or
+# qemu-img check finds an image damaged after qublk wrote to it.
 #
-# Memory: the 2 GiB images live in a tmpfs of their own (/bench), so the VM
-# needs --mem 4G or more (bench/vm-ublk.sh passes it); images are created one
-# kind at a time and removed before the next.
+# Memory: the raw and the preallocated qcow2 image (2 GiB each) and the
+# empty one live at once in a tmpfs of their own (/bench, 90% of RAM), so
+# the VM needs --mem 6G (bench/vm-ublk.sh passes it).
 #
 # Environment (set by the host with run.sh --env): BENCH_SIZE (2G),
-# BENCH_RUNTIME (5 s), BENCH_RAMP (1 s), BENCH_QDEPTH (qublk -d, 128: the
-# same as the nbd driver's tag set and ublksrv's default), BENCH_CACHE (none,
-# or writeback when O_DIRECT fails on tmpfs), BENCH_ONLY (a regex on
-# "img/cfg", default all).
+# BENCH_RUNTIME (3 s), BENCH_RAMP (1 s), BENCH_ROUNDS (2), BENCH_QDEPTH
+# (qublk -d, 128: the same as the nbd driver's tag set and ublksrv's
+# default), BENCH_CACHE (none, or writeback when O_DIRECT fails on tmpfs),
+# BENCH_ONLY (a regex on "KIND/CONFIG", default all).
 
 SIZE=${BENCH_SIZE:-2G}
-RUNTIME=${BENCH_RUNTIME:-5}
+RUNTIME=${BENCH_RUNTIME:-3}
 RAMP=${BENCH_RAMP:-1}
 QDEPTH=${BENCH_QDEPTH:-128}
 CACHE=${BENCH_CACHE:-none}
 ONLY=${BENCH_ONLY:-.}
+ROUNDS=${BENCH_ROUNDS:-2}
 WORKLOADS=(randwrite/4k randread/4k randrw/4k rw/64k rw/512k)
 B=/bench
 PATH=$VMTEST_DIR:$PATH
-# The sampling helpers are noise on the console.
+# The sampling helpers are noise on the console (read by guest-lib's vmtest).
+# shellcheck disable=SC2034
 VMTEST_XTRACE=0
 
 mkdir -p "$B"
@@ -49,6 +55,7 @@ mountpoint -q "$B" || mount -t tmpfs -o size=90% tmpfs "$B"
 # "ALL IOWQ": IOWQ is the share of io_uring's io-wq workers (iou-wrk-*), the
 # threads io_uring punts a request to when the file cannot take it without
 # blocking.  Per thread, so that both halves come from the same counters.
+# shellcheck disable=SC2086  # PID lists are split on purpose
 ticks() {
     local p t s all=0 wq=0 v
     for p in "$@"; do
@@ -56,6 +63,7 @@ ticks() {
             s=$(cat "$t/stat" 2>/dev/null) || continue
             # after "pid (comm) ": state is field 1, utime 12, stime 13
             v=${s##*) }
+            # shellcheck disable=SC2086  # split the fields
             set -- $v
             v=$((${12} + ${13}))
             all=$((all + v))
@@ -76,6 +84,7 @@ busy() {
 
 # run_fio IMG CFG DEV WORKLOAD SRVPIDS: fio on DEV, sampling CPU in the
 # middle of the run; prints the BENCH line.  Returns 1 on fio errors.
+# shellcheck disable=SC2086  # PID lists are split on purpose
 run_fio() {
     local img=$1 cfg=$2 dev=$3 wl=$4 srvpids=$5
     local rw=${wl%/*} bs=${wl#*/} out=$B/fio.out fpid
@@ -88,16 +97,16 @@ run_fio() {
         >"$out" 2>&1 &
     fpid=$!
     # Window: from after the ramp (and fio's start-up) to before the end.
-    sleep $((RAMP + 1))
+    sleep "$(awk -v r="$RAMP" 'BEGIN { print r + 0.5 }')"
     fiopids=$(pidof fio)
     read -r s0 w0 < <(ticks $srvpids)
     read -r f0 _ < <(ticks $fiopids)
     read -r b0 t0 < <(busy)
-    sleep $((RUNTIME > 3 ? RUNTIME - 2 : 1))
+    sleep "$(awk -v t="$RUNTIME" 'BEGIN { print t > 1.5 ? t - 1 : 0.5 }')"
     read -r s1 w1 < <(ticks $srvpids)
     read -r f1 _ < <(ticks $fiopids)
     read -r b1 t1 < <(busy)
-    if [ "$wl" = randread/4k ]; then
+    if [ "$wl" = randread/4k ] && [ "${CUR_ROUND:-1}" = 1 ]; then
         # One snapshot per configuration, for the log.
         echo "top during $img $cfg $wl:"
         top -b -n1 | head -n 14
@@ -121,18 +130,18 @@ run_fio() {
     # Percent of one vCPU: ticks / (window ticks / nr_cpus).
     local ncpu
     ncpu=$(grep -c '^cpu[0-9]' /proc/stat)
-    echo "$line" | awk -F';' -v img="$img" -v cfg="$cfg" -v wl="$wl" -v st="$st" \
+    echo "$line" | awk -F';' -v round="${CUR_ROUND:-1}" -v img="$img" -v cfg="$cfg" -v wl="$wl" -v st="$st" \
         -v srv=$((s1 - s0)) -v wq=$((w1 - w0)) -v fio=$((f1 - f0)) -v bsy=$((b1 - b0)) \
         -v win="$tot" -v ncpu="$ncpu" '{
             if ($5 != 0) st = "err"
             w = win / ncpu
-            printf "BENCH img=%s cfg=%s wl=%s st=%s riops=%d rbw=%d wiops=%d wbw=%d srv=%.0f iowq=%.0f fio=%.0f tot=%.0f n=%d err=%s\n",
-                img, cfg, wl, st, $8, $7, $49, $48, 100 * srv / w, 100 * wq / w, 100 * fio / w, 100 * bsy / w, win, $5
+            printf "BENCH round=%s img=%s cfg=%s wl=%s st=%s riops=%d rbw=%d wiops=%d wbw=%d srv=%.0f iowq=%.0f fio=%.0f tot=%.0f n=%d err=%s\n",
+                round, img, cfg, wl, st, $8, $7, $49, $48, 100 * srv / w, 100 * wq / w, 100 * fio / w, 100 * bsy / w, win, $5
         }'
     [ "$st" = ok ] || { cat "$out"; return 1; }
 }
 
-na_line() { echo "BENCH img=$1 cfg=$2 wl=$3 st=na"; }
+na_line() { echo "BENCH round=${CUR_ROUND:-1} img=$1 cfg=$2 wl=$3 st=na"; }
 
 # ---- servers -------------------------------------------------------------
 
@@ -185,50 +194,64 @@ mk_image() { # KIND PATH
     esac
 }
 
-# ---- one configuration: all workloads ------------------------------------
+# ---- one run: set up, fio, tear down ------------------------------------
 
-# bench_cfg IMGKIND CFG: CFG is null, raw, qublk-q1, qublk-q2 or qemu-nbd.
-# An empty qcow2 is recreated (and the device set up again) before each
-# workload, so every run starts from an empty image.
-bench_cfg() {
-    local kind=$1 cfg=$2 wl dev pids fmt img rc=0 fresh=0
+IMG_RAW=$B/img.raw IMG_PRE=$B/img-prealloc.qcow2 IMG_EMPTY=$B/img-empty.qcow2
+
+# one_run KIND CFG WL: KIND none (null), raw, prealloc or empty; CFG null,
+# raw, qublk-q1, qublk-q2 or qemu-nbd.  The device is set up for this run
+# alone, so that the configurations of one workload run back to back
+# (interleaved: a change in the host's load hits them alike).  The empty
+# qcow2 is recreated before every run, so every run starts from an empty
+# image.
+one_run() {
+    local kind=$1 cfg=$2 wl=$3 dev pids fmt=qcow2 img rc=0
     case $kind in
-        raw) fmt=raw img=$B/img.raw ;;
         none) fmt='' img='' ;;
-        *) fmt=qcow2 img=$B/img.qcow2 ;;
+        raw) fmt=raw img=$IMG_RAW ;;
+        prealloc) img=$IMG_PRE ;;
+        empty) img=$IMG_EMPTY; mk_image empty "$img" ;;
     esac
-    [ "$kind" = empty ] && fresh=1
-    for wl in "${WORKLOADS[@]}"; do
-        if [ -z "${dev:-}" ]; then
-            if [ -n "$img" ] && { [ "$fresh" = 1 ] || [ ! -e "$img" ]; }; then
-                mk_image "$kind" "$img"
-            fi
-            case $cfg in
-                null) dev=$(start_qublk null 1 --size "$SIZE") ;;
-                raw) dev=$(start_qublk raw 1 "$img") ;;
-                qublk-q*) dev=$(start_qublk "$fmt" "${cfg#qublk-q}" "$img") ;;
-                qemu-nbd) dev=$(start_nbd "$fmt" "$img") ;;
-            esac || {
-                if grep -q 'not yet' "$B/add.err" 2>/dev/null; then
-                    for wl in "${WORKLOADS[@]}"; do na_line "$kind" "$cfg" "$wl"; done
-                    return 0
-                fi
-                return 1
-            }
-            [ -b "$dev" ]
+    case $cfg in
+        null) dev=$(start_qublk null 1 --size "$SIZE") ;;
+        raw) dev=$(start_qublk raw 1 "$img") ;;
+        qublk-q*) dev=$(start_qublk "$fmt" "${cfg#qublk-q}" "$img") ;;
+        qemu-nbd) dev=$(start_nbd "$fmt" "$img") ;;
+    esac || {
+        if grep -q 'not yet' "$B/add.err" 2>/dev/null; then
+            na_line "$kind" "$cfg" "$wl"
+            return 0
         fi
-        if [ "$cfg" = qemu-nbd ]; then pids=$(pidof qemu-nbd); else pids=$(pidof qublk); fi
-        run_fio "$kind" "$cfg" "$dev" "$wl" "$pids" || rc=1
-        if [ "$fresh" = 1 ] || [ "$wl" = "${WORKLOADS[-1]}" ]; then
-            if [ "$cfg" = qemu-nbd ]; then stop_nbd; else stop_qublk "$dev"; fi
-            dev=''
-            # After qublk: the image must be clean (writes under load).
-            if [ "$fmt" = qcow2 ] && [ "$cfg" != qemu-nbd ]; then
-                qemu-img check -q "$img" || { echo "qemu-img check failed after $cfg $wl"; rc=1; }
-            fi
-        fi
+        echo "BENCH round=${CUR_ROUND:-1} img=$kind cfg=$cfg wl=$wl st=err (setup failed)"
+        return 1
+    }
+    [ -b "$dev" ]
+    if [ "$cfg" = qemu-nbd ]; then pids=$(pidof qemu-nbd); else pids=$(pidof qublk); fi
+    run_fio "$kind" "$cfg" "$dev" "$wl" "$pids" || rc=1
+    if [ "$cfg" = qemu-nbd ]; then stop_nbd; else stop_qublk "$dev"; fi
+    # After qublk wrote to an empty image under load, it must check clean
+    # (the preallocated one is checked at the end of each round).
+    if [ "$kind" = empty ] && [ "$cfg" != qemu-nbd ] && [ "$wl" != randread/4k ]; then
+        qemu-img check -q "$img" || { echo "qemu-img check failed after $cfg $wl"; rc=1; }
+    fi
+    return "$rc"
+}
+
+# bench_wl ROUND WL: every configuration on this workload.
+bench_wl() {
+    local round=$1 wl=$2 kind cfg rc=0
+    for kc in none/null raw/raw prealloc/qublk-q1 prealloc/qublk-q2 prealloc/qemu-nbd \
+              empty/qublk-q1 empty/qublk-q2 empty/qemu-nbd; do
+        [[ $kc =~ $ONLY ]] || continue
+        kind=${kc%/*} cfg=${kc#*/}
+        CUR_ROUND=$round
+        one_run "$kind" "$cfg" "$wl" || rc=1
     done
     return "$rc"
+}
+
+t_check_prealloc() {
+    qemu-img check "$IMG_PRE"
 }
 
 # ---- main ----------------------------------------------------------------
@@ -251,20 +274,22 @@ t_setup() {
     fio --name=warm --filename="$dev" --ioengine=libaio --direct=1 --bs=4k \
         --iodepth=128 --rw=randrw --time_based --runtime=2 >/dev/null
     stop_qublk "$dev"
-    echo "BENCH-CONF size=$SIZE runtime=$RUNTIME ramp=$RAMP qdepth=$QDEPTH cache=$CACHE ncpu=$(grep -c '^cpu[0-9]' /proc/stat) kernel=$(uname -r) mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)kB"
+    echo "BENCH-CONF size=$SIZE runtime=$RUNTIME ramp=$RAMP rounds=$ROUNDS qdepth=$QDEPTH cache=$CACHE ncpu=$(grep -c '^cpu[0-9]' /proc/stat) kernel=$(uname -r) mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)kB"
     df -h "$B"
 }
 vmtest bench-setup t_setup
 
-bench() { # KIND CFG
-    [[ "$1/$2" =~ $ONLY ]] || return 0
-    vmtest "bench-$1-$2" bench_cfg "$1" "$2"
+t_images() {
+    mk_image raw "$IMG_RAW"
+    mk_image prealloc "$IMG_PRE"
+    df -h "$B"
 }
+vmtest bench-images t_images
 
-bench none null
-bench raw raw
-rm -f "$B/img.raw"
-for cfg in qublk-q1 qublk-q2 qemu-nbd; do bench prealloc "$cfg"; done
-rm -f "$B/img.qcow2"
-for cfg in qublk-q1 qublk-q2 qemu-nbd; do bench empty "$cfg"; done
-rm -f "$B/img.qcow2"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for wl in "${WORKLOADS[@]}"; do
+        vmtest "bench-r$round-${wl/\//-}" bench_wl "$round" "$wl"
+    done
+    vmtest "bench-r$round-check" t_check_prealloc
+done
+rm -f "$IMG_RAW" "$IMG_PRE" "$IMG_EMPTY"

@@ -7,32 +7,39 @@
 # image through qublk (-q 1 and -q 2), qemu-nbd -c /dev/nbd0 (--cache=none
 # --aio=io_uring), the null target (the ceiling) and the raw target on a raw
 # image; qcow2 images preallocated (preallocation=falloc) and empty
-# (recreated before every workload).  Not part of `make check`: numbers, not
-# pass/fail; it fails only if a run errs or an image is damaged.
+# (recreated before every run).  Within a round, each workload runs on every
+# configuration back to back, so that the host's load (TCG vCPUs are host
+# threads) hits them alike; ratios are per round, then averaged.  Not part
+# of `make check`: numbers, not pass/fail; it fails only if a run errs or
+# an image is damaged.  The guest half is bench/vm-ublk.guest.sh.
 #
-#   bench/vm-ublk.sh [--runtime S] [--ramp S] [--size SIZE] [--mem SIZE]
-#                    [--cache none|writeback] [--qdepth N] [--only REGEX]
-#                    [--log FILE] [--out FILE] [--parse LOG]
+#   bench/vm-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--size SIZE]
+#                    [--mem SIZE] [--cache none|writeback] [--qdepth N]
+#                    [--only REGEX] [--log FILE] [--out FILE] [--parse LOG]
 #
 # Prints markdown: the throughput table (IOPS for 4k, MiB/s for 64k/512k;
 # read+write), the ratios qublk/qemu-nbd and qcow2/raw per row, and a CPU
-# table (percent of one vCPU sampled mid-run: the server daemon, fio, the
-# whole machine; server CPU per I/O).  --parse LOG re-renders the tables
-# from a kept console log without booting.
+# table (percent of one vCPU sampled mid-run: the server daemon, its io-wq
+# workers, fio, the whole machine; server CPU per I/O).  --only is a regex
+# on KIND/CONFIG (none/null raw/raw prealloc/qublk-q1 ... empty/qemu-nbd).
+# --out also writes the tables to FILE; --log keeps the console log;
+# --parse LOG re-renders the tables from a kept log without booting.
 #
 # The VM runs under TCG: absolute numbers mean little; compare ratios.
 # Needs tests/vm/setup.sh done; the guest gets the host's qemu-nbd (and its
-# libraries) as an extra file.  Defaults: 5 s per run after a 1 s ramp,
-# ~40 runs: about 8-10 minutes of wall time.
+# libraries) as an extra file.  Defaults: 2 rounds of 40 runs, 3 s each
+# after a 1 s ramp, 6 GiB guest (three images in tmpfs at once): about
+# 9-10 minutes of wall time.
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$TOP"
 
-RUNTIME=5 RAMP=1 SIZE=2G MEM=4G CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
+RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM=6G CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
 while [ $# -gt 0 ]; do
     case $1 in
         --runtime) RUNTIME=$2; shift 2 ;;
         --ramp) RAMP=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
         --size) SIZE=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
         --cache) CACHE=$2; shift 2 ;;
@@ -41,7 +48,7 @@ while [ $# -gt 0 ]; do
         --log) LOG=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --parse) PARSE=$2; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n "2,32p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm-ublk.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -52,33 +59,52 @@ render() {
     function kv(s,   i, n, a, p) {
         delete F
         n = split(s, a, " ")
-        for (i = 2; i <= n; i++) { p = index(a[i], "="); F[substr(a[i], 1, p - 1)] = substr(a[i], p + 1) }
+        for (i = 2; i <= n; i++) { p = index(a[i], "="); if (p) F[substr(a[i], 1, p - 1)] = substr(a[i], p + 1) }
     }
     # the row metric: IOPS for 4k, MiB/s otherwise (read + write)
-    function metric(wl, ri, rb, wi, wb) {
-        return wl ~ /\/4k$/ ? ri + wi : (rb + wb) / 1024
+    function metric(wl) {
+        return wl ~ /\/4k$/ ? F["riops"] + F["wiops"] : (F["rbw"] + F["wbw"]) / 1024
+    }
+    # mean over the rounds, or "na"/"err"/"" (missing)
+    function val(k) {
+        if (k in BAD) return BAD[k]
+        return (k in CNT) ? SUM[k] / CNT[k] : ""
     }
     function fmt(wl, v) {
         if (v == "") return "-"
         if (v == "na") return "n/a"
         if (v == "err") return "ERR"
-        return wl ~ /\/4k$/ ? sprintf("%d", v) : sprintf("%.1f", v)
+        return wl ~ /\/4k$/ ? sprintf("%d", v + 0.5) : sprintf("%.1f", v)
     }
-    function ratio(a, b) {
-        if (a == "" || b == "" || a == "na" || b == "na" || a == "err" || b == "err" || b + 0 == 0) return "-"
-        return sprintf("%.2fx", a / b)
+    # mean of the per-round ratios a/b, with their range when rounds > 1
+    function ratio(ka, kb,   r, n, sum, lo, hi, x) {
+        if ((ka in BAD) || (kb in BAD) || !(ka in CNT) || !(kb in CNT)) return "-"
+        n = 0; sum = 0
+        for (r = 1; r <= maxround; r++) {
+            if (!((ka, r) in M) || !((kb, r) in M) || M[kb, r] == 0) continue
+            x = M[ka, r] / M[kb, r]
+            if (n == 0 || x < lo) lo = x
+            if (n == 0 || x > hi) hi = x
+            sum += x; n++
+        }
+        if (n == 0) return "-"
+        if (n == 1) return sprintf("%.2fx", sum)
+        return sprintf("%.2fx (%.2f-%.2f)", sum / n, lo, hi)
     }
     /^BENCH-CONF / { conf = substr($0, 12) }
     /^BENCH / {
         kv($0)
+        r = F["round"] == "" ? 1 : F["round"]
+        if (r > maxround) maxround = r
         k = F["img"] SUBSEP F["cfg"] SUBSEP F["wl"]
         if (!(F["wl"] in seenwl)) { seenwl[F["wl"]] = 1; wls[++nwl] = F["wl"] }
-        if (F["st"] == "na") { V[k] = "na"; next }
-        if (F["st"] != "ok") { V[k] = "err"; nerr++; next }
-        V[k] = metric(F["wl"], F["riops"], F["rbw"], F["wiops"], F["wbw"])
-        IOPS[k] = F["riops"] + F["wiops"]
-        SRV[k] = F["srv"]; WQ[k] = F["iowq"]; FIO[k] = F["fio"]; TOT[k] = F["tot"]
-        cpuk[++ncpu] = k
+        if (F["st"] == "na") { BAD[k] = "na"; next }
+        if (F["st"] != "ok") { BAD[k] = "err"; nerr++; next }
+        m = metric(F["wl"])
+        M[k, r] = m; SUM[k] += m; CNT[k]++
+        IOPS[k] += F["riops"] + F["wiops"]
+        SRV[k] += F["srv"]; WQ[k] += F["iowq"]; FIO[k] += F["fio"]; TOT[k] += F["tot"]
+        if (!(k in seenk)) { seenk[k] = 1; cpuk[++ncpu] = k }
     }
     END {
         if (conf != "") printf "Guest: %s\n\n", conf
@@ -89,26 +115,30 @@ render() {
             img = imgs[ii]
             for (w = 1; w <= nwl; w++) {
                 wl = wls[w]
-                n = V["none", "null", wl]; r = V["raw", "raw", wl]
-                q1 = V[img, "qublk-q1", wl]; q2 = V[img, "qublk-q2", wl]; nb = V[img, "qemu-nbd", wl]
-                if (q1 == "" && q2 == "" && nb == "") continue
+                kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
+                k1 = img SUBSEP "qublk-q1" SUBSEP wl; k2 = img SUBSEP "qublk-q2" SUBSEP wl
+                kb = img SUBSEP "qemu-nbd" SUBSEP wl
+                if (val(k1) == "" && val(k2) == "" && val(kb) == "") continue
                 printf "| qcow2 %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
-                    img, wl, fmt(wl, n), fmt(wl, r), fmt(wl, q1), fmt(wl, q2), fmt(wl, nb),
-                    ratio(q1, nb), ratio(q2, nb), ratio(q1, r), ratio(q2, r)
+                    img, wl, fmt(wl, val(kn)), fmt(wl, val(kr)), fmt(wl, val(k1)), fmt(wl, val(k2)),
+                    fmt(wl, val(kb)), ratio(k1, kb), ratio(k2, kb), ratio(k1, kr), ratio(k2, kr)
             }
         }
         print ""
-        print "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write). null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size)."
+        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size).\n", maxround
         print ""
         print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO |"
         print "|---|---|---|---:|---:|---:|---:|---:|---:|"
         for (i = 1; i <= ncpu; i++) {
             k = cpuk[i]; split(k, p, SUBSEP)
+            if (k in BAD) continue
+            n = CNT[k]
             us = IOPS[k] > 0 ? sprintf("%.1f", SRV[k] / 100 * 1e6 / IOPS[k]) : "-"
-            printf "| %s | %s | %s | %d | %s | %s | %s | %s | %s |\n", p[1], p[2], p[3], IOPS[k], SRV[k], WQ[k], FIO[k], TOT[k], us
+            printf "| %s | %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %s |\n", p[1], p[2], p[3],
+                IOPS[k] / n, SRV[k] / n, WQ[k] / n, FIO[k] / n, TOT[k] / n, us
         }
         print ""
-        print "CPU: percent of one vCPU over a window in the middle of each run (/proc/PID/task/*/stat utime+stime of the server\x27s threads, of which io-wq: its io_uring worker threads iou-wrk-*, where io_uring punts I/O the file cannot take without blocking; of fio; and /proc/stat non-idle for the whole machine, max 100 x vCPUs). For ublk the driver work done in the daemon\x27s io_uring context counts as the daemon\x27s; for nbd the kernel\x27s socket receive work runs in kworkers (machine minus server minus fio)."
+        print "CPU (means over the rounds): percent of one vCPU over a window in the middle of each run: utime+stime from /proc/PID/task/*/stat of the server\x27s threads (of which io-wq: its io_uring worker threads iou-wrk-*, where io_uring punts I/O the file cannot take without blocking; a worker that exits inside the window is lost) and of fio; the machine: /proc/stat non-idle ticks, max 100 x vCPUs (tick-sampled, so it can read below the per-thread sums). For ublk the driver work done in the daemon\x27s io_uring context counts as the daemon\x27s; for nbd the kernel\x27s socket receive work runs in kworkers (machine minus server minus fio)."
         if (nerr) printf "\n%d runs failed (ERR): see the console log.\n", nerr
     }' "$1"
 }
@@ -118,7 +148,15 @@ if [ -n "$PARSE" ]; then
     exit 0
 fi
 
-[ -x build/qublk ] || make -j2 build/qublk >&2
+# Measure the current sources: make is incremental.  If the tree does not
+# build right now (others at work), an existing binary is used, with a note.
+if ! make -j2 build/qublk >&2; then
+    [ -x build/qublk ] || { echo "vm-ublk.sh: build/qublk does not build" >&2; exit 1; }
+    echo "vm-ublk.sh: warning: make failed; benchmarking the existing build/qublk" >&2
+fi
+rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+git diff --quiet HEAD -- src 2>/dev/null || rev+=" + uncommitted changes in src/"
+QUBLK_ID="build/qublk of $(date -r build/qublk '+%Y-%m-%d %H:%M'), tree at $rev"
 NBD=$(command -v qemu-nbd) || { echo "vm-ublk.sh: qemu-nbd not installed on the host (apt-get install qemu-utils)" >&2; exit 1; }
 
 KEEP=1
@@ -126,17 +164,26 @@ if [ -z "$LOG" ]; then
     LOG=$(mktemp /tmp/qublk-vm-bench.XXXXXX.log)
     KEEP=0
 fi
-# Per run: ~RUNTIME+RAMP+2 s, 40 runs, plus image creation and boot.
-TIMEOUT=$(( (RUNTIME + RAMP + 4) * 40 + 300 ))
+# Per run: ~RUNTIME+RAMP+2 s, 40 runs a round, plus image creation and boot.
+TIMEOUT=$(( (RUNTIME + RAMP + 4) * 40 * ROUNDS + 300 ))
 rc=0
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tests/vm/run.sh --qublk build/qublk --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
-    --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" \
+    --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" \
     bench/vm-ublk.guest.sh "$NBD" >&2 || rc=$?
+load1=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$rc" = 77 ] && { echo "vm-ublk.sh: no VM here (run tests/vm/setup.sh)" >&2; exit 77; }
 
+only_arg=''
+[ "$ONLY" = . ] || only_arg=" --only '$ONLY'"
 {
-    echo "Command: bench/vm-ublk.sh --runtime $RUNTIME --ramp $RAMP --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH${ONLY:+ --only '$ONLY'}"
+    echo "Command: bench/vm-ublk.sh --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
+    echo
+    # TCG vCPUs are host threads: other work on the host shows in the numbers.
+    echo "Binary: $QUBLK_ID."
+    echo
+    echo "Host: $(nproc) CPUs, load average before $load0, after $load1 (the VM itself adds ~2)."
     echo
     render "$LOG"
 } | if [ -n "$OUT" ]; then tee "$OUT"; else cat; fi
