@@ -233,3 +233,19 @@ nbd_read_all() {
 mkimg() {
     qemu-img create -q "$@" >/dev/null || fail "qemu-img create $*"
 }
+
+# require_vm: skip unless the ublk VM harness can run here (qublk built,
+# qemu-system-x86_64 and the guest kernel present; as root, tries
+# tests/vm/setup.sh first).
+require_vm() {
+    [ -x "$QUBLK" ] || skip "$QUBLK not built"
+    local vm=$TESTS_DIR/vm
+    local cache=${QUBLK_VM_CACHE:-$vm/.cache}
+    if ! command -v qemu-system-x86_64 >/dev/null || [ ! -e "$cache/kernel/vmlinuz" ]; then
+        if [ "$(id -u)" = 0 ]; then
+            "$vm/setup.sh" || skip "tests/vm/setup.sh failed: no VM here"
+        else
+            skip "no qemu-system-x86_64 or guest kernel (run tests/vm/setup.sh)"
+        fi
+    fi
+}

@@ -8,16 +8,8 @@
 # Guest scripts: tests/vm/guest/ublk-*.sh (or those matching $QUBLK_VM_GUEST).
 . "$(dirname "$0")/lib.sh"
 
-[ -x "$QUBLK" ] || skip "$QUBLK not built"
+require_vm
 VM=$TESTS_DIR/vm
-CACHE=${QUBLK_VM_CACHE:-$VM/.cache}
-if ! command -v qemu-system-x86_64 >/dev/null || [ ! -e "$CACHE/kernel/vmlinuz" ]; then
-    if [ "$(id -u)" = 0 ]; then
-        "$VM/setup.sh" || skip "tests/vm/setup.sh failed: no VM here"
-    else
-        skip "no qemu-system-x86_64 or guest kernel (run tests/vm/setup.sh)"
-    fi
-fi
 
 rc=0
 for g in "$VM"/guest/ublk-${QUBLK_VM_GUEST:-*}.sh; do
