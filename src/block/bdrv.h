@@ -60,8 +60,9 @@ struct bdrv_driver {
 	/* Required.  Called outside a coroutine or inside one; @file is owned
 	 * by bs from then on (closed by bdrv_close even if open fails). */
 	int (*open)(struct bdrv *bs, const struct bdrv_opts *opts);
-	/* Required.  Write back everything, release driver state. */
-	void (*close)(struct bdrv *bs);
+	/* Required.  Write back everything, release driver state (always,
+	 * even on error).  Returns -errno if the write-back failed. */
+	int (*close)(struct bdrv *bs);
 	/* Required.  Coroutine context. */
 	int (*co_preadv)(struct bdrv *bs, uint64_t off, uint64_t len,
 			 const struct iovec *iov, int iovcnt);
@@ -93,7 +94,8 @@ int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **
  * the directory of @parent's file; depth-limited (loops refused). */
 int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out);
-void bdrv_close(struct bdrv *bs);
+/* Returns -errno if writing the image back failed (it is closed anyway). */
+int bdrv_close(struct bdrv *bs);
 const struct bdrv_driver *bdrv_find_driver(const char *name);
 
 /* Checked entry points (coroutine context). */

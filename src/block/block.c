@@ -157,15 +157,18 @@ int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 	return ret;
 }
 
-void bdrv_close(struct bdrv *bs)
+int bdrv_close(struct bdrv *bs)
 {
+	int ret = 0;
+
 	if (!bs)
-		return;
+		return 0;
 	if (bs->drv)
-		bs->drv->close(bs);
+		ret = bs->drv->close(bs);
 	io_file_close(bs->file);
 	free(bs->filename);
 	free(bs);
+	return ret;
 }
 
 static inline int check_range(struct bdrv *bs, uint64_t off, uint64_t len)

@@ -45,14 +45,18 @@ static int raw_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	return 0;
 }
 
-static void raw_close(struct bdrv *bs)
+static int raw_close(struct bdrv *bs)
 {
 	struct raw_state *s = bs->opaque;
+	int ret = 0;
 
 	if (!bs->read_only)
-		io_flush(bs->file);
+		ret = io_flush(bs->file);
+	if (ret < 0)
+		log_error("%s: flush on close: %s", bs->filename, strerror(-ret));
 	io_free(s->zeros);
 	free(s);
+	return ret;
 }
 
 static int raw_preadv(struct bdrv *bs, uint64_t off, uint64_t len,

@@ -224,7 +224,8 @@ int cmd_bench(int argc, char **argv)
 		io_free(w[i].buf);
 	}
 	free(w);
-	bdrv_close(b.bs);
+	if (bdrv_close(b.bs) < 0 && !b.error)
+		b.error = -EIO;
 	aio_ctx_deinit(&ctx);
 	if (b.error)
 		return EXIT_FAIL;

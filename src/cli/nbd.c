@@ -140,7 +140,8 @@ int cmd_nbd(int argc, char **argv)
 		rc = EXIT_OK;
 out:
 	nbd_server_close(srv);
-	bdrv_close(bs);
+	if (bdrv_close(bs) < 0)
+		rc = EXIT_FAIL;    /* logged: metadata write-back failed */
 	aio_ctx_deinit(&ctx);
 	return rc;
 }

@@ -268,13 +268,13 @@ fail:
 	return ret;
 }
 
-static void qcow2_close(struct bdrv *bs)
+static int qcow2_close(struct bdrv *bs)
 {
 	struct qcow2_state *s = bs->opaque;
 	int ret = 0;
 
 	if (!s)
-		return;
+		return 0;
 	if (!s->read_only) {
 		co_mutex_lock(&s->lock);
 		/* First flush applies the deferred decrements to the cache,
@@ -289,6 +289,7 @@ static void qcow2_close(struct bdrv *bs)
 	}
 	state_free(s);
 	bs->opaque = NULL;
+	return ret;
 }
 
 const struct bdrv_driver bdrv_qcow2 = {

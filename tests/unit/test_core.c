@@ -14,6 +14,7 @@
 #include "common/aio.h"
 #include "common/coro.h"
 #include "common/io.h"
+#include "common/io_fault.h"
 #include "common/util.h"
 
 static int passed, failed;
@@ -277,6 +278,23 @@ static void test_raw(void)
 	bdrv_close(rbs);
 }
 
+static int wrap_failing(struct io_file *f, struct io_file **out, void *opaque)
+{
+	struct io_fault_cfg c = { .fail_after = 1 };
+	(void)opaque;
+	return io_fault_wrap(f, &c, out);
+}
+
+/* A write-back failure at close reaches the caller. */
+static void test_close_error(void)
+{
+	char path[256];
+	struct bdrv_opts o = { .format = "raw", .wrap_file = wrap_failing };
+	snprintf(path, sizeof(path), "%s/raw", tmpdir);
+	CHECK(bdrv_open(path, &o, &rbs) == 0);
+	CHECK(bdrv_close(rbs) == -EIO);
+}
+
 static void test_helpers(void)
 {
 	uint64_t v;
@@ -312,6 +330,7 @@ int main(void)
 	run_io_model(0, "buffered");
 	run_io_model(IO_OPEN_DIRECT, "direct");
 	test_raw();
+	test_close_error();
 	char cmd[300];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
 	if (system(cmd)) {}
