@@ -17,16 +17,8 @@
 #include "common/io_fault.h"
 #include "common/util.h"
 
-static int passed, failed;
-#define CHECK(cond)                                                          \
-	do {                                                                 \
-		if (cond) {                                                  \
-			passed++;                                            \
-		} else {                                                     \
-			failed++;                                            \
-			fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-		}                                                            \
-	} while (0)
+#include "check.h"
+
 
 static char tmpdir[] = "/dev/shm/qublk-test-core-XXXXXX";
 

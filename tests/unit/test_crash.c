@@ -24,18 +24,8 @@
 #include "common/io_fault.h"
 #include "common/util.h"
 
-static int passed, failed;
-#define CHECK(cond, ...)                                                     \
-	do {                                                                 \
-		if (cond) {                                                  \
-			passed++;                                            \
-		} else {                                                     \
-			failed++;                                            \
-			fprintf(stderr, "FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond); \
-			fprintf(stderr, __VA_ARGS__);                        \
-			fputc('\n', stderr);                                 \
-		}                                                            \
-	} while (0)
+#include "check.h"
+
 
 #define IMG_SIZE (8u << 20)
 static char dir[] = "/dev/shm/qublk-crash-XXXXXX";

@@ -21,19 +21,9 @@
 #include "common/util.h"
 #include "qcow2/format.h"
 
-static int passed, failed;
+#include "check.h"
 
-#define CHECK(cond, ...)                                                        \
-	do {                                                                    \
-		if (cond) {                                                     \
-			passed++;                                               \
-		} else {                                                        \
-			failed++;                                               \
-			printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);  \
-			printf(__VA_ARGS__);                                    \
-			printf("\n");                                           \
-		}                                                               \
-	} while (0)
+
 
 /* ---- a valid image: 4 KiB clusters, 1 GiB, v3 ---- */
 

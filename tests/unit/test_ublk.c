@@ -13,16 +13,8 @@
 #include "common/util.h"
 #include "ublk/ublk.h"
 
-static int passed, failed;
-#define CHECK(cond)                                                          \
-	do {                                                                 \
-		if (cond) {                                                  \
-			passed++;                                            \
-		} else {                                                     \
-			failed++;                                            \
-			fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
-		}                                                            \
-	} while (0)
+#include "check.h"
+
 
 static void test_opcodes(void)
 {
