@@ -101,7 +101,6 @@ static int rw_full(struct io_file *f, bool write, const struct iovec *iov, int c
 
 	if (cnt > IO_IOV_MAX)
 		return -EINVAL;
-	memcpy(local, iov, cnt * sizeof(*iov));
 	while (done < total) {
 		int n = iov_slice(iov, cnt, done, total - done, local, IO_IOV_MAX);
 		if (n < 0)

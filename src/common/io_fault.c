@@ -117,37 +117,39 @@ static int ff_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint6
 	return 0;
 }
 
+/* A flush, fallocate or truncate: judged like a write, and a barrier for
+ * the writes held back in reorder mode.  Returns 1 to go ahead with the
+ * call, else its result (0 when dropped, -errno when failed). */
+static int barrier(struct fault_file *ff, unsigned long *counter)
+{
+	int v = judge(ff), ret;
+
+	(*counter)++;
+	if (v)
+		return v > 0 ? 0 : v;
+	ret = apply_pending(ff, false);
+	return ret ? ret : 1;
+}
+
 static int ff_flush(struct io_file *f)
 {
 	struct fault_file *ff = FF(f);
-	int v = judge(ff);
-	ff->st.flushes++;
-	if (v)
-		return v > 0 ? 0 : v;
-	int ret = apply_pending(ff, false);
-	return ret ? ret : io_flush(ff->inner);
+	int ret = barrier(ff, &ff->st.flushes);
+	return ret == 1 ? io_flush(ff->inner) : ret;
 }
 
 static int ff_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 {
 	struct fault_file *ff = FF(f);
-	int v = judge(ff);
-	ff->st.writes++;
-	if (v)
-		return v > 0 ? 0 : v;
-	int ret = apply_pending(ff, false);
-	return ret ? ret : io_fallocate(ff->inner, mode, off, len);
+	int ret = barrier(ff, &ff->st.writes);
+	return ret == 1 ? io_fallocate(ff->inner, mode, off, len) : ret;
 }
 
 static int ff_truncate(struct io_file *f, uint64_t size)
 {
 	struct fault_file *ff = FF(f);
-	int v = judge(ff);
-	ff->st.writes++;
-	if (v)
-		return v > 0 ? 0 : v;
-	int ret = apply_pending(ff, false);
-	return ret ? ret : io_truncate(ff->inner, size);
+	int ret = barrier(ff, &ff->st.writes);
+	return ret == 1 ? io_truncate(ff->inner, size) : ret;
 }
 
 static int ff_get_size(struct io_file *f, uint64_t *size)
