@@ -42,6 +42,7 @@ struct io_file {
 	bool direct;            /* opened with O_DIRECT */
 	unsigned align;         /* offset/length/buffer alignment of the fd */
 	char *path;
+	int sticky_err;         /* -errno once a flush failed (io_flush), else 0 */
 };
 
 enum {
@@ -61,7 +62,33 @@ static inline int io_pread(struct io_file *f, void *buf, size_t len, uint64_t of
 { struct iovec v = { buf, len }; return f->ops->preadv(f, &v, 1, off); }
 static inline int io_pwrite(struct io_file *f, const void *buf, size_t len, uint64_t off)
 { struct iovec v = { (void *)buf, len }; return f->ops->pwritev(f, &v, 1, off); }
-static inline int io_flush(struct io_file *f) { return f->ops->flush(f); }
+/* fdatasync.  A failure is sticky: every later io_flush() of this file
+ * fails with the same error until it is closed and reopened.  The kernel
+ * reports a writeback error once and may already have dropped the dirty
+ * pages, so a later fdatasync that succeeds proves nothing (PostgreSQL's
+ * "fsyncgate"; QEMU's file-posix does the same).  Callers that lose
+ * track of what is on disk in other ways poison the file themselves with
+ * io_poison().  Safe from any thread. */
+static inline int io_flush(struct io_file *f)
+{
+	int ret = __atomic_load_n(&f->sticky_err, __ATOMIC_ACQUIRE);
+
+	if (ret)
+		return ret;
+	ret = f->ops->flush(f);
+	if (ret < 0)
+		__atomic_store_n(&f->sticky_err, ret, __ATOMIC_RELEASE);
+	return ret;
+}
+/* Make every later io_flush() of @f fail with @err (< 0); the first error
+ * wins. */
+static inline void io_poison(struct io_file *f, int err)
+{
+	int zero = 0;
+
+	__atomic_compare_exchange_n(&f->sticky_err, &zero, err, false, __ATOMIC_ACQ_REL,
+				    __ATOMIC_ACQUIRE);
+}
 static inline int io_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 { return f->ops->fallocate(f, mode, off, len); }
 static inline int io_truncate(struct io_file *f, uint64_t size) { return f->ops->truncate(f, size); }

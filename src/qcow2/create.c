@@ -86,26 +86,6 @@ static const struct io_file_ops cfile_ops = {
 	.pwritev = cfile_pwritev,
 };
 
-/* Store refcount @v at index @i of a refcount block ("Refcount blocks":
- * sub-byte widths are packed from the least significant bit). */
-static void set_refcount(uint8_t *rb, unsigned order, uint64_t i, uint64_t v)
-{
-	unsigned bits = 1u << order;
-
-	switch (order) {
-	case 0: case 1: case 2: {
-		unsigned per = 8 / bits, sh = (unsigned)(i % per) * bits;
-		uint8_t mask = (uint8_t)(((1u << bits) - 1) << sh);
-		rb[i / per] = (uint8_t)((rb[i / per] & ~mask) | ((v << sh) & mask));
-		break;
-	}
-	case 3: rb[i] = (uint8_t)v; break;
-	case 4: put_be16(rb + 2 * i, (uint16_t)v); break;
-	case 5: put_be32(rb + 4 * i, (uint32_t)v); break;
-	default: put_be64(rb + 8 * i, v); break;
-	}
-}
-
 /* Probe @path: format ("qcow2" if the magic matches, else "raw") and
  * virtual size.  Returns -errno with @err set. */
 static int probe_backing(const char *path, const char *fmt, char *fmt_out, size_t fmt_len,
@@ -288,7 +268,7 @@ static int write_tables(int fd, const struct qcow2_create_opts *o, uint64_t size
 			uint64_t idx = b * rb_entries + i;
 			if (idx >= L->total)
 				break;
-			set_refcount(buf, L->order, i, 1);
+			qcow2_rc_set(buf, i, L->order, 1);
 		}
 		ret = pwrite_full(fd, buf, cs, (L->rb_start + b) * cs);
 	}

@@ -77,6 +77,44 @@
 #define QCOW2_REFT_OFFSET_MASK          0xfffffffffffffe00ull
 #define QCOW2_REFT_RESERVED_MASK        0x00000000000001ffull
 
+/* "Refcount blocks": entry @i of a refcount block buffer at width
+ * 1 << @order bits.  Sub-byte widths are packed from the least
+ * significant bit of each byte; wider ones are big-endian.  The one
+ * definition of the packing, for the driver, create and check. */
+static inline uint64_t qcow2_rc_get(const uint8_t *p, uint64_t i, unsigned order)
+{
+	switch (order) {
+	case 0: return (p[i / 8] >> (i % 8)) & 1;
+	case 1: return (p[i / 4] >> (2 * (i % 4))) & 3;
+	case 2: return (p[i / 2] >> (4 * (i % 2))) & 15;
+	case 3: return p[i];
+	case 4: return ((uint64_t)p[2 * i] << 8) | p[2 * i + 1];
+	case 5: return ((uint64_t)p[4 * i] << 24) | ((uint64_t)p[4 * i + 1] << 16) |
+		       ((uint64_t)p[4 * i + 2] << 8) | p[4 * i + 3];
+	default: {
+		uint64_t v = 0;
+		for (unsigned k = 0; k < 8; k++)
+			v = (v << 8) | p[8 * i + k];
+		return v;
+	}
+	}
+}
+
+static inline void qcow2_rc_set(uint8_t *p, uint64_t i, unsigned order, uint64_t v)
+{
+	unsigned bits = 1u << order, nbytes;
+
+	if (order < 3) {
+		unsigned per = 8 / bits, sh = (unsigned)(i % per) * bits;
+		uint8_t mask = (uint8_t)(((1u << bits) - 1) << sh);
+		p[i / per] = (uint8_t)((p[i / per] & ~mask) | ((v << sh) & mask));
+		return;
+	}
+	nbytes = bits / 8;
+	for (unsigned k = 0; k < nbytes; k++)
+		p[nbytes * i + k] = (uint8_t)(v >> (8 * (nbytes - 1 - k)));
+}
+
 #define QCOW2_MIN_CLUSTER_BITS          9
 #define QCOW2_MAX_CLUSTER_BITS          21
 /* QEMU's limits (block/qcow2.h), enforced for interoperability. */

@@ -32,36 +32,6 @@
 #include "common/util.h"
 #include "qcow2/qcow2.h"
 
-/* Refcount entry @i of a refcount block (slice) buffer.  Sub-byte widths
- * are packed from the least significant bit, wider ones are big-endian. */
-static uint64_t rc_get(const uint8_t *p, uint64_t i, unsigned order)
-{
-	switch (order) {
-	case 0: return (p[i / 8] >> (i % 8)) & 1;
-	case 1: return (p[i / 4] >> (2 * (i % 4))) & 3;
-	case 2: return (p[i / 2] >> (4 * (i % 2))) & 15;
-	case 3: return p[i];
-	case 4: return get_be16(p + 2 * i);
-	case 5: return get_be32(p + 4 * i);
-	default: return get_be64(p + 8 * i);
-	}
-}
-
-static void rc_set(uint8_t *p, uint64_t i, unsigned order, uint64_t v)
-{
-	unsigned sh;
-
-	switch (order) {
-	case 0: sh = i % 8; p[i / 8] = (uint8_t)((p[i / 8] & ~(1u << sh)) | (v << sh)); break;
-	case 1: sh = 2 * (i % 4); p[i / 4] = (uint8_t)((p[i / 4] & ~(3u << sh)) | (v << sh)); break;
-	case 2: sh = 4 * (i % 2); p[i / 2] = (uint8_t)((p[i / 2] & ~(15u << sh)) | (v << sh)); break;
-	case 3: p[i] = (uint8_t)v; break;
-	case 4: put_be16(p + 2 * i, (uint16_t)v); break;
-	case 5: put_be32(p + 4 * i, (uint32_t)v); break;
-	default: put_be64(p + 8 * i, v); break;
-	}
-}
-
 int qcow2_refcount_open(struct qcow2_state *s)
 {
 	const char *fn = s->bs->filename;
@@ -139,7 +109,7 @@ int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc)
 	ret = qcow2_cache_get(&s->rbc, soff, false, &slot, &data);
 	if (ret < 0)
 		return ret;
-	*rc = rc_get(data, idx, s->refcount_order);
+	*rc = qcow2_rc_get(data, idx, s->refcount_order);
 	qcow2_cache_put(&s->rbc, slot);
 	return 0;
 }
@@ -237,7 +207,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 		ret = qcow2_cache_get(&s->rbc, soff, true, &slot, &data);
 		if (ret < 0)
 			return ret;
-		rc_set(data, in_block & ((1ull << s->rb_slice_bits) - 1), s->refcount_order, 1);
+		qcow2_rc_set(data, in_block & ((1ull << s->rb_slice_bits) - 1), s->refcount_order, 1);
 		qcow2_cache_mark_dirty(&s->rbc, slot);
 		qcow2_cache_put(&s->rbc, slot);
 	}
@@ -275,7 +245,7 @@ static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
 	ret = qcow2_cache_get(&s->rbc, soff, false, &slot, &data);
 	if (ret < 0)
 		return ret;
-	v = rc_get(data, idx, s->refcount_order);
+	v = qcow2_rc_get(data, idx, s->refcount_order);
 	if (addend < 0 && v == 0) {
 		qcow2_cache_put(&s->rbc, slot);
 		log_error("%s: refcount underflow at cluster %llu", s->bs->filename,
@@ -289,7 +259,7 @@ static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
 		return -ERANGE;
 	}
 	v = addend > 0 ? v + 1 : v - 1;
-	rc_set(data, idx, s->refcount_order, v);
+	qcow2_rc_set(data, idx, s->refcount_order, v);
 	qcow2_cache_mark_dirty(&s->rbc, slot);
 	qcow2_cache_put(&s->rbc, slot);
 	if (v == 0 && cluster < s->free_hint)
@@ -468,7 +438,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		memset(blk, 0, cs);
 		for (uint64_t c = A; c < A + total; c++)
 			if ((c >> s->rb_bits) == bi)
-				rc_set(blk, c & (E - 1), s->refcount_order, 1);
+				qcow2_rc_set(blk, c & (E - 1), s->refcount_order, 1);
 		ret = io_pwrite(s->file, blk, cs, boff);
 		if (ret < 0)
 			goto out_io;
