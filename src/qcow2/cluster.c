@@ -154,40 +154,46 @@ out:
 static int l2_table_cow(struct qcow2_state *s, uint64_t l1_idx)
 {
 	uint64_t old = s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK, new_off;
-	uint8_t be[8];
 	int ret;
 
 	ret = qcow2_alloc_clusters(s, 1, &new_off);
 	if (ret < 0)
 		return ret;
+	ret = qcow2_meta_add(s, new_off, s->cluster_size, QCOW2_OL_ACTIVE_L2);
+	if (ret < 0)
+		goto fail;
 	qcow2_cache_invalidate(&s->l2c, new_off, s->cluster_size);
 	if (old) {
 		/* Shared tables are never dirty in the cache: disk is current. */
 		ret = io_pread(s->file, s->meta_buf, s->cluster_size, old);
 		if (ret == 0)
-			ret = io_pwrite(s->file, s->meta_buf, s->cluster_size, new_off);
+			ret = qcow2_pwrite_meta(s, QCOW2_OL_ACTIVE_L2, s->meta_buf, s->cluster_size,
+						new_off);
 	} else {
-		ret = qcow2_zero_host(s, new_off, s->cluster_size);
+		ret = qcow2_zero_host(s, QCOW2_OL_ACTIVE_L2, new_off, s->cluster_size);
 	}
 	if (ret == 0)
 		ret = qcow2_cache_writeback(&s->rbc);
 	if (ret == 0)
-		ret = io_flush(s->file);
-	if (ret == 0) {
-		put_be64(be, new_off | QCOW2_OFLAG_COPIED);
-		ret = io_pwrite(s->file, be, 8, s->l1_offset + l1_idx * 8);
-	}
+		ret = qcow2_sync(s);
 	if (ret == 0)
-		ret = io_flush(s->file);
-	if (ret < 0) {
-		log_error("%s: allocating an L2 table: %s", s->bs->filename, strerror(-ret));
-		/* The new cluster leaks (its refcount may be on disk). */
-		return ret;
-	}
+		ret = qcow2_write_entry_sync(s, QCOW2_OL_ACTIVE_L1, s->l1_offset + l1_idx * 8,
+					     new_off | QCOW2_OFLAG_COPIED);
+	if (ret < 0)
+		goto fail;
 	s->l1[l1_idx] = new_off | QCOW2_OFLAG_COPIED;
-	if (old)
+	if (old) {
+		/* A snapshot may still use it (then it stays inactive L2). */
+		qcow2_meta_del(s, old, s->cluster_size, QCOW2_OL_ACTIVE_L2);
 		return qcow2_free_deferred(s, old, s->cluster_size);
+	}
 	return 0;
+fail:
+	log_error("%s: allocating an L2 table: %s", s->bs->filename, strerror(-ret));
+	/* The new cluster leaks (its refcount may be on disk); it is no
+	 * table: data may never be written over it by mistake either way. */
+	qcow2_meta_del(s, new_off, s->cluster_size, QCOW2_OL_ACTIVE_L2);
+	return ret;
 }
 
 int qcow2_l2_slice_for_write(struct qcow2_state *s, uint64_t guest, int *slot,
@@ -205,5 +211,10 @@ int qcow2_l2_slice_for_write(struct qcow2_state *s, uint64_t guest, int *slot,
 		if (ret < 0)
 			return ret;
 	}
+	/* Decide before writing: our table must be nothing but our table. */
+	ret = qcow2_check_write(s, QCOW2_OL_ACTIVE_L2, s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK,
+				s->cluster_size);
+	if (ret < 0)
+		return ret;
 	return pin_slice(s, s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK, l2_idx, slot, entries, index);
 }

@@ -15,7 +15,8 @@
  *    which keeps unknown compatible bits and unknown extensions.
  *
  * Thread model: open and close run outside request processing (in or out
- * of a coroutine); no request may be in flight at close.
+ * of a coroutine); no request may be in flight at close.  Requests may
+ * come from several threads at once (see qcow2.h).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -50,6 +51,7 @@ static void state_free(struct qcow2_state *s)
 	qcow2_cache_deinit(&s->l2c);
 	qcow2_cache_deinit(&s->rbc);
 	qcow2_refcount_close(s);
+	qcow2_ranges_close(s);
 	io_free(s->meta_buf);
 	free(s->l1);
 	bdrv_close(s->backing);
@@ -234,6 +236,13 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		goto fail;
 	}
 
+	/* Read-write: every metadata range, for the overlap checks. */
+	if (!ro) {
+		ret = qcow2_ranges_open(s);
+		if (ret < 0)
+			goto fail;
+	}
+
 	if (s->meta.backing_file && !(opts->flags & BDRV_O_NO_BACKING)) {
 		ret = bdrv_open_backing(bs, s->meta.backing_file, s->meta.backing_format,
 					&s->backing);
@@ -246,7 +255,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		qcow2_feature_names(&s->meta, 2, h->autoclear, names, sizeof(names));
 		log_debug("%s: clearing autoclear feature(s): %s", fn, names);
 		h->autoclear = 0;
-		ret = qcow2_meta_write(s->file, &s->meta);
+		ret = qcow2_write_header(s);
 		if (ret == 0)
 			ret = io_flush(s->file);
 		if (ret < 0) {
@@ -275,7 +284,10 @@ static int qcow2_close(struct bdrv *bs)
 
 	if (!s)
 		return 0;
-	if (!s->read_only) {
+	if (s->corrupt) {
+		/* Nothing more reaches the file (ranges.c). */
+		ret = -EIO;
+	} else if (!s->read_only) {
 		co_mutex_lock(&s->lock);
 		/* First flush applies the deferred decrements to the cache,
 		 * the second writes them. */

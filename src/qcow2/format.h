@@ -210,6 +210,8 @@ struct qcow2_snapshot {
 	uint64_t vm_clock_nsec;
 	uint64_t vm_state_size;
 	uint64_t disk_size;       /* virtual size at snapshot time (extra data) or header size */
+	uint64_t entry_off;       /* the entry's offset in the snapshot table */
+	uint32_t entry_len;       /* its length without the padding to 8 bytes */
 };
 /* Read and validate the snapshot table (offsets, sizes, L1 tables inside
  * the file).  Returns -errno; *out is an array of h->nb_snapshots. */

@@ -4,16 +4,25 @@
  * driver's files.
  *
  *   driver.c   open/close, feature checks, the bdrv_qcow2 ops table
+ *   ranges.c   the range authority: metadata map and overlap checks,
+ *              allocation reservations, host I/O epochs, guest cluster
+ *              owners, corruption signalling
  *   cache.c    L2 and refcount-block caches (slices, LRU, write-back)
  *   refcount.c allocator, refcount updates, deferred frees, table growth,
  *              metadata flush order (the crash-safety rules live there)
  *   cluster.c  guest offset -> host mapping, L2 entry checks, L2 tables
  *   rw.c       request paths: read, write with COW, zeroes, discard, flush
  *
- * Thread model: one bdrv is driven by the coroutines of one thread.  All
- * metadata (L1, caches, refcounts, allocator, pending frees, in-flight
- * allocation list) is touched only with s->lock held; guest data I/O runs
- * without it.  Functions marked "lock held" must be called with s->lock.
+ * Thread model: one image may be driven by the coroutines of several
+ * threads at once (one per ublk queue, each with its own io_uring).  All
+ * metadata (L1, caches, refcounts, allocator, pending frees, metadata
+ * map, reservations, guest cluster owners) is touched only with s->lock
+ * held, a co_mutex that hands itself to waiters across threads; guest data
+ * I/O runs without it.  The few fields data I/O touches without the lock
+ * (epoch counters, bounce pool) are under the spinlock s->spin, never held
+ * across a yield.  Functions marked "lock held" must be called with
+ * s->lock.  A coroutine that yields with the lock held (metadata I/O)
+ * keeps it: other coroutines wait on the lock, not on stale state.
  */
 #ifndef QUBLK_QCOW2_H
 #define QUBLK_QCOW2_H
@@ -34,7 +43,8 @@ struct qcow2_slice {
 	int32_t hnext;          /* hash chain */
 	int32_t prev, next;     /* LRU list, most recently used at the head */
 	uint32_t ref;           /* pinned by callers; pinned slices never evicted */
-	bool dirty;
+	bool dirty;             /* changed since last written */
+	bool unsynced;          /* written, not yet covered by a successful sync */
 };
 
 struct qcow2_cache {
@@ -50,6 +60,7 @@ struct qcow2_cache {
 	uint32_t slice_size;
 	int32_t lru_head, lru_tail;
 	uint32_t ndirty;
+	uint32_t nunsynced;
 	bool is_l2;             /* writing a dirty slice needs refcounts on disk first */
 };
 
@@ -67,6 +78,9 @@ int qcow2_cache_writeback(struct qcow2_cache *c);
 /* Forget clean, unpinned slices in [off, off+len) (clusters reused). */
 void qcow2_cache_invalidate(struct qcow2_cache *c, uint64_t off, uint64_t len);
 bool qcow2_cache_has_dirty(const struct qcow2_cache *c);
+/* A sync covering every slice written so far ended: @ok, they are clean;
+ * else dirty again.  Called by qcow2_sync(). */
+void qcow2_cache_synced(struct qcow2_cache *c, bool ok);
 
 /* ---- refcount.c ------------------------------------------------------- */
 
@@ -83,6 +97,12 @@ int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off);
 int qcow2_free_deferred(struct qcow2_state *s, uint64_t off, uint64_t len);
 /* Lock held.  Deferred free of whatever an L2 entry references. */
 int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e);
+/* Lock held.  Write the 8-byte table entry @v (a refcount table or L1
+ * entry, by @kind) at @off and sync. */
+int qcow2_write_entry_sync(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t v);
+/* Lock held.  fdatasync the image file; written cache slices become clean
+ * (or dirty again when it fails: see cache.c).  Returns -errno. */
+int qcow2_sync(struct qcow2_state *s);
 /* Lock held.  The two-phase metadata flush, then pending decrements. */
 int qcow2_flush_locked(struct qcow2_state *s);
 
@@ -132,24 +152,114 @@ int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned
 int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int qcow2_co_flush(struct bdrv *bs);
 int qcow2_bounce_init(struct qcow2_state *s);
-/* Make host bytes [off, off+len) read as zeros: fallocate(ZERO_RANGE),
- * else writing zeros.  Returns -errno. */
-int qcow2_zero_host(struct qcow2_state *s, uint64_t off, uint64_t len);
 void qcow2_bounce_deinit(struct qcow2_state *s);
 
-/* ---- state ------------------------------------------------------------ */
+/* ---- ranges.c ---------------------------------------------------------- */
 
-/* An allocating write between "clusters allocated" and "L2 updated". */
-struct qcow2_alloc {
+/* Kinds of metadata (QEMU's overlap-check categories), a bit mask. */
+enum {
+	QCOW2_OL_DATA        = 0,        /* guest data: may overlap no metadata */
+	QCOW2_OL_HEADER      = 1 << 0,
+	QCOW2_OL_ACTIVE_L1   = 1 << 1,
+	QCOW2_OL_ACTIVE_L2   = 1 << 2,
+	QCOW2_OL_REFTABLE    = 1 << 3,
+	QCOW2_OL_REFBLOCK    = 1 << 4,
+	QCOW2_OL_SNAPTABLE   = 1 << 5,
+	QCOW2_OL_INACTIVE_L1 = 1 << 6,
+	QCOW2_OL_INACTIVE_L2 = 1 << 7,
+	QCOW2_OL_BITMAP_DIR  = 1 << 8,
+	QCOW2_OL_ALL         = (1 << 9) - 1,
+};
+
+/* Zeros, for writes that need a buffer of them. */
+#define QCOW2_ZERO_PAGE 65536
+extern const uint8_t qcow2_zero_page[QCOW2_ZERO_PAGE];
+
+/* Build the metadata map from the open image (read-write opens).
+ * Returns -errno (logged). */
+int qcow2_ranges_open(struct qcow2_state *s);
+void qcow2_ranges_close(struct qcow2_state *s);
+/* Lock held.  Mark host bytes [off, off+len) (whole clusters) as metadata
+ * of @kind, or drop @kinds from them.  Returns -ENOMEM. */
+int qcow2_meta_add(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned kind);
+void qcow2_meta_del(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned kinds);
+/* Lock held.  Kinds of host cluster @cluster (0: not metadata). */
+unsigned qcow2_meta_kinds(struct qcow2_state *s, uint64_t cluster);
+/* Lock held.  May bytes [off, off+len) be written as @kind?  0, or -EIO
+ * after marking the image corrupt (also -EIO once it is corrupt). */
+int qcow2_check_write(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t len);
+/* Log a corruption, set the corrupt bit (v3) and refuse every later
+ * write; only the first is reported. */
+void qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+/* Lock held.  Checked metadata writes; a failure other than running out
+ * of space poisons the file (every later flush fails).  Returns -errno. */
+int qcow2_pwrite_meta(struct qcow2_state *s, unsigned kind, const void *buf, size_t len,
+		      uint64_t off);
+int qcow2_write_header(struct qcow2_state *s);
+/* Make host bytes [off, off+len) read as zeros (fallocate ZERO_RANGE, else
+ * zero buffers).  Metadata kinds are checked here (lock held); for
+ * QCOW2_OL_DATA the caller checked the range under the lock.  -errno. */
+int qcow2_zero_host(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t len);
+/* Guest data to host bytes that qcow2_check_write(QCOW2_OL_DATA) allowed
+ * under the lock, within the current host I/O epoch.  No lock needed. */
+int qcow2_pwritev_data(struct qcow2_state *s, const struct iovec *iov, int iovcnt, uint64_t off);
+
+/* Lock held.  Reserve host clusters [first, first+n) for an allocation in
+ * progress, before their refcounts are set.  Returns -EIO if nested too
+ * deeply. */
+int qcow2_reserve(struct qcow2_state *s, uint64_t first, uint64_t n);
+void qcow2_unreserve(struct qcow2_state *s, uint64_t first);
+/* Is @cluster reserved?  *end: the first cluster after its run. */
+bool qcow2_is_reserved(const struct qcow2_state *s, uint64_t cluster, uint64_t *end);
+/* First cluster past every reservation (0 if none). */
+uint64_t qcow2_reserved_end(const struct qcow2_state *s);
+
+/* Host I/O epochs (no lock needed): data I/O on looked-up host clusters
+ * runs between qcow2_io_begin() (under the lock, with the lookup) and
+ * qcow2_io_end().  qcow2_io_drain() (lock held) waits until the I/O of the
+ * current epoch is done and starts a new one. */
+unsigned qcow2_io_begin(struct qcow2_state *s);
+void qcow2_io_end(struct qcow2_state *s, unsigned e);
+void qcow2_io_drain(struct qcow2_state *s);
+
+/* A request that changes the mapping of guest clusters [start, end). */
+struct qcow2_owner {
 	uint64_t start, end;            /* guest bytes, cluster aligned */
 	struct co_queue waiters;
-	struct qcow2_alloc *next;
+	struct qcow2_owner *next;
 };
+/* Lock held.  Wait until no other owner holds a guest cluster of [start,
+ * *end).  With @shorten, an owner that starts after the first cluster
+ * cuts *end before it instead of being waited for.  May drop and retake
+ * the lock: decide after it returns. */
+void qcow2_wait_owners(struct qcow2_state *s, uint64_t start, uint64_t *end, bool shorten);
+/* Lock held, after qcow2_wait_owners() with no yield since.  Register @o
+ * as the owner of the guest clusters of [start, end). */
+void qcow2_add_owner(struct qcow2_state *s, struct qcow2_owner *o, uint64_t start, uint64_t end);
+/* Lock held.  Both: wait, then own [start, end).  May drop the lock. */
+void qcow2_own_guest(struct qcow2_state *s, struct qcow2_owner *o, uint64_t start, uint64_t end);
+/* Lock held.  Release and wake the waiters. */
+void qcow2_disown_guest(struct qcow2_state *s, struct qcow2_owner *o);
+
+/* ---- state ------------------------------------------------------------ */
 
 struct qcow2_pending_free {
 	uint64_t cluster;               /* first host cluster index */
 	uint64_t nb;
 };
+
+struct qcow2_metamap {
+	uint64_t *slots;                /* (cluster + 1) << 16 | kinds, 0 = empty */
+	uint64_t cap, count;
+	unsigned bits;                  /* cap = 1 << bits */
+};
+
+struct qcow2_reserved {
+	uint64_t first, n;              /* host clusters */
+};
+
+#define QCOW2_RESERVE_MAX 16
 
 #define QCOW2_PENDING_MAX 1024
 
@@ -187,15 +297,18 @@ struct qcow2_state {
 	uint8_t *meta_buf;              /* one cluster, metadata scratch (lock held) */
 	bool no_zero_range;             /* fallocate(ZERO_RANGE) unsupported */
 
-	struct qcow2_alloc *allocs;     /* in-flight allocating writes */
+	/* ranges.c */
+	struct qcow2_metamap meta_map;
+	struct qcow2_reserved reserved[QCOW2_RESERVE_MAX];
+	unsigned nreserved;
+	struct qcow2_owner *owners;     /* requests changing guest mappings */
+	bool corrupt;                   /* overlap seen: no more writes */
 
 	struct qcow2_pending_free pending[QCOW2_PENDING_MAX];
 	unsigned npending;
 
-	/* Data I/O that may touch clusters a pending free will release: a
-	 * free is applied only after the I/O of the epoch it was queued in
-	 * has drained (a racing discard never lets a freed cluster be reused
-	 * under an in-flight read or write). */
+	/* Host I/O epochs (ranges.c): a pending free is applied only after
+	 * the data I/O of the epoch it was queued in has drained. */
 	unsigned epoch;
 	unsigned inflight[2];
 	struct co_queue drain_wait;

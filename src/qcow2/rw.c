@@ -6,17 +6,22 @@
  * Each request walks the guest range in runs of same-type clusters.  The
  * metadata lookup and updates run under s->lock; guest data I/O does not.
  *
- * Allocating writes (QEMU's handle_dependencies): after allocating host
- * clusters and before updating the L2 entries, a write is on s->allocs
- * with its guest cluster range.  Any other allocating write, zeroing or
- * discard touching that range waits on it (a write whose range only
- * overlaps later is shortened to stop before it), so a guest cluster is
- * never allocated twice and an old cluster is never freed twice.
+ * Mapping changes are serialised per guest cluster (ranges.c, QEMU's
+ * handle_dependencies made general): an allocating write (with its COW),
+ * a write-zeroes and a discard each own the guest clusters whose L2
+ * entries they change, from the decision to the L2 update.  Whoever had
+ * to wait decides again afterwards.  A write whose range only overlaps an
+ * owner further on is shortened to stop before it.  Writes into clusters
+ * of our own (COPIED) change no mapping and own nothing.
+ *
+ * Every host range a request writes is checked under the lock by the
+ * range authority before the write (qcow2_check_write): guest data never
+ * lands on metadata, whatever the L2 entries say.
  *
  * Data I/O that looked up a host cluster counts itself in the current
- * epoch (s->inflight) until done; deferred frees wait for the epoch to
- * drain (refcount.c), so a cluster freed by a racing discard is never
- * reused under an in-flight read or write.
+ * host I/O epoch until done; deferred frees wait for the epoch to drain
+ * (refcount.c), so a cluster freed by a racing discard is never reused
+ * under an in-flight read or write.
  *
  * Crash ordering is described at the top of refcount.c: here it means data
  * and COW are written before the L2 entry changes in the cache, and freed
@@ -33,8 +38,6 @@
 #include "common/io.h"
 #include "common/util.h"
 #include "qcow2/qcow2.h"
-
-static const uint8_t zero_page[65536] __attribute__((aligned(4096)));
 
 /* ---- helpers ---------------------------------------------------------- */
 
@@ -101,54 +104,6 @@ static void bounce_put(struct qcow2_state *s, uint8_t *b)
 	spin_unlock(&s->spin);
 }
 
-static unsigned io_begin(struct qcow2_state *s)
-{
-	unsigned e;
-
-	spin_lock(&s->spin);
-	e = s->epoch;
-	s->inflight[e]++;
-	spin_unlock(&s->spin);
-	return e;
-}
-
-static void io_end(struct qcow2_state *s, unsigned e)
-{
-	spin_lock(&s->spin);
-	if (--s->inflight[e] == 0 && e != s->epoch)
-		co_queue_wake_all(&s->drain_wait);
-	spin_unlock(&s->spin);
-}
-
-int qcow2_zero_host(struct qcow2_state *s, uint64_t off, uint64_t len)
-{
-	struct iovec v[16];
-	int ret;
-
-	if (!s->no_zero_range) {
-		ret = io_fallocate(s->file, FALLOC_FL_ZERO_RANGE, off, len);
-		if (ret == 0 || (ret != -EOPNOTSUPP && ret != -EINVAL && ret != -ENOSYS))
-			return ret;
-		s->no_zero_range = true;
-	}
-	while (len) {
-		uint64_t chunk = 0;
-		int n = 0;
-		while (n < 16 && chunk < len) {
-			v[n].iov_base = (void *)zero_page;
-			v[n].iov_len = MIN(sizeof(zero_page), len - chunk);
-			chunk += v[n].iov_len;
-			n++;
-		}
-		ret = io_pwritev(s->file, v, n, off);
-		if (ret < 0)
-			return ret;
-		off += chunk;
-		len -= chunk;
-	}
-	return 0;
-}
-
 /* Bytes [guest, guest+len) from the backing file into @iov at @iov_off:
  * the part beyond the backing file's size (or all, without one) reads
  * as zeros. */
@@ -212,10 +167,10 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 	while (done < len && ret == 0) {
 		co_mutex_lock(&s->lock);
 		ret = qcow2_get_mapping(s, off + done, len - done, &m);
-		e = io_begin(s);
+		e = qcow2_io_begin(s);
 		co_mutex_unlock(&s->lock);
 		if (ret < 0) {
-			io_end(s, e);
+			qcow2_io_end(s, e);
 			break;
 		}
 		switch (m.type) {
@@ -243,36 +198,13 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 			bounce_put(s, b);
 			break;
 		}
-		io_end(s, e);
+		qcow2_io_end(s, e);
 		done += m.bytes;
 	}
 	return ret;
 }
 
 /* ---- write ------------------------------------------------------------ */
-
-/* Lock held.  Wait until no in-flight allocation overlaps the guest
- * clusters of [start, *end); with @shorten, an allocation starting after
- * the first cluster instead cuts *end before it. */
-static void wait_dependencies(struct qcow2_state *s, uint64_t start, uint64_t *end, bool shorten)
-{
-	uint64_t cs = ALIGN_DOWN(start, s->cluster_size);
-retry:
-	for (struct qcow2_alloc *a = s->allocs; a; a = a->next) {
-		uint64_t ce = ALIGN_UP(*end, (uint64_t)s->cluster_size);
-		if (a->end <= cs || a->start >= ce)
-			continue;
-		if (shorten && a->start > cs) {
-			*end = a->start;
-			continue;
-		}
-		log_debug("%s: request at %llu waits for the allocation of [%llu, %llu)",
-			  s->bs->filename, (unsigned long long)start,
-			  (unsigned long long)a->start, (unsigned long long)a->end);
-		co_queue_wait_unlock(&a->waiters, &s->lock);
-		goto retry;
-	}
-}
 
 static bool region_reads_zero(struct qcow2_state *s, const struct qcow2_map *m,
 			      uint64_t guest, uint64_t len)
@@ -332,7 +264,7 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 	if ((head || tail) && region_reads_zero(s, first, c0, head) &&
 	    region_reads_zero(s, last, cend - tail, tail) && !s->no_zero_range) {
 		/* Cheap zero fill of the whole range, then just the data. */
-		ret = qcow2_zero_host(s, host, cend - c0);
+		ret = qcow2_zero_host(s, QCOW2_OL_DATA, host, cend - c0);
 		if (ret < 0)
 			return ret;
 		if (!s->no_zero_range)
@@ -362,7 +294,7 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 		v[n].iov_base = b + 2 * cs - tail;
 		v[n++].iov_len = tail;
 	}
-	ret = io_pwritev(s->file, v, n, host + (guest - c0) - head);
+	ret = qcow2_pwritev_data(s, v, n, host + (guest - c0) - head);
 out:
 	if (b)
 		bounce_put(s, b);
@@ -375,7 +307,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 {
 	uint64_t cs = s->cluster_size, end = guest + max, host, c0, cend, nclusters;
 	struct qcow2_map m, last;
-	struct qcow2_alloc a;
+	struct qcow2_owner o;
 	struct iovec sl[BDRV_IOV_MAX];
 	uint64_t *ents;
 	unsigned idx, e;
@@ -383,18 +315,21 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	int slot, n, ret;
 
 	co_mutex_lock(&s->lock);
-	wait_dependencies(s, guest, &end, true);
+	qcow2_wait_owners(s, guest, &end, true);
 	ret = qcow2_get_mapping(s, guest, end - guest, &m);
 	if (ret < 0)
 		goto out_unlock;
 
 	if (m.type == QCOW2_NORMAL && (m.l2e & QCOW2_OFLAG_COPIED)) {
 		/* Our own cluster: overwrite in place, no metadata. */
-		e = io_begin(s);
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, m.host, m.bytes);
+		if (ret < 0)
+			goto out_unlock;
+		e = qcow2_io_begin(s);
 		co_mutex_unlock(&s->lock);
 		n = iov_slice(iov, iovcnt, iov_off, m.bytes, sl, BDRV_IOV_MAX);
-		ret = n < 0 ? n : io_pwritev(s->file, sl, n, m.host);
-		io_end(s, e);
+		ret = n < 0 ? n : qcow2_pwritev_data(s, sl, n, m.host);
+		qcow2_io_end(s, e);
 		*done_bytes = m.bytes;
 		return ret;
 	}
@@ -418,6 +353,9 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	}
 	if (reuse) {
 		host = m.l2e & QCOW2_L2E_OFFSET_MASK;
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, host, cs);
+		if (ret < 0)
+			goto out_unlock;
 	} else {
 		uint64_t old_end = s->file_end;
 		ret = qcow2_alloc_clusters(s, nclusters, &host);
@@ -427,16 +365,14 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 		 * at or past it were never written since the file began. */
 		fresh = host >= old_end;
 	}
-	a.start = c0;
-	a.end = cend;
-	a.waiters = (struct co_queue)CO_QUEUE_INIT;
-	a.next = s->allocs;
-	s->allocs = &a;
-	e = io_begin(s);
+	/* The allocation may have yielded with the lock held, but nobody
+	 * registers an owner without the lock: ours is still the only one. */
+	qcow2_add_owner(s, &o, c0, cend);
+	e = qcow2_io_begin(s);
 	co_mutex_unlock(&s->lock);
 
 	ret = cow_write(s, &m, &last, host, guest, m.bytes, iov, iovcnt, iov_off, fresh);
-	io_end(s, e);
+	qcow2_io_end(s, e);
 
 	co_mutex_lock(&s->lock);
 	if (ret == 0)
@@ -453,13 +389,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	} else if (!reuse) {
 		qcow2_free_deferred(s, host, nclusters * cs);
 	}
-	for (struct qcow2_alloc **pp = &s->allocs; *pp; pp = &(*pp)->next) {
-		if (*pp == &a) {
-			*pp = a.next;
-			break;
-		}
-	}
-	co_queue_wake_all(&a.waiters);
+	qcow2_disown_guest(s, &o);
 	*done_bytes = m.bytes;
 out_unlock:
 	co_mutex_unlock(&s->lock);
@@ -473,6 +403,8 @@ int qcow2_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 	uint64_t done = 0, n = 0;
 	int ret = 0;
 
+	if (s->corrupt)
+		return -EIO;
 	while (done < len) {
 		ret = write_run(s, off + done, len - done, iov, iovcnt, done, &n);
 		if (ret < 0)
@@ -494,8 +426,8 @@ static int write_zero_buffers(struct bdrv *bs, uint64_t off, uint64_t len)
 		uint64_t chunk = 0;
 		int n = 0;
 		while (n < BDRV_IOV_MAX && chunk < len) {
-			v[n].iov_base = (void *)zero_page;
-			v[n].iov_len = MIN(sizeof(zero_page), len - chunk);
+			v[n].iov_base = (void *)qcow2_zero_page;
+			v[n].iov_len = MIN(sizeof(qcow2_zero_page), len - chunk);
 			chunk += v[n].iov_len;
 			n++;
 		}
@@ -537,58 +469,75 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool
 
 enum zop { ZOP_DISCARD, ZOP_ZERO };
 
-/* Whole clusters [off, off+len) (len may end at the unaligned image end):
- * QEMU's discard_in_l2_slice (full_discard=false) / zero_in_l2_slice. */
-static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum zop op,
-		       unsigned flags)
+/* Lock held; the caller owns the guest clusters of [off, end).  Whole
+ * clusters (the last may end at the unaligned image end): QEMU's
+ * discard_in_l2_slice (full_discard=false) / zero_in_l2_slice. */
+static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, enum zop op,
+			     unsigned flags)
 {
-	uint64_t cs = s->cluster_size, end = off + len;
+	uint64_t cs = s->cluster_size;
 	int ret = 0;
 
-	while (off < end && ret == 0) {
-		/* One L2 slice per lock hold. */
-		uint64_t slice_bytes = (uint64_t)cs << s->l2_slice_bits;
-		uint64_t stop = MIN(end, ALIGN_DOWN(off, slice_bytes) + slice_bytes);
+	for (; off < end && ret == 0; off += cs) {
+		struct qcow2_map m;
+		uint64_t new_e;
+		bool unmap;
 
-		co_mutex_lock(&s->lock);
-		wait_dependencies(s, off, &stop, false);
-		for (; off < stop && ret == 0; off += cs) {
-			struct qcow2_map m;
-			uint64_t new_e;
-			bool unmap;
-
-			ret = qcow2_get_mapping(s, off, cs, &m);
-			if (ret < 0)
-				break;
-			if (op == ZOP_DISCARD) {
-				if (!s->backing && !is_allocated(m.type))
-					continue;
-				new_e = s->meta.h.version >= 3 ? QCOW2_OFLAG_ZERO : 0;
-				unmap = is_allocated(m.type);
-			} else {
-				unmap = m.type == QCOW2_COMPRESSED ||
-					((flags & BDRV_REQ_MAY_UNMAP) && is_allocated(m.type));
-				new_e = (unmap ? 0 : m.l2e) | QCOW2_OFLAG_ZERO;
-			}
-			if (new_e == m.l2e)
+		ret = qcow2_get_mapping(s, off, cs, &m);
+		if (ret < 0)
+			break;
+		if (op == ZOP_DISCARD) {
+			if (!s->backing && !is_allocated(m.type))
 				continue;
-			ret = set_entry(s, off, new_e, unmap);
+			new_e = s->meta.h.version >= 3 ? QCOW2_OFLAG_ZERO : 0;
+			unmap = is_allocated(m.type);
+		} else {
+			unmap = m.type == QCOW2_COMPRESSED ||
+				((flags & BDRV_REQ_MAY_UNMAP) && is_allocated(m.type));
+			new_e = (unmap ? 0 : m.l2e) | QCOW2_OFLAG_ZERO;
 		}
-		co_mutex_unlock(&s->lock);
+		if (new_e == m.l2e)
+			continue;
+		ret = set_entry(s, off, new_e, unmap);
 	}
 	return ret;
 }
 
-static int discard_clusters(struct qcow2_state *s, uint64_t off, uint64_t len)
+/* Whole clusters [off, off+len), one L2 slice per lock hold. */
+static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum zop op,
+		       unsigned flags)
 {
-	return clusters_op(s, off, len, ZOP_DISCARD, 0);
+	uint64_t cs = s->cluster_size, end = off + len;
+	uint64_t slice_bytes = (uint64_t)cs << s->l2_slice_bits;
+	struct qcow2_owner o;
+	int ret = 0;
+
+	while (off < end && ret == 0) {
+		uint64_t stop = MIN(end, ALIGN_DOWN(off, slice_bytes) + slice_bytes);
+
+		co_mutex_lock(&s->lock);
+		qcow2_own_guest(s, &o, off, stop);
+		ret = clusters_op_owned(s, off, stop, op, flags);
+		qcow2_disown_guest(s, &o);
+		co_mutex_unlock(&s->lock);
+		off = stop;
+	}
+	return ret;
 }
 
-/* QEMU's qcow2_subcluster_zeroize: -ENOTSUP means "write zeros". */
+/* Lock held, clusters owned.  QEMU's qcow2_subcluster_zeroize: -ENOTSUP
+ * means "write zeros". */
+static int zeroize_owned(struct qcow2_state *s, uint64_t off, uint64_t end, unsigned flags)
+{
+	if (s->meta.h.version < 3)
+		return s->backing ? -ENOTSUP : clusters_op_owned(s, off, end, ZOP_DISCARD, 0);
+	return clusters_op_owned(s, off, end, ZOP_ZERO, flags);
+}
+
 static int zeroize(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
 	if (s->meta.h.version < 3)
-		return s->backing ? -ENOTSUP : discard_clusters(s, off, len);
+		return s->backing ? -ENOTSUP : clusters_op(s, off, len, ZOP_DISCARD, 0);
 	return clusters_op(s, off, len, ZOP_ZERO, flags);
 }
 
@@ -623,24 +572,39 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 }
 
 /* A write_zeroes piece inside one cluster (QEMU qcow2_co_pwrite_zeroes
- * with head/tail): whole cluster becomes zero if the rest already is. */
+ * with head/tail): the whole cluster becomes a zero cluster if the rest
+ * of it reads as zeros already.  The cluster is owned from before the
+ * decision until the L2 entry is changed, so no allocating write can
+ * slip in between (a write in flight is waited for first, then the
+ * decision sees its data).  -ENOTSUP: write zeros instead (after the
+ * cluster is released: that write may need to own it). */
 static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
 	uint64_t cs = s->cluster_size, c0 = ALIGN_DOWN(off, cs);
 	uint64_t end = off + len, cend = end == s->bs->size ? end : ALIGN_UP(end, cs);
+	uint64_t cluster_end = MIN(c0 + cs, s->bs->size);
+	struct qcow2_owner o;
 	struct qcow2_map m;
 	int ret;
 
-	if (!is_zero_range(s, c0, off - c0) || !is_zero_range(s, end, cend - end))
-		return -ENOTSUP;
 	co_mutex_lock(&s->lock);
-	ret = qcow2_get_mapping(s, c0, cs, &m);
+	qcow2_own_guest(s, &o, c0, cluster_end);
 	co_mutex_unlock(&s->lock);
-	if (ret < 0)
-		return ret;
-	if (is_allocated(m.type) && m.type != QCOW2_ZERO_ALLOC)
-		return -ENOTSUP;
-	return zeroize(s, c0, MIN(cs, s->bs->size - c0), flags);
+
+	if (!is_zero_range(s, c0, off - c0) || !is_zero_range(s, end, cend - end)) {
+		ret = -ENOTSUP;
+		co_mutex_lock(&s->lock);
+	} else {
+		co_mutex_lock(&s->lock);
+		ret = qcow2_get_mapping(s, c0, cs, &m);
+		if (ret == 0 && is_allocated(m.type) && m.type != QCOW2_ZERO_ALLOC)
+			ret = -ENOTSUP;
+		if (ret == 0)
+			ret = zeroize_owned(s, c0, cluster_end, flags);
+	}
+	qcow2_disown_guest(s, &o);
+	co_mutex_unlock(&s->lock);
+	return ret;
 }
 
 int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags)
@@ -649,6 +613,8 @@ int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned
 	uint64_t cs = s->cluster_size, end = off + len;
 	int ret;
 
+	if (s->corrupt)
+		return -EIO;
 	/* Split like QEMU's block layer: unaligned head and tail pieces are
 	 * tried alone and fall back to explicit zeros. */
 	while (off < end) {
@@ -685,6 +651,8 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	uint64_t start = ALIGN_UP(off, cs);
 	uint64_t end = off + len == bs->size ? bs->size : ALIGN_DOWN(off + len, (uint64_t)cs);
 
+	if (s->corrupt)
+		return -EIO;
 	/* v2 has no zero flag: deallocating would expose stale backing
 	 * data, so QEMU refuses (ENOTSUP, which discard callers ignore). */
 	if (s->meta.h.version < 3 && s->backing)
@@ -693,7 +661,7 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	 * an unaligned image end. */
 	if (start >= end)
 		return 0;
-	return discard_clusters(s, start, end - start);
+	return clusters_op(s, start, end - start, ZOP_DISCARD, 0);
 }
 
 int qcow2_co_flush(struct bdrv *bs)

@@ -137,6 +137,8 @@ int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64
 			snprintf(err, errlen, "snapshot %u: entry extends beyond the snapshot table", done);
 			goto fail;
 		}
+		s->entry_off = off;
+		s->entry_len = (uint32_t)len;
 		const uint8_t *x = e + QCOW2_SNAP_FIXED_LEN;
 		if (extra >= 8)
 			s->vm_state_size = get_be64(x);
