@@ -196,6 +196,20 @@ fail:
 	return ret;
 }
 
+int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest)
+{
+	uint64_t l1_idx, l2_idx, l1e;
+
+	l2_position(s, guest, &l1_idx, &l2_idx);
+	if (l1_idx >= s->l1_size)
+		return -EIO;
+	l1e = s->l1[l1_idx];
+	if (!(l1e & QCOW2_OFLAG_COPIED) || !(l1e & QCOW2_L1E_OFFSET_MASK))
+		return 0;       /* a new table will be made */
+	return qcow2_check_write(s, QCOW2_OL_ACTIVE_L2, l1e & QCOW2_L1E_OFFSET_MASK,
+				 s->cluster_size);
+}
+
 int qcow2_l2_slice_for_write(struct qcow2_state *s, uint64_t guest, int *slot,
 			     uint64_t **entries, unsigned *index)
 {

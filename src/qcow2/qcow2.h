@@ -137,6 +137,10 @@ int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struc
  * *entries points at the slice, *index is the entry of @guest in it. */
 int qcow2_l2_slice_for_write(struct qcow2_state *s, uint64_t guest, int *slice,
 			     uint64_t **entries, unsigned *index);
+/* Lock held.  Would updating the L2 entry of @guest in its current table
+ * overwrite other metadata?  0 or -EIO (image marked corrupt); decides
+ * before any data is written for the update. */
+int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest);
 /* Lock held.  Pin the L2 slice for reading; *slice = -1 when the L2
  * table is not allocated. */
 int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slice,

@@ -334,8 +334,12 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 		return ret;
 	}
 
-	/* Allocating write over the run's whole clusters. */
+	/* Allocating write over the run's whole clusters.  Its L2 update
+	 * must be possible before any cluster is taken or data written. */
 	c0 = ALIGN_DOWN(guest, cs);
+	ret = qcow2_l2_check_writable(s, c0);
+	if (ret < 0)
+		goto out_unlock;
 	cend = ALIGN_UP(guest + m.bytes, cs);
 	nclusters = (cend - c0) / cs;
 	reuse = m.type == QCOW2_ZERO_ALLOC && (m.l2e & QCOW2_OFLAG_COPIED);
