@@ -217,9 +217,13 @@ int cmd_add(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 		/* The daemon changes directory; keep the name it was given
-		 * meaningful (and absolute in 'qublk list'). */
-		if (!realpath(argv[optind], abspath)) {
-			log_error("%s: %s", argv[optind], strerror(errno));
+		 * meaningful (and absolute in 'qublk list').  Symlinks stay:
+		 * relative backing names resolve next to the given path. */
+		int err = path_absolute(argv[optind], abspath, sizeof(abspath));
+		if (!err && access(abspath, F_OK))
+			err = -errno;
+		if (err) {
+			log_error("%s: %s", argv[optind], strerror(-err));
 			return EXIT_FAIL;
 		}
 		o.file = abspath;

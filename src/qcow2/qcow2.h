@@ -294,7 +294,7 @@ struct qcow2_state {
 	uint32_t reftable_clusters;
 
 	uint64_t file_end;              /* bytes: file size at open or end of allocations */
-	uint64_t free_hint;             /* no free cluster below this index */
+	uint64_t free_hint;             /* allocation search starts here (refcount.c) */
 
 	struct qcow2_cache l2c, rbc;
 	struct co_mutex lock;
