@@ -45,6 +45,9 @@ struct bdrv_opts {
 	uint64_t l2_cache_size;         /* bytes; 0 = driver default */
 	uint64_t refcount_cache_size;   /* bytes; 0 = driver default */
 	unsigned backing_depth;         /* internal: loop/depth guard */
+	/* Tests: qcow2 error injection, "SITE[,SITE]:ERRNO[:skip=N][:count=N]"
+	 * (src/qcow2/qcow2.h); NULL: $QUBLK_INJECT for the top image. */
+	const char *inject;
 	/* Tests: slot a backend (e.g. io_fault) under the driver.  Called
 	 * with the opened top-level file; returns -errno. */
 	int (*wrap_file)(struct io_file *f, struct io_file **out, void *opaque);

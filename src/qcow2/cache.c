@@ -167,8 +167,8 @@ static int l2_write_barrier(struct qcow2_state *s)
 
 static int write_slice(struct qcow2_cache *c, int i)
 {
-	unsigned kind = c->is_l2 ? QCOW2_OL_ACTIVE_L2 : QCOW2_OL_REFBLOCK;
-	int ret = qcow2_pwrite_meta(c->s, kind, slice_data(c, i), c->slice_size, c->sl[i].key);
+	enum qcow2_site site = c->is_l2 ? QCOW2_W_L2_UPDATE : QCOW2_W_REFBLOCK_UPDATE;
+	int ret = qcow2_pwrite_meta(c->s, site, slice_data(c, i), c->slice_size, c->sl[i].key);
 
 	if (ret < 0) {
 		log_error("%s: writing %s slice at %#llx: %s", c->s->bs->filename, c->name,

@@ -167,17 +167,17 @@ static int l2_table_cow(struct qcow2_state *s, uint64_t l1_idx)
 		/* Shared tables are never dirty in the cache: disk is current. */
 		ret = io_pread(s->file, s->meta_buf, s->cluster_size, old);
 		if (ret == 0)
-			ret = qcow2_pwrite_meta(s, QCOW2_OL_ACTIVE_L2, s->meta_buf, s->cluster_size,
+			ret = qcow2_pwrite_meta(s, QCOW2_W_L2_ALLOC, s->meta_buf, s->cluster_size,
 						new_off);
 	} else {
-		ret = qcow2_zero_host(s, QCOW2_OL_ACTIVE_L2, new_off, s->cluster_size);
+		ret = qcow2_zero_host(s, QCOW2_W_L2_ALLOC, new_off, s->cluster_size);
 	}
 	if (ret == 0)
 		ret = qcow2_cache_writeback(&s->rbc);
 	if (ret == 0)
 		ret = qcow2_sync(s);
 	if (ret == 0)
-		ret = qcow2_write_entry_sync(s, QCOW2_OL_ACTIVE_L1, s->l1_offset + l1_idx * 8,
+		ret = qcow2_write_entry_sync(s, QCOW2_W_L1_UPDATE, s->l1_offset + l1_idx * 8,
 					     new_off | QCOW2_OFLAG_COPIED);
 	if (ret < 0)
 		goto fail;

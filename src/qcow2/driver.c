@@ -264,6 +264,18 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		}
 	}
 
+	if (!ro) {
+		const char *spec = opts->inject ? opts->inject
+				   : bs->parent ? NULL : getenv("QUBLK_INJECT");
+		if (spec && *spec && qcow2_inject_parse(spec, &s->inject) < 0) {
+			log_error("%s: bad error injection spec '%s'", fn, spec);
+			ret = -EINVAL;
+			goto fail;
+		}
+		if (spec && *spec)
+			log_info("%s: error injection armed: %s", fn, spec);
+	}
+
 	bs->opaque = s;
 	bs->size = h->size;
 	bs->cluster_size = s->cluster_size;

@@ -34,6 +34,28 @@
 #include "common/coro.h"
 #include "qcow2/format.h"
 
+/* ---- shared --------------------------------------------------------- */
+
+/* Where a host write (or a COW read, or a sync) comes from.  It gives the
+ * write's kind of metadata for the overlap check, and names the path for
+ * error injection (QEMU's blkdebug events: tests fail each path in turn). */
+enum qcow2_site {
+	QCOW2_W_DATA,                   /* guest data into a cluster of ours */
+	QCOW2_W_COW,                    /* an allocating write's data and COW */
+	QCOW2_R_COW,                    /* reading old contents for COW */
+	QCOW2_W_L2_UPDATE,              /* L2 slice write-back */
+	QCOW2_W_L2_ALLOC,               /* a new (or copied) L2 table */
+	QCOW2_W_L1_UPDATE,              /* an L1 entry */
+	QCOW2_W_REFBLOCK_UPDATE,        /* refcount slice write-back */
+	QCOW2_W_REFBLOCK_ALLOC,         /* a new refcount block */
+	QCOW2_W_REFTABLE_UPDATE,        /* a refcount table entry */
+	QCOW2_W_REFTABLE_GROW_BLOCKS,   /* growth: the new blocks */
+	QCOW2_W_REFTABLE_GROW,          /* growth: the new table */
+	QCOW2_W_HEADER,                 /* cluster 0 */
+	QCOW2_W_FLUSH,                  /* fdatasync */
+	QCOW2_NSITES
+};
+
 /* ---- cache.c ---------------------------------------------------------- */
 
 struct qcow2_state;
@@ -98,8 +120,8 @@ int qcow2_free_deferred(struct qcow2_state *s, uint64_t off, uint64_t len);
 /* Lock held.  Deferred free of whatever an L2 entry references. */
 int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e);
 /* Lock held.  Write the 8-byte table entry @v (a refcount table or L1
- * entry, by @kind) at @off and sync. */
-int qcow2_write_entry_sync(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t v);
+ * entry, by @site) at @off and sync. */
+int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t off, uint64_t v);
 /* Lock held.  fdatasync the image file; written cache slices become clean
  * (or dirty again when it fails: see cache.c).  Returns -errno. */
 int qcow2_sync(struct qcow2_state *s);
@@ -179,6 +201,21 @@ enum {
 #define QCOW2_ZERO_PAGE 65536
 extern const uint8_t qcow2_zero_page[QCOW2_ZERO_PAGE];
 
+/* Error injection (tests): fail @count calls (0: every one) of the sites
+ * in @sites (bit 1 << site) with -@err, after letting @skip through. */
+struct qcow2_inject {
+	uint32_t sites;
+	int err;
+	unsigned skip, count;
+	bool armed;
+};
+/* Parse "SITE[,SITE...]:ERRNO[:skip=N][:count=N]", ERRNO a number or a
+ * name (EIO, ENOSPC...), SITE a name as in `qublk` docs ("l2_update", ...)
+ * or "all".  Returns -EINVAL. */
+int qcow2_inject_parse(const char *spec, struct qcow2_inject *out);
+/* 0, or the injected -errno for a call at @site. */
+int qcow2_inject(struct qcow2_state *s, enum qcow2_site site);
+
 /* Build the metadata map from the open image (read-write opens).
  * Returns -errno (logged). */
 int qcow2_ranges_open(struct qcow2_state *s);
@@ -196,18 +233,21 @@ int qcow2_check_write(struct qcow2_state *s, unsigned kind, uint64_t off, uint64
  * write; only the first is reported. */
 void qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
-/* Lock held.  Checked metadata writes; a failure other than running out
- * of space poisons the file (every later flush fails).  Returns -errno. */
-int qcow2_pwrite_meta(struct qcow2_state *s, unsigned kind, const void *buf, size_t len,
+/* Lock held.  Checked metadata writes from @site; a failure other than
+ * running out of space poisons the file (every later flush fails).
+ * Returns -errno. */
+int qcow2_pwrite_meta(struct qcow2_state *s, enum qcow2_site site, const void *buf, size_t len,
 		      uint64_t off);
 int qcow2_write_header(struct qcow2_state *s);
 /* Make host bytes [off, off+len) read as zeros (fallocate ZERO_RANGE, else
- * zero buffers).  Metadata kinds are checked here (lock held); for
- * QCOW2_OL_DATA the caller checked the range under the lock.  -errno. */
-int qcow2_zero_host(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t len);
-/* Guest data to host bytes that qcow2_check_write(QCOW2_OL_DATA) allowed
- * under the lock, within the current host I/O epoch.  No lock needed. */
-int qcow2_pwritev_data(struct qcow2_state *s, const struct iovec *iov, int iovcnt, uint64_t off);
+ * zero buffers).  Metadata sites are checked here (lock held); for data
+ * the caller checked the range under the lock.  -errno. */
+int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, uint64_t len);
+/* Guest data (@site QCOW2_W_DATA or QCOW2_W_COW) to host bytes that
+ * qcow2_check_write(QCOW2_OL_DATA) allowed under the lock, within the
+ * current host I/O epoch.  No lock needed. */
+int qcow2_pwritev_data(struct qcow2_state *s, enum qcow2_site site, const struct iovec *iov,
+		       int iovcnt, uint64_t off);
 
 /* Lock held.  Reserve host clusters [first, first+n) for an allocation in
  * progress, before their refcounts are set.  Returns -EIO if nested too
@@ -307,6 +347,7 @@ struct qcow2_state {
 	unsigned nreserved;
 	struct qcow2_owner *owners;     /* requests changing guest mappings */
 	bool corrupt;                   /* overlap seen: no more writes */
+	struct qcow2_inject inject;     /* tests */
 
 	struct qcow2_pending_free pending[QCOW2_PENDING_MAX];
 	unsigned npending;

@@ -40,6 +40,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/io.h"
 #include "common/util.h"
@@ -244,6 +245,104 @@ int qcow2_check_write(struct qcow2_state *s, unsigned kind, uint64_t off, uint64
 	return 0;
 }
 
+/* ---- write sites and error injection ---------------------------------- */
+
+static const struct {
+	const char *name;
+	unsigned kind;
+} sites[QCOW2_NSITES] = {
+	[QCOW2_W_DATA] = { "write_aio", QCOW2_OL_DATA },
+	[QCOW2_W_COW] = { "cow_write", QCOW2_OL_DATA },
+	[QCOW2_R_COW] = { "cow_read", QCOW2_OL_DATA },
+	[QCOW2_W_L2_UPDATE] = { "l2_update", QCOW2_OL_ACTIVE_L2 },
+	[QCOW2_W_L2_ALLOC] = { "l2_alloc_write", QCOW2_OL_ACTIVE_L2 },
+	[QCOW2_W_L1_UPDATE] = { "l1_update", QCOW2_OL_ACTIVE_L1 },
+	[QCOW2_W_REFBLOCK_UPDATE] = { "refblock_update", QCOW2_OL_REFBLOCK },
+	[QCOW2_W_REFBLOCK_ALLOC] = { "refblock_alloc", QCOW2_OL_REFBLOCK },
+	[QCOW2_W_REFTABLE_UPDATE] = { "reftable_update", QCOW2_OL_REFTABLE },
+	[QCOW2_W_REFTABLE_GROW_BLOCKS] = { "reftable_grow_blocks", QCOW2_OL_REFBLOCK },
+	[QCOW2_W_REFTABLE_GROW] = { "reftable_grow", QCOW2_OL_REFTABLE },
+	[QCOW2_W_HEADER] = { "header_update", QCOW2_OL_HEADER },
+	[QCOW2_W_FLUSH] = { "flush", QCOW2_OL_DATA },
+};
+
+static const struct { const char *name; int err; } errnos[] = {
+	{ "EIO", EIO }, { "ENOSPC", ENOSPC }, { "EDQUOT", EDQUOT }, { "ENOMEM", ENOMEM },
+	{ "EROFS", EROFS },
+};
+
+int qcow2_inject_parse(const char *spec, struct qcow2_inject *out)
+{
+	char buf[512], *save = NULL, *tok, *site_list;
+	struct qcow2_inject in = { .count = 1, .armed = true };
+
+	if (strlen(spec) >= sizeof(buf))
+		return -EINVAL;
+	strcpy(buf, spec);
+	site_list = strtok_r(buf, ":", &save);
+	if (!site_list)
+		return -EINVAL;
+	while ((tok = strtok_r(NULL, ":", &save))) {
+		char *end;
+		if (!strncmp(tok, "skip=", 5)) {
+			in.skip = (unsigned)strtoul(tok + 5, &end, 10);
+		} else if (!strncmp(tok, "count=", 6)) {
+			in.count = (unsigned)strtoul(tok + 6, &end, 10);
+		} else if (!in.err) {
+			in.err = (int)strtol(tok, &end, 10);
+			for (size_t i = 0; i < ARRAY_SIZE(errnos) && *end; i++)
+				if (!strcmp(tok, errnos[i].name)) {
+					in.err = errnos[i].err;
+					end = tok + strlen(tok);
+				}
+		} else {
+			return -EINVAL;
+		}
+		if (*end)
+			return -EINVAL;
+	}
+	if (in.err <= 0)
+		return -EINVAL;
+	for (tok = strtok_r(site_list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+		size_t i;
+		if (!strcmp(tok, "all")) {
+			in.sites = (1u << QCOW2_NSITES) - 1;
+			continue;
+		}
+		for (i = 0; i < QCOW2_NSITES; i++)
+			if (!strcmp(tok, sites[i].name))
+				break;
+		if (i == QCOW2_NSITES)
+			return -EINVAL;
+		in.sites |= 1u << i;
+	}
+	*out = in;
+	return 0;
+}
+
+int qcow2_inject(struct qcow2_state *s, enum qcow2_site site)
+{
+	struct qcow2_inject *in = &s->inject;
+	int err = 0;
+
+	if (likely(!in->armed))
+		return 0;
+	spin_lock(&s->spin);
+	if ((in->sites & (1u << site)) && in->armed) {
+		if (in->skip) {
+			in->skip--;
+		} else {
+			err = -in->err;
+			if (in->count && --in->count == 0)
+				in->armed = false;
+		}
+	}
+	spin_unlock(&s->spin);
+	if (err)
+		log_info("%s: injected %s at %s", s->bs->filename, strerror(-err), sites[site].name);
+	return err;
+}
+
 /* A metadata write failed: nothing tells what reached the disk (O_DIRECT
  * writes may be torn), so no later flush may claim durability.  Running
  * out of space writes nothing: that one is retried by the next flush. */
@@ -254,14 +353,16 @@ static int write_failed(struct qcow2_state *s, int ret)
 	return ret;
 }
 
-int qcow2_pwrite_meta(struct qcow2_state *s, unsigned kind, const void *buf, size_t len,
+int qcow2_pwrite_meta(struct qcow2_state *s, enum qcow2_site site, const void *buf, size_t len,
 		      uint64_t off)
 {
-	int ret = qcow2_check_write(s, kind, off, len);
+	int ret = qcow2_check_write(s, sites[site].kind, off, len);
 
 	if (ret < 0)
 		return ret;
-	ret = io_pwrite(s->file, buf, len, off);
+	ret = qcow2_inject(s, site);
+	if (ret == 0)
+		ret = io_pwrite(s->file, buf, len, off);
 	return ret < 0 ? write_failed(s, ret) : 0;
 }
 
@@ -271,17 +372,23 @@ int qcow2_write_header(struct qcow2_state *s)
 
 	if (ret < 0)
 		return ret;
-	ret = qcow2_meta_write(s->file, &s->meta);
+	ret = qcow2_inject(s, QCOW2_W_HEADER);
+	if (ret == 0)
+		ret = qcow2_meta_write(s->file, &s->meta);
 	return ret < 0 ? write_failed(s, ret) : 0;
 }
 
-int qcow2_pwritev_data(struct qcow2_state *s, const struct iovec *iov, int iovcnt, uint64_t off)
+int qcow2_pwritev_data(struct qcow2_state *s, enum qcow2_site site, const struct iovec *iov,
+		       int iovcnt, uint64_t off)
 {
-	return io_pwritev(s->file, iov, iovcnt, off);
+	int ret = qcow2_inject(s, site);
+
+	return ret ? ret : io_pwritev(s->file, iov, iovcnt, off);
 }
 
-int qcow2_zero_host(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t len)
+int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, uint64_t len)
 {
+	unsigned kind = sites[site].kind;
 	struct iovec v[16];
 	int ret;
 
@@ -290,6 +397,9 @@ int qcow2_zero_host(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t
 		if (ret < 0)
 			return ret;
 	}
+	ret = qcow2_inject(s, site);
+	if (ret < 0)
+		return kind != QCOW2_OL_DATA ? write_failed(s, ret) : ret;
 	if (!s->no_zero_range) {
 		ret = io_fallocate(s->file, FALLOC_FL_ZERO_RANGE, off, len);
 		if (ret == 0)

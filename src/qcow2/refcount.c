@@ -190,13 +190,13 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need);
 
 /* Write the 8-byte table entry @v (refcount table: @kind REFTABLE, L1:
  * ACTIVE_L1) at @off and sync. */
-int qcow2_write_entry_sync(struct qcow2_state *s, unsigned kind, uint64_t off, uint64_t v)
+int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t off, uint64_t v)
 {
 	uint8_t be[8];
 	int ret;
 
 	put_be64(be, v);
-	ret = qcow2_pwrite_meta(s, kind, be, 8, off);
+	ret = qcow2_pwrite_meta(s, site, be, 8, off);
 	if (ret == 0)
 		ret = qcow2_sync(s);
 	return ret;
@@ -246,7 +246,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 	if (ret < 0)
 		goto out;
 	qcow2_cache_invalidate(&s->rbc, boff, s->cluster_size);
-	ret = qcow2_zero_host(s, QCOW2_OL_REFBLOCK, boff, s->cluster_size);
+	ret = qcow2_zero_host(s, QCOW2_W_REFBLOCK_ALLOC, boff, s->cluster_size);
 	if (ret < 0)
 		goto out_meta;
 	if (s->file_end < boff + s->cluster_size)
@@ -267,7 +267,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 	if (ret == 0)
 		ret = qcow2_sync(s);
 	if (ret == 0)
-		ret = qcow2_write_entry_sync(s, QCOW2_OL_REFTABLE, s->reftable_offset + rt * 8, boff);
+		ret = qcow2_write_entry_sync(s, QCOW2_W_REFTABLE_UPDATE, s->reftable_offset + rt * 8, boff);
 	if (ret < 0) {
 		log_error("%s: adding a refcount block: %s", s->bs->filename, strerror(-ret));
 		goto out_meta;
@@ -436,7 +436,12 @@ static int apply_pending(struct qcow2_state *s)
 
 int qcow2_sync(struct qcow2_state *s)
 {
-	int ret = io_flush(s->file);
+	int ret = qcow2_inject(s, QCOW2_W_FLUSH);
+
+	if (ret < 0)
+		io_poison(s->file, ret);
+	else
+		ret = io_flush(s->file);
 
 	qcow2_cache_synced(&s->rbc, ret == 0);
 	qcow2_cache_synced(&s->l2c, ret == 0);
@@ -528,13 +533,13 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		for (uint64_t c = A; c < A + total; c++)
 			if ((c >> s->rb_bits) == bi)
 				qcow2_rc_set(blk, c & (E - 1), s->refcount_order, 1);
-		ret = qcow2_pwrite_meta(s, QCOW2_OL_REFBLOCK, blk, cs, boff);
+		ret = qcow2_pwrite_meta(s, QCOW2_W_REFTABLE_GROW_BLOCKS, blk, cs, boff);
 		if (ret < 0)
 			goto out_io;
 		newrt[bi] = boff;
 		put_be64(tbl + 8 * bi, boff);
 	}
-	ret = qcow2_pwrite_meta(s, QCOW2_OL_REFTABLE, tbl, rtc * cs, toff);
+	ret = qcow2_pwrite_meta(s, QCOW2_W_REFTABLE_GROW, tbl, rtc * cs, toff);
 	if (ret == 0)
 		ret = qcow2_sync(s);
 	if (ret < 0)

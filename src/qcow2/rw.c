@@ -222,9 +222,13 @@ static int read_cow_region(struct qcow2_state *s, const struct qcow2_map *m, uin
 			   uint64_t in_off, uint64_t len, uint8_t *img, uint8_t *cbuf)
 {
 	struct iovec v = { img + in_off, len };
+	int ret;
 
 	if (!len)
 		return 0;
+	ret = qcow2_inject(s, QCOW2_R_COW);
+	if (ret < 0)
+		return ret;
 	switch (m->type) {
 	case QCOW2_UNALLOCATED:
 		return read_backing(s, cluster + in_off, len, &v, 1, 0);
@@ -264,7 +268,7 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 	if ((head || tail) && region_reads_zero(s, first, c0, head) &&
 	    region_reads_zero(s, last, cend - tail, tail) && !s->no_zero_range) {
 		/* Cheap zero fill of the whole range, then just the data. */
-		ret = qcow2_zero_host(s, QCOW2_OL_DATA, host, cend - c0);
+		ret = qcow2_zero_host(s, QCOW2_W_COW, host, cend - c0);
 		if (ret < 0)
 			return ret;
 		if (!s->no_zero_range)
@@ -294,7 +298,7 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 		v[n].iov_base = b + 2 * cs - tail;
 		v[n++].iov_len = tail;
 	}
-	ret = qcow2_pwritev_data(s, v, n, host + (guest - c0) - head);
+	ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, n, host + (guest - c0) - head);
 out:
 	if (b)
 		bounce_put(s, b);
@@ -328,7 +332,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 		e = qcow2_io_begin(s);
 		co_mutex_unlock(&s->lock);
 		n = iov_slice(iov, iovcnt, iov_off, m.bytes, sl, BDRV_IOV_MAX);
-		ret = n < 0 ? n : qcow2_pwritev_data(s, sl, n, m.host);
+		ret = n < 0 ? n : qcow2_pwritev_data(s, QCOW2_W_DATA, sl, n, m.host);
 		qcow2_io_end(s, e);
 		*done_bytes = m.bytes;
 		return ret;
