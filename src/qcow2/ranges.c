@@ -247,23 +247,29 @@ int qcow2_check_write(struct qcow2_state *s, unsigned kind, uint64_t off, uint64
 
 /* ---- write sites and error injection ---------------------------------- */
 
+/* @poison: a failed write there leaves the disk in a state nobody knows
+ * (a pointer to a structure may or may not have switched), so no later
+ * flush may claim durability: the file is poisoned (io_poison).  Other
+ * failed writes leave their structure dirty or abandoned, never pointed
+ * at: the next flush writes it again and may then succeed. */
 static const struct {
 	const char *name;
 	unsigned kind;
+	bool poison;
 } sites[QCOW2_NSITES] = {
-	[QCOW2_W_DATA] = { "write_aio", QCOW2_OL_DATA },
-	[QCOW2_W_COW] = { "cow_write", QCOW2_OL_DATA },
-	[QCOW2_R_COW] = { "cow_read", QCOW2_OL_DATA },
-	[QCOW2_W_L2_UPDATE] = { "l2_update", QCOW2_OL_ACTIVE_L2 },
-	[QCOW2_W_L2_ALLOC] = { "l2_alloc_write", QCOW2_OL_ACTIVE_L2 },
-	[QCOW2_W_L1_UPDATE] = { "l1_update", QCOW2_OL_ACTIVE_L1 },
-	[QCOW2_W_REFBLOCK_UPDATE] = { "refblock_update", QCOW2_OL_REFBLOCK },
-	[QCOW2_W_REFBLOCK_ALLOC] = { "refblock_alloc", QCOW2_OL_REFBLOCK },
-	[QCOW2_W_REFTABLE_UPDATE] = { "reftable_update", QCOW2_OL_REFTABLE },
-	[QCOW2_W_REFTABLE_GROW_BLOCKS] = { "reftable_grow_blocks", QCOW2_OL_REFBLOCK },
-	[QCOW2_W_REFTABLE_GROW] = { "reftable_grow", QCOW2_OL_REFTABLE },
-	[QCOW2_W_HEADER] = { "header_update", QCOW2_OL_HEADER },
-	[QCOW2_W_FLUSH] = { "flush", QCOW2_OL_DATA },
+	[QCOW2_W_DATA] = { "write_aio", QCOW2_OL_DATA, false },
+	[QCOW2_W_COW] = { "cow_write", QCOW2_OL_DATA, false },
+	[QCOW2_R_COW] = { "cow_read", QCOW2_OL_DATA, false },
+	[QCOW2_W_L2_UPDATE] = { "l2_update", QCOW2_OL_ACTIVE_L2, false },
+	[QCOW2_W_L2_ALLOC] = { "l2_alloc_write", QCOW2_OL_ACTIVE_L2, false },
+	[QCOW2_W_L1_UPDATE] = { "l1_update", QCOW2_OL_ACTIVE_L1, true },
+	[QCOW2_W_REFBLOCK_UPDATE] = { "refblock_update", QCOW2_OL_REFBLOCK, false },
+	[QCOW2_W_REFBLOCK_ALLOC] = { "refblock_alloc", QCOW2_OL_REFBLOCK, false },
+	[QCOW2_W_REFTABLE_UPDATE] = { "reftable_update", QCOW2_OL_REFTABLE, true },
+	[QCOW2_W_REFTABLE_GROW_BLOCKS] = { "reftable_grow_blocks", QCOW2_OL_REFBLOCK, false },
+	[QCOW2_W_REFTABLE_GROW] = { "reftable_grow", QCOW2_OL_REFTABLE, false },
+	[QCOW2_W_HEADER] = { "header_update", QCOW2_OL_HEADER, true },
+	[QCOW2_W_FLUSH] = { "flush", QCOW2_OL_DATA, true },
 };
 
 static const struct { const char *name; int err; } errnos[] = {
@@ -343,12 +349,11 @@ int qcow2_inject(struct qcow2_state *s, enum qcow2_site site)
 	return err;
 }
 
-/* A metadata write failed: nothing tells what reached the disk (O_DIRECT
- * writes may be torn), so no later flush may claim durability.  Running
- * out of space writes nothing: that one is retried by the next flush. */
-static int write_failed(struct qcow2_state *s, int ret)
+/* A metadata write from @site failed with @ret.  Running out of space
+ * writes nothing, so only other errors leave the disk unknown. */
+static int write_failed(struct qcow2_state *s, enum qcow2_site site, int ret)
 {
-	if (ret != -ENOSPC && ret != -EDQUOT && ret != -ENOMEM)
+	if (sites[site].poison && ret != -ENOSPC && ret != -EDQUOT)
 		io_poison(s->file, ret);
 	return ret;
 }
@@ -363,7 +368,7 @@ int qcow2_pwrite_meta(struct qcow2_state *s, enum qcow2_site site, const void *b
 	ret = qcow2_inject(s, site);
 	if (ret == 0)
 		ret = io_pwrite(s->file, buf, len, off);
-	return ret < 0 ? write_failed(s, ret) : 0;
+	return ret < 0 ? write_failed(s, site, ret) : 0;
 }
 
 int qcow2_write_header(struct qcow2_state *s)
@@ -375,7 +380,7 @@ int qcow2_write_header(struct qcow2_state *s)
 	ret = qcow2_inject(s, QCOW2_W_HEADER);
 	if (ret == 0)
 		ret = qcow2_meta_write(s->file, &s->meta);
-	return ret < 0 ? write_failed(s, ret) : 0;
+	return ret < 0 ? write_failed(s, QCOW2_W_HEADER, ret) : 0;
 }
 
 int qcow2_pwritev_data(struct qcow2_state *s, enum qcow2_site site, const struct iovec *iov,
@@ -399,13 +404,13 @@ int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, u
 	}
 	ret = qcow2_inject(s, site);
 	if (ret < 0)
-		return kind != QCOW2_OL_DATA ? write_failed(s, ret) : ret;
+		return write_failed(s, site, ret);
 	if (!s->no_zero_range) {
 		ret = io_fallocate(s->file, FALLOC_FL_ZERO_RANGE, off, len);
 		if (ret == 0)
 			return 0;
 		if (ret != -EOPNOTSUPP && ret != -EINVAL && ret != -ENOSYS)
-			return kind != QCOW2_OL_DATA ? write_failed(s, ret) : ret;
+			return write_failed(s, site, ret);
 		s->no_zero_range = true;
 	}
 	while (len) {
@@ -419,7 +424,7 @@ int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, u
 		}
 		ret = io_pwritev(s->file, v, n, off);
 		if (ret < 0)
-			return kind != QCOW2_OL_DATA ? write_failed(s, ret) : ret;
+			return write_failed(s, site, ret);
 		off += chunk;
 		len -= chunk;
 	}
