@@ -71,12 +71,11 @@ static bool line_covers(const char *line, unsigned long ino, unsigned byte, dev_
 	unsigned maj, min;
 	unsigned long lino;
 	unsigned long long start;
-	int lpid;
 
 	if (strncmp(line, "lock:", 5) || strstr(line, "->"))
 		return false;   /* not a lock, or a waiter blocked on one */
-	if (sscanf(line, "lock: %*d: %15s %*s %*s %d %x:%x:%lu %llu %23s", kind, &lpid, &maj,
-		   &min, &lino, &start, end) != 7)
+	if (sscanf(line, "lock: %*d: %15s %*s %*s %*d %x:%x:%lu %llu %23s", kind, &maj, &min,
+		   &lino, &start, end) != 6)
 		return false;
 	if (strcmp(kind, "OFDLCK") && strcmp(kind, "POSIX"))
 		return false;   /* flock, leases: fcntl locks do not see them */
