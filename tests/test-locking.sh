@@ -33,11 +33,14 @@ requires_server
 
 BG_PIDS=()
 BG_N=0
+# Kill what we started, then lib.sh's cleanup with our exit status in $?
+# (set +e: the status is usually not 0).
 _locking_cleanup() {
     local rc=$? p
+    set +e
     for p in "${BG_PIDS[@]}"; do
-        kill -KILL "$p" 2>/dev/null || true
-        wait "$p" 2>/dev/null || true
+        kill -KILL "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
     done
     (exit "$rc")
     _cleanup
