@@ -4,7 +4,8 @@
 # (tests/vm/): fio --verify over raw, qcow2 and qcow2-with-backing devices
 # with 1 and 2 queues, whole-device reads vs qemu-img convert, qemu-img
 # check after del, discard/write-zeroes vs qemu-io, read-only devices,
-# ext4 across del/add with e2fsck and checksums, kill -9 under load.
+# ext4 across del/add with e2fsck and checksums, kill -9 under load,
+# image locks held by the add daemon (qemu-io and a second add refused).
 # Guest scripts: tests/vm/guest/ublk-*.sh (or those matching $QUBLK_VM_GUEST).
 . "$(dirname "$0")/lib.sh"
 

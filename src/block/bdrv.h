@@ -31,6 +31,11 @@ enum {
 	BDRV_O_RDONLY     = 1 << 0,
 	BDRV_O_DIRECT     = 1 << 1,  /* cache=none: O_DIRECT on every file */
 	BDRV_O_NO_BACKING = 1 << 2,  /* do not open backing files */
+	/* With BDRV_O_RDONLY only (bdrv_open refuses it otherwise): open even
+	 * if another process writes the image (QEMU's -U / force-share).  The
+	 * image and its backing files then only take the "consistent read"
+	 * lock, so the reads may see metadata in mid-update. */
+	BDRV_O_FORCE_SHARE = 1 << 3,
 };
 
 /* Request flags */
@@ -91,7 +96,12 @@ struct bdrv {
 	uint64_t dev, ino;         /* identity of the file, for loop detection */
 };
 
-/* Open @filename as an image.  Errors are logged naming the file. */
+/* Open @filename as an image.  Errors are logged naming the file.
+ * Every file opened (the image and each backing file) is locked the way
+ * QEMU locks it (block/lock.h): a read-write open fails with -EAGAIN if
+ * another process, qublk or QEMU, uses the image, a read-only open if
+ * someone writes it (unless BDRV_O_FORCE_SHARE).  The locks last until
+ * bdrv_close(). */
 int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **out);
 /* Open a backing file @name for @parent: relative names resolve against
  * the directory of @parent's file; depth-limited (loops refused). */

@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Generic block layer: opening images (format probing, backing files)
- * and the checked entry points every frontend calls.  The request
- * contract (see bdrv.h) is checked here once; drivers trust it.
+ * Generic block layer: opening images (format probing, backing files,
+ * image locks) and the checked entry points every frontend calls.  The
+ * request contract (see bdrv.h) is checked here once; drivers trust it.
+ * Every file is locked here, on its real descriptor, before anything
+ * reads it (block/lock.h); the lock lives as long as the descriptor.
  */
 #include "block/bdrv.h"
 
@@ -14,6 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "block/lock.h"
 #include "common/util.h"
 
 #define BDRV_MAX_BACKING_DEPTH 32
@@ -55,9 +58,14 @@ static int open_common(const char *filename, const struct bdrv_opts *opts,
 	const struct bdrv_driver *drv = NULL;
 	struct bdrv *bs;
 	struct stat st;
-	unsigned ioflags = 0;
+	unsigned ioflags = 0, perm, shared;
+	bool force_share = opts->flags & BDRV_O_FORCE_SHARE;
 	int ret;
 
+	if (force_share && !(opts->flags & BDRV_O_RDONLY)) {
+		log_error("%s: force-share (-U) is only allowed read-only", filename);
+		return -EINVAL;
+	}
 	if (opts->format && !(drv = bdrv_find_driver(opts->format))) {
 		log_error("%s: unknown format '%s'", filename, opts->format);
 		return -EINVAL;
@@ -79,13 +87,6 @@ static int open_common(const char *filename, const struct bdrv_opts *opts,
 		log_error("%s: cannot open: %s", filename, strerror(-ret));
 		goto fail;
 	}
-	if (opts->wrap_file && !parent) {
-		struct io_file *wrapped;
-		ret = opts->wrap_file(bs->file, &wrapped, opts->wrap_opaque);
-		if (ret < 0)
-			goto fail;
-		bs->file = wrapped;
-	}
 	if (fstat(bs->file->fd, &st) == 0) {
 		bs->dev = st.st_dev;
 		bs->ino = st.st_ino;
@@ -97,6 +98,18 @@ static int open_common(const char *filename, const struct bdrv_opts *opts,
 			ret = -ELOOP;
 			goto fail;
 		}
+	}
+	/* After the loop check: an image opened twice conflicts with itself. */
+	lock_perms(bs->read_only, force_share, &perm, &shared);
+	ret = lock_take(bs->file->fd, filename, perm, shared);
+	if (ret < 0)
+		goto fail;
+	if (opts->wrap_file && !parent) {
+		struct io_file *wrapped;
+		ret = opts->wrap_file(bs->file, &wrapped, opts->wrap_opaque);
+		if (ret < 0)
+			goto fail;
+		bs->file = wrapped;
 	}
 	if (!drv)
 		drv = probe(bs->file);
@@ -124,7 +137,8 @@ int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out)
 {
 	struct bdrv_opts opts = {
-		.flags = BDRV_O_RDONLY | (parent->open_flags & BDRV_O_DIRECT),
+		.flags = BDRV_O_RDONLY |
+			 (parent->open_flags & (BDRV_O_DIRECT | BDRV_O_FORCE_SHARE)),
 		.format = format,
 		.backing_depth = 0,
 	};

@@ -10,6 +10,11 @@
  * The chain walk resolves relative backing names against the directory
  * of the image naming them and refuses loops (same device and inode
  * seen twice) and chains deeper than MAX_CHAIN.
+ *
+ * Each file is locked while it is read as QEMU's `qemu-img info -U`
+ * (force-share) locks it: "consistent read" only, everything shared, so
+ * info works on an image a VM or server writes (and may then show
+ * metadata in mid-update, as qemu-img does).
  */
 #include <stddef.h>
 
@@ -22,6 +27,7 @@
 #include <sys/stat.h>
 #include <time.h>
 
+#include "block/lock.h"
 #include "cli/cli.h"
 #include "common/io.h"
 #include "common/util.h"
@@ -77,6 +83,7 @@ static int layer_open(const char *path, const char *fmt, struct layer *l)
 	struct stat st;
 	uint8_t magic[4] = { 0 };
 	char err[512] = "";
+	unsigned perm, shared;
 	int ret;
 
 	memset(l, 0, sizeof(*l));
@@ -88,6 +95,10 @@ static int layer_open(const char *path, const char *fmt, struct layer *l)
 		log_error("%s: %s", path, strerror(-ret));
 		return ret;
 	}
+	lock_perms(true, true, &perm, &shared);
+	ret = lock_take(f->fd, path, perm, shared);
+	if (ret)
+		goto out;           /* logged */
 	if (fstat(f->fd, &st) < 0) {
 		ret = -errno;
 		log_error("%s: stat: %s", path, strerror(-ret));
@@ -376,18 +387,24 @@ static void print_json(FILE *o, const struct layer *l, const char *ind)
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk info [--output human|json] [--backing-chain] [-f FMT] FILE\n"
+		"Usage: qublk info [--output human|json] [--backing-chain] [-f FMT] [-U] FILE\n"
 		"\n"
 		"Show FILE's format (qcow2 or raw, probed by magic unless -f is given),\n"
 		"virtual and on-disk size and, for qcow2, cluster size, compat level,\n"
 		"refcount width, compression type, feature flags, backing file and\n"
 		"format, and internal snapshots.  The image is only read.\n"
 		"\n"
+		"info always reads with force-share semantics (qemu-img info -U): it\n"
+		"works on an image another process (qublk, qemu-nbd, a VM) is writing,\n"
+		"and then may show metadata in mid-update.\n"
+		"\n"
 		"  --output FMT     human (default) or json\n"
 		"  --backing-chain  also show every image of the backing chain\n"
 		"                   (relative names resolve against the directory of\n"
 		"                   the image naming them; loops are refused)\n"
 		"  -f FMT           do not probe: FILE is qcow2 or raw\n"
+		"  -U, --force-share\n"
+		"                   accepted for qemu-img compatibility (the default)\n"
 		"  -h, --help       show this help\n"
 		"\n"
 		"Exit status: 0 success, 1 the image could not be read or is invalid,\n"
@@ -400,6 +417,7 @@ int cmd_info(int argc, char **argv)
 	static const struct option longopts[] = {
 		{ "output", required_argument, NULL, OPT_OUTPUT },
 		{ "backing-chain", no_argument, NULL, OPT_CHAIN },
+		{ "force-share", no_argument, NULL, 'U' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -410,7 +428,7 @@ int cmd_info(int argc, char **argv)
 	int c, ret = EXIT_FAIL;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "f:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "f:Uh", longopts, NULL)) != -1) {
 		switch (c) {
 		case OPT_OUTPUT:
 			if (!strcmp(optarg, "json")) {
@@ -432,6 +450,8 @@ int cmd_info(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
+		case 'U':
+			break;      /* always: see usage() */
 		case 'h':
 			usage(stdout);
 			return EXIT_OK;

@@ -4,7 +4,8 @@
  * command line, opens the image and hands it to src/nbd/server.c, which
  * runs everything on this thread's io_uring.  On a signal the server stops
  * accepting, finishes in-flight requests and flushes; we then close the
- * image (writing back its metadata) and exit 0.
+ * image (writing back its metadata) and exit 0.  The image is locked
+ * (bdrv_open, src/block/lock.h) until then.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -28,12 +29,19 @@ static void usage(FILE *out)
 		"Serve FILE (qcow2 or raw) over NBD until SIGINT or SIGTERM, then finish\n"
 		"in-flight requests, flush, close the image cleanly and exit 0.\n"
 		"Several clients may connect at once and one after another.\n\n"
+		"The image and its backing files are locked as QEMU locks them, so qublk\n"
+		"and QEMU (qemu-nbd, qemu-io, qemu-img, VMs) exclude each other: serving\n"
+		"fails if another process writes the image or, without --read-only, has\n"
+		"it open at all (readers with force-share, -U, excepted); while we serve\n"
+		"it, they are refused alike.\n\n"
 		"  -k, --socket PATH       listen on a unix socket at PATH\n"
 		"  -p, --port N            listen on TCP port N (0: any free port)\n"
 		"  -b, --bind ADDR         TCP address to bind (default 127.0.0.1)\n"
 		"                          Without --socket, TCP is used on %s:%d\n"
 		"                          unless --port or --bind say otherwise.\n"
 		"  -r, --read-only         export read-only (writes fail with EPERM)\n"
+		"  -U, --force-share       with --read-only: serve the image even if another\n"
+		"                          process writes it (reads may be inconsistent)\n"
 		"  -f, --format FMT        qcow2 or raw (default: probe the file)\n"
 		"      --cache MODE        none (O_DIRECT) or writeback (default)\n"
 		"  -x, --export-name NAME  export name (default \"\"; \"\" always matches)\n"
@@ -50,6 +58,7 @@ int cmd_nbd(int argc, char **argv)
 		{ "port", required_argument, NULL, 'p' },
 		{ "bind", required_argument, NULL, 'b' },
 		{ "read-only", no_argument, NULL, 'r' },
+		{ "force-share", no_argument, NULL, 'U' },
 		{ "format", required_argument, NULL, 'f' },
 		{ "cache", required_argument, NULL, 'C' },
 		{ "export-name", required_argument, NULL, 'x' },
@@ -64,7 +73,7 @@ int cmd_nbd(int argc, char **argv)
 	int c, ret, rc = EXIT_FAIL;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "k:p:b:rf:x:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "k:p:b:rUf:x:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'k':
 			sopts.socket_path = optarg;
@@ -86,6 +95,9 @@ int cmd_nbd(int argc, char **argv)
 		case 'r':
 			sopts.read_only = true;
 			bopts.flags |= BDRV_O_RDONLY;
+			break;
+		case 'U':
+			bopts.flags |= BDRV_O_FORCE_SHARE;
 			break;
 		case 'f':
 			if (strcmp(optarg, "qcow2") && strcmp(optarg, "raw")) {
@@ -115,6 +127,10 @@ int cmd_nbd(int argc, char **argv)
 	}
 	if (optind != argc - 1) {
 		usage(stderr);
+		return EXIT_USAGE;
+	}
+	if ((bopts.flags & BDRV_O_FORCE_SHARE) && !(bopts.flags & BDRV_O_RDONLY)) {
+		fprintf(stderr, "qublk nbd: --force-share is only allowed with --read-only\n");
 		return EXIT_USAGE;
 	}
 	if (sopts.socket_path && (sopts.port || sopts.bind_addr)) {

@@ -5,7 +5,10 @@
  * add forks a daemon (unless --foreground) and waits on a pipe for its
  * report: the device path once the device is live, or EOF if it failed
  * (its errors went to our stderr).  The daemon itself runs
- * ublk_dev_run() (src/ublk/dev.c).
+ * ublk_dev_run() (src/ublk/dev.c).  The image is opened, and so locked
+ * (src/block/lock.h), in the daemon after the fork: the daemon holds the
+ * locks for the life of the device, and a refusal ("Failed to get
+ * "write" lock") reaches the user's stderr before add exits 1.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -27,15 +30,22 @@
 static void add_usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only]\n"
+		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
 		"'qublk del -n N' or SIGTERM.\n\n"
+		"The image and its backing files are locked as QEMU locks them, so qublk\n"
+		"and QEMU (qemu-nbd, qemu-io, qemu-img, VMs) exclude each other: add fails\n"
+		"if another process writes the image or, without --read-only, has it open\n"
+		"at all (readers with force-share, -U, excepted); while the device lives,\n"
+		"they are refused alike.\n\n"
 		"  -t, --type TYPE      qcow2, raw or null (default: probed from FILE)\n"
 		"  -q, --queues N       hardware queues, one thread each (default %u)\n"
 		"  -d, --depth N        requests in flight per queue (default %u, max %u)\n"
 		"  -r, --read-only      refuse writes\n"
+		"  -U, --force-share    with --read-only: serve the image even if another\n"
+		"                       process writes it (reads may then be inconsistent)\n"
 		"  -n, --number ID      device number (default: first free)\n"
 		"  -s, --size SIZE      null target: device size (K/M/G/T suffixes)\n"
 		"      --cache MODE     none (O_DIRECT, default) or writeback\n"
@@ -130,6 +140,7 @@ int cmd_add(int argc, char **argv)
 		{ "queues", required_argument, NULL, 'q' },
 		{ "depth", required_argument, NULL, 'd' },
 		{ "read-only", no_argument, NULL, 'r' },
+		{ "force-share", no_argument, NULL, 'U' },
 		{ "number", required_argument, NULL, 'n' },
 		{ "size", required_argument, NULL, 's' },
 		{ "cache", required_argument, NULL, 'c' },
@@ -147,7 +158,7 @@ int cmd_add(int argc, char **argv)
 	int c;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "t:q:d:rn:s:fh", lopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "t:q:d:rUn:s:fh", lopts, NULL)) != -1) {
 		switch (c) {
 		case 't':
 			if (!ublk_tgt_find(optarg)) {
@@ -170,6 +181,9 @@ int cmd_add(int argc, char **argv)
 			break;
 		case 'r':
 			o.read_only = true;
+			break;
+		case 'U':
+			o.force_share = true;
 			break;
 		case 'n':
 			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
@@ -209,6 +223,10 @@ int cmd_add(int argc, char **argv)
 	if (argc - optind > 1) {
 		log_error("too many arguments");
 		add_usage(stderr);
+		return EXIT_USAGE;
+	}
+	if (o.force_share && !o.read_only) {
+		log_error("--force-share is only allowed with --read-only");
 		return EXIT_USAGE;
 	}
 	if (optind < argc) {

@@ -357,7 +357,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	struct ublk_dev dev = { .cdev_fd = -1, .exit_efd = -1 }, *d = &dev;
 	struct ublk_tgt_opts to = {
 		.file = o->file, .size = o->size, .read_only = o->read_only,
-		.direct = o->direct, .nr_queues = o->nr_queues,
+		.force_share = o->force_share, .direct = o->direct, .nr_queues = o->nr_queues,
 	};
 	struct ublk_state st = { 0 };
 	char path[64];

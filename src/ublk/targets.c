@@ -32,6 +32,8 @@ static int engine_open(struct ublk_tgt *t, const struct ublk_tgt_opts *o, const 
 	}
 	if (o->read_only)
 		bo.flags |= BDRV_O_RDONLY;
+	if (o->force_share)
+		bo.flags |= BDRV_O_FORCE_SHARE;
 	if (o->direct)
 		bo.flags |= BDRV_O_DIRECT;
 	ret = bdrv_open(o->file, &bo, &bs);

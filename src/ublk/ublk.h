@@ -75,6 +75,7 @@ struct ublk_tgt_opts {
 	const char *file;       /* image (qcow2, raw); NULL for null */
 	uint64_t size;          /* null: device size in bytes */
 	bool read_only;
+	bool force_share;       /* with read_only: open even if someone writes it */
 	bool direct;            /* --cache none */
 	unsigned nr_queues;
 };
@@ -153,6 +154,7 @@ struct ublk_dev_opts {
 	unsigned depth;
 	unsigned max_io;        /* bytes per tag buffer */
 	bool read_only;
+	bool force_share;       /* -U: with read_only only (BDRV_O_FORCE_SHARE) */
 	bool direct;
 	uint64_t size;          /* null target */
 };
