@@ -155,11 +155,16 @@ static int lookup(const struct qcow2_cache *c, uint64_t key)
 	return -1;
 }
 
-/* Make the refcount cache durable before any L2 slice is written. */
+/* Make the refcount cache durable before any L2 slice is written.  With
+ * lazy refcounts the image is marked dirty instead (once): its refcounts
+ * are rebuilt at the next open if it is not closed cleanly. */
 static int l2_write_barrier(struct qcow2_state *s)
 {
-	int ret = qcow2_cache_writeback(&s->rbc);
+	int ret;
 
+	if (s->lazy_refcounts)
+		return qcow2_mark_dirty(s);
+	ret = qcow2_cache_writeback(&s->rbc);
 	if (ret < 0)
 		return ret;
 	return qcow2_sync(s);

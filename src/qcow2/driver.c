@@ -276,6 +276,8 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 			log_info("%s: error injection armed: %s", fn, spec);
 	}
 
+	s->lazy_refcounts = !ro && (h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+
 	bs->opaque = s;
 	bs->size = h->size;
 	bs->cluster_size = s->cluster_size;
@@ -306,6 +308,8 @@ static int qcow2_close(struct bdrv *bs)
 		ret = qcow2_flush_locked(s);
 		if (ret == 0)
 			ret = qcow2_flush_locked(s);
+		if (ret == 0)
+			ret = qcow2_mark_clean(s);
 		co_mutex_unlock(&s->lock);
 		if (ret < 0)
 			log_error("%s: writing metadata back on close: %s", bs->filename,

@@ -125,6 +125,10 @@ int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t
 /* Lock held.  fdatasync the image file; written cache slices become clean
  * (or dirty again when it fails: see cache.c).  Returns -errno. */
 int qcow2_sync(struct qcow2_state *s);
+/* Lock held.  Lazy refcounts: set the dirty bit (header, synced) unless
+ * set; clear it after a full flush.  Returns -errno. */
+int qcow2_mark_dirty(struct qcow2_state *s);
+int qcow2_mark_clean(struct qcow2_state *s);
 /* Lock held.  The two-phase metadata flush, then pending decrements. */
 int qcow2_flush_locked(struct qcow2_state *s);
 
@@ -313,6 +317,7 @@ struct qcow2_state {
 	struct bdrv *backing;
 	struct qcow2_meta meta;
 	bool read_only;
+	bool lazy_refcounts;            /* compatible bit 0, read-write */
 
 	uint32_t cluster_bits, cluster_size;
 	uint32_t l2_bits;               /* log2 entries per L2 table */

@@ -22,6 +22,11 @@
  *  5. Refcount table growth writes the new table and its refcount blocks,
  *     syncs, switches the header (synced), then frees the old table
  *     (deferred, rule 4).
+ *  Lazy refcounts (compatible feature bit 0) relax rule 1: the image is
+ *  marked dirty (header bit, synced) before the first L2 write, refcounts
+ *  are written whenever, and a clean close clears the bit after a full
+ *  flush.  A dirty image has its refcounts rebuilt from the L1/L2 tables
+ *  when it is next opened read-write (driver.c).
  *
  * Thread model: every function here runs with s->lock held.
  */
@@ -448,6 +453,40 @@ int qcow2_sync(struct qcow2_state *s)
 	return ret;
 }
 
+int qcow2_mark_dirty(struct qcow2_state *s)
+{
+	int ret;
+
+	if (s->meta.h.incompat & QCOW2_INCOMPAT_DIRTY)
+		return 0;
+	s->meta.h.incompat |= QCOW2_INCOMPAT_DIRTY;
+	ret = qcow2_write_header(s);
+	if (ret == 0)
+		ret = qcow2_sync(s);
+	if (ret < 0) {
+		/* Not known to be on disk: nothing may depend on it. */
+		s->meta.h.incompat &= ~QCOW2_INCOMPAT_DIRTY;
+		log_error("%s: marking the image dirty: %s", s->bs->filename, strerror(-ret));
+	}
+	return ret;
+}
+
+int qcow2_mark_clean(struct qcow2_state *s)
+{
+	int ret;
+
+	if (!(s->meta.h.incompat & QCOW2_INCOMPAT_DIRTY))
+		return 0;
+	/* Everything the refcounts describe is on disk (the caller flushed). */
+	s->meta.h.incompat &= ~QCOW2_INCOMPAT_DIRTY;
+	ret = qcow2_write_header(s);
+	if (ret == 0)
+		ret = qcow2_sync(s);
+	if (ret < 0)
+		s->meta.h.incompat |= QCOW2_INCOMPAT_DIRTY;
+	return ret;
+}
+
 int qcow2_flush_locked(struct qcow2_state *s)
 {
 	int ret;
@@ -456,10 +495,10 @@ int qcow2_flush_locked(struct qcow2_state *s)
 		return 0;
 	if (s->corrupt)
 		return -EIO;
-	/* Phase 1+2: refcounts, sync, L2 slices (cache.c orders them). */
-	if (qcow2_cache_has_dirty(&s->l2c))
-		ret = qcow2_cache_writeback(&s->l2c);
-	else
+	/* Phase 1+2: refcounts, sync, L2 slices (cache.c orders them; with
+	 * lazy refcounts the L2 slices do not wait for the refcounts). */
+	ret = qcow2_cache_has_dirty(&s->l2c) ? qcow2_cache_writeback(&s->l2c) : 0;
+	if (ret == 0)
 		ret = qcow2_cache_writeback(&s->rbc);
 	if (ret == 0)
 		ret = qcow2_sync(s);
