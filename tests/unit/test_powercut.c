@@ -486,7 +486,8 @@ static const struct scenario scenarios[] = {
 	  .create = CREATE_EMPTY("cluster_size=512,refcount_bits=64", 4194304) },
 	{ .name = "reftable-growth-hole", .size = 16 << 20, .cluster = 512, .gen = gen_growth_hole,
 	  .create = CREATE_EMPTY("cluster_size=512", 16777216) },
-	{ .name = "snapshot-cow", .size = 4 << 20, .cluster = 4096, .gen = gen_cow, .snapshot = true,
+	{ .name = "snapshot-cow", .size = 4 << 20, .cluster = 4096, .gen = gen_cow,
+	  .snapshot = true,
 	  .create = CREATE_DATA("cluster_size=4096") " && qemu-img snapshot -c s1 img.qcow2" },
 	{ .name = "compressed-cow", .size = 4 << 20, .cluster = 65536, .gen = gen_cow,
 	  .create = "qemu-img convert -q -c -f raw -O qcow2 -o cluster_size=65536 "
@@ -712,7 +713,8 @@ static uint64_t guest_guarantee(const struct sim *m, uint64_t P)
 
 	for (size_t i = 0; i < m->nops; i++) {
 		const struct op *op = &m->ops[i];
-		if (is_flush(op) && op->result == 0 && op->done != IO_FAULT_NOT_DONE && op->done <= P)
+		if (is_flush(op) && op->result == 0 && op->done != IO_FAULT_NOT_DONE &&
+		    op->done <= P)
 			best = MAX(best, op->start + 1);
 	}
 	return best;
@@ -840,7 +842,8 @@ static int build_state(struct run *r, uint64_t P, uint64_t *rs, const char *path
 			continue;
 		}
 		for (uint64_t s = rec->off; !ret && s < rec->off + rec->len;) {
-			uint64_t e = MIN(ALIGN_DOWN(s, (uint64_t)SECTOR) + SECTOR, rec->off + rec->len);
+			uint64_t e = MIN(ALIGN_DOWN(s, (uint64_t)SECTOR) + SECTOR,
+					 rec->off + rec->len);
 			uint64_t pe = e;
 			if (how == 2) {
 				/* Torn: each sector present or not. */
@@ -942,9 +945,10 @@ static int start_stage(struct slot *sl, int stage)
 			    NULL };
 	char *snap[] = { "qemu-img", "convert", "-l", "snapshot.name=s1", "-f", "qcow2", "-O",
 			 "raw", sl->img, sl->snap, NULL };
+	char **argv = stage == STAGE_CHECK ? check : stage == STAGE_CONVERT ? convert : snap;
 
 	sl->stage = stage;
-	sl->pid = spawn_quiet(stage == STAGE_CHECK ? check : stage == STAGE_CONVERT ? convert : snap);
+	sl->pid = spawn_quiet(argv);
 	return sl->pid < 0 ? -EIO : 0;
 }
 
@@ -1099,12 +1103,13 @@ static void crash_states(struct run *r, unsigned long n, unsigned long only)
 		 * the driver left. */
 		if (ret == 0 && k == n && r->healthy)
 			CHECK(same_file(sl->img, r->final, r->final_size),
-			      "%s: the end state (%lu optional records) differs from the image file",
+			      "%s: the end state (%lu optional records) differs from the file",
 			      r->label, nopt);
 		if (ret == 0)
 			ret = start_stage(sl, STAGE_CHECK);
 		if (ret < 0) {
-			CHECK(0, "%s state %lu: building the state: %s", r->label, k, strerror(-ret));
+			CHECK(0, "%s state %lu: building the state: %s", r->label, k,
+			      strerror(-ret));
 			sl->busy = false;
 			continue;
 		}
@@ -1232,8 +1237,8 @@ static int run_scenario(const struct scenario *sc, const char *group, const char
 	if (r.healthy) {
 		for (size_t i = 0; i < m.nops; i++)
 			if (m.ops[i].kind != OP_BARRIER)
-				CHECK(m.ops[i].result == 0, "%s: op %zu (kind %d, %llu+%llu): %s", label,
-				      i, m.ops[i].kind, (unsigned long long)m.ops[i].off,
+				CHECK(m.ops[i].result == 0, "%s: op %zu (kind %d, %llu+%llu): %s",
+				      label, i, m.ops[i].kind, (unsigned long long)m.ops[i].off,
 				      (unsigned long long)m.ops[i].len, strerror(-m.ops[i].result));
 	} else {
 		check_sticky(&r, sc->fail_flush);
@@ -1253,7 +1258,8 @@ static int run_scenario(const struct scenario *sc, const char *group, const char
 	for (size_t i = 0; i < m.log.n; i++) {
 		const struct io_fault_rec *rec = &m.log.recs[i];
 		cap = MAX(cap, rec->kind == IO_FAULT_TRUNCATE ? rec->off : rec->off + rec->len);
-		if (rec->kind != IO_FAULT_FLUSH && rec->done != IO_FAULT_NOT_DONE && !no_effect(rec))
+		if (rec->kind != IO_FAULT_FLUSH && rec->done != IO_FAULT_NOT_DONE &&
+		    !no_effect(rec))
 			r.by_done[r.nby_done++] = i;
 	}
 	qsort_r(r.by_done, r.nby_done, sizeof(size_t), rec_done_cmp, m.log.recs);
