@@ -1,6 +1,7 @@
 # qublk build.  `make` builds build/qublk; `make asan` builds build-asan/qublk
 # with AddressSanitizer/UBSan; `make check` runs the test suite against both;
-# `make bench` runs the benchmarks (not part of check).
+# `make bench` runs the benchmarks and `make soak` the crash-state simulator
+# over 100,000 power cuts (neither is part of check).
 CC ?= gcc
 O ?= build
 CFLAGS_BASE := -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
@@ -53,8 +54,12 @@ check: all asan
 bench: all
 	bench/run.sh
 
+SOAK_STATES ?= 100000
+soak: $(O)/tests/test_powercut
+	$(O)/tests/test_powercut $(SOAK_STATES)
+
 clean:
 	rm -rf build build-asan
 
-.PHONY: all asan check bench clean
+.PHONY: all asan check bench soak clean
 -include $(shell find $(O) -name '*.d' 2>/dev/null)
