@@ -573,8 +573,16 @@ def hdr_dirty_leak(img):
     need_v3(img)
     img.put64(72, img.be64(72) | 1)
     img.put64(80, img.be64(80) | 1)
-    l1_zero(img)
-    return None
+    return l1_zero(img)
+
+
+def hdr_l1_past_eof(img):
+    img.put64(40, (img.file_size() + 8 * img.cs) // img.cs * img.cs)
+    return (0, img.size)
+
+
+def hdr_reftable_past_eof(img):
+    img.put64(48, (img.file_size() + 8 * img.cs) // img.cs * img.cs)
 
 
 def hdr_bad_magic(img):

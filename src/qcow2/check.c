@@ -702,6 +702,10 @@ static int check_refblocks(struct chk *c)
 			ret = inc_range(c, off, c->cs, &what);
 			if (ret < 0)
 				return ret;
+			/* Counted already by something else (full at 1 bit):
+			 * the block must move. */
+			if (what == REF_OVERFLOW && (c->fix & QCOW2_FIX_ERRORS))
+				c->rebuild = true;
 			if (refs_get(c, k) != 1) {
 				report(c, "ERROR refcount block %u refcount=%llu", i,
 				       (unsigned long long)refs_get(c, k));
@@ -728,6 +732,24 @@ static int calculate(struct chk *c)
 	memset(c->refs, 0, rc_array_bytes(c, c->cap));
 	c->res->allocated_clusters = c->res->fragmented_clusters = c->res->compressed_clusters = 0;
 
+	if ((c->fix & QCOW2_FIX_ERRORS) && h->l1_size &&
+	    past_eof(c, h->l1_offset, (uint64_t)h->l1_size * 8)) {
+		/* Its contents are gone: give it zeros (nothing mapped). */
+		uint64_t end = ALIGN_UP(h->l1_offset + (uint64_t)h->l1_size * 8, (uint64_t)c->cs);
+		report(c, "Repairing: the active L1 table lies past the end of the file; "
+			  "extending the file with an empty one");
+		ret = io_truncate(c->f, end);
+		if (ret < 0) {
+			write_failed(c, "(extending the file)", ret);
+			return ret;
+		}
+		c->file_size = end;
+		c->nb_clusters = size_to_clusters(c, end);
+		ret = refs_reserve(c, c->nb_clusters);
+		if (ret < 0)
+			return ret;
+		c->res->corruptions_fixed++;
+	}
 	ret = inc_range(c, 0, c->cs, &what);                      /* header */
 	if (ret == 0)
 		ret = check_l1(c, h->l1_offset, h->l1_size, L2_ACTIVE | L2_FRAG, "active L1 table");
@@ -754,6 +776,8 @@ static int calculate(struct chk *c)
 		ret = inc_range(c, h->snapshots_offset, c->snap_table_bytes, &what);
 	if (ret == 0)
 		ret = inc_range(c, h->reftable_offset, (uint64_t)c->rt_size * 8, &what);
+	if (ret == 0 && what == REF_OVERFLOW && (c->fix & QCOW2_FIX_ERRORS))
+		c->rebuild = true;      /* the table must move */
 	if (ret == 0)
 		ret = check_refblocks(c);
 	return ret;
@@ -1309,7 +1333,8 @@ static int check_snapshots(struct chk *c)
 			qcow2_meta_free(&c->m);
 			ret = io_get_size(c->f, &c->file_size);
 			if (ret == 0)
-				ret = qcow2_meta_read(c->f, c->file_size, &c->m, err, sizeof(err));
+				ret = qcow2_meta_read_flags(c->f, c->file_size, QCOW2_META_FOR_CHECK,
+							    &c->m, err, sizeof(err));
 			if (ret == 0)
 				ret = read_snapshots(c);
 		}
@@ -1347,7 +1372,7 @@ static int setup(struct chk *c)
 		snprintf(c->errbuf, c->errlen, "cannot get the file size: %s", strerror(-ret));
 		return ret;
 	}
-	ret = qcow2_meta_read(c->f, c->file_size, &c->m, err, sizeof(err));
+	ret = qcow2_meta_read_flags(c->f, c->file_size, QCOW2_META_FOR_CHECK, &c->m, err, sizeof(err));
 	if (ret < 0) {
 		snprintf(c->errbuf, c->errlen, "%s", err[0] ? err : strerror(-ret));
 		return ret;

@@ -190,6 +190,12 @@ struct io_file;
  * (-EINVAL for a malformed header). */
 int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
 		    char *err, size_t errlen);
+/* The same with @flags: QCOW2_META_FOR_CHECK accepts what qemu-img check
+ * opens and counts as corruption (L1/refcount tables past EOF, an empty
+ * refcount table). */
+#define QCOW2_META_FOR_CHECK (1u << 0)
+int qcow2_meta_read_flags(struct io_file *f, uint64_t file_size, unsigned flags,
+			  struct qcow2_meta *m, char *err, size_t errlen);
 /* Serialise @m (fixed header, extensions, backing name) into cluster 0
  * and write it.  Returns -EFBIG if it does not fit in one cluster. */
 int qcow2_meta_write(struct io_file *f, const struct qcow2_meta *m);
