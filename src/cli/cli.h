@@ -11,6 +11,7 @@
 
 int cmd_create(int argc, char **argv);   /* src/cli/create.c */
 int cmd_info(int argc, char **argv);     /* src/cli/info.c */
+int cmd_check(int argc, char **argv);    /* src/cli/check.c: own exit codes, see there */
 int cmd_bench(int argc, char **argv);    /* src/cli/bench.c */
 int cmd_nbd(int argc, char **argv);      /* src/cli/nbd.c */
 int cmd_add(int argc, char **argv);      /* src/cli/ublk.c */

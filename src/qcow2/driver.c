@@ -8,8 +8,9 @@
  *  - unknown incompatible bits, encryption, extended L2, external data
  *    file: refused (named);
  *  - corrupt bit: read-only opens only;
- *  - dirty bit (lazy refcounts, refcounts may be stale): read-only opens
- *    only, we do not repair; the message points at qemu-img check -r all;
+ *  - dirty bit (lazy refcounts, refcounts may be stale): a read-write
+ *    open repairs the image first (check.c), as QEMU does; read-only
+ *    opens serve it as it is;
  *  - read-write opens clear every autoclear bit (we maintain none of the
  *    structures they vouch for, bitmaps included) and rewrite the header,
  *    which keeps unknown compatible bits and unknown extensions.
@@ -95,12 +96,6 @@ static int check_features(struct qcow2_state *s, bool ro)
 			  "(repair it with 'qemu-img check -r all %s')", fn, fn);
 		return -EACCES;
 	}
-	if (h->incompat & QCOW2_INCOMPAT_DIRTY) {
-		log_error("%s: image was not closed cleanly and its refcounts may be stale "
-			  "(lazy refcounts); run 'qemu-img check -r all %s' before opening "
-			  "it read-write", fn, fn);
-		return -EACCES;
-	}
 	return 0;
 }
 
@@ -180,6 +175,11 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	ret = check_features(s, ro);
 	if (ret < 0)
 		goto fail;
+	if (!ro && (h->incompat & QCOW2_INCOMPAT_DIRTY)) {
+		ret = qcow2_repair_dirty(s->file, fn, &s->meta, &file_size);
+		if (ret < 0)
+			goto fail;
+	}
 
 	/* Geometry ("Header" and "Host cluster management" sections). */
 	s->file_end = file_size;

@@ -190,6 +190,12 @@ struct io_file;
  * (-EINVAL for a malformed header). */
 int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
 		    char *err, size_t errlen);
+/* The same with @flags: QCOW2_META_FOR_CHECK accepts what qemu-img check
+ * opens and counts as corruption (L1/refcount tables past EOF, an empty
+ * refcount table). */
+#define QCOW2_META_FOR_CHECK (1u << 0)
+int qcow2_meta_read_flags(struct io_file *f, uint64_t file_size, unsigned flags,
+			  struct qcow2_meta *m, char *err, size_t errlen);
 /* Serialise @m (fixed header, extensions, backing name) into cluster 0
  * and write it.  Returns -EFBIG if it does not fit in one cluster. */
 int qcow2_meta_write(struct io_file *f, const struct qcow2_meta *m);
@@ -210,19 +216,60 @@ struct qcow2_snapshot {
 	uint64_t vm_clock_nsec;
 	uint64_t vm_state_size;
 	uint64_t disk_size;       /* virtual size at snapshot time (extra data) or header size */
-	uint64_t entry_off;       /* the entry's offset in the snapshot table */
-	uint32_t entry_len;       /* its length without the padding to 8 bytes */
+	uint32_t extra_size;      /* extra_data_size as on disk */
+	uint64_t entry_off;       /* byte offset of the entry in the table */
+	uint32_t entry_len;       /* bytes of the entry, padding excluded */
 };
 /* Read and validate the snapshot table (offsets, sizes, L1 tables inside
  * the file).  Returns -errno; *out is an array of h->nb_snapshots. */
 int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64_t file_size,
 			 struct qcow2_snapshot **out, char *err, size_t errlen);
+/* The same with @flags; *@table_bytes (if not NULL) receives the table's
+ * length up to the end of its last entry (padding excluded). */
+#define QCOW2_SNAP_UNCHECKED_L1 (1u << 0)   /* return bad snapshot L1 tables as they are */
+int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
+			       uint64_t file_size, unsigned flags, struct qcow2_snapshot **out,
+			       uint64_t *table_bytes, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t n);
 
 /* "Compressed Clusters" (compress.c): inflate raw deflate (zlib, no
  * header, windowBits -12) or a zstd frame from @src into exactly
  * @dst_len bytes.  Returns -EIO on malformed data. */
 int qcow2_decompress(uint8_t type, const void *src, size_t src_len, void *dst, size_t dst_len);
+
+/* Consistency check and repair (check.c), with qemu-img check's
+ * classification, counting and exit-code semantics. */
+enum {
+	QCOW2_FIX_LEAKS  = 1 << 0,   /* free clusters whose refcount exceeds their references */
+	QCOW2_FIX_ERRORS = 1 << 1,   /* also repair corruptions */
+};
+struct qcow2_check_result {
+	uint64_t corruptions, leaks, check_errors;
+	uint64_t corruptions_fixed, leaks_fixed;
+	uint64_t image_end_offset;
+	uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
+};
+struct qcow2_check_opts {
+	unsigned fix;                              /* QCOW2_FIX_* */
+	/* Optional: one line per problem found or repaired (no newline). */
+	void (*report)(void *opaque, const char *line);
+	/* Optional: called now and then with work done out of @total. */
+	void (*progress)(void *opaque, uint64_t done, uint64_t total);
+	void *opaque;
+};
+/* Check (and with @o->fix, repair) the qcow2 image in @f, which must be
+ * open read-write when fixing.  Runs in a coroutine of the current
+ * thread's loop (made for the call if needed).  Fills @res; returns
+ * -errno when the check could not be completed (the image could not be
+ * read or parsed: @err says why), 0 otherwise whatever it found. */
+int qcow2_check(struct io_file *f, const struct qcow2_check_opts *o,
+		struct qcow2_check_result *res, char *err, size_t errlen);
+/* Repair an image whose dirty bit is set (lazy refcounts) before a
+ * read-write open, as QEMU does; then re-read its header into @m and
+ * its size into @file_size.  Logs what it did under @name.  Returns
+ * -errno if the image could not be made clean. */
+int qcow2_repair_dirty(struct io_file *f, const char *name, struct qcow2_meta *m,
+		       uint64_t *file_size);
 
 /* Image creation (create.c).  Writes a new image at @path (truncating). */
 struct qcow2_create_opts {

@@ -457,7 +457,8 @@ static int add_snapshots(struct qcow2_state *s)
 
 	if (!h->nb_snapshots)
 		return 0;
-	ret = qcow2_snapshots_read(s->file, h, s->file_end, &snaps, err, sizeof(err));
+	ret = qcow2_snapshots_read_flags(s->file, h, s->file_end, 0, &snaps, &table_len, err,
+					 sizeof(err));
 	if (ret < 0) {
 		log_error("%s: %s", s->bs->filename, err[0] ? err : strerror(-ret));
 		return ret;
@@ -466,7 +467,6 @@ static int add_snapshots(struct qcow2_state *s)
 		const struct qcow2_snapshot *sn = &snaps[i];
 		uint64_t bytes = (uint64_t)sn->l1_size * 8;
 
-		table_len = MAX(table_len, sn->entry_off + ALIGN_UP((uint64_t)sn->entry_len, 8));
 		if (!bytes)
 			continue;
 		ret = qcow2_meta_add(s, sn->l1_offset, bytes, QCOW2_OL_INACTIVE_L1);

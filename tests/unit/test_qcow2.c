@@ -506,15 +506,27 @@ static void refusals(void)
 	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 img.qcow2 1M && "
 	   "printf '\\020' | dd of=img.qcow2 bs=1 seek=77 conv=notrunc status=none");
 	CHECK(bdrv_open(path, &o, &bs) < 0, "unknown incompatible bit accepted");
-	/* Dirty (lazy refcounts): read-write refused, read-only fine. */
+	/* Dirty (lazy refcounts): read-only serves it as it is; read-write
+	 * repairs it first (here: the refcount of a data cluster was never
+	 * written), clears the bit and leaves it clean. */
 	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 -o lazy_refcounts=on img.qcow2 1M && "
+	   "qemu-io -c 'write -P 7 0 64k' img.qcow2 >/dev/null && "
+	   "printf '\\000\\000' | dd of=img.qcow2 bs=1 seek=$((0x20000+10)) conv=notrunc status=none && "
 	   "printf '\\001' | dd of=img.qcow2 bs=1 seek=79 conv=notrunc status=none");
-	CHECK(bdrv_open(path, &o, &bs) < 0, "dirty image opened read-write");
 	o.flags = BDRV_O_RDONLY;
 	CHECK(bdrv_open(path, &o, &bs) == 0, "dirty image refused read-only");
 	bdrv_close(bs);
 	bs = NULL;
+	CHECK(sh("test \"$(od -An -tx1 -j79 -N1 img.qcow2)\" = ' 01'") == 0,
+	      "read-only open changed the dirty bit");
 	o.flags = 0;
+	CHECK(bdrv_open(path, &o, &bs) == 0, "dirty image not repaired at a read-write open");
+	bdrv_close(bs);
+	bs = NULL;
+	CHECK(sh("qemu-img check -q img.qcow2 && "
+		 "test \"$(od -An -tx1 -j79 -N1 img.qcow2)\" = ' 00' && "
+		 "qemu-io -c 'read -P 7 0 64k' img.qcow2 >/dev/null") == 0,
+	      "dirty image not clean after the repair at open");
 	/* Extended L2 and external data files: not yet. */
 	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 -o extended_l2=on img.qcow2 1M");
 	CHECK(bdrv_open(path, &o, &bs) == -ENOTSUP, "extended L2 accepted");
