@@ -27,6 +27,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 
 #include "common/aio.h"
@@ -40,13 +41,22 @@
 #define NBD_BUF_KEEP     (1024 * 1024)       /* per-slot buffers up to this are kept */
 #define NBD_BIG_BUDGET   (128u * 1024 * 1024) /* temporary big buffers per connection */
 #define NBD_OPT_MAX      (NBD_MAX_STRING + 1024) /* largest option payload we read */
-#define NBD_LISTEN_BACKLOG 16
+#define NBD_LISTEN_BACKLOG SOMAXCONN       /* bursts of clients queue, not fail */
 #define NBD_SEND_IOV     64                  /* iovecs in one reply SENDMSG */
+#define NBD_READ_CHUNKS  16                  /* data/hole chunks in one read reply */
+#define NBD_CHUNK_HDR_MAX 32                 /* a chunk header and its fixed fields */
+#define NBD_BS_EXTENTS   1024                /* descriptors per block status chunk */
+#define NBD_BS_BUF       (2 * NBD_BS_EXTENTS * 8) /* both contexts' descriptors */
+#define NBD_STOP_GRACE_MS 1000               /* after a stop, busy connections get this long */
 
 #define container_of(ptr, type, member) \
 	((type *)((char *)(ptr) - offsetof(type, member)))
 
 struct nbd_conn;
+
+/* Meta contexts we serve; a context's id on the wire is its index + 1. */
+enum { NBD_META_ALLOC, NBD_META_DEPTH, NBD_META_COUNT };
+extern const char *const nbd_meta_names[NBD_META_COUNT];
 
 struct nbd_req {
 	struct nbd_conn *conn;
@@ -57,9 +67,15 @@ struct nbd_req {
 	uint64_t off;
 	uint32_t len;
 	int error;                 /* errno found by the reader, 0 if none */
+	/* structured read: the range as data and hole segments */
+	unsigned nsegs;
+	struct { uint32_t len; bool zero; } segs[NBD_READ_CHUNKS];
+	/* block status: descriptors per context, in data (NBD_BS_BUF) */
+	unsigned next[NBD_META_COUNT];
 	/* reply state, see reply.c */
-	uint8_t rhdr[NBD_SIMPLE_REPLY_SIZE];
-	bool has_data;             /* read data follows the header */
+	uint8_t rhdr[NBD_READ_CHUNKS][NBD_CHUNK_HDR_MAX];
+	struct iovec riov[2 * NBD_READ_CHUNKS];
+	int riovcnt;
 	bool reply_done;           /* sent (or failed: the socket is dead) */
 	bool sender;               /* handed the sender role */
 	struct nbd_req *reply_next;
@@ -76,6 +92,8 @@ struct nbd_conn {
 	struct coro *co;                /* the reader */
 	struct nbd_conn *next, *prev;   /* srv->conns or srv->dead */
 	bool no_zeroes;
+	bool structured;                /* NBD_OPT_STRUCTURED_REPLY negotiated */
+	bool meta[NBD_META_COUNT];      /* contexts selected (SET_META_CONTEXT) */
 	bool dead;                      /* socket broken or shut down */
 	bool idle;                      /* idle_op waits for a new message */
 	unsigned inflight;              /* dispatched requests not yet done */
@@ -85,7 +103,8 @@ struct nbd_conn {
 	struct nbd_req *rq_head, *rq_tail;  /* replies waiting to be sent */
 	struct iovec siov[NBD_SEND_IOV];    /* the sender's batch */
 	struct aio_wait idle_op;        /* recv of a new message: cancellable */
-	struct aio_wait data_op;        /* recv inside a message: never cancelled */
+	struct aio_wait data_op;        /* recv inside a message: cancelled only by a kill */
+	struct aio_wait send_op;        /* the one send in progress */
 	uint8_t *rbuf;                  /* NBD_RBUF_SIZE */
 	size_t rpos, rlen;
 	uint8_t *optbuf;                /* NBD_OPT_MAX, negotiation only */
@@ -103,8 +122,8 @@ struct nbd_server {
 	char *unlink_path;             /* unix socket to remove on close */
 	sigset_t old_mask;
 	bool mask_saved;
-	struct coro *accept_co, *sig_co;
-	struct aio_wait accept_op, sig_op;
+	struct coro *accept_co, *sig_co, *grace_co;
+	struct aio_wait accept_op, sig_op, grace_op;
 	bool stopping, forced, sig_exit;
 	int error;                     /* fatal loop error */
 	unsigned next_id;
@@ -132,8 +151,9 @@ int nbd_conn_new(struct nbd_server *srv, int fd);
 void nbd_conn_free(struct nbd_conn *c);
 
 /* sock.c */
-/* Mark the connection broken and wake anything blocked on its socket.
- * In-flight requests still finish; their replies fail fast. */
+/* Mark the connection broken and wake anything blocked on its socket
+ * (shut it down, cancel its pending recv and send).  In-flight requests
+ * still finish; their replies fail fast. */
 void nbd_conn_kill(struct nbd_conn *c);
 /* Read exactly @n bytes.  @idle: this starts a new message, so a stop may
  * cancel it.  Returns 0, -ECONNRESET at end of stream, -ESHUTDOWN when

@@ -34,6 +34,13 @@ static int send_opt_reply(struct nbd_conn *c, uint32_t opt, uint32_t type,
 	return nbd_conn_send(c, iov, len ? 2 : 1);
 }
 
+/* Transmission flags for this connection: DF only with structured
+ * replies. */
+static uint16_t conn_tflags(struct nbd_conn *c)
+{
+	return c->srv->tflags | (c->structured ? NBD_FLAG_SEND_DF : 0);
+}
+
 static int send_info_export(struct nbd_conn *c, uint32_t opt)
 {
 	struct nbd_server *srv = c->srv;
@@ -41,8 +48,84 @@ static int send_info_export(struct nbd_conn *c, uint32_t opt)
 
 	put_be16(info, NBD_INFO_EXPORT);
 	put_be64(info + 2, srv->bs->size);
-	put_be16(info + 10, srv->tflags);
+	put_be16(info + 10, conn_tflags(c));
 	return send_opt_reply(c, opt, NBD_REP_INFO, info, sizeof(info));
+}
+
+const char *const nbd_meta_names[NBD_META_COUNT] = {
+	[NBD_META_ALLOC] = NBD_META_BASE_ALLOCATION,
+	[NBD_META_DEPTH] = NBD_META_QEMU_ALLOC_DEPTH,
+};
+
+/* Which of our contexts a query names: exact names, and for LIST the
+ * namespace wildcards "base:" and "qemu:".  Sets bits in *@sel. */
+static void meta_match(const char *q, uint32_t qlen, bool list, bool sel[NBD_META_COUNT])
+{
+	for (unsigned i = 0; i < NBD_META_COUNT; i++) {
+		const char *name = nbd_meta_names[i];
+		const char *colon = strchr(name, ':');
+		size_t ns = colon - name + 1;
+
+		if ((strlen(name) == qlen && !memcmp(name, q, qlen)) ||
+		    (list && qlen == ns && !memcmp(name, q, ns)))
+			sel[i] = true;
+	}
+}
+
+/* NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: u32 name length,
+ * name, u32 query count, queries (u32 length, string).  SET replaces the
+ * selection; LIST with no query lists every context.  Returns -errno
+ * only when the connection must drop. */
+static int handle_meta(struct nbd_conn *c, uint32_t opt, const uint8_t *d, uint32_t len)
+{
+	bool set = opt == NBD_OPT_SET_META_CONTEXT;
+	bool sel[NBD_META_COUNT] = { false };
+	uint32_t namelen, nq, pos;
+	int ret;
+
+	if (set && !c->structured)
+		return send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+	if (len < 8)
+		return send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+	namelen = get_be32(d);
+	if (namelen > NBD_MAX_STRING || (uint64_t)namelen + 8 > len)
+		return send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+	nq = get_be32(d + 4 + namelen);
+	pos = 8 + namelen;
+	for (uint32_t i = 0; i < nq; i++) {
+		uint32_t ql;
+
+		if (len - pos < 4)
+			return send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+		ql = get_be32(d + pos);
+		pos += 4;
+		if (ql > NBD_MAX_STRING || ql > len - pos)
+			return send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+		meta_match((const char *)d + pos, ql, !set, sel);
+		pos += ql;
+	}
+	if (pos != len)
+		return send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+	if (!export_matches(c->srv, (const char *)d + 4, namelen))
+		return send_opt_reply(c, opt, NBD_REP_ERR_UNKNOWN, NULL, 0);
+	if (!set && nq == 0)
+		memset(sel, true, sizeof(sel));
+	if (set)
+		memcpy(c->meta, sel, sizeof(sel));
+	for (unsigned i = 0; i < NBD_META_COUNT; i++) {
+		uint8_t rep[4 + 64];
+		size_t nl = strlen(nbd_meta_names[i]);
+
+		if (!sel[i])
+			continue;
+		/* Ids mean nothing in a LIST reply: 0 there. */
+		put_be32(rep, set ? i + 1 : 0);
+		memcpy(rep + 4, nbd_meta_names[i], nl);
+		ret = send_opt_reply(c, opt, NBD_REP_META_CONTEXT, rep, 4 + nl);
+		if (ret < 0)
+			return ret;
+	}
+	return send_opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
 }
 
 /* NBD_OPT_INFO / NBD_OPT_GO: u32 name length, name, u16 count, u16 info
@@ -132,7 +215,7 @@ int nbd_negotiate(struct nbd_conn *c)
 				return -ENOENT;
 			}
 			put_be64(tail, srv->bs->size);
-			put_be16(tail + 8, srv->tflags);
+			put_be16(tail + 8, conn_tflags(c));
 			return nbd_conn_send_buf(c, tail, c->no_zeroes ? 10 : sizeof(tail));
 		}
 		if (len > NBD_OPT_MAX) {
@@ -172,9 +255,20 @@ int nbd_negotiate(struct nbd_conn *c)
 			if (ret == 1)
 				return 0;
 			break;
+		case NBD_OPT_STRUCTURED_REPLY:
+			if (len) {
+				ret = send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
+				break;
+			}
+			c->structured = true;
+			ret = send_opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+			break;
+		case NBD_OPT_LIST_META_CONTEXT:
+		case NBD_OPT_SET_META_CONTEXT:
+			ret = handle_meta(c, opt, c->optbuf, len);
+			break;
 		default:
-			/* STRUCTURED_REPLY, meta contexts, TLS, extended
-			 * headers: we speak simple replies only. */
+			/* Extended headers, and anything newer. */
 			ret = send_opt_reply(c, opt, NBD_REP_ERR_UNSUP, NULL, 0);
 			break;
 		}

@@ -23,7 +23,8 @@
 #include "nbd/internal.h"
 
 /* Give @r a buffer of @len bytes.  May wait (reader only) while the
- * connection's big buffers are over budget.  Returns 0 or -ENOMEM. */
+ * connection's big buffers are over budget.  Returns 0, -ENOMEM, or
+ * -ESHUTDOWN if the connection died or the server stopped meanwhile. */
 static int req_get_buf(struct nbd_conn *c, struct nbd_req *r, uint32_t len)
 {
 	if (len <= r->buf_cap) {
@@ -40,8 +41,11 @@ static int req_get_buf(struct nbd_conn *c, struct nbd_req *r, uint32_t len)
 		r->data = r->buf;
 		return r->buf ? 0 : -ENOMEM;
 	}
-	while (c->big_bytes && c->big_bytes + len > NBD_BIG_BUDGET && !c->dead)
+	while (c->big_bytes && c->big_bytes + len > NBD_BIG_BUDGET && !c->dead &&
+	       !c->srv->stopping)
 		co_queue_wait(&c->waitq);
+	if (c->dead || c->srv->stopping)
+		return -ESHUTDOWN;
 	r->big = io_alloc(len);
 	if (!r->big)
 		return -ENOMEM;
@@ -68,28 +72,133 @@ static int check_request(struct nbd_server *srv, const struct nbd_req *r, bool w
 {
 	uint64_t end;
 
-	/* TRIM and WRITE_ZEROES carry no payload: any length is fine. */
-	if (r->len == 0 || (r->len > NBD_MAX_PAYLOAD && r->type != NBD_CMD_TRIM &&
-			    r->type != NBD_CMD_WRITE_ZEROES))
+	/* TRIM, WRITE_ZEROES and BLOCK_STATUS carry no payload: any length
+	 * is fine. */
+	if (r->len == 0 || (r->len > NBD_MAX_PAYLOAD && (r->type == NBD_CMD_READ ||
+							 r->type == NBD_CMD_WRITE)))
 		return EINVAL;
 	if (ckd_add(&end, r->off, (uint64_t)r->len) || end > srv->bs->size)
 		return write ? ENOSPC : EINVAL;
 	return 0;
 }
 
+/* Structured read: split the range into data and hole segments from the
+ * block status (no data is read for it), read the data unless the whole
+ * range is a hole.  Past NBD_READ_CHUNKS segments the rest goes as data. */
+static int read_sparse(struct bdrv *bs, struct nbd_req *r)
+{
+	uint64_t pos = r->off, end = r->off + r->len;
+	unsigned n = 0;
+
+	while (pos < end) {
+		uint64_t pnum;
+		unsigned depth;
+		int st = bdrv_co_block_status(bs, pos, end - pos, &pnum, &depth);
+		bool zero = st >= 0 && (st & BDRV_BLOCK_ZERO);
+
+		if (st < 0 || (n == NBD_READ_CHUNKS && r->segs[n - 1].zero != zero)) {
+			/* Unknown, or out of chunks: the rest is data. */
+			if (n && !r->segs[n - 1].zero) {
+				r->segs[n - 1].len += end - pos;
+			} else if (n < NBD_READ_CHUNKS) {
+				r->segs[n++] = (typeof(r->segs[0])){ (uint32_t)(end - pos), false };
+			} else {
+				r->segs[n - 1].len += end - pos;
+				r->segs[n - 1].zero = false;
+			}
+			break;
+		}
+		if (n && r->segs[n - 1].zero == zero)
+			r->segs[n - 1].len += pnum;
+		else
+			r->segs[n++] = (typeof(r->segs[0])){ (uint32_t)pnum, zero };
+		pos += pnum;
+	}
+	r->nsegs = n;
+	if (n == 1 && r->segs[0].zero)
+		return 0;
+	return bdrv_co_pread(bs, r->off, r->len, r->data);
+}
+
+/* NBD_CMD_BLOCK_STATUS: descriptors of every selected context, each list
+ * merged on its own value and capped (one with REQ_ONE); the walk stops
+ * where a list is full. */
+static int block_status(struct nbd_conn *c, struct bdrv *bs, struct nbd_req *r)
+{
+	uint64_t pos = r->off, end = r->off + r->len;
+	unsigned max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_BS_EXTENTS;
+	uint32_t last[NBD_META_COUNT] = { 0 };
+
+	memset(r->next, 0, sizeof(r->next));
+	while (pos < end) {
+		uint64_t pnum;
+		unsigned depth;
+		int st = bdrv_co_block_status(bs, pos, end - pos, &pnum, &depth);
+		uint32_t v[NBD_META_COUNT];
+		bool full = false;
+
+		if (st < 0)
+			return st;
+		v[NBD_META_ALLOC] = ((st & BDRV_BLOCK_DATA) ? 0 : NBD_STATE_HOLE) |
+				    ((st & BDRV_BLOCK_ZERO) ? NBD_STATE_ZERO : 0);
+		v[NBD_META_DEPTH] = depth;
+		for (unsigned i = 0; i < NBD_META_COUNT; i++)
+			if (c->meta[i] && (!r->next[i] || last[i] != v[i]) && r->next[i] == max)
+				full = true;
+		if (full)
+			break;
+		for (unsigned i = 0; i < NBD_META_COUNT; i++) {
+			uint8_t *d = (uint8_t *)r->data + i * NBD_BS_EXTENTS * 8;
+
+			if (!c->meta[i])
+				continue;
+			if (r->next[i] && last[i] == v[i]) {
+				d += (r->next[i] - 1) * 8;
+				put_be32(d, get_be32(d) + (uint32_t)pnum);
+			} else {
+				d += r->next[i]++ * 8;
+				put_be32(d, (uint32_t)pnum);
+				put_be32(d + 4, v[i]);
+				last[i] = v[i];
+			}
+		}
+		pos += pnum;
+	}
+	return 0;
+}
+
 static int execute(struct nbd_server *srv, struct nbd_req *r)
 {
+	struct nbd_conn *c = r->conn;
 	struct bdrv *bs = srv->bs;
 	bool fua = r->flags & NBD_CMD_FLAG_FUA;
 	int err, ret = 0;
 
 	switch (r->type) {
 	case NBD_CMD_READ:
-		if (r->flags)
-			return EINVAL;      /* DF needs structured replies */
+		/* FUA is accepted on every command (a read has nothing to
+		 * persist); DF needs structured replies. */
+		if (r->flags & ~(NBD_CMD_FLAG_FUA | (c->structured ? NBD_CMD_FLAG_DF : 0)))
+			return EINVAL;
 		if ((err = check_request(srv, r, false)))
 			return err;
-		ret = bdrv_co_pread(bs, r->off, r->len, r->data);
+		if (c->structured && !(r->flags & NBD_CMD_FLAG_DF)) {
+			ret = read_sparse(bs, r);
+		} else {
+			r->nsegs = 1;
+			r->segs[0].len = r->len;
+			r->segs[0].zero = false;
+			ret = bdrv_co_pread(bs, r->off, r->len, r->data);
+		}
+		break;
+	case NBD_CMD_BLOCK_STATUS:
+		if (!c->structured || !memchr(c->meta, true, sizeof(c->meta)))
+			return EINVAL;      /* no context negotiated */
+		if (r->flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_REQ_ONE))
+			return EINVAL;
+		if ((err = check_request(srv, r, false)))
+			return err;
+		ret = block_status(c, bs, r);
 		break;
 	case NBD_CMD_WRITE:
 		if (r->flags & ~NBD_CMD_FLAG_FUA)
@@ -101,7 +210,7 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 		ret = bdrv_co_pwrite(bs, r->off, r->len, r->data, fua ? BDRV_REQ_FUA : 0);
 		break;
 	case NBD_CMD_FLUSH:
-		if (r->flags)
+		if (r->flags & ~NBD_CMD_FLAG_FUA)
 			return EINVAL;
 		ret = bdrv_co_flush(bs);
 		break;
@@ -187,17 +296,29 @@ int nbd_read_request(struct nbd_conn *c, struct nbd_req *r)
 			ret = nbd_conn_skip(c, r->len);
 			return ret < 0 ? ret : 1;
 		}
-		if (r->len && req_get_buf(c, r, r->len) < 0) {
+		if (r->len && (ret = req_get_buf(c, r, r->len)) < 0) {
+			if (ret == -ESHUTDOWN)
+				return ret;     /* stopping mid-message: drop */
 			r->error = ENOMEM;
 			ret = nbd_conn_skip(c, r->len);
 			return ret < 0 ? ret : 1;
 		}
 		ret = r->len ? nbd_conn_read(c, r->data, r->len, false) : 0;
 		return ret < 0 ? ret : 1;
+	case NBD_CMD_BLOCK_STATUS:
+		if ((ret = req_get_buf(c, r, NBD_BS_BUF)) < 0) {
+			if (ret == -ESHUTDOWN)
+				return ret;
+			r->error = ENOMEM;
+		}
+		return 1;
 	case NBD_CMD_READ:
 		/* Only a valid read gets a buffer; execute() reports the rest. */
-		if (r->len && r->len <= NBD_MAX_PAYLOAD && req_get_buf(c, r, r->len) < 0)
+		if (r->len && r->len <= NBD_MAX_PAYLOAD && (ret = req_get_buf(c, r, r->len)) < 0) {
+			if (ret == -ESHUTDOWN)
+				return ret;
 			r->error = ENOMEM;
+		}
 		return 1;
 	default:
 		return 1;

@@ -6,10 +6,13 @@
  * concerns live in the files listed in internal.h.
  *
  * Stopping: stop accepting (cancel the accept), cancel reads that wait for
- * a new request or option, let in-flight requests reply, close each
- * connection, flush the image.  Only reads in an "idle" state (no byte of
- * the next message consumed) are ever cancelled, so a stop never cuts a
- * request in half.  A second signal shuts every socket down.
+ * a new request or option, drop connections in the middle of a message
+ * (an option, a request header, a write payload: the rest may never
+ * come), let in-flight requests reply, close each connection, flush the
+ * image.  A connection still busy NBD_STOP_GRACE_MS after the stop (its
+ * client does not read its replies, or negotiates no further) is
+ * dropped, so a stop always ends.  A second signal drops every
+ * connection at once.
  *
  * Thread model: one thread, one aio_ctx (internal.h).
  */
@@ -59,12 +62,35 @@ static void signal_main(void *opaque)
 		} else if (!srv->forced) {
 			log_warn("%s again: dropping every connection", strsignal(si.ssi_signo));
 			srv->forced = true;
-			for (struct nbd_conn *c = srv->conns; c; c = c->next) {
+			for (struct nbd_conn *c = srv->conns; c; c = c->next)
 				nbd_conn_kill(c);
-				co_queue_wake_all(&c->waitq);
-			}
 		}
 	}
+}
+
+/* After a stop: connections still busy when the grace period ends (a
+ * client that does not read its replies, or that stalled in the middle
+ * of negotiation) are dropped, so that nothing a client does can hold
+ * the exit up.  Cancelled once every connection is gone. */
+static void grace_main(void *opaque)
+{
+	struct nbd_server *srv = opaque;
+	struct __kernel_timespec ts = {
+		.tv_sec = NBD_STOP_GRACE_MS / 1000,
+		.tv_nsec = (NBD_STOP_GRACE_MS % 1000) * 1000000L,
+	};
+	struct io_uring_sqe *sqe = aio_get_sqe(srv->ctx, NULL);
+	unsigned n = 0;
+
+	io_uring_prep_timeout(sqe, &ts, 0, 0);
+	if (aio_co_wait_sqe_as(srv->ctx, &srv->grace_op, sqe) != -ECANCELED) {
+		for (struct nbd_conn *c = srv->conns; c; c = c->next, n++)
+			nbd_conn_kill(c);
+		if (n)
+			log_warn("%u connection(s) still busy %u ms after the stop: dropped",
+				 n, NBD_STOP_GRACE_MS);
+	}
+	nbd_loop_kick(srv);
 }
 
 void nbd_server_stop(struct nbd_server *srv)
@@ -76,9 +102,13 @@ void nbd_server_stop(struct nbd_server *srv)
 	for (struct nbd_conn *c = srv->conns; c; c = c->next) {
 		if (c->idle)
 			aio_cancel(srv->ctx, &c->idle_op);
-		/* A reader waiting for a free slot re-checks stopping. */
+		else if (aio_wait_pending(&c->data_op))
+			nbd_conn_kill(c);   /* mid-message: the rest may never come */
+		/* A reader waiting for a free slot or a buffer re-checks. */
 		co_queue_wake_all(&c->waitq);
 	}
+	if (srv->grace_co)
+		aio_schedule(srv->grace_co);
 }
 
 static void reap_dead(struct nbd_server *srv)
@@ -117,9 +147,10 @@ int nbd_server_run(struct nbd_server *srv)
 	int ret = 0;
 
 	srv->accept_co = coro_new(nbd_accept_main, srv, 0);
+	srv->grace_co = coro_new(grace_main, srv, 0);
 	if (srv->sig_fd >= 0)
 		srv->sig_co = coro_new(signal_main, srv, 0);
-	if (!srv->accept_co || (srv->sig_fd >= 0 && !srv->sig_co)) {
+	if (!srv->accept_co || !srv->grace_co || (srv->sig_fd >= 0 && !srv->sig_co)) {
 		log_error("nbd server: cannot create coroutines: %s", strerror(errno));
 		return -ENOMEM;
 	}
@@ -135,6 +166,12 @@ int nbd_server_run(struct nbd_server *srv)
 			return ret;
 		}
 		reap_dead(srv);
+	}
+	aio_cancel(ctx, &srv->grace_op);
+	while (!coro_finished(srv->grace_co)) {
+		ret = aio_run_once(ctx, true);
+		if (ret < 0)
+			return ret;
 	}
 
 	/* Everything acknowledged so far reaches the disk. */
@@ -152,6 +189,8 @@ int nbd_server_run(struct nbd_server *srv)
 	}
 	if (job.ret < 0)
 		log_error("%s: flush: %s", srv->bs->filename, strerror(-job.ret));
+	else
+		log_debug("every connection closed, image flushed");
 
 	/* Retire the signal reader so no SQE of ours is left in the ring. */
 	srv->sig_exit = true;
@@ -263,6 +302,8 @@ void nbd_server_close(struct nbd_server *srv)
 		coro_free(srv->accept_co);
 	if (srv->sig_co && coro_finished(srv->sig_co))
 		coro_free(srv->sig_co);
+	if (srv->grace_co && coro_finished(srv->grace_co))
+		coro_free(srv->grace_co);
 	if (srv->listen_fd >= 0)
 		close(srv->listen_fd);
 	if (srv->unlink_path) {

@@ -6,8 +6,10 @@
  *
  * Only reads in an "idle" state (no byte of the next message consumed)
  * wait as c->idle_op, which a stop may cancel; a read inside a message
- * waits as c->data_op and is never cancelled, so a stop never cuts a
- * message in half.
+ * waits as c->data_op, and the send in progress as c->send_op: those
+ * are cancelled only when the connection is killed (a stop kills a
+ * connection mid-message at once, and any still busy after the grace
+ * period).
  *
  * Thread model: the server's thread (internal.h).  One reader (the
  * connection's reader coroutine) and one sender at a time.
@@ -25,6 +27,11 @@ void nbd_conn_kill(struct nbd_conn *c)
 		return;
 	c->dead = true;
 	shutdown(c->fd, SHUT_RDWR);
+	/* The shutdown wakes most waiters; a cancel makes sure of it. */
+	aio_cancel(c->srv->ctx, &c->idle_op);
+	aio_cancel(c->srv->ctx, &c->data_op);
+	aio_cancel(c->srv->ctx, &c->send_op);
+	co_queue_wake_all(&c->waitq);
 }
 
 int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle)
@@ -62,7 +69,7 @@ int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle)
 		c->idle = false;
 		if (res == -EINTR || res == -EAGAIN)
 			continue;
-		if (res == -ECANCELED)
+		if (res == -ECANCELED || c->dead)
 			return -ESHUTDOWN;
 		if (res < 0)
 			return res;
@@ -114,7 +121,9 @@ int nbd_conn_send(struct nbd_conn *c, struct iovec *iov, int cnt)
 			return -EPIPE;
 		sqe = aio_get_sqe(c->srv->ctx, NULL);
 		io_uring_prep_sendmsg(sqe, c->fd, &msg, MSG_NOSIGNAL);
-		res = aio_co_wait_sqe(c->srv->ctx, sqe);
+		res = aio_co_wait_sqe_as(c->srv->ctx, &c->send_op, sqe);
+		if (c->dead)
+			return -EPIPE;
 		if (res == -EINTR || res == -EAGAIN)
 			continue;
 		if (res < 0)
