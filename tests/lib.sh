@@ -127,7 +127,7 @@ start_nbd_server() {
              --discard=unmap --persistent --shared=8 -A)
         [ "$ro" = 0 ] || cmd+=(--read-only)
     else
-        cmd=("$QUBLK" nbd --socket "$NBD_SOCK" --cache "$cache")
+        cmd=("$QUBLK" nbd --socket "$NBD_SOCK" --cache "$cache" --shared 8)
         [ -z "$fmt" ] || cmd+=(--format "$fmt")
         [ "$ro" = 0 ] || cmd+=(--read-only)
     fi

@@ -369,7 +369,7 @@ cp "$REF" "$IMG"
 if [ "$QUBLK_TEST_SERVER" = qublk ]; then
     NBD_LOG=$TMPD/server-tcp.log
     NBD_SOCK=$TMPD/none.sock
-    "$QUBLK" nbd --port 0 --read-only --format raw "$IMG" >"$NBD_LOG" 2>&1 &
+    "$QUBLK" nbd --port 0 --read-only --format raw --shared 8 "$IMG" >"$NBD_LOG" 2>&1 &
     NBD_PID=$!
     addr=
     for _ in $(seq 1 200); do

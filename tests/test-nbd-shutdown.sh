@@ -78,7 +78,7 @@ for h in how.split(","):
         greet(s); go(s)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         for i in range(16):
-            s.sendall(struct.pack(">IHHQQI", REQ, 0, 0, i, 0, 32 << 20))
+            s.sendall(struct.pack(">IHHQQI", REQ, 0, 0, i, 0, 4 << 20))
     else:
         sys.exit("unknown stall " + h)
 time.sleep(1)    # let the server take it all in
@@ -227,6 +227,24 @@ if [ "$QUBLK_TEST_SERVER" = qublk ]; then
     if command -v nbdinfo >/dev/null; then
         sz=$(nbdinfo --size "nbd+unix:///?socket=$TMPD/empty.sock") || fail "nbdinfo on an empty export"
         [ "$sz" = 0 ] || fail "empty export has size $sz"
+    fi
+    stop_nbd_server
+
+    # --shared 1 (the default): no multi-conn; a second client waits in
+    # the backlog until the first leaves, then is served.
+    "$QUBLK" nbd --socket "$TMPD/one.sock" "$IMG" >"$TMPD/one.log" 2>&1 &
+    NBD_PID=$! NBD_LOG=$TMPD/one.log NBD_SOCK=$TMPD/one.sock
+    for _ in $(seq 1 100); do [ -S "$TMPD/one.sock" ] && break; sleep 0.05; done
+    U="nbd+unix:///?socket=$TMPD/one.sock"
+    if command -v nbdinfo >/dev/null; then
+        nbdinfo --json "$U" | grep -q '"can_multi_conn": false' || fail "--shared 1 advertises multi-conn"
+        { echo "read -P 0x5c 0 4k"; sleep 2; echo "read -P 0x5c 0 4k"; } | qemu-io -f raw "$U" >"$TMPD/first.out" 2>&1 &
+        pfirst=$!
+        sleep 0.5
+        t0=$SECONDS
+        nbdinfo --size "$U" >/dev/null || fail "second client of --shared 1"
+        wait "$pfirst" || fail "first client of --shared 1"
+        [ $((SECONDS - t0)) -ge 1 ] || fail "--shared 1 served a second client at once"
     fi
     stop_nbd_server
 fi

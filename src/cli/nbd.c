@@ -47,6 +47,9 @@ static void usage(FILE *out)
 		"      --cache MODE        none (O_DIRECT) or writeback (default)\n"
 		"  -x, --export-name NAME  export name (default \"\"; \"\" always matches)\n"
 		"      --allow-empty       serve an image of size 0 (refused by default)\n"
+		"  -e, --shared N          serve N clients at once (default 1, as qemu-nbd;\n"
+		"                          0 = no limit); more wait to be accepted.  N > 1\n"
+		"                          advertises multi-conn\n"
 		"  -h, --help              show this help\n\n"
 		"The line \"serving FILE on ADDRESS\" is printed on stderr once listening.\n"
 		"Exit status: 0 success, 1 failure, 2 usage error.\n",
@@ -65,10 +68,11 @@ int cmd_nbd(int argc, char **argv)
 		{ "cache", required_argument, NULL, 'C' },
 		{ "export-name", required_argument, NULL, 'x' },
 		{ "allow-empty", no_argument, NULL, 'E' },
+		{ "shared", required_argument, NULL, 'e' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct nbd_server_opts sopts = { .handle_signals = true };
+	struct nbd_server_opts sopts = { .handle_signals = true, .max_conns = 1 };
 	struct bdrv_opts bopts = { 0 };
 	struct nbd_server *srv = NULL;
 	struct bdrv *bs = NULL;
@@ -78,7 +82,7 @@ int cmd_nbd(int argc, char **argv)
 	int c, ret, rc = EXIT_FAIL;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "k:p:b:rUf:x:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "k:p:b:rUf:x:e:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'k':
 			sopts.socket_path = optarg;
@@ -125,6 +129,17 @@ int cmd_nbd(int argc, char **argv)
 		case 'E':
 			allow_empty = true;
 			break;
+		case 'e': {
+			char *end;
+			errno = 0;
+			unsigned long n = strtoul(optarg, &end, 10);
+			if (errno || end == optarg || *end || n > 65536) {
+				fprintf(stderr, "qublk nbd: --shared: '%s' is not a number of clients\n", optarg);
+				return EXIT_USAGE;
+			}
+			sopts.max_conns = n;
+			break;
+		}
 		case 'h':
 			usage(stdout);
 			return EXIT_OK;

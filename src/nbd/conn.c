@@ -55,6 +55,8 @@ static void conn_main(void *opaque)
 	while (c->inflight)
 		co_queue_wait(&c->waitq);
 	log_debug("connection %u: closed", c->id);
+	srv->nconns--;
+	co_queue_wake_all(&srv->accept_wait);
 
 	/* Hand ourselves to the main loop, which frees us once we return. */
 	if (c->prev)
@@ -116,6 +118,7 @@ int nbd_conn_new(struct nbd_server *srv, int fd)
 	if (srv->conns)
 		srv->conns->prev = c;
 	srv->conns = c;
+	srv->nconns++;
 	log_debug("connection %u: accepted", c->id);
 	aio_schedule(c->co);
 	return 0;

@@ -127,6 +127,8 @@ struct nbd_server {
 	bool stopping, forced, sig_exit;
 	int error;                     /* fatal loop error */
 	unsigned next_id;
+	unsigned max_conns, nconns;    /* limit (0: none), live connections */
+	struct co_queue accept_wait;   /* the acceptor, at the limit */
 	struct nbd_conn *conns;        /* live connections */
 	struct nbd_conn *dead;         /* readers finished, to free from the loop */
 };

@@ -108,9 +108,15 @@ void nbd_accept_main(void *opaque)
 	struct nbd_server *srv = opaque;
 
 	while (!srv->stopping) {
-		struct io_uring_sqe *sqe = aio_get_sqe(srv->ctx, NULL);
+		struct io_uring_sqe *sqe;
 		int fd;
 
+		/* At the limit, leave new clients in the backlog. */
+		if (srv->max_conns && srv->nconns >= srv->max_conns) {
+			co_queue_wait(&srv->accept_wait);
+			continue;
+		}
+		sqe = aio_get_sqe(srv->ctx, NULL);
 		io_uring_prep_accept(sqe, srv->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 		fd = aio_co_wait_sqe_as(srv->ctx, &srv->accept_op, sqe);
 		if (fd >= 0) {

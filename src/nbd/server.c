@@ -99,6 +99,7 @@ void nbd_server_stop(struct nbd_server *srv)
 		return;
 	srv->stopping = true;
 	aio_cancel(srv->ctx, &srv->accept_op);
+	co_queue_wake_all(&srv->accept_wait);
 	for (struct nbd_conn *c = srv->conns; c; c = c->next) {
 		if (c->idle)
 			aio_cancel(srv->ctx, &c->idle_op);
@@ -258,11 +259,16 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 		ret = -EINVAL;
 		goto fail;
 	}
-	/* One image behind every connection on one thread: a flush on any
-	 * connection covers writes completed on all of them (multi-conn). */
 	srv->tflags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
-		      NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES |
-		      NBD_FLAG_CAN_MULTI_CONN;
+		      NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+	/* One image behind every connection on one thread, no cache of our
+	 * own: a flush on any connection covers writes acknowledged on all
+	 * of them, which is what multi-conn promises.  Advertised only when
+	 * several connections may be open at once, or a multi-conn client
+	 * would wait forever for its second connection. */
+	srv->max_conns = opts->max_conns;
+	if (srv->max_conns != 1)
+		srv->tflags |= NBD_FLAG_CAN_MULTI_CONN;
 	if (opts->read_only || bs->read_only)
 		srv->tflags |= NBD_FLAG_READ_ONLY;
 	srv->pref_block = 4096;
