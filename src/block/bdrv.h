@@ -38,6 +38,12 @@ enum {
 	BDRV_O_FORCE_SHARE = 1 << 3,
 };
 
+/* Block status (bdrv_co_block_status): what reads of a range return. */
+enum {
+	BDRV_BLOCK_DATA = 1 << 0,     /* data stored in some layer (may be zeros) */
+	BDRV_BLOCK_ZERO = 1 << 1,     /* reads return zeros, known without reading */
+};
+
 /* Request flags */
 enum {
 	BDRV_REQ_FUA       = 1 << 0,  /* write: data and metadata durable on return */
@@ -80,6 +86,17 @@ struct bdrv_driver {
 				unsigned flags);
 	int (*co_discard)(struct bdrv *bs, uint64_t off, uint64_t len);
 	int (*co_flush)(struct bdrv *bs);
+	/* Optional (without it: everything is data of this image).  Coroutine
+	 * context, any thread that issues requests; reads metadata only,
+	 * never guest data.  Describe the run starting at @off, at most @len
+	 * bytes, whose status is uniform: set *pnum (0 < *pnum <= @len) and
+	 * *depth, the layer of the chain that decides its contents (1 = this
+	 * image, 2 = its backing file, ...; 0 = no layer: reads are zeros),
+	 * and return BDRV_BLOCK_* flags, or -errno.  A driver with a backing
+	 * file asks it (through bdrv_co_block_status) for what it leaves
+	 * unallocated, and never reaches into the backing driver's state. */
+	int (*co_block_status)(struct bdrv *bs, uint64_t off, uint64_t len,
+			       uint64_t *pnum, unsigned *depth);
 };
 
 struct bdrv {
@@ -119,6 +136,10 @@ int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags);
 int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int bdrv_co_flush(struct bdrv *bs);
+/* Status of the run at @off (see bdrv_driver.co_block_status): flags >= 0
+ * with *pnum and *depth set, or -errno. */
+int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			 uint64_t *pnum, unsigned *depth);
 static inline int bdrv_co_pread(struct bdrv *bs, uint64_t off, uint64_t len, void *buf)
 { struct iovec v = { buf, len }; return bdrv_co_preadv(bs, off, len, &v, 1); }
 static inline int bdrv_co_pwrite(struct bdrv *bs, uint64_t off, uint64_t len, const void *buf, unsigned fl)

@@ -251,3 +251,24 @@ int bdrv_co_flush(struct bdrv *bs)
 		return 0;
 	return bs->drv->co_flush(bs);
 }
+
+int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			 uint64_t *pnum, unsigned *depth)
+{
+	int ret = check_range(bs, off, len);
+
+	if (ret)
+		return ret;
+	if (!bs->drv->co_block_status) {
+		*pnum = len;
+		*depth = 1;
+		return BDRV_BLOCK_DATA;
+	}
+	ret = bs->drv->co_block_status(bs, off, len, pnum, depth);
+	if (ret >= 0 && (*pnum == 0 || *pnum > len)) {
+		log_error("%s: block status returned %llu bytes for a range of %llu",
+			  bs->filename, (unsigned long long)*pnum, (unsigned long long)len);
+		return -EIO;
+	}
+	return ret;
+}

@@ -12,6 +12,7 @@
  *              metadata flush order (the crash-safety rules live there)
  *   cluster.c  guest offset -> host mapping, L2 entry checks, L2 tables
  *   rw.c       request paths: read, write with COW, zeroes, discard, flush
+ *   status.c   block status (what a range reads as) from the mapping
  *
  * Thread model: one image may be driven by the coroutines of several
  * threads at once (one per ublk queue, each with its own io_uring).  All
@@ -189,6 +190,12 @@ int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest);
  * table is not allocated. */
 int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slice,
 			    uint64_t **entries, unsigned *index);
+
+/* ---- status.c --------------------------------------------------------- */
+
+/* The co_block_status op (bdrv.h).  Coroutine context; takes the lock. */
+int qcow2_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			  uint64_t *pnum, unsigned *depth);
 
 /* ---- rw.c ------------------------------------------------------------- */
 
