@@ -54,7 +54,7 @@ static void add_usage(FILE *out)
 		UBLK_DEF_QUEUES, UBLK_DEF_DEPTH, UBLK_MAX_QUEUE_DEPTH);
 }
 
-static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
 {
 	char *end;
 	unsigned long v;
@@ -168,13 +168,13 @@ int cmd_add(int argc, char **argv)
 			o.type = optarg;
 			break;
 		case 'q':
-			if (parse_uint(optarg, 1, UBLK_MAX_QUEUES, &o.nr_queues) < 0) {
+			if (cli_parse_uint(optarg, 1, UBLK_MAX_QUEUES, &o.nr_queues) < 0) {
 				log_error("--queues '%s': expected 1..%u", optarg, UBLK_MAX_QUEUES);
 				return EXIT_USAGE;
 			}
 			break;
 		case 'd':
-			if (parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &o.depth) < 0) {
+			if (cli_parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &o.depth) < 0) {
 				log_error("--depth '%s': expected 1..%u", optarg, UBLK_MAX_QUEUE_DEPTH);
 				return EXIT_USAGE;
 			}
@@ -186,7 +186,7 @@ int cmd_add(int argc, char **argv)
 			o.force_share = true;
 			break;
 		case 'n':
-			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+			if (cli_parse_uint(optarg, 0, INT_MAX, &id) < 0) {
 				log_error("--number '%s': expected a device number", optarg);
 				return EXIT_USAGE;
 			}
@@ -308,7 +308,7 @@ static int collect_ids(int *ids, int max)
 	return n;
 }
 
-static void json_string(FILE *out, const char *s)
+void cli_json_string(FILE *out, const char *s)
 {
 	fputc('"', out);
 	for (; *s; s++) {
@@ -384,9 +384,9 @@ int cmd_list(int argc, char **argv)
 		if (json) {
 			printf("%s\n  {\"id\": %d, \"state\": \"%s\", \"target\": ", shown ? "," : "",
 			       ids[i], ublk_state_name(info.state));
-			json_string(stdout, st.target);
+			cli_json_string(stdout, st.target);
 			printf(", \"image\": ");
-			json_string(stdout, st.image);
+			cli_json_string(stdout, st.image);
 			printf(", \"queues\": %u, \"depth\": %u, \"pid\": %d, \"daemon_alive\": %s, "
 			       "\"read_only\": %s, \"device\": \"/dev/ublkb%d\"}",
 			       info.nr_hw_queues, info.queue_depth, info.ublksrv_pid,
@@ -425,7 +425,7 @@ int cmd_del(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "n:ah", lopts, NULL)) != -1) {
 		switch (c) {
 		case 'n':
-			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+			if (cli_parse_uint(optarg, 0, INT_MAX, &id) < 0) {
 				log_error("--number '%s': expected a device number", optarg);
 				return EXIT_USAGE;
 			}
@@ -435,7 +435,7 @@ int cmd_del(int argc, char **argv)
 			all = true;
 			break;
 		case 'T':
-			if (parse_uint(optarg, 1, 86400, &timeout_s) < 0) {
+			if (cli_parse_uint(optarg, 1, 86400, &timeout_s) < 0) {
 				log_error("--timeout '%s': expected seconds", optarg);
 				return EXIT_USAGE;
 			}

@@ -4,6 +4,7 @@
  * null) as /dev/ublkbN through the kernel's ublk driver.
  *
  *   ctrl.c     /dev/ublk-control commands over an SQE128 io_uring
+ *   features.c the driver's feature bits by name; what qublk asks for
  *   queue.c    one thread per hardware queue: FETCH/COMMIT uring_cmds and
  *              the target's backend I/O on one aio_ctx, a coroutine per tag
  *   dev.c      device lifecycle: add, params, start, signals, stop, del;
@@ -44,12 +45,17 @@ struct ublk_ctrl {
 	int encode;             /* 1: UBLK_U_CMD_*, 0: legacy, -1: try both */
 	uint64_t features;      /* GET_FEATURES, 0 if the kernel lacks it */
 	bool have_features;
+	/* The last device seen and whether it is unprivileged: commands on
+	 * such a device carry the path of /dev/ublkcN before their payload. */
+	int known_id;           /* -1: none */
+	bool known_unpriv;
 };
 
 /* Open the control device and probe features.  Returns -errno (logged). */
 int ublk_ctrl_open(struct ublk_ctrl *c);
 void ublk_ctrl_close(struct ublk_ctrl *c);
-/* All return 0 (or the kernel's non-negative result) or -errno. */
+/* All return 0 (or the kernel's non-negative result) or -errno.
+ * -EOPNOTSUPP: the driver lacks the command (or the device the flag). */
 int ublk_ctrl_add_dev(struct ublk_ctrl *c, struct ublksrv_ctrl_dev_info *info);
 int ublk_ctrl_set_params(struct ublk_ctrl *c, unsigned dev_id, const struct ublk_params *p);
 int ublk_ctrl_get_params(struct ublk_ctrl *c, unsigned dev_id, struct ublk_params *p);
@@ -57,6 +63,16 @@ int ublk_ctrl_start_dev(struct ublk_ctrl *c, unsigned dev_id, int pid);
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id);
 int ublk_ctrl_get_info(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info);
+/* Recovery: START before the new daemon's FETCHes, END once they are in. */
+int ublk_ctrl_start_recovery(struct ublk_ctrl *c, unsigned dev_id);
+int ublk_ctrl_end_recovery(struct ublk_ctrl *c, unsigned dev_id, int pid);
+/* UPDATE_SIZE: the disk's new capacity, in bytes (a multiple of 512). */
+int ublk_ctrl_update_size(struct ublk_ctrl *c, unsigned dev_id, uint64_t bytes);
+/* QUIESCE_DEV: wait up to @timeout_ms for the requests in flight, then
+ * park the device (QUIESCED) and abort the daemon's FETCHes. */
+int ublk_ctrl_quiesce(struct ublk_ctrl *c, unsigned dev_id, unsigned timeout_ms);
+/* TRY_STOP_DEV: STOP_DEV unless the block device is open (-EBUSY). */
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
 
 /* Encoding helpers, exported for the unit test. */
 unsigned ublk_ctrl_opcode(unsigned nr, bool encoded);
@@ -66,6 +82,19 @@ unsigned ublk_io_opcode(bool commit, bool encoded);
 void ublk_io_prep(struct io_uring_sqe *sqe, int fd, unsigned op, unsigned q_id,
 		  unsigned tag, int result, uint64_t addr);
 const char *ublk_state_name(unsigned state);
+
+/* ------------------------------------------------------------ features */
+
+struct ublk_feature {
+	uint64_t bit;           /* UBLK_F_* */
+	const char *name;       /* "user_recovery" */
+	const char *use;        /* what qublk does with it; NULL: unused */
+};
+const struct ublk_feature *ublk_feature_table(size_t *n);
+const char *ublk_feature_name(uint64_t bit);   /* NULL: unknown bit */
+uint64_t ublk_features_used(void);             /* every bit qublk may use */
+/* The UBLK_F_* flags a new device asks for, given what the driver offers. */
+uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged);
 
 /* ------------------------------------------------------------- targets */
 
