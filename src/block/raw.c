@@ -136,6 +136,7 @@ static int raw_flush(struct bdrv *bs)
 
 const struct bdrv_driver bdrv_raw = {
 	.name = "raw",
+	.process_crash_safe = true,   /* no metadata: writes go straight to the file */
 	.probe = NULL,
 	.open = raw_open,
 	.close = raw_close,

@@ -107,6 +107,10 @@ struct ublk_tgt_opts {
 	bool force_share;       /* with read_only: open even if someone writes it */
 	bool direct;            /* --cache none */
 	unsigned nr_queues;
+	bool crash_safe;        /* BDRV_O_CRASH_SAFE: a recoverable device's daemon
+	                         * may die; what it acknowledged must be in the file */
+	bool adopt;             /* adopt_fd is the image's descriptor, handed over */
+	int adopt_fd;           /* by the previous daemon (owned by open from then on) */
 };
 
 /*
@@ -124,6 +128,10 @@ struct ublk_tgt_ops {
 	int (*open)(struct ublk_tgt *t, const struct ublk_tgt_opts *o);
 	/* Required.  After every queue has stopped: write back, release. */
 	void (*close)(struct ublk_tgt *t);
+	/* Required.  As close, but the image's descriptor (and so its locks)
+	 * survives in *fd (-1: no file) for the next daemon (opts.adopt_fd).
+	 * Returns -errno if the write-back failed (*fd is then -1). */
+	int (*release)(struct ublk_tgt *t, int *fd);
 	/* Required. */
 	int (*read)(struct ublk_tgt *t, void *buf, uint64_t off, uint32_t len);
 	/* Required.  flags: BDRV_REQ_FUA. */
@@ -175,7 +183,14 @@ struct ublk_queue {
 	uint64_t nr_ios, nr_errors;
 };
 
+enum ublk_run_mode {
+	UBLK_RUN_ADD,           /* a new device */
+	UBLK_RUN_RECOVER,       /* take over device dev_id whose daemon died */
+	UBLK_RUN_HANDOVER,      /* take over device dev_id from its live daemon */
+};
+
 struct ublk_dev_opts {
+	enum ublk_run_mode mode;
 	const char *type;       /* "qcow2", "raw", "null" */
 	const char *file;       /* absolute path or NULL (null) */
 	int dev_id;             /* -1: let the kernel choose */
@@ -186,6 +201,8 @@ struct ublk_dev_opts {
 	bool force_share;       /* -U: with read_only only (BDRV_O_FORCE_SHARE) */
 	bool direct;
 	uint64_t size;          /* null target */
+	bool no_recovery;       /* ADD: without UBLK_F_USER_RECOVERY */
+	bool unprivileged;      /* ADD: UBLK_F_UNPRIVILEGED_DEV */
 };
 
 struct ublk_dev {
@@ -202,6 +219,8 @@ struct ublk_dev {
 	struct ublk_queue *queues;
 	unsigned nr_queues;
 	int exit_efd;           /* queue threads write here when they exit */
+	int listen_fd;          /* <run dir>/ublkN.sock: hand-over requests */
+	bool started;           /* START_DEV / END_USER_RECOVERY done */
 };
 
 /* Queue thread lifecycle (queue.c).  start returns once the thread has
@@ -218,13 +237,16 @@ int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 		       unsigned max_io, bool read_only);
 
-/* Run a device to completion: open target, add, start, report
- * "/dev/ublkbN\n" on @report_fd (-1: stdout), serve until SIGTERM/SIGINT
- * or until the kernel stops it, then stop, close the image and delete the
- * device.  Returns 0 or -errno (logged). */
+/* Run a device to completion: open target, add (or recover, or take
+ * over: o->mode), start, report "/dev/ublkbN\n" on @report_fd (-1:
+ * stdout), serve until SIGTERM/SIGINT or until the kernel stops it, then
+ * stop, close the image and delete the device; or, asked to hand over by
+ * the next daemon, quiesce, close the image keeping its descriptor, pass
+ * that on and leave the device to it.  Returns 0 or -errno (logged). */
 int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd);
 
-/* State files under the run directory (QUBLK_RUN_DIR overrides). */
+/* State files under the run directory (QUBLK_RUN_DIR overrides): what
+ * `list` shows and what `recover`/`upgrade` need to start a new daemon. */
 struct ublk_state {
 	int dev_id;
 	int pid;
@@ -232,6 +254,10 @@ struct ublk_state {
 	char image[4096];
 	unsigned queues, depth;
 	bool read_only;
+	bool force_share;
+	bool direct;
+	uint64_t size;          /* null target */
+	uint64_t flags;         /* UBLK_F_* the device was created with */
 };
 const char *ublk_run_dir(void);
 int ublk_state_write(const struct ublk_state *s);
@@ -242,5 +268,8 @@ void ublk_state_remove(int dev_id);
  * @timeout_ms for it; if the device is still there (dead daemon), stop
  * and delete it here.  Returns -errno (logged). */
 int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms);
+
+/* <run dir>/ublkN.sock, the daemon's hand-over socket. */
+void ublk_sock_path(int dev_id, char *buf, size_t len);
 
 #endif

@@ -216,7 +216,8 @@ static void test_state(void)
 {
 	char dir[] = "/dev/shm/qublk-test-ublk-XXXXXX";
 	struct ublk_state s = { .dev_id = 3, .pid = 4242, .queues = 2, .depth = 64,
-				.read_only = true }, r;
+				.read_only = true, .direct = true, .size = 1ULL << 40,
+				.flags = UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE }, r;
 
 	if (!mkdtemp(dir)) {
 		perror("mkdtemp");
@@ -229,6 +230,8 @@ static void test_state(void)
 	CHECK(ublk_state_write(&s) == 0);
 	CHECK(ublk_state_read(3, &r) == 0);
 	CHECK(r.dev_id == 3 && r.pid == 4242 && r.queues == 2 && r.depth == 64 && r.read_only);
+	CHECK(r.direct && !r.force_share && r.size == 1ULL << 40 &&
+	      r.flags == (UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE));
 	CHECK(!strcmp(r.target, "raw") && !strcmp(r.image, "/images/a b=c.img"));
 	ublk_state_remove(3);
 	CHECK(ublk_state_read(3, &r) == -ENOENT);
