@@ -36,6 +36,14 @@ enum {
 	 * image and its backing files then only take the "consistent read"
 	 * lock, so the reads may see metadata in mid-update. */
 	BDRV_O_FORCE_SHARE = 1 << 3,
+	/* A crash of this process must not lose a write it completed: when a
+	 * write, write-zeroes or discard returns, everything it changed is in
+	 * the file (not necessarily on the disk: that is what flush is for).
+	 * A daemon that another one may take over needs it (ublk recovery).
+	 * Drivers that keep metadata in memory and do not say they honour it
+	 * (bdrv_driver.process_crash_safe) get a flush after each such request
+	 * from the block layer: correct, but an fdatasync per request. */
+	BDRV_O_CRASH_SAFE = 1 << 4,
 };
 
 /* Block status (bdrv_co_block_status): what reads of a range return. */
@@ -63,12 +71,23 @@ struct bdrv_opts {
 	 * with the opened top-level file; returns -errno. */
 	int (*wrap_file)(struct io_file *f, struct io_file **out, void *opaque);
 	void *wrap_opaque;
+	/* With adopt: the top image is @adopt_fd, an open descriptor of the
+	 * file (taken over from another process with its open file
+	 * description, and so with the image locks it holds: a hand-over
+	 * leaves no moment in which the image is unlocked).  bdrv_open owns
+	 * the descriptor from then on, even if it fails.  The locks are taken
+	 * again on it (a no-op for locks the description already holds). */
+	bool adopt;
+	int adopt_fd;
 };
 
 struct bdrv;
 
 struct bdrv_driver {
 	const char *name;
+	/* Completed requests are in the file already (no metadata cached
+	 * dirty in memory), so BDRV_O_CRASH_SAFE costs nothing. */
+	bool process_crash_safe;
 	/* Optional: score how well the first bytes of a file match (0 = no). */
 	int (*probe)(const uint8_t *buf, size_t len);
 	/* Required.  Called outside a coroutine or inside one; @file is owned
@@ -126,6 +145,12 @@ int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out);
 /* Returns -errno if writing the image back failed (it is closed anyway). */
 int bdrv_close(struct bdrv *bs);
+/* Write the image back and close it like bdrv_close, but first duplicate
+ * the top image's descriptor into *@fd (-1 if it has none): its open file
+ * description, and so its image locks, outlive the close.  For handing
+ * the image to another process (bdrv_opts.adopt).  Returns -errno (then
+ * *@fd is -1 and the image is closed all the same). */
+int bdrv_close_keep_fd(struct bdrv *bs, int *fd);
 const struct bdrv_driver *bdrv_find_driver(const char *name);
 
 /* Checked entry points (coroutine context). */

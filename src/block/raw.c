@@ -166,6 +166,7 @@ static int raw_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
 
 const struct bdrv_driver bdrv_raw = {
 	.name = "raw",
+	.process_crash_safe = true,   /* no metadata: writes go straight to the file */
 	.probe = NULL,
 	.open = raw_open,
 	.close = raw_close,
