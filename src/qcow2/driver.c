@@ -280,7 +280,12 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 			log_info("%s: error injection armed: %s", fn, spec);
 	}
 
-	s->lazy_refcounts = !ro && (h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+	/* A daemon that may be taken over (BDRV_O_CRASH_SAFE) writes the
+	 * metadata each request changes to the file before the request
+	 * completes, and runs with lazy refcounts so that it needs no sync
+	 * for it: a crash leaves a dirty image, repaired at the next open. */
+	s->write_through = !ro && (bs->open_flags & BDRV_O_CRASH_SAFE);
+	s->lazy_refcounts = !ro && ((h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || s->write_through);
 
 	bs->opaque = s;
 	bs->size = h->size;
@@ -326,6 +331,7 @@ static int qcow2_close(struct bdrv *bs)
 
 const struct bdrv_driver bdrv_qcow2 = {
 	.name = "qcow2",
+	.process_crash_safe = true,     /* write_through, see qcow2_open */
 	.probe = qcow2_probe,
 	.open = qcow2_open,
 	.close = qcow2_close,

@@ -127,6 +127,10 @@ int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t
 /* Lock held.  fdatasync the image file; written cache slices become clean
  * (or dirty again when it fails: see cache.c).  Returns -errno. */
 int qcow2_sync(struct qcow2_state *s);
+/* Lock held.  With write_through (BDRV_O_CRASH_SAFE), write every dirty
+ * metadata slice to the file (no sync): a request that changed metadata
+ * calls it before it completes.  No-op otherwise.  Returns -errno. */
+int qcow2_write_through(struct qcow2_state *s);
 /* Lock held.  Lazy refcounts: set the dirty bit (header, synced) unless
  * set; clear it after a full flush.  Returns -errno. */
 int qcow2_mark_dirty(struct qcow2_state *s);
@@ -342,7 +346,8 @@ struct qcow2_state {
 	struct bdrv *backing;
 	struct qcow2_meta meta;
 	bool read_only;
-	bool lazy_refcounts;            /* compatible bit 0, read-write */
+	bool lazy_refcounts;            /* compatible bit 0 (or write_through) */
+	bool write_through;             /* BDRV_O_CRASH_SAFE: see qcow2_write_through */
 
 	uint32_t cluster_bits, cluster_size;
 	unsigned ext_l2;                /* 1: extended L2 entries (16 bytes) */

@@ -447,6 +447,8 @@ io_done:
 	} else if (mode != OWN) {
 		qcow2_free_deferred(s, host, cs);
 	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
 	qcow2_disown_guest(s, &o);
 	co_mutex_unlock(&s->lock);
 	*done_bytes = bytes;
@@ -547,6 +549,8 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	} else if (!reuse) {
 		qcow2_free_deferred(s, host, nclusters * cs);
 	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
 	qcow2_disown_guest(s, &o);
 	*done_bytes = m.bytes;
 out_unlock:
@@ -736,6 +740,8 @@ static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum z
 		co_mutex_lock(&s->lock);
 		qcow2_own_guest(s, &o, off, stop);
 		ret = clusters_op_owned(s, off, stop, op, flags);
+		if (ret == 0)
+			ret = qcow2_write_through(s);
 		qcow2_disown_guest(s, &o);
 		co_mutex_unlock(&s->lock);
 		off = stop;
@@ -820,6 +826,8 @@ static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsig
 			ret = -ENOTSUP;
 		if (ret == 0)
 			ret = zeroize_owned(s, c0, unit_end, flags);
+		if (ret == 0)
+			ret = qcow2_write_through(s);
 	}
 	qcow2_disown_guest(s, &o);
 	co_mutex_unlock(&s->lock);
