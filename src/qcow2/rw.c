@@ -782,10 +782,17 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 		if (ret < 0)
 			return false;
 		if (m.type == QCOW2_UNALLOCATED && s->backing && off < s->backing->size) {
-			/* Zero below only if the backing chain says so (qcow2). */
-			struct bdrv *b = s->backing;
-			zero = b->drv == &bdrv_qcow2 &&
-			       is_zero_range(b->opaque, off, MIN(m.bytes, b->size - off));
+			/* Zero below only if the backing chain says so, through
+			 * the block layer (past its end it reads zeros). */
+			uint64_t pos = off, end = off + MIN(m.bytes, s->backing->size - off);
+			while (zero && pos < end) {
+				uint64_t pnum = 0;
+				unsigned depth;
+				int st = bdrv_co_block_status(s->backing, pos, end - pos, &pnum,
+							      &depth);
+				zero = st >= 0 && (st & BDRV_BLOCK_ZERO) && pnum;
+				pos += pnum;
+			}
 		} else {
 			zero = region_reads_zero(s, &m, off, m.bytes);
 		}
