@@ -82,7 +82,7 @@ fio_nbd() { # sock rw depth
 }
 
 serve_qublk() { # fmt img sock
-	"$QUBLK" nbd --format "$1" --cache none --socket "$3" "$2" 2>/dev/null &
+	"$QUBLK" nbd --format "$1" --cache none --shared 8 --socket "$3" "$2" 2>/dev/null &
 	wait_sock "$3"
 }
 serve_qemu() { # img sock

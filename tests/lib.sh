@@ -122,11 +122,12 @@ start_nbd_server() {
         [ -n "$fmt" ] || fmt=$(img_format "$file")
         # --discard=unmap: TRIM does what the reference model expects;
         # --persistent/--shared: several clients one after another.
+        # -A: serve qemu:allocation-depth too.
         cmd=(qemu-nbd -f "$fmt" --socket "$NBD_SOCK" --cache="$cache"
-             --discard=unmap --persistent --shared=8)
+             --discard=unmap --persistent --shared=8 -A)
         [ "$ro" = 0 ] || cmd+=(--read-only)
     else
-        cmd=("$QUBLK" nbd --socket "$NBD_SOCK" --cache "$cache")
+        cmd=("$QUBLK" nbd --socket "$NBD_SOCK" --cache "$cache" --shared 8)
         [ -z "$fmt" ] || cmd+=(--format "$fmt")
         [ "$ro" = 0 ] || cmd+=(--read-only)
     fi

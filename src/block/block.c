@@ -9,12 +9,14 @@
 #include "block/bdrv.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <libgen.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "block/lock.h"
 #include "common/util.h"
@@ -56,24 +58,27 @@ static int open_common(const char *filename, const struct bdrv_opts *opts,
 		       struct bdrv *parent, struct bdrv **out)
 {
 	const struct bdrv_driver *drv = NULL;
-	struct bdrv *bs;
+	struct bdrv *bs = NULL;
 	struct stat st;
 	unsigned ioflags = 0, perm, shared;
 	bool force_share = opts->flags & BDRV_O_FORCE_SHARE;
 	int ret;
 
+	ret = 0;
 	if (force_share && !(opts->flags & BDRV_O_RDONLY)) {
 		log_error("%s: force-share (-U) is only allowed read-only", filename);
-		return -EINVAL;
-	}
-	if (opts->format && !(drv = bdrv_find_driver(opts->format))) {
+		ret = -EINVAL;
+	} else if (opts->format && !(drv = bdrv_find_driver(opts->format))) {
 		log_error("%s: unknown format '%s'", filename, opts->format);
-		return -EINVAL;
-	}
-	bs = calloc(1, sizeof(*bs));
-	if (!bs || !(bs->filename = strdup(filename))) {
+		ret = -EINVAL;
+	} else if (!(bs = calloc(1, sizeof(*bs))) || !(bs->filename = strdup(filename))) {
 		free(bs);
-		return -ENOMEM;
+		ret = -ENOMEM;
+	}
+	if (ret < 0) {
+		if (opts->adopt && !parent)
+			close(opts->adopt_fd);
+		return ret;
 	}
 	bs->parent = parent;
 	bs->open_flags = opts->flags;
@@ -82,7 +87,13 @@ static int open_common(const char *filename, const struct bdrv_opts *opts,
 		ioflags |= IO_OPEN_RDONLY;
 	if (opts->flags & BDRV_O_DIRECT)
 		ioflags |= IO_OPEN_DIRECT;
-	ret = io_file_open(filename, ioflags, &bs->file);
+	if (opts->adopt && !parent) {
+		ret = io_file_adopt(opts->adopt_fd, filename, &bs->file);
+		if (ret == 0 && bs->file->read_only != bs->read_only)
+			ret = -EBADF;
+	} else {
+		ret = io_file_open(filename, ioflags, &bs->file);
+	}
 	if (ret < 0) {
 		log_error("%s: cannot open: %s", filename, strerror(-ret));
 		goto fail;
@@ -171,6 +182,27 @@ int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 	return ret;
 }
 
+int bdrv_close_keep_fd(struct bdrv *bs, int *fd)
+{
+	int ret;
+
+	*fd = -1;
+	if (bs && bs->file && bs->file->fd >= 0) {
+		*fd = fcntl(bs->file->fd, F_DUPFD_CLOEXEC, 0);
+		if (*fd < 0) {
+			ret = -errno;
+			bdrv_close(bs);
+			return ret;
+		}
+	}
+	ret = bdrv_close(bs);
+	if (ret < 0 && *fd >= 0) {
+		close(*fd);
+		*fd = -1;
+	}
+	return ret;
+}
+
 int bdrv_close(struct bdrv *bs)
 {
 	int ret = 0;
@@ -209,6 +241,13 @@ int bdrv_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 	return ret ? ret : bs->drv->co_preadv(bs, off, len, iov, iovcnt);
 }
 
+/* BDRV_O_CRASH_SAFE on a driver that caches metadata: flush after each
+ * request that may change it. */
+static bool crash_flush(const struct bdrv *bs)
+{
+	return (bs->open_flags & BDRV_O_CRASH_SAFE) && !bs->drv->process_crash_safe;
+}
+
 int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 		    const struct iovec *iov, int iovcnt, unsigned flags)
 {
@@ -219,6 +258,8 @@ int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 		ret = check_iov(iov, iovcnt, len);
 	if (!ret && (flags & ~BDRV_REQ_FUA))
 		ret = -EINVAL;
+	if (crash_flush(bs))
+		flags |= BDRV_REQ_FUA;
 	return ret ? ret : bs->drv->co_pwritev(bs, off, len, iov, iovcnt, flags);
 }
 
@@ -232,7 +273,7 @@ int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned 
 	if (ret)
 		return ret;
 	ret = bs->drv->co_pwrite_zeroes(bs, off, len, flags);
-	if (!ret && (flags & BDRV_REQ_FUA))
+	if (!ret && ((flags & BDRV_REQ_FUA) || crash_flush(bs)))
 		ret = bs->drv->co_flush(bs);
 	return ret;
 }
@@ -242,7 +283,11 @@ int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	if (bs->read_only)
 		return -EROFS;
 	int ret = check_range(bs, off, len);
-	return ret ? ret : bs->drv->co_discard(bs, off, len);
+	if (!ret)
+		ret = bs->drv->co_discard(bs, off, len);
+	if (!ret && crash_flush(bs))
+		ret = bs->drv->co_flush(bs);
+	return ret;
 }
 
 int bdrv_co_flush(struct bdrv *bs)
@@ -250,4 +295,25 @@ int bdrv_co_flush(struct bdrv *bs)
 	if (bs->read_only)
 		return 0;
 	return bs->drv->co_flush(bs);
+}
+
+int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			 uint64_t *pnum, unsigned *depth)
+{
+	int ret = check_range(bs, off, len);
+
+	if (ret)
+		return ret;
+	if (!bs->drv->co_block_status) {
+		*pnum = len;
+		*depth = 1;
+		return BDRV_BLOCK_DATA;
+	}
+	ret = bs->drv->co_block_status(bs, off, len, pnum, depth);
+	if (ret >= 0 && (*pnum == 0 || *pnum > len)) {
+		log_error("%s: block status returned %llu bytes for a range of %llu",
+			  bs->filename, (unsigned long long)*pnum, (unsigned long long)len);
+		return -EIO;
+	}
+	return ret;
 }

@@ -17,5 +17,15 @@ int cmd_nbd(int argc, char **argv);      /* src/cli/nbd.c */
 int cmd_add(int argc, char **argv);      /* src/cli/ublk.c */
 int cmd_list(int argc, char **argv);     /* src/cli/ublk.c */
 int cmd_del(int argc, char **argv);      /* src/cli/ublk.c */
+int cmd_features(int argc, char **argv); /* src/cli/features.c */
+int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
+int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
+
+/* Helpers shared by the command files (src/cli/ublk.c). */
+#include <stdio.h>
+/* A decimal in [lo, hi].  Returns 0 or -EINVAL. */
+int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out);
+/* s as a JSON string literal, quotes included. */
+void cli_json_string(FILE *out, const char *s);
 
 #endif

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "block/bdrv.h"
 #include "cli/cli.h"
@@ -45,6 +46,10 @@ static void usage(FILE *out)
 		"  -f, --format FMT        qcow2 or raw (default: probe the file)\n"
 		"      --cache MODE        none (O_DIRECT) or writeback (default)\n"
 		"  -x, --export-name NAME  export name (default \"\"; \"\" always matches)\n"
+		"      --allow-empty       serve an image of size 0 (refused by default)\n"
+		"  -e, --shared N          serve N clients at once (default 1, as qemu-nbd;\n"
+		"                          0 = no limit); more wait to be accepted.  N > 1\n"
+		"                          advertises multi-conn\n"
 		"  -h, --help              show this help\n\n"
 		"The line \"serving FILE on ADDRESS\" is printed on stderr once listening.\n"
 		"Exit status: 0 success, 1 failure, 2 usage error.\n",
@@ -62,18 +67,22 @@ int cmd_nbd(int argc, char **argv)
 		{ "format", required_argument, NULL, 'f' },
 		{ "cache", required_argument, NULL, 'C' },
 		{ "export-name", required_argument, NULL, 'x' },
+		{ "allow-empty", no_argument, NULL, 'E' },
+		{ "shared", required_argument, NULL, 'e' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
-	struct nbd_server_opts sopts = { .handle_signals = true };
+	struct nbd_server_opts sopts = { .handle_signals = true, .max_conns = 1 };
 	struct bdrv_opts bopts = { 0 };
 	struct nbd_server *srv = NULL;
 	struct bdrv *bs = NULL;
 	struct aio_ctx ctx;
+	struct stat st;
+	bool allow_empty = false;
 	int c, ret, rc = EXIT_FAIL;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "k:p:b:rUf:x:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "k:p:b:rUf:x:e:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'k':
 			sopts.socket_path = optarg;
@@ -117,6 +126,20 @@ int cmd_nbd(int argc, char **argv)
 		case 'x':
 			sopts.export_name = optarg;
 			break;
+		case 'E':
+			allow_empty = true;
+			break;
+		case 'e': {
+			char *end;
+			errno = 0;
+			unsigned long n = strtoul(optarg, &end, 10);
+			if (errno || end == optarg || *end || n > 65536) {
+				fprintf(stderr, "qublk nbd: --shared: '%s' is not a number of clients\n", optarg);
+				return EXIT_USAGE;
+			}
+			sopts.max_conns = n;
+			break;
+		}
 		case 'h':
 			usage(stdout);
 			return EXIT_OK;
@@ -138,6 +161,19 @@ int cmd_nbd(int argc, char **argv)
 		return EXIT_USAGE;
 	}
 
+	/* Only regular files and block devices are disks: a FIFO or a
+	 * character device would serve a stream as a 0-byte export (and
+	 * opening a FIFO blocks until a writer appears). */
+	if (stat(argv[optind], &st) < 0) {
+		log_error("%s: %s", argv[optind], strerror(errno));
+		return EXIT_FAIL;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		log_error("%s: not a regular file or block device: refusing to serve it",
+			  argv[optind]);
+		return EXIT_FAIL;
+	}
+
 	ret = aio_ctx_init(&ctx, NBD_RING_ENTRIES);
 	if (ret < 0) {
 		log_error("io_uring_queue_init: %s", strerror(-ret));
@@ -148,6 +184,11 @@ int cmd_nbd(int argc, char **argv)
 	ret = bdrv_open(argv[optind], &bopts, &bs);
 	if (ret < 0)
 		goto out;           /* bdrv_open logged the file and reason */
+	if (bs->size == 0 && !allow_empty) {
+		log_error("%s: image has size 0: refusing to serve it (--allow-empty to force)",
+			  argv[optind]);
+		goto out;
+	}
 	ret = nbd_server_open(bs, &sopts, &srv);
 	if (ret < 0)
 		goto out;

@@ -350,10 +350,40 @@ static unsigned dio_alignment(int fd)
 	return MAX(align, 512u);
 }
 
+static int fd_file_new(int fd, const char *path, bool read_only, bool direct,
+		       struct io_file **out)
+{
+	struct fd_file *ff = calloc(1, sizeof(*ff));
+
+	if (!ff || !(ff->f.path = strdup(path))) {
+		free(ff);
+		close(fd);
+		return -ENOMEM;
+	}
+	ff->f.ops = &fd_ops;
+	ff->f.fd = fd;
+	ff->f.read_only = read_only;
+	ff->f.direct = direct;
+	ff->f.align = direct ? dio_alignment(fd) : 1;
+	*out = &ff->f;
+	return 0;
+}
+
+int io_file_adopt(int fd, const char *path, struct io_file **out)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl < 0) {
+		int ret = -errno;
+		close(fd);
+		return ret;
+	}
+	return fd_file_new(fd, path, (fl & O_ACCMODE) == O_RDONLY, fl & O_DIRECT, out);
+}
+
 int io_file_open(const char *path, unsigned flags, struct io_file **out)
 {
 	int oflags = O_CLOEXEC | ((flags & IO_OPEN_RDONLY) ? O_RDONLY : O_RDWR);
-	struct fd_file *ff;
 	int fd = -1;
 	bool direct = false;
 
@@ -370,19 +400,7 @@ int io_file_open(const char *path, unsigned flags, struct io_file **out)
 		fd = open(path, oflags, 0644);
 	if (fd < 0)
 		return -errno;
-	ff = calloc(1, sizeof(*ff));
-	if (!ff || !(ff->f.path = strdup(path))) {
-		free(ff);
-		close(fd);
-		return -ENOMEM;
-	}
-	ff->f.ops = &fd_ops;
-	ff->f.fd = fd;
-	ff->f.read_only = flags & IO_OPEN_RDONLY;
-	ff->f.direct = direct;
-	ff->f.align = direct ? dio_alignment(fd) : 1;
-	*out = &ff->f;
-	return 0;
+	return fd_file_new(fd, path, flags & IO_OPEN_RDONLY, direct, out);
 }
 
 void io_file_close(struct io_file *f)

@@ -28,6 +28,10 @@ struct nbd_server_opts {
 	const char *port;          /* TCP: service or number, NULL = 10809; "0" = any free port */
 	const char *export_name;   /* NULL = ""; the empty name always matches too */
 	bool read_only;            /* advertise READ_ONLY; writes fail with EPERM */
+	/* Connections served at once (qemu-nbd's --shared); more wait in the
+	 * listen backlog.  0 = no limit.  NBD_FLAG_CAN_MULTI_CONN is
+	 * advertised only when more than one is allowed. */
+	unsigned max_conns;
 	/* Block SIGINT/SIGTERM and stop on them (read from a signalfd through
 	 * the ring).  A second signal drops connections that do not drain. */
 	bool handle_signals;

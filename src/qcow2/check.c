@@ -90,6 +90,7 @@ struct chk {
 	unsigned fix;
 
 	uint32_t cluster_bits, cs, l2_entries;
+	unsigned ext;                   /* extended L2: 16-byte entries */
 	unsigned rc_order;
 	uint64_t rc_max;
 	uint32_t rb_bits;               /* log2 refcount entries per block */
@@ -310,17 +311,31 @@ static int sync_file(struct chk *c)
 	return ret;
 }
 
-/* The entry that replaces a dropped data mapping: reads as zeros. */
-static uint64_t dropped_l2e(const struct chk *c)
+/* L2 entry @i of table @t, and its subcluster bitmap (extended L2). */
+#define L2E_AT(c, t, i) ((t) + ((size_t)(i) << (3 + (c)->ext)))
+static uint64_t l2_bitmap(const struct chk *c, const uint8_t *t, uint32_t i)
 {
-	return c->m.h.version >= 3 ? QCOW2_OFLAG_ZERO : 0;
+	return c->ext ? get_be64(L2E_AT(c, t, i) + 8) : 0;
+}
+
+/* Replace entry @i's mapping with one that reads as zeros. */
+static void drop_entry(const struct chk *c, uint8_t *t, uint32_t i)
+{
+	if (c->ext) {
+		put_be64(L2E_AT(c, t, i), 0);
+		put_be64(L2E_AT(c, t, i) + 8, QCOW2_BITMAP_ALL_ZERO);
+		return;
+	}
+	put_be64(L2E_AT(c, t, i), c->m.h.version >= 3 ? QCOW2_OFLAG_ZERO : 0);
 }
 
 /* ---- L2 tables (qcow2.rst "Cluster mapping") --------------------------- */
 
 enum { L2_ACTIVE = 1, L2_FRAG = 2 };
 
-static bool is_zero_flag(uint64_t e) { return e & QCOW2_OFLAG_ZERO; }
+/* The zero flag ("Standard Cluster Descriptor" bit 0) means nothing
+ * with extended L2. */
+#define is_zero_flag(e) (!c->ext && ((e) & QCOW2_OFLAG_ZERO))
 
 /* Account for one L2 table read into @t (at @l2_off).  With
  * QCOW2_FIX_ERRORS, bad entries are repaired in @t; *dirty says so. */
@@ -332,9 +347,28 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 
 	*dirty = false;
 	for (uint32_t i = 0; i < c->l2_entries; i++) {
-		uint64_t e = get_be64(t + 8 * (size_t)i);
+		uint64_t e = get_be64(L2E_AT(c, t, i));
+		uint64_t b = l2_bitmap(c, t, i);
 		bool compressed = e & QCOW2_OFLAG_COMPRESSED;
 
+		if (c->ext && !compressed && !(e & QCOW2_L2E_OFFSET_MASK) && (b & 0xffffffffull)) {
+			/* "Extended L2 Entries": no allocated subcluster without a
+			 * host cluster. */
+			report(c, "%s: Unallocated cluster has non-zero subcluster allocation map",
+			       fix ? "Repairing" : "ERROR");
+			c->res->corruptions++;
+			if (fix) {
+				put_be64(L2E_AT(c, t, i) + 8, b & ~0xffffffffull);
+				*dirty = true;
+				c->res->corruptions--;
+				c->res->corruptions_fixed++;
+			}
+		}
+		if (c->ext && compressed && b) {
+			report(c, "ERROR compressed cluster %u with non-zero subcluster allocation bitmap, "
+				  "entry=0x%llx", i, (unsigned long long)e);
+			c->res->corruptions++;
+		}
 		if (!e)
 			continue;
 		if (!compressed && (e & QCOW2_L2E_RESERVED_MASK)) {
@@ -343,7 +377,7 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 			c->res->corruptions++;
 			if (fix) {
 				e &= ~QCOW2_L2E_RESERVED_MASK;
-				put_be64(t + 8 * (size_t)i, e);
+				put_be64(L2E_AT(c, t, i), e);
 				*dirty = true;
 				c->res->corruptions--;
 				c->res->corruptions_fixed++;
@@ -357,7 +391,7 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 				e &= ~QCOW2_OFLAG_COPIED;
 				c->res->corruptions++;
 				if (fix) {
-					put_be64(t + 8 * (size_t)i, e);
+					put_be64(L2E_AT(c, t, i), e);
 					*dirty = true;
 					c->res->corruptions--;
 					c->res->corruptions_fixed++;
@@ -378,7 +412,7 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 				       (unsigned long long)e,
 				       what == REF_PAST_EOF ? "past the end of the file"
 							    : "refcount overflow");
-				put_be64(t + 8 * (size_t)i, dropped_l2e(c));
+				drop_entry(c, t, i);
 				*dirty = true;
 				c->res->corruptions_fixed += c->res->corruptions - before;
 				c->res->corruptions = before;
@@ -408,7 +442,10 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 					report(c, "Repairing: dropping data cluster entry %u of L2 table 0x%llx "
 						  "(0x%llx): misaligned", i, (unsigned long long)l2_off,
 					       (unsigned long long)e);
-				put_be64(t + 8 * (size_t)i, is_zero_flag(e) ? QCOW2_OFLAG_ZERO : dropped_l2e(c));
+				if (is_zero_flag(e))
+					put_be64(L2E_AT(c, t, i), QCOW2_OFLAG_ZERO);
+				else
+					drop_entry(c, t, i);
 				*dirty = true;
 				c->res->corruptions--;
 				c->res->corruptions_fixed++;
@@ -419,7 +456,7 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 			report(c, "Repairing: dropping data cluster entry %u of L2 table 0x%llx (0x%llx): "
 				  "past the end of the file", i, (unsigned long long)l2_off,
 			       (unsigned long long)e);
-			put_be64(t + 8 * (size_t)i, dropped_l2e(c));
+			drop_entry(c, t, i);
 			*dirty = true;
 			c->res->corruptions_fixed++;
 			continue;
@@ -437,7 +474,7 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 		if (fix && what != REF_OK) {
 			report(c, "Repairing: dropping data cluster entry %u of L2 table 0x%llx (0x%llx): "
 				  "refcount overflow", i, (unsigned long long)l2_off, (unsigned long long)e);
-			put_be64(t + 8 * (size_t)i, dropped_l2e(c));
+			drop_entry(c, t, i);
 			*dirty = true;
 			c->res->corruptions_fixed += c->res->corruptions - before;
 			c->res->corruptions = before;
@@ -1054,7 +1091,7 @@ static int check_copied(struct chk *c)
 				goto out;
 			}
 			for (uint32_t n = 0; n < c->l2_entries; n++) {
-				uint64_t d = get_be64(t + 8 * (size_t)n);
+				uint64_t d = get_be64(L2E_AT(c, t, n));
 				uint64_t doff = d & QCOW2_L2E_OFFSET_MASK;
 				if ((d & QCOW2_OFLAG_COMPRESSED) || !doff)
 					continue;
@@ -1068,7 +1105,7 @@ static int check_copied(struct chk *c)
 				       (unsigned long long)rc);
 				if (repair) {
 					d = rc == 1 ? d | QCOW2_OFLAG_COPIED : d & ~QCOW2_OFLAG_COPIED;
-					put_be64(t + 8 * (size_t)n, d);
+					put_be64(L2E_AT(c, t, n), d);
 					dirty++;
 				}
 			}
@@ -1383,10 +1420,6 @@ static int setup(struct chk *c)
 		snprintf(c->errbuf, c->errlen, "unsupported qcow2 feature(s): %s", names);
 		return -ENOTSUP;
 	}
-	if (h->incompat & QCOW2_INCOMPAT_EXTL2) {
-		snprintf(c->errbuf, c->errlen, "extended L2 entries (subclusters) are not supported yet");
-		return -ENOTSUP;
-	}
 	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || c->m.data_file) {
 		snprintf(c->errbuf, c->errlen, "external data files are not supported yet");
 		return -ENOTSUP;
@@ -1397,7 +1430,8 @@ static int setup(struct chk *c)
 	}
 	c->cluster_bits = h->cluster_bits;
 	c->cs = 1u << c->cluster_bits;
-	c->l2_entries = c->cs / 8;
+	c->ext = (h->incompat & QCOW2_INCOMPAT_EXTL2) ? 1 : 0;
+	c->l2_entries = c->cs / (8u << c->ext);
 	c->rc_order = h->refcount_order;
 	c->rc_max = c->rc_order == 6 ? UINT64_MAX : (1ull << (1u << c->rc_order)) - 1;
 	c->rb_bits = c->cluster_bits + 3 - c->rc_order;

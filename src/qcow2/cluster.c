@@ -51,7 +51,9 @@ int qcow2_l2_entry_type(struct qcow2_state *s, uint64_t e, enum qcow2_ctype *t)
 	off = e & QCOW2_L2E_OFFSET_MASK;
 	if (off && (!IS_ALIGNED(off, s->cluster_size) || off >= s->file_end))
 		return bad_entry(s, "L2", e);
-	if (e & QCOW2_OFLAG_ZERO)
+	/* "Standard Cluster Descriptor" bit 0 means nothing with extended
+	 * L2 (the bitmap says what reads as zeros): ignored, as by QEMU. */
+	if ((e & QCOW2_OFLAG_ZERO) && !s->ext_l2)
 		*t = off ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
 	else
 		*t = off ? QCOW2_NORMAL : QCOW2_UNALLOCATED;
@@ -100,6 +102,90 @@ int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slot,
 	return pin_slice(s, table, l2_idx, slot, entries, index);
 }
 
+/* Subcluster @sc of a cluster with entry @e (cluster type @ct) and
+ * bitmap @b, as a mapping type ("Subcluster Allocation Bitmap"). */
+static enum qcow2_ctype sc_type(uint64_t e, enum qcow2_ctype ct, uint64_t b, unsigned sc)
+{
+	if (ct == QCOW2_COMPRESSED)
+		return QCOW2_COMPRESSED;
+	if (b & QCOW2_SC_ALLOC(sc))
+		return QCOW2_NORMAL;
+	if (b & QCOW2_SC_ZERO(sc))
+		return (e & QCOW2_L2E_OFFSET_MASK) ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
+	return QCOW2_UNALLOCATED;
+}
+
+int qcow2_l2_ext_check(struct qcow2_state *s, uint64_t e, uint64_t b, enum qcow2_ctype *ct)
+{
+	int ret = qcow2_l2_entry_type(s, e, ct);
+
+	if (ret < 0)
+		return ret;
+	/* Compressed clusters have no subclusters; a subcluster is never
+	 * both allocated and zero; allocated ones need a host cluster. */
+	if ((*ct == QCOW2_COMPRESSED && b) || ((b >> 32) & b & 0xffffffffull) ||
+	    ((b & 0xffffffffull) && *ct != QCOW2_NORMAL)) {
+		log_error("%s: corrupt subcluster bitmap %#llx of L2 entry %#llx", s->bs->filename,
+			  (unsigned long long)b, (unsigned long long)e);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* Subclusters of the same type as @sc from @sc on, up to 32. */
+static unsigned sc_run(uint64_t e, enum qcow2_ctype ct, uint64_t b, unsigned sc,
+		       enum qcow2_ctype t)
+{
+	unsigned n = 0;
+
+	while (sc + n < QCOW2_SUBCLUSTERS && sc_type(e, ct, b, sc + n) == t)
+		n++;
+	return n;
+}
+
+static int get_mapping_ext(struct qcow2_state *s, uint64_t guest, uint64_t max,
+			   struct qcow2_map *m, uint64_t *ents, unsigned idx)
+{
+	uint64_t in_cluster = qcow2_offset_in_cluster(s, guest);
+	unsigned slice_n = 1u << s->l2_slice_bits;
+	unsigned sc = (unsigned)(in_cluster >> s->sc_bits), n;
+	uint64_t e = qcow2_l2_get(s, ents, idx), b = qcow2_l2_bitmap(s, ents, idx);
+	uint64_t host0 = e & QCOW2_L2E_OFFSET_MASK, bytes;
+	enum qcow2_ctype ct;
+	int ret;
+
+	ret = qcow2_l2_ext_check(s, e, b, &ct);
+	if (ret < 0)
+		return ret;
+	m->l2e = e;
+	m->bitmap = b;
+	m->type = sc_type(e, ct, b, sc);
+	m->host = m->type == QCOW2_NORMAL ? host0 + in_cluster : 0;
+	if (m->type == QCOW2_COMPRESSED) {
+		m->bytes = MIN(max, s->cluster_size - in_cluster);
+		return 0;
+	}
+	n = sc_run(e, ct, b, sc, m->type);
+	bytes = ((uint64_t)(sc + n) << s->sc_bits) - in_cluster;
+	/* A run that fills the cluster may go on into the next ones. */
+	for (unsigned k = 1; sc + n == QCOW2_SUBCLUSTERS && bytes < max && idx + k < slice_n; k++) {
+		uint64_t en = qcow2_l2_get(s, ents, idx + k), bn = qcow2_l2_bitmap(s, ents, idx + k);
+		enum qcow2_ctype cn;
+
+		if (qcow2_l2_ext_check(s, en, bn, &cn) < 0 || sc_type(en, cn, bn, 0) != m->type)
+			break;
+		if (m->type == QCOW2_NORMAL &&
+		    ((en & QCOW2_L2E_OFFSET_MASK) != host0 + ((uint64_t)k << s->cluster_bits) ||
+		     ((en ^ e) & QCOW2_OFLAG_COPIED)))
+			break;
+		sc = 0;
+		n = sc_run(en, cn, bn, 0, m->type);
+		bytes += (uint64_t)n << s->sc_bits;
+	}
+	m->bytes = MIN(max, bytes);
+	return 0;
+}
+
 int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struct qcow2_map *m)
 {
 	uint64_t in_cluster = qcow2_offset_in_cluster(s, guest);
@@ -111,6 +197,7 @@ int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struc
 	ret = qcow2_l2_slice_for_read(s, guest, &slot, &ents, &idx);
 	if (ret < 0)
 		return ret;
+	m->bitmap = 0;
 	if (slot < 0) {
 		/* Stop at the slice end too: writers update one slice per run. */
 		uint64_t left = ((uint64_t)(slice_n - idx) << s->cluster_bits) - in_cluster;
@@ -119,6 +206,10 @@ int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struc
 		m->l2e = 0;
 		m->bytes = MIN(max, left);
 		return 0;
+	}
+	if (s->ext_l2) {
+		ret = get_mapping_ext(s, guest, max, m, ents, idx);
+		goto out;
 	}
 	e = be64toh(ents[idx]);
 	ret = qcow2_l2_entry_type(s, e, &m->type);

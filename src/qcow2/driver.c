@@ -5,8 +5,8 @@
  * and the bdrv_qcow2 ops table.  The request paths are in rw.c.
  *
  * Feature policy on open:
- *  - unknown incompatible bits, encryption, extended L2, external data
- *    file: refused (named);
+ *  - unknown incompatible bits, encryption, external data file: refused
+ *    (named); extended L2 with clusters under 16 KiB too;
  *  - corrupt bit: read-only opens only;
  *  - dirty bit (lazy refcounts, refcounts may be stale): a read-write
  *    open repairs the image first (check.c), as QEMU does; read-only
@@ -76,8 +76,9 @@ static int check_features(struct qcow2_state *s, bool ro)
 		log_error("%s: encrypted images are not supported", fn);
 		return -ENOTSUP;
 	}
-	if (h->incompat & QCOW2_INCOMPAT_EXTL2) {
-		log_error("%s: extended L2 entries (subclusters) are not supported yet", fn);
+	if ((h->incompat & QCOW2_INCOMPAT_EXTL2) && h->cluster_bits < 14) {
+		/* 32 subclusters of at least 512 bytes, as QEMU creates them. */
+		log_error("%s: extended L2 entries need clusters of at least 16 KiB", fn);
 		return -ENOTSUP;
 	}
 	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || s->meta.data_file) {
@@ -191,9 +192,12 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		ret = -EINVAL;
 		goto fail;
 	}
-	s->l2_bits = s->cluster_bits - 3;
+	s->ext_l2 = !!(h->incompat & QCOW2_INCOMPAT_EXTL2);
+	s->sc_bits = s->cluster_bits - (s->ext_l2 ? 5 : 0);
+	s->sc_size = 1u << s->sc_bits;
+	s->l2_bits = s->cluster_bits - 3 - s->ext_l2;
 	slice = MIN(4096u, s->cluster_size);
-	s->l2_slice_bits = ilog2(slice) - 3;
+	s->l2_slice_bits = ilog2(slice) - 3 - s->ext_l2;
 	s->refcount_order = h->refcount_order;
 	s->refcount_max = s->refcount_order == 6 ? UINT64_MAX
 						 : (1ull << (1u << s->refcount_order)) - 1;
@@ -276,7 +280,12 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 			log_info("%s: error injection armed: %s", fn, spec);
 	}
 
-	s->lazy_refcounts = !ro && (h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS);
+	/* A daemon that may be taken over (BDRV_O_CRASH_SAFE) writes the
+	 * metadata each request changes to the file before the request
+	 * completes, and runs with lazy refcounts so that it needs no sync
+	 * for it: a crash leaves a dirty image, repaired at the next open. */
+	s->write_through = !ro && (bs->open_flags & BDRV_O_CRASH_SAFE);
+	s->lazy_refcounts = !ro && ((h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || s->write_through);
 
 	bs->opaque = s;
 	bs->size = h->size;
@@ -322,6 +331,7 @@ static int qcow2_close(struct bdrv *bs)
 
 const struct bdrv_driver bdrv_qcow2 = {
 	.name = "qcow2",
+	.process_crash_safe = true,     /* write_through, see qcow2_open */
 	.probe = qcow2_probe,
 	.open = qcow2_open,
 	.close = qcow2_close,
@@ -330,4 +340,5 @@ const struct bdrv_driver bdrv_qcow2 = {
 	.co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
 	.co_discard = qcow2_co_discard,
 	.co_flush = qcow2_co_flush,
+	.co_block_status = qcow2_co_block_status,
 };

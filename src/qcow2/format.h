@@ -73,6 +73,22 @@
  * bits 0..x-1 host offset, bits x..61 additional 512-byte sectors. */
 #define QCOW2_COMPRESSED_SECTOR_SIZE    512
 
+/* "Extended L2 Entries": 32 subclusters per cluster; the bitmap has an
+ * allocation bit (0-31) and a reads-as-zero bit (32-63) per subcluster. */
+#define QCOW2_SUBCLUSTERS       32
+#define QCOW2_SC_ALLOC(sc)      (1ull << (sc))
+#define QCOW2_SC_ZERO(sc)       (1ull << (32 + (sc)))
+/* Bits of subclusters [a, b) (b <= 32). */
+static inline uint64_t qcow2_sc_alloc_range(unsigned a, unsigned b)
+{
+	return (b >= 32 ? ~0ull >> 32 : (1ull << b) - 1) & ~((1ull << a) - 1);
+}
+static inline uint64_t qcow2_sc_zero_range(unsigned a, unsigned b)
+{
+	return qcow2_sc_alloc_range(a, b) << 32;
+}
+#define QCOW2_BITMAP_ALL_ZERO   (0xffffffffull << 32)
+
 /* "Refcount table": entries are refcount block offsets. */
 #define QCOW2_REFT_OFFSET_MASK          0xfffffffffffffe00ull
 #define QCOW2_REFT_RESERVED_MASK        0x00000000000001ffull

@@ -12,6 +12,7 @@
  *              metadata flush order (the crash-safety rules live there)
  *   cluster.c  guest offset -> host mapping, L2 entry checks, L2 tables
  *   rw.c       request paths: read, write with COW, zeroes, discard, flush
+ *   status.c   block status (what a range reads as) from the mapping
  *
  * Thread model: one image may be driven by the coroutines of several
  * threads at once (one per ublk queue, each with its own io_uring).  All
@@ -27,6 +28,7 @@
 #ifndef QUBLK_QCOW2_H
 #define QUBLK_QCOW2_H
 
+#include <endian.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -125,6 +127,10 @@ int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t
 /* Lock held.  fdatasync the image file; written cache slices become clean
  * (or dirty again when it fails: see cache.c).  Returns -errno. */
 int qcow2_sync(struct qcow2_state *s);
+/* Lock held.  With write_through (BDRV_O_CRASH_SAFE), write every dirty
+ * metadata slice to the file (no sync): a request that changed metadata
+ * calls it before it completes.  No-op otherwise.  Returns -errno. */
+int qcow2_write_through(struct qcow2_state *s);
 /* Lock held.  Lazy refcounts: set the dirty bit (header, synced) unless
  * set; clear it after a full flush.  Returns -errno. */
 int qcow2_mark_dirty(struct qcow2_state *s);
@@ -142,9 +148,21 @@ enum qcow2_ctype {
 	QCOW2_COMPRESSED,
 };
 
-/* Classify and validate an L2 entry.  Returns -EIO (logged) if reserved
- * bits are set or the offset is misaligned or outside the file. */
+/* Entry @i of an L2 slice (host order) and its subcluster bitmap (0
+ * without extended L2). */
+#define qcow2_l2_get(s, ents, i)    be64toh((ents)[(size_t)(i) << (s)->ext_l2])
+#define qcow2_l2_bitmap(s, ents, i) \
+	((s)->ext_l2 ? be64toh((ents)[((size_t)(i) << 1) + 1]) : 0)
+static inline void qcow2_l2_set(const struct qcow2_state *s, uint64_t *ents, unsigned i,
+				uint64_t e, uint64_t bitmap);
+
+/* Classify and validate an L2 entry (at the cluster level: with extended
+ * L2 a cluster with a host cluster is NORMAL, one without UNALLOCATED).
+ * Returns -EIO (logged) if reserved bits are set or the offset is
+ * misaligned or outside the file. */
 int qcow2_l2_entry_type(struct qcow2_state *s, uint64_t l2e, enum qcow2_ctype *t);
+/* Extended L2: validate entry @e with bitmap @b (and classify @e). */
+int qcow2_l2_ext_check(struct qcow2_state *s, uint64_t e, uint64_t b, enum qcow2_ctype *ct);
 /* Host byte range of a compressed cluster, validated. */
 int qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *off, uint64_t *len);
 
@@ -153,10 +171,15 @@ struct qcow2_map {
 	uint64_t host;          /* host offset of the guest offset (NORMAL) */
 	uint64_t bytes;         /* length of the run starting at the guest offset */
 	uint64_t l2e;           /* first cluster's L2 entry */
+	uint64_t bitmap;        /* its subcluster bitmap (extended L2), else 0 */
 };
-/* Lock held.  Mapping of the run of same-type clusters starting at
- * @guest (NORMAL runs are host-contiguous, COMPRESSED runs one cluster),
- * at most @max bytes and never across an L2 slice. */
+/* Lock held.  Mapping of the run of same-type clusters (with extended L2:
+ * subclusters) starting at @guest (NORMAL runs are host-contiguous,
+ * COMPRESSED runs one cluster), at most @max bytes and never across an L2
+ * slice.  With extended L2 the type is the subcluster's: NORMAL for an
+ * allocated subcluster, ZERO_* for one that reads as zeros (ALLOC: the
+ * cluster has a host cluster), UNALLOCATED for neither, whether or not
+ * the cluster has a host cluster (see l2e). */
 int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struct qcow2_map *m);
 /* Lock held.  Pin the L2 slice holding @guest for modification: allocates
  * the L2 table, or copies it when it is shared (L1 entry without COPIED).
@@ -171,6 +194,12 @@ int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest);
  * table is not allocated. */
 int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slice,
 			    uint64_t **entries, unsigned *index);
+
+/* ---- status.c --------------------------------------------------------- */
+
+/* The co_block_status op (bdrv.h).  Coroutine context; takes the lock. */
+int qcow2_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			  uint64_t *pnum, unsigned *depth);
 
 /* ---- rw.c ------------------------------------------------------------- */
 
@@ -317,9 +346,12 @@ struct qcow2_state {
 	struct bdrv *backing;
 	struct qcow2_meta meta;
 	bool read_only;
-	bool lazy_refcounts;            /* compatible bit 0, read-write */
+	bool lazy_refcounts;            /* compatible bit 0 (or write_through) */
+	bool write_through;             /* BDRV_O_CRASH_SAFE: see qcow2_write_through */
 
 	uint32_t cluster_bits, cluster_size;
+	unsigned ext_l2;                /* 1: extended L2 entries (16 bytes) */
+	uint32_t sc_bits, sc_size;      /* subcluster size (= cluster without ext_l2) */
 	uint32_t l2_bits;               /* log2 entries per L2 table */
 	uint32_t l2_slice_bits;         /* log2 entries per L2 slice */
 	uint32_t refcount_order;
@@ -372,6 +404,14 @@ struct qcow2_state {
 	size_t bounce_size;
 	struct co_queue bounce_wait;
 };
+
+static inline void qcow2_l2_set(const struct qcow2_state *s, uint64_t *ents, unsigned i,
+				uint64_t e, uint64_t bitmap)
+{
+	ents[(size_t)i << s->ext_l2] = htobe64(e);
+	if (s->ext_l2)
+		ents[((size_t)i << 1) + 1] = htobe64(bitmap);
+}
 
 static inline uint64_t qcow2_offset_in_cluster(const struct qcow2_state *s, uint64_t off)
 {

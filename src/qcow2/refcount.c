@@ -453,6 +453,19 @@ int qcow2_sync(struct qcow2_state *s)
 	return ret;
 }
 
+int qcow2_write_through(struct qcow2_state *s)
+{
+	int ret;
+
+	if (!s->write_through)
+		return 0;
+	/* The L2 cache's barrier marks the image dirty first (lazy). */
+	ret = qcow2_cache_writeback(&s->l2c);
+	if (ret == 0)
+		ret = qcow2_cache_writeback(&s->rbc);
+	return ret;
+}
+
 int qcow2_mark_dirty(struct qcow2_state *s)
 {
 	int ret;

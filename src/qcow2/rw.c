@@ -305,6 +305,156 @@ out:
 	return ret;
 }
 
+/* Fill guest bytes [guest, guest+len) of @img (a cluster image starting
+ * at guest offset @c0) with what a subcluster of type @t reads as:
+ * the backing file or zeros. */
+static int fill_unwritten(struct qcow2_state *s, enum qcow2_ctype t, uint64_t c0, uint64_t guest,
+			  uint64_t len, uint8_t *img)
+{
+	struct iovec v = { img + (guest - c0), len };
+
+	if (!len)
+		return 0;
+	if (t == QCOW2_UNALLOCATED)
+		return read_backing(s, guest, len, &v, 1, 0);
+	memset(v.iov_base, 0, len);
+	return 0;
+}
+
+/*
+ * Extended L2 ("Extended L2 Entries"): a write into one cluster that is
+ * not a write into its allocated subclusters of ours (QEMU's handle_alloc
+ * with subclusters).  By the cluster's entry:
+ *  - OWN: a host cluster of ours (COPIED): the data goes into it and only
+ *    the subclusters it touches become allocated;
+ *  - FRESH: no host cluster: a new one, the same;
+ *  - COPY: compressed or shared (no COPIED): a new host cluster with the
+ *    old allocated subclusters (all of a compressed cluster) copied along.
+ * A partly written subcluster is completed from what it reads as now (the
+ * backing file or zeros).  Called with the lock held and @m looked up
+ * under it at @guest; returns with it released.
+ */
+static int write_subclusters(struct qcow2_state *s, struct qcow2_map *m, uint64_t guest,
+			     const struct iovec *iov, int iovcnt, uint64_t iov_off,
+			     uint64_t *done_bytes)
+{
+	enum { OWN, FRESH, COPY } mode;
+	uint64_t cs = s->cluster_size, c0 = ALIGN_DOWN(guest, cs);
+	uint64_t bytes = MIN(m->bytes, c0 + cs - guest);
+	uint64_t hc = m->l2e & QCOW2_L2E_OFFSET_MASK, host, wstart, wend, touched, *ents;
+	unsigned sc0, sc1, idx, e;
+	struct iovec v[BDRV_IOV_MAX + 2];
+	struct qcow2_owner o;
+	uint8_t *b = NULL;
+	int slot, n, k, ret;
+
+	if (m->type == QCOW2_COMPRESSED || (hc && !(m->l2e & QCOW2_OFLAG_COPIED)))
+		mode = COPY;
+	else
+		mode = hc ? OWN : FRESH;
+	if (mode == OWN) {
+		host = hc;
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, host, cs);
+	} else {
+		ret = qcow2_alloc_clusters(s, 1, &host);
+	}
+	if (ret < 0) {
+		co_mutex_unlock(&s->lock);
+		return ret;
+	}
+	qcow2_add_owner(s, &o, c0, c0 + cs);
+	e = qcow2_io_begin(s);
+	co_mutex_unlock(&s->lock);
+
+	/* The touched subclusters [sc0, sc1] and their guest bytes. */
+	sc0 = (unsigned)((guest - c0) >> s->sc_bits);
+	sc1 = (unsigned)((guest + bytes - 1 - c0) >> s->sc_bits);
+	wstart = c0 + ((uint64_t)sc0 << s->sc_bits);
+	wend = c0 + ((uint64_t)(sc1 + 1) << s->sc_bits);
+	touched = qcow2_sc_alloc_range(sc0, sc1 + 1);
+
+	b = bounce_get(s);
+	if (!b) {
+		ret = -ENOMEM;
+		goto io_done;
+	}
+	if (mode == COPY) {
+		/* The whole new cluster, from the old one and the new data. */
+		ret = qcow2_inject(s, QCOW2_R_COW);
+		if (ret == 0 && m->type == QCOW2_COMPRESSED)
+			ret = read_compressed(s, m->l2e, b, b + 2 * cs);
+		else if (ret == 0)
+			ret = io_pread(s->file, b, cs, hc);
+		/* A partial head or tail subcluster not allocated in the old
+		 * cluster reads as the backing file or zeros. */
+		if (ret == 0 && m->type != QCOW2_NORMAL && m->type != QCOW2_COMPRESSED) {
+			ret = fill_unwritten(s, m->type, c0, wstart, guest - wstart, b);
+			if (ret == 0)
+				ret = fill_unwritten(s, m->type, c0, guest + bytes,
+						     wend - (guest + bytes), b);
+		}
+		if (ret == 0) {
+			iov_to_buf(iov, iovcnt, iov_off, b + (guest - c0), bytes);
+			v[0].iov_base = b;
+			v[0].iov_len = cs;
+			ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, 1, host);
+		}
+	} else {
+		/* Just the touched subclusters: head fill, data, tail fill. */
+		n = 0;
+		ret = fill_unwritten(s, m->type, c0, wstart, guest - wstart, b);
+		if (ret == 0)
+			ret = fill_unwritten(s, m->type, c0, guest + bytes, wend - (guest + bytes), b);
+		if (ret < 0)
+			goto io_done;
+		if (guest > wstart) {
+			v[n].iov_base = b + (wstart - c0);
+			v[n++].iov_len = guest - wstart;
+		}
+		k = iov_slice(iov, iovcnt, iov_off, bytes, v + n, BDRV_IOV_MAX);
+		if (k < 0) {
+			ret = k;
+			goto io_done;
+		}
+		n += k;
+		if (wend > guest + bytes) {
+			v[n].iov_base = b + (guest + bytes - c0);
+			v[n++].iov_len = wend - (guest + bytes);
+		}
+		ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, n, host + (wstart - c0));
+	}
+io_done:
+	if (b)
+		bounce_put(s, b);
+	qcow2_io_end(s, e);
+
+	co_mutex_lock(&s->lock);
+	if (ret == 0)
+		ret = qcow2_l2_slice_for_write(s, c0, &slot, &ents, &idx);
+	if (ret == 0) {
+		uint64_t old_e = qcow2_l2_get(s, ents, idx), old_b = qcow2_l2_bitmap(s, ents, idx);
+		uint64_t new_b;
+
+		if (mode == COPY && m->type == QCOW2_COMPRESSED)
+			new_b = qcow2_sc_alloc_range(0, QCOW2_SUBCLUSTERS);
+		else
+			new_b = (old_b | touched) & ~(touched << 32);
+		qcow2_l2_set(s, ents, idx, host | QCOW2_OFLAG_COPIED, new_b);
+		qcow2_cache_mark_dirty(&s->l2c, slot);
+		qcow2_cache_put(&s->l2c, slot);
+		if (mode == COPY)
+			ret = qcow2_free_l2_entry(s, old_e);
+	} else if (mode != OWN) {
+		qcow2_free_deferred(s, host, cs);
+	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
+	qcow2_disown_guest(s, &o);
+	co_mutex_unlock(&s->lock);
+	*done_bytes = bytes;
+	return ret;
+}
+
 /* One run of the write: returns bytes consumed in *done_bytes. */
 static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 		     const struct iovec *iov, int iovcnt, uint64_t iov_off, uint64_t *done_bytes)
@@ -344,6 +494,8 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	ret = qcow2_l2_check_writable(s, c0);
 	if (ret < 0)
 		goto out_unlock;
+	if (s->ext_l2)
+		return write_subclusters(s, &m, guest, iov, iovcnt, iov_off, done_bytes);
 	cend = ALIGN_UP(guest + m.bytes, cs);
 	nclusters = (cend - c0) / cs;
 	reuse = m.type == QCOW2_ZERO_ALLOC && (m.l2e & QCOW2_OFLAG_COPIED);
@@ -397,6 +549,8 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	} else if (!reuse) {
 		qcow2_free_deferred(s, host, nclusters * cs);
 	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
 	qcow2_disown_guest(s, &o);
 	*done_bytes = m.bytes;
 out_unlock:
@@ -455,9 +609,11 @@ static bool is_allocated(enum qcow2_ctype t)
 	return t == QCOW2_NORMAL || t == QCOW2_COMPRESSED || t == QCOW2_ZERO_ALLOC;
 }
 
-/* Lock held.  Set the L2 entry of cluster @guest to @new_e, then drop the
- * old entry's reference (deferred) when @unmap. */
-static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool unmap)
+/* Lock held.  Set the L2 entry of cluster @guest to @new_e (and bitmap
+ * @new_b with extended L2), then drop the old entry's reference
+ * (deferred) when @unmap. */
+static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, uint64_t new_b,
+		     bool unmap)
 {
 	uint64_t *ents, old;
 	unsigned idx;
@@ -466,8 +622,8 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool
 	ret = qcow2_l2_slice_for_write(s, guest, &slot, &ents, &idx);
 	if (ret < 0)
 		return ret;
-	old = be64toh(ents[idx]);
-	ents[idx] = htobe64(new_e);
+	old = qcow2_l2_get(s, ents, idx);
+	qcow2_l2_set(s, ents, idx, new_e, new_b);
 	qcow2_cache_mark_dirty(&s->l2c, slot);
 	if (unmap)
 		ret = qcow2_free_l2_entry(s, old);
@@ -477,16 +633,66 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool
 
 enum zop { ZOP_DISCARD, ZOP_ZERO };
 
+/* One whole cluster with extended L2: QEMU's discard_in_l2_slice
+ * (full_discard=false) and zero_in_l2_slice with subclusters: every
+ * subcluster reads as zeros, the host cluster dropped when unmapping. */
+static int cluster_op_ext(struct qcow2_state *s, uint64_t off, const struct qcow2_map *m,
+			  enum zop op, unsigned flags)
+{
+	enum qcow2_ctype ct;
+	uint64_t new_e;
+	bool has, unmap;
+	int ret = qcow2_l2_entry_type(s, m->l2e, &ct);
+
+	if (ret < 0)
+		return ret;
+	has = ct != QCOW2_UNALLOCATED;
+	if (op == ZOP_DISCARD) {
+		if (!s->backing && !has)
+			return 0;
+		unmap = has;
+	} else {
+		unmap = ct == QCOW2_COMPRESSED || ((flags & BDRV_REQ_MAY_UNMAP) && has);
+	}
+	new_e = unmap ? 0 : m->l2e;
+	if (new_e == m->l2e && m->bitmap == QCOW2_BITMAP_ALL_ZERO)
+		return 0;
+	return set_entry(s, off, new_e, QCOW2_BITMAP_ALL_ZERO, unmap);
+}
+
+/* Subclusters [off, end) inside one cluster read as zeros from now on
+ * (QEMU's zero_l2_subclusters).  -ENOTSUP for a compressed cluster. */
+static int subclusters_zero(struct qcow2_state *s, uint64_t off, uint64_t end,
+			    const struct qcow2_map *m)
+{
+	uint64_t c0 = ALIGN_DOWN(off, (uint64_t)s->cluster_size);
+	unsigned a = (unsigned)((off - c0) >> s->sc_bits);
+	unsigned b = (unsigned)(DIV_ROUND_UP(end - c0, (uint64_t)s->sc_size));
+	uint64_t new_b;
+
+	if (m->l2e & QCOW2_OFLAG_COMPRESSED)
+		return -ENOTSUP;
+	new_b = (m->bitmap | qcow2_sc_zero_range(a, b)) & ~qcow2_sc_alloc_range(a, b);
+	if (new_b == m->bitmap)
+		return 0;
+	return set_entry(s, off, m->l2e, new_b, false);
+}
+
 /* Lock held; the caller owns the guest clusters of [off, end).  Whole
  * clusters (the last may end at the unaligned image end): QEMU's
- * discard_in_l2_slice (full_discard=false) / zero_in_l2_slice. */
+ * discard_in_l2_slice (full_discard=false) / zero_in_l2_slice; with
+ * extended L2, write-zeroes may also cover whole subclusters of a
+ * cluster. */
 static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, enum zop op,
 			     unsigned flags)
 {
 	uint64_t cs = s->cluster_size;
 	int ret = 0;
 
-	for (; off < end && ret == 0; off += cs) {
+	while (off < end && ret == 0) {
+		uint64_t piece_end = MIN(end, ALIGN_DOWN(off, cs) + cs);
+		bool whole = IS_ALIGNED(off, cs) &&
+			     (piece_end - off == cs || piece_end == s->bs->size);
 		struct qcow2_map m;
 		uint64_t new_e;
 		bool unmap;
@@ -494,6 +700,13 @@ static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, 
 		ret = qcow2_get_mapping(s, off, cs, &m);
 		if (ret < 0)
 			break;
+		if (s->ext_l2) {
+			ret = whole ? cluster_op_ext(s, off, &m, op, flags)
+				    : subclusters_zero(s, off, piece_end, &m);
+			off = piece_end;
+			continue;
+		}
+		off = piece_end;
 		if (op == ZOP_DISCARD) {
 			if (!s->backing && !is_allocated(m.type))
 				continue;
@@ -506,12 +719,13 @@ static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, 
 		}
 		if (new_e == m.l2e)
 			continue;
-		ret = set_entry(s, off, new_e, unmap);
+		ret = set_entry(s, ALIGN_DOWN(piece_end - 1, cs), new_e, 0, unmap);
 	}
 	return ret;
 }
 
-/* Whole clusters [off, off+len), one L2 slice per lock hold. */
+/* Whole clusters (with extended L2, subclusters for write-zeroes)
+ * [off, off+len), one L2 slice per lock hold. */
 static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum zop op,
 		       unsigned flags)
 {
@@ -526,6 +740,8 @@ static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum z
 		co_mutex_lock(&s->lock);
 		qcow2_own_guest(s, &o, off, stop);
 		ret = clusters_op_owned(s, off, stop, op, flags);
+		if (ret == 0)
+			ret = qcow2_write_through(s);
 		qcow2_disown_guest(s, &o);
 		co_mutex_unlock(&s->lock);
 		off = stop;
@@ -566,10 +782,17 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 		if (ret < 0)
 			return false;
 		if (m.type == QCOW2_UNALLOCATED && s->backing && off < s->backing->size) {
-			/* Zero below only if the backing chain says so (qcow2). */
-			struct bdrv *b = s->backing;
-			zero = b->drv == &bdrv_qcow2 &&
-			       is_zero_range(b->opaque, off, MIN(m.bytes, b->size - off));
+			/* Zero below only if the backing chain says so, through
+			 * the block layer (past its end it reads zeros). */
+			uint64_t pos = off, end = off + MIN(m.bytes, s->backing->size - off);
+			while (zero && pos < end) {
+				uint64_t pnum = 0;
+				unsigned depth;
+				int st = bdrv_co_block_status(s->backing, pos, end - pos, &pnum,
+							      &depth);
+				zero = st >= 0 && (st & BDRV_BLOCK_ZERO) && pnum;
+				pos += pnum;
+			}
 		} else {
 			zero = region_reads_zero(s, &m, off, m.bytes);
 		}
@@ -579,24 +802,25 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 	return zero;
 }
 
-/* A write_zeroes piece inside one cluster (QEMU qcow2_co_pwrite_zeroes
- * with head/tail): the whole cluster becomes a zero cluster if the rest
- * of it reads as zeros already.  The cluster is owned from before the
- * decision until the L2 entry is changed, so no allocating write can
- * slip in between (a write in flight is waited for first, then the
- * decision sees its data).  -ENOTSUP: write zeros instead (after the
- * cluster is released: that write may need to own it). */
+/* A write_zeroes piece inside one zeroing unit (a cluster; a subcluster
+ * with extended L2), as QEMU's qcow2_co_pwrite_zeroes does with head and
+ * tail: the whole unit becomes zero if the rest of it reads as zeros
+ * already.  Its cluster is owned from before the decision until the L2
+ * entry is changed, so no allocating write can slip in between (a write
+ * in flight is waited for first, then the decision sees its data).
+ * -ENOTSUP: write zeros instead (after the cluster is released: that
+ * write may need to own it). */
 static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
-	uint64_t cs = s->cluster_size, c0 = ALIGN_DOWN(off, cs);
-	uint64_t end = off + len, cend = end == s->bs->size ? end : ALIGN_UP(end, cs);
-	uint64_t cluster_end = MIN(c0 + cs, s->bs->size);
+	uint64_t u = s->sc_size, c0 = ALIGN_DOWN(off, u);
+	uint64_t end = off + len, cend = end == s->bs->size ? end : ALIGN_UP(end, u);
+	uint64_t unit_end = MIN(c0 + u, s->bs->size);
 	struct qcow2_owner o;
 	struct qcow2_map m;
 	int ret;
 
 	co_mutex_lock(&s->lock);
-	qcow2_own_guest(s, &o, c0, cluster_end);
+	qcow2_own_guest(s, &o, c0, unit_end);
 	co_mutex_unlock(&s->lock);
 
 	if (!is_zero_range(s, c0, off - c0) || !is_zero_range(s, end, cend - end)) {
@@ -604,11 +828,13 @@ static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsig
 		co_mutex_lock(&s->lock);
 	} else {
 		co_mutex_lock(&s->lock);
-		ret = qcow2_get_mapping(s, c0, cs, &m);
+		ret = qcow2_get_mapping(s, c0, u, &m);
 		if (ret == 0 && is_allocated(m.type) && m.type != QCOW2_ZERO_ALLOC)
 			ret = -ENOTSUP;
 		if (ret == 0)
-			ret = zeroize_owned(s, c0, cluster_end, flags);
+			ret = zeroize_owned(s, c0, unit_end, flags);
+		if (ret == 0)
+			ret = qcow2_write_through(s);
 	}
 	qcow2_disown_guest(s, &o);
 	co_mutex_unlock(&s->lock);
@@ -618,22 +844,23 @@ static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsig
 int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags)
 {
 	struct qcow2_state *s = bs->opaque;
-	uint64_t cs = s->cluster_size, end = off + len;
+	uint64_t u = s->sc_size, end = off + len;
 	int ret;
 
 	if (s->corrupt)
 		return -EIO;
 	/* Split like QEMU's block layer: unaligned head and tail pieces are
-	 * tried alone and fall back to explicit zeros. */
+	 * tried alone and fall back to explicit zeros.  The unit is the
+	 * cluster, or the subcluster with extended L2. */
 	while (off < end) {
 		uint64_t piece_end;
 		bool partial;
 
-		if (!IS_ALIGNED(off, cs)) {
-			piece_end = MIN(end, ALIGN_UP(off, cs));
+		if (!IS_ALIGNED(off, u)) {
+			piece_end = MIN(end, ALIGN_UP(off, u));
 			partial = true;
-		} else if (end - off >= cs) {
-			piece_end = ALIGN_DOWN(end, cs);
+		} else if (end - off >= u) {
+			piece_end = ALIGN_DOWN(end, u);
 			partial = false;
 		} else {
 			piece_end = end;

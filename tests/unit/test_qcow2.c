@@ -527,9 +527,7 @@ static void refusals(void)
 		 "test \"$(od -An -tx1 -j79 -N1 img.qcow2)\" = ' 00' && "
 		 "qemu-io -c 'read -P 7 0 64k' img.qcow2 >/dev/null") == 0,
 	      "dirty image not clean after the repair at open");
-	/* Extended L2 and external data files: not yet. */
-	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 -o extended_l2=on img.qcow2 1M");
-	CHECK(bdrv_open(path, &o, &bs) == -ENOTSUP, "extended L2 accepted");
+	/* External data files: not yet. */
 	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 -o data_file=data.raw img.qcow2 1M");
 	CHECK(bdrv_open(path, &o, &bs) == -ENOTSUP, "data file accepted");
 	/* Autoclear bits (a bitmap) are cleared on a read-write open. */

@@ -1,0 +1,190 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * NBD server internals: the state shared by the server's files.
+ *
+ *   server.c     lifecycle: open, run (serve, drain, flush), stop, close,
+ *                signals
+ *   listen.c     listening sockets and the acceptor coroutine
+ *   conn.c       a connection: creation, its reader coroutine (negotiate,
+ *                then read and dispatch requests), teardown
+ *   sock.c       socket I/O of a connection: buffered exact reads,
+ *                skipping, full sends
+ *   negotiate.c  fixed newstyle option haggling
+ *   request.c    a request: buffers, validation at the boundary, execution
+ *   reply.c      replies: encoding and the per-connection send queue
+ *
+ * Thread model: one thread, one aio_ctx (srv->ctx).  Every socket
+ * operation, the signalfd read and the image's I/O are SQEs on that ring,
+ * each awaited by a coroutine: the acceptor, the signal reader, one reader
+ * per connection, and one coroutine per request in flight (a pool of
+ * NBD_CONN_DEPTH per connection).  Nothing here is touched by another
+ * thread.
+ */
+#ifndef QUBLK_NBD_INTERNAL_H
+#define QUBLK_NBD_INTERNAL_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "common/aio.h"
+#include "common/coro.h"
+#include "nbd/proto.h"
+#include "nbd/server.h"
+
+#define NBD_CONN_DEPTH   64                  /* concurrent requests per connection */
+#define NBD_RBUF_SIZE    (64 * 1024)         /* receive buffer for headers, small payloads */
+#define NBD_BUF_MIN      (64 * 1024)         /* smallest per-slot buffer */
+#define NBD_BUF_KEEP     (1024 * 1024)       /* per-slot buffers up to this are kept */
+#define NBD_BIG_BUDGET   (128u * 1024 * 1024) /* temporary big buffers per connection */
+#define NBD_OPT_MAX      (NBD_MAX_STRING + 1024) /* largest option payload we read */
+#define NBD_LISTEN_BACKLOG SOMAXCONN       /* bursts of clients queue, not fail */
+#define NBD_SEND_IOV     64                  /* iovecs in one reply SENDMSG */
+#define NBD_READ_CHUNKS  16                  /* data/hole chunks in one read reply */
+#define NBD_CHUNK_HDR_MAX 32                 /* a chunk header and its fixed fields */
+#define NBD_BS_EXTENTS   1024                /* descriptors per block status chunk */
+#define NBD_BS_BUF       (2 * NBD_BS_EXTENTS * 8) /* both contexts' descriptors */
+#define NBD_STOP_GRACE_MS 1000               /* after a stop, busy connections get this long */
+
+#define container_of(ptr, type, member) \
+	((type *)((char *)(ptr) - offsetof(type, member)))
+
+struct nbd_conn;
+
+/* Meta contexts we serve; a context's id on the wire is its index + 1. */
+enum { NBD_META_ALLOC, NBD_META_DEPTH, NBD_META_COUNT };
+extern const char *const nbd_meta_names[NBD_META_COUNT];
+
+struct nbd_req {
+	struct nbd_conn *conn;
+	struct coro *co;
+	struct nbd_req *next_free;
+	uint8_t cookie[8];         /* echoed verbatim */
+	uint16_t flags, type;
+	uint64_t off;
+	uint32_t len;
+	int error;                 /* errno found by the reader, 0 if none */
+	/* structured read: the range as data and hole segments */
+	unsigned nsegs;
+	struct { uint32_t len; bool zero; } segs[NBD_READ_CHUNKS];
+	/* block status: descriptors per context, in data (NBD_BS_BUF) */
+	unsigned next[NBD_META_COUNT];
+	/* reply state, see reply.c */
+	uint8_t rhdr[NBD_READ_CHUNKS][NBD_CHUNK_HDR_MAX];
+	struct iovec riov[2 * NBD_READ_CHUNKS];
+	int riovcnt;
+	bool reply_done;           /* sent (or failed: the socket is dead) */
+	bool sender;               /* handed the sender role */
+	struct nbd_req *reply_next;
+	void *data;                /* payload for this request (buf or big) */
+	void *buf;                 /* kept slot buffer */
+	size_t buf_cap;
+	void *big;                 /* temporary buffer > NBD_BUF_KEEP */
+};
+
+struct nbd_conn {
+	struct nbd_server *srv;
+	int fd;
+	unsigned id;
+	struct coro *co;                /* the reader */
+	struct nbd_conn *next, *prev;   /* srv->conns or srv->dead */
+	bool no_zeroes;
+	bool structured;                /* NBD_OPT_STRUCTURED_REPLY negotiated */
+	bool meta[NBD_META_COUNT];      /* contexts selected (SET_META_CONTEXT) */
+	bool dead;                      /* socket broken or shut down */
+	bool idle;                      /* idle_op waits for a new message */
+	unsigned inflight;              /* dispatched requests not yet done */
+	uint64_t big_bytes;             /* bytes in big buffers */
+	struct co_queue waitq;          /* the reader, waiting for a request to end */
+	bool sending;                   /* a request holds the sender role */
+	struct nbd_req *rq_head, *rq_tail;  /* replies waiting to be sent */
+	struct iovec siov[NBD_SEND_IOV];    /* the sender's batch */
+	struct aio_wait idle_op;        /* recv of a new message: cancellable */
+	struct aio_wait data_op;        /* recv inside a message: cancelled only by a kill */
+	struct aio_wait send_op;        /* the one send in progress */
+	uint8_t *rbuf;                  /* NBD_RBUF_SIZE */
+	size_t rpos, rlen;
+	uint8_t *optbuf;                /* NBD_OPT_MAX, negotiation only */
+	struct nbd_req *free_reqs;
+	struct nbd_req reqs[NBD_CONN_DEPTH];
+};
+
+struct nbd_server {
+	struct aio_ctx *ctx;
+	struct bdrv *bs;
+	char *export_name;
+	uint16_t tflags;               /* transmission flags */
+	uint32_t pref_block;
+	int listen_fd, sig_fd;
+	char *unlink_path;             /* unix socket to remove on close */
+	sigset_t old_mask;
+	bool mask_saved;
+	struct coro *accept_co, *sig_co, *grace_co;
+	struct aio_wait accept_op, sig_op, grace_op;
+	bool stopping, forced, sig_exit;
+	int error;                     /* fatal loop error */
+	unsigned next_id;
+	unsigned max_conns, nconns;    /* limit (0: none), live connections */
+	struct co_queue accept_wait;   /* the acceptor, at the limit */
+	struct nbd_conn *conns;        /* live connections */
+	struct nbd_conn *dead;         /* readers finished, to free from the loop */
+};
+
+/* server.c */
+/* A coroutine the main loop waits for is about to finish: make the loop
+ * re-check (it may be blocked waiting for a completion). */
+void nbd_loop_kick(struct nbd_server *srv);
+
+/* listen.c: fill srv->listen_fd and @desc (the address, for the log).
+ * Return -errno, logged. */
+int nbd_listen_unix(struct nbd_server *srv, const char *path, char *desc, size_t desc_len);
+int nbd_listen_tcp(struct nbd_server *srv, const char *host, const char *port,
+		   char *desc, size_t desc_len);
+/* The acceptor coroutine (opaque: the server). */
+void nbd_accept_main(void *opaque);
+
+/* conn.c */
+/* Take @fd as a new connection and start its reader.  Returns -ENOMEM
+ * (@fd is then still the caller's). */
+int nbd_conn_new(struct nbd_server *srv, int fd);
+void nbd_conn_free(struct nbd_conn *c);
+
+/* sock.c */
+/* Mark the connection broken and wake anything blocked on its socket
+ * (shut it down, cancel its pending recv and send).  In-flight requests
+ * still finish; their replies fail fast. */
+void nbd_conn_kill(struct nbd_conn *c);
+/* Read exactly @n bytes.  @idle: this starts a new message, so a stop may
+ * cancel it.  Returns 0, -ECONNRESET at end of stream, -ESHUTDOWN when
+ * cancelled by a stop, or -errno. */
+int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle);
+/* Read and throw away @n bytes (a payload we refuse). */
+int nbd_conn_skip(struct nbd_conn *c, uint64_t n);
+/* Send every byte of @iov (which is consumed).  Callers serialise (the
+ * sender role, or negotiation before any request exists).  Returns 0 or
+ * -errno. */
+int nbd_conn_send(struct nbd_conn *c, struct iovec *iov, int cnt);
+int nbd_conn_send_buf(struct nbd_conn *c, const void *buf, size_t len);
+
+/* negotiate.c: returns 0 when transmission starts, -errno to drop the
+ * connection. */
+int nbd_negotiate(struct nbd_conn *c);
+
+/* request.c */
+/* Read one request into @r.  Returns 1 to dispatch, 0 for DISC, -errno to
+ * drop the connection. */
+int nbd_read_request(struct nbd_conn *c, struct nbd_req *r);
+/* The coroutine of a dispatched request (opaque: the nbd_req). */
+void nbd_req_main(void *opaque);
+/* Return @r's temporary buffer and its slot. */
+void nbd_req_put(struct nbd_conn *c, struct nbd_req *r);
+
+/* reply.c */
+/* Send @r's reply (error @err, a positive errno, or 0 with read data).
+ * Returns when it is on the wire or the socket is dead. */
+void nbd_send_reply(struct nbd_conn *c, struct nbd_req *r, int err);
+
+#endif
