@@ -116,6 +116,13 @@ struct bdrv_driver {
 	 * unallocated, and never reaches into the backing driver's state. */
 	int (*co_block_status)(struct bdrv *bs, uint64_t off, uint64_t len,
 			       uint64_t *pnum, unsigned *depth);
+	/* Optional (without it bdrv_co_pwritev_compressed returns -ENOTSUP).
+	 * Coroutine context.  Write one whole cluster (@off cluster aligned,
+	 * @len the cluster size, or less for the last cluster of an image
+	 * whose size is not a multiple) in compressed form where that saves
+	 * space; as a normal write otherwise. */
+	int (*co_pwritev_compressed)(struct bdrv *bs, uint64_t off, uint64_t len,
+				     const struct iovec *iov, int iovcnt);
 };
 
 struct bdrv {
@@ -158,6 +165,11 @@ int bdrv_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 		   const struct iovec *iov, int iovcnt);
 int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 		    const struct iovec *iov, int iovcnt, unsigned flags);
+/* A whole cluster, compressed (see bdrv_driver.co_pwritev_compressed):
+ * -EINVAL unless @off is cluster aligned and @len a whole cluster (or the
+ * image's last, short one), -ENOTSUP if the format cannot compress. */
+int bdrv_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
+			       const struct iovec *iov, int iovcnt);
 int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags);
 int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int bdrv_co_flush(struct bdrv *bs);

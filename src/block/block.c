@@ -263,6 +263,29 @@ int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 	return ret ? ret : bs->drv->co_pwritev(bs, off, len, iov, iovcnt, flags);
 }
 
+int bdrv_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
+			       const struct iovec *iov, int iovcnt)
+{
+	uint64_t cs = bs->cluster_size;
+	int ret;
+
+	if (bs->read_only)
+		return -EROFS;
+	if (!bs->drv->co_pwritev_compressed || !cs)
+		return -ENOTSUP;
+	ret = check_range(bs, off, len);
+	if (!ret)
+		ret = check_iov(iov, iovcnt, len);
+	if (!ret && (off % cs || (len != cs && off + len != bs->size) || len > cs))
+		ret = -EINVAL;
+	if (ret)
+		return ret;
+	ret = bs->drv->co_pwritev_compressed(bs, off, len, iov, iovcnt);
+	if (!ret && crash_flush(bs))
+		ret = bs->drv->co_flush(bs);
+	return ret;
+}
+
 int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags)
 {
 	if (bs->read_only)

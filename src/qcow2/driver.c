@@ -340,5 +340,6 @@ const struct bdrv_driver bdrv_qcow2 = {
 	.co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
 	.co_discard = qcow2_co_discard,
 	.co_flush = qcow2_co_flush,
+	.co_pwritev_compressed = qcow2_co_pwritev_compressed,
 	.co_block_status = qcow2_co_block_status,
 };

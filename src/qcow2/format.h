@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define QCOW2_MAGIC 0x514649fbu              /* "QFI\xfb" */
 
@@ -252,6 +253,10 @@ void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t n);
  * header, windowBits -12) or a zstd frame from @src into exactly
  * @dst_len bytes.  Returns -EIO on malformed data. */
 int qcow2_decompress(uint8_t type, const void *src, size_t src_len, void *dst, size_t dst_len);
+/* Compress @src_len bytes into at most @dst_cap bytes of @dst, in the
+ * format qcow2_decompress() reads (and QEMU writes).  Returns the
+ * compressed size, -ENOSPC if it does not fit, or -errno. */
+ssize_t qcow2_compress(uint8_t type, const void *src, size_t src_len, void *dst, size_t dst_cap);
 
 /* Consistency check and repair (check.c), with qemu-img check's
  * classification, counting and exit-code semantics. */

@@ -44,6 +44,7 @@
 enum qcow2_site {
 	QCOW2_W_DATA,                   /* guest data into a cluster of ours */
 	QCOW2_W_COW,                    /* an allocating write's data and COW */
+	QCOW2_W_COMPRESSED,             /* compressed guest data */
 	QCOW2_R_COW,                    /* reading old contents for COW */
 	QCOW2_W_L2_UPDATE,              /* L2 slice write-back */
 	QCOW2_W_L2_ALLOC,               /* a new (or copied) L2 table */
@@ -115,6 +116,11 @@ int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc);
 /* Lock held.  Allocate @n contiguous clusters (refcount 0 -> 1, in the
  * refcount cache).  Returns -errno, host byte offset in *off. */
 int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off);
+/* Lock held.  @size bytes (less than a cluster) for compressed data
+ * (QEMU's qcow2_alloc_bytes): in the cluster the previous compressed data
+ * ended in when they fit, else at the start of a new cluster; the cluster
+ * gets one more reference.  Returns -errno, the byte offset in *off. */
+int qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size, uint64_t *off);
 /* Lock held.  Drop one reference to [off, off+len) once the metadata that
  * dropped it is on disk (next flush).  Never fails: when the pending list
  * is full it is flushed first, and an error there is returned. */
@@ -210,6 +216,8 @@ int qcow2_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags);
 int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int qcow2_co_flush(struct bdrv *bs);
+int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
+				const struct iovec *iov, int iovcnt);
 int qcow2_bounce_init(struct qcow2_state *s);
 void qcow2_bounce_deinit(struct qcow2_state *s);
 
@@ -372,6 +380,7 @@ struct qcow2_state {
 
 	uint64_t file_end;              /* bytes: file size at open or end of allocations */
 	uint64_t free_hint;             /* allocation search starts here (refcount.c) */
+	uint64_t cbytes_next;           /* where compressed data may go on, 0: nowhere */
 
 	struct qcow2_cache l2c, rbc;
 	struct co_mutex lock;

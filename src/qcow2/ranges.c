@@ -259,6 +259,7 @@ static const struct {
 } sites[QCOW2_NSITES] = {
 	[QCOW2_W_DATA] = { "write_aio", QCOW2_OL_DATA, false },
 	[QCOW2_W_COW] = { "cow_write", QCOW2_OL_DATA, false },
+	[QCOW2_W_COMPRESSED] = { "write_compressed", QCOW2_OL_DATA, false },
 	[QCOW2_R_COW] = { "cow_read", QCOW2_OL_DATA, false },
 	[QCOW2_W_L2_UPDATE] = { "l2_update", QCOW2_OL_ACTIVE_L2, false },
 	[QCOW2_W_L2_ALLOC] = { "l2_alloc_write", QCOW2_OL_ACTIVE_L2, false },

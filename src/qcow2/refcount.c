@@ -331,6 +331,8 @@ static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
 	if (v == 0) {
 		/* Free space now: whatever it held is gone. */
 		qcow2_meta_del(s, cluster << s->cluster_bits, s->cluster_size, QCOW2_OL_ALL);
+		if ((s->cbytes_next >> s->cluster_bits) == cluster)
+			s->cbytes_next = 0;
 		if (cluster < s->free_hint)
 			s->free_hint = cluster;
 	}
@@ -367,6 +369,27 @@ int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off)
 	*off = first << s->cluster_bits;
 	if (s->file_end < ((first + n) << s->cluster_bits))
 		s->file_end = (first + n) << s->cluster_bits;
+	return 0;
+}
+
+int qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size, uint64_t *off)
+{
+	uint64_t cs = s->cluster_size, o = s->cbytes_next, in = o & (cs - 1);
+	int ret;
+
+	if (!size || size >= cs)
+		return -EINVAL;
+	if (o && in && in + size <= cs) {
+		/* The cluster the previous compressed data ended in: one more
+		 * reference to it. */
+		ret = update_refcount(s, o >> s->cluster_bits, 1);
+	} else {
+		ret = qcow2_alloc_clusters(s, 1, &o);
+	}
+	if (ret < 0)
+		return ret;
+	*off = o;
+	s->cbytes_next = o + size;
 	return 0;
 }
 

@@ -899,6 +899,93 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	return clusters_op(s, start, end - start, ZOP_DISCARD, 0);
 }
 
+/* ---- compressed writes ------------------------------------------------- */
+
+int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
+				const struct iovec *iov, int iovcnt)
+{
+	struct qcow2_state *s = bs->opaque;
+	uint64_t cs = s->cluster_size, end = off + cs, coff = 0, nsec, *ents;
+	struct qcow2_owner o;
+	struct qcow2_map m;
+	struct iovec v;
+	ssize_t clen;
+	uint8_t *b;
+	unsigned idx, e;
+	int slot, ret;
+
+	if (s->corrupt)
+		return -EIO;
+	b = bounce_get(s);
+	if (!b)
+		return -ENOMEM;
+	/* A short last cluster is compressed whole, with a zero tail, as
+	 * QEMU does.  Anything that does not shrink is written normally. */
+	iov_to_buf(iov, iovcnt, 0, b, len);
+	memset(b + len, 0, cs - len);
+	clen = qcow2_compress(s->meta.h.compression_type, b, cs, b + cs, cs - 1);
+	if (clen == -ENOSPC)
+		goto plain;
+	if (clen < 0) {
+		bounce_put(s, b);
+		return (int)clen;
+	}
+
+	co_mutex_lock(&s->lock);
+	qcow2_wait_owners(s, off, &end, false);
+	ret = qcow2_get_mapping(s, off, cs, &m);
+	if (ret == 0 && (m.l2e & (QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED))) {
+		/* Compression writes only new clusters (as in QEMU). */
+		co_mutex_unlock(&s->lock);
+		goto plain;
+	}
+	if (ret == 0)
+		ret = qcow2_l2_check_writable(s, off);
+	if (ret == 0)
+		ret = qcow2_alloc_bytes(s, (uint64_t)clen, &coff);
+	if (ret == 0)
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, coff, (uint64_t)clen);
+	if (ret < 0) {
+		co_mutex_unlock(&s->lock);
+		bounce_put(s, b);
+		return ret;
+	}
+	qcow2_add_owner(s, &o, off, off + cs);
+	e = qcow2_io_begin(s);
+	co_mutex_unlock(&s->lock);
+
+	v.iov_base = b + cs;
+	v.iov_len = (size_t)clen;
+	ret = qcow2_pwritev_data(s, QCOW2_W_COMPRESSED, &v, 1, coff);
+	qcow2_io_end(s, e);
+	bounce_put(s, b);
+
+	co_mutex_lock(&s->lock);
+	/* "Compressed Clusters Descriptor": the sectors after the first. */
+	nsec = ((coff + (uint64_t)clen - 1) >> 9) - (coff >> 9);
+	if (ret == 0 && nsec > s->csize_mask)
+		ret = -EIO;
+	if (ret == 0)
+		ret = qcow2_l2_slice_for_write(s, off, &slot, &ents, &idx);
+	if (ret == 0) {
+		uint64_t old = qcow2_l2_get(s, ents, idx);
+		qcow2_l2_set(s, ents, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | coff, 0);
+		qcow2_cache_mark_dirty(&s->l2c, slot);
+		qcow2_cache_put(&s->l2c, slot);
+		ret = qcow2_free_l2_entry(s, old);
+	} else {
+		qcow2_free_deferred(s, coff, (uint64_t)clen);
+	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
+	qcow2_disown_guest(s, &o);
+	co_mutex_unlock(&s->lock);
+	return ret;
+plain:
+	bounce_put(s, b);
+	return qcow2_co_pwritev(bs, off, len, iov, iovcnt, 0);
+}
+
 int qcow2_co_flush(struct bdrv *bs)
 {
 	struct qcow2_state *s = bs->opaque;
