@@ -44,6 +44,11 @@ enum {
 	 * (bdrv_driver.process_crash_safe) get a flush after each such request
 	 * from the block layer: correct, but an fdatasync per request. */
 	BDRV_O_CRASH_SAFE = 1 << 4,
+	/* discard=ignore (qemu-nbd's name): discards do nothing and
+	 * write-zeroes never deallocates.  Without it (discard=unmap),
+	 * discards free clusters and the space goes back to the host file
+	 * system (qcow2 punches freed clusters out of the file). */
+	BDRV_O_NO_UNMAP = 1 << 5,
 };
 
 /* Block status (bdrv_co_block_status): what reads of a range return. */

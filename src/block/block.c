@@ -295,6 +295,8 @@ int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned 
 		ret = -EINVAL;
 	if (ret)
 		return ret;
+	if (bs->open_flags & BDRV_O_NO_UNMAP)
+		flags &= ~BDRV_REQ_MAY_UNMAP;
 	ret = bs->drv->co_pwrite_zeroes(bs, off, len, flags);
 	if (!ret && ((flags & BDRV_REQ_FUA) || crash_flush(bs)))
 		ret = bs->drv->co_flush(bs);
@@ -306,6 +308,8 @@ int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	if (bs->read_only)
 		return -EROFS;
 	int ret = check_range(bs, off, len);
+	if (!ret && (bs->open_flags & BDRV_O_NO_UNMAP))
+		return 0;
 	if (!ret)
 		ret = bs->drv->co_discard(bs, off, len);
 	if (!ret && crash_flush(bs))

@@ -285,6 +285,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	 * completes, and runs with lazy refcounts so that it needs no sync
 	 * for it: a crash leaves a dirty image, repaired at the next open. */
 	s->write_through = !ro && (bs->open_flags & BDRV_O_CRASH_SAFE);
+	s->punch = !ro && !(bs->open_flags & BDRV_O_NO_UNMAP);
 	s->lazy_refcounts = !ro && ((h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || s->write_through);
 
 	bs->opaque = s;

@@ -356,6 +356,7 @@ struct qcow2_state {
 	bool read_only;
 	bool lazy_refcounts;            /* compatible bit 0 (or write_through) */
 	bool write_through;             /* BDRV_O_CRASH_SAFE: see qcow2_write_through */
+	bool punch;                     /* give freed clusters back (discard=unmap) */
 
 	uint32_t cluster_bits, cluster_size;
 	unsigned ext_l2;                /* 1: extended L2 entries (16 bytes) */
