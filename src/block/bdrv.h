@@ -155,6 +155,10 @@ int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **
  * the directory of @parent's file; depth-limited (loops refused). */
 int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out);
+/* Open the external data file @name of @parent (qcow2 "External data
+ * file name"): relative to @parent's directory, read-only and O_DIRECT as
+ * @parent, locked like it.  Returns -errno (logged). */
+int bdrv_open_data_file(struct bdrv *parent, const char *name, struct io_file **out);
 /* Returns -errno if writing the image back failed (it is closed anyway). */
 int bdrv_close(struct bdrv *bs);
 /* Write the image back and close it like bdrv_close, but first duplicate

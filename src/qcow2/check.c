@@ -91,6 +91,7 @@ struct chk {
 
 	uint32_t cluster_bits, cs, l2_entries;
 	unsigned ext;                   /* extended L2: 16-byte entries */
+	bool data_file;                 /* guest data in an external data file */
 	unsigned rc_order;
 	uint64_t rc_max;
 	uint32_t rb_bits;               /* log2 refcount entries per block */
@@ -426,6 +427,13 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 			continue;
 		}
 		uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+		if (c->data_file) {
+			/* Guest data is in the data file: nothing to count here
+			 * (QEMU's check does not look at it either). */
+			if ((flags & L2_FRAG) && (off || (e & QCOW2_OFLAG_COPIED)))
+				c->res->allocated_clusters++;
+			continue;
+		}
 		if (!off)
 			continue;       /* unallocated or plain zero cluster */
 		if (!IS_ALIGNED(off, c->cs)) {
@@ -1093,7 +1101,7 @@ static int check_copied(struct chk *c)
 			for (uint32_t n = 0; n < c->l2_entries; n++) {
 				uint64_t d = get_be64(L2E_AT(c, t, n));
 				uint64_t doff = d & QCOW2_L2E_OFFSET_MASK;
-				if ((d & QCOW2_OFLAG_COMPRESSED) || !doff)
+				if ((d & QCOW2_OFLAG_COMPRESSED) || !doff || c->data_file)
 					continue;
 				if (disk_refcount(c, doff >> c->cluster_bits, &rc) < 0)
 					continue;
@@ -1420,10 +1428,8 @@ static int setup(struct chk *c)
 		snprintf(c->errbuf, c->errlen, "unsupported qcow2 feature(s): %s", names);
 		return -ENOTSUP;
 	}
-	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || c->m.data_file) {
-		snprintf(c->errbuf, c->errlen, "external data files are not supported yet");
-		return -ENOTSUP;
-	}
+	/* External data file: its clusters have no refcounts in the image. */
+	c->data_file = (h->incompat & QCOW2_INCOMPAT_DATA_FILE) != 0;
 	if (c->fix && c->f->read_only) {
 		snprintf(c->errbuf, c->errlen, "repairing needs the image open read-write");
 		return -EROFS;

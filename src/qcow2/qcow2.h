@@ -236,6 +236,9 @@ enum {
 	QCOW2_OL_INACTIVE_L2 = 1 << 7,
 	QCOW2_OL_BITMAP_DIR  = 1 << 8,
 	QCOW2_OL_ALL         = (1 << 9) - 1,
+	/* Newly allocated clusters of the image file (not a kind: they may
+	 * overlap none), also with an external data file. */
+	QCOW2_OL_NEW         = 1 << 15,
 };
 
 /* Zeros, for writes that need a buffer of them. */
@@ -353,6 +356,12 @@ struct qcow2_state {
 	struct io_file *file;
 	struct bdrv *backing;
 	struct qcow2_meta meta;
+	/* Guest data lives in @data: the image file itself, or the external
+	 * data file ("External data file name" extension), where guest
+	 * cluster X is host cluster X and data clusters have no refcounts. */
+	struct io_file *data;
+	struct io_file *data_file;      /* NULL without one */
+	bool data_raw;                  /* autoclear bit 1: it is a raw image too */
 	bool read_only;
 	bool lazy_refcounts;            /* compatible bit 0 (or write_through) */
 	bool write_through;             /* BDRV_O_CRASH_SAFE: see qcow2_write_through */

@@ -246,7 +246,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 			goto out;
 		}
 	}
-	ret = qcow2_check_write(s, QCOW2_OL_DATA, boff, s->cluster_size);
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, boff, s->cluster_size);
 	if (ret == 0)
 		ret = qcow2_meta_add(s, boff, s->cluster_size, QCOW2_OL_REFBLOCK);
 	if (ret < 0)
@@ -360,7 +360,7 @@ int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off)
 	if (ret < 0)
 		return ret;
 	/* Free clusters hold no metadata, unless refcounts lie. */
-	ret = qcow2_check_write(s, QCOW2_OL_DATA, first << s->cluster_bits, n << s->cluster_bits);
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, first << s->cluster_bits, n << s->cluster_bits);
 	if (ret < 0)
 		return ret;
 	/* Nested allocations (refcount blocks, table growth) keep out. */
@@ -443,6 +443,9 @@ int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
 	switch (t) {
 	case QCOW2_NORMAL:
 	case QCOW2_ZERO_ALLOC:
+		/* Data file clusters have no refcounts. */
+		if (s->data_file)
+			return 0;
 		return qcow2_free_deferred(s, l2e & QCOW2_L2E_OFFSET_MASK, s->cluster_size);
 	case QCOW2_COMPRESSED:
 		ret = qcow2_compressed_range(s, l2e, &off, &len);
@@ -641,7 +644,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		return -EFBIG;
 	}
 	toff = (A + nb) << s->cluster_bits;
-	ret = qcow2_check_write(s, QCOW2_OL_DATA, A << s->cluster_bits, total << s->cluster_bits);
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, A << s->cluster_bits, total << s->cluster_bits);
 	if (ret < 0)
 		return ret;
 	tbl = io_zalloc(rtc * cs);

@@ -565,9 +565,10 @@ static void refusals(void)
 		 "test \"$(od -An -tx1 -j79 -N1 img.qcow2)\" = ' 00' && "
 		 "qemu-io -c 'read -P 7 0 64k' img.qcow2 >/dev/null") == 0,
 	      "dirty image not clean after the repair at open");
-	/* External data files: not yet. */
-	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 -o data_file=data.raw img.qcow2 1M");
-	CHECK(bdrv_open(path, &o, &bs) == -ENOTSUP, "data file accepted");
+	/* An external data file that is missing: refused, named. */
+	sh("rm -f *.qcow2 data.raw && qemu-img create -q -f qcow2 -o data_file=data.raw img.qcow2 1M "
+	   "&& rm data.raw");
+	CHECK(bdrv_open(path, &o, &bs) == -ENOENT, "missing data file accepted");
 	/* Autoclear bits (a bitmap) are cleared on a read-write open. */
 	sh("rm -f *.qcow2 && qemu-img create -q -f qcow2 img.qcow2 1M && "
 	   "qemu-img bitmap --add img.qcow2 b0");
