@@ -762,6 +762,46 @@ static int check_refblocks(struct chk *c)
 	return 0;
 }
 
+/* The persistent dirty bitmaps' clusters (directory, tables, data) are
+ * referenced when the autoclear bit vouches for the extension, as QEMU's
+ * check counts them. */
+static int count_bitmaps(struct chk *c)
+{
+	struct qcow2_bitmap *bms = NULL;
+	uint64_t dir_off, dir_size;
+	uint32_t nb = 0, nb32;
+	char err[256] = "";
+	int ret, what;
+
+	if (!(c->m.h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) ||
+	    qcow2_bitmap_ext(&c->m, &nb32, &dir_off, &dir_size) <= 0 || !nb32)
+		return 0;
+	ret = qcow2_bitmaps_read(c->f, &c->m, c->file_size, &bms, &nb, err, sizeof(err));
+	if (ret < 0) {
+		report(c, "ERROR bitmaps: %s", err);
+		c->res->corruptions++;
+		return 0;
+	}
+	ret = inc_range(c, dir_off, dir_size, &what);
+	for (uint32_t i = 0; ret == 0 && i < nb; i++) {
+		const struct qcow2_bitmap *b = &bms[i];
+		uint64_t *t;
+
+		ret = inc_range(c, b->table_offset, (uint64_t)b->table_size * 8, &what);
+		if (ret < 0 || !b->table_size)
+			continue;
+		t = read_table(c, b->table_offset, b->table_size, &ret);
+		for (uint32_t k = 0; t && ret == 0 && k < b->table_size; k++) {
+			uint64_t off = t[k] & 0x00fffffffffffe00ull;
+			if (off)
+				ret = inc_range(c, off, c->cs, &what);
+		}
+		free(t);
+	}
+	qcow2_bitmaps_free(bms, nb);
+	return ret;
+}
+
 /* QEMU's calculate_refcounts: the expected refcount of every cluster. */
 static int calculate(struct chk *c)
 {
@@ -819,6 +859,8 @@ static int calculate(struct chk *c)
 	}
 	if (ret == 0 && c->nb_snaps)
 		ret = inc_range(c, h->snapshots_offset, c->snap_table_bytes, &what);
+	if (ret == 0)
+		ret = count_bitmaps(c);
 	if (ret == 0)
 		ret = inc_range(c, h->reftable_offset, (uint64_t)c->rt_size * 8, &what);
 	if (ret == 0 && what == REF_OVERFLOW && (c->fix & QCOW2_FIX_ERRORS))

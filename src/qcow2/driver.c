@@ -56,6 +56,7 @@ static void state_free(struct qcow2_state *s)
 	qcow2_cache_deinit(&s->rbc);
 	qcow2_refcount_close(s);
 	qcow2_ranges_close(s);
+	qcow2_bitmaps_close(s);
 	io_free(s->meta_buf);
 	free(s->l1);
 	bdrv_close(s->backing);
@@ -269,8 +270,16 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		s->data_raw = h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
 	}
 
+	/* Dirty bitmaps: tracked from the first write (bitmap.c). */
+	if (!ro) {
+		ret = qcow2_bitmaps_open(s);
+		if (ret < 0)
+			goto fail;
+	}
+
 	/* Read-write opens clear the autoclear bits we do not maintain. */
-	uint64_t keep = s->data_file ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0;
+	uint64_t keep = QCOW2_AUTOCLEAR_BITMAPS |
+			(s->data_file ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0);
 	if (!ro && (h->autoclear & ~keep)) {
 		char names[256];
 		qcow2_feature_names(&s->meta, 2, h->autoclear & ~keep, names, sizeof(names));
@@ -335,6 +344,11 @@ static int qcow2_close(struct bdrv *bs)
 		ret = qcow2_flush_locked(s);
 		if (ret == 0)
 			ret = qcow2_flush_locked(s);
+		if (ret == 0 && s->ndbms) {
+			ret = qcow2_bitmaps_store(s);
+			if (ret == 0)
+				ret = qcow2_flush_locked(s);
+		}
 		if (ret == 0)
 			ret = qcow2_mark_clean(s);
 		co_mutex_unlock(&s->lock);

@@ -249,6 +249,30 @@ int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
 			       uint64_t *table_bytes, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t n);
 
+/* "Bitmap directory" (bitmap-dir.c): persistent dirty bitmaps. */
+#define QCOW2_BME_IN_USE                (1u << 0)
+#define QCOW2_BME_AUTO                  (1u << 1)
+#define QCOW2_BME_EXTRA_DATA_COMPATIBLE (1u << 2)
+#define QCOW2_BME_TYPE_DIRTY            1
+struct qcow2_bitmap {
+	uint64_t table_offset;
+	uint32_t table_size;      /* entries (cluster offsets) */
+	uint32_t flags;           /* QCOW2_BME_* */
+	uint8_t type, granularity_bits;
+	uint32_t extra_size;
+	char *name;
+	uint64_t entry_off;       /* file offset of the directory entry */
+};
+/* The bitmaps extension of @m: 1 (and its fields), 0 if none, -EINVAL if
+ * malformed. */
+int qcow2_bitmap_ext(const struct qcow2_meta *m, uint32_t *nb, uint64_t *dir_off,
+		     uint64_t *dir_size);
+/* Read and validate the bitmap directory.  Returns 0 (none: *nout 0),
+ * -errno with @err set; *out is an array of *nout. */
+int qcow2_bitmaps_read(struct io_file *f, const struct qcow2_meta *m, uint64_t file_size,
+		       struct qcow2_bitmap **out, uint32_t *nout, char *err, size_t errlen);
+void qcow2_bitmaps_free(struct qcow2_bitmap *b, uint32_t n);
+
 /* "Compressed Clusters" (compress.c): inflate raw deflate (zlib, no
  * header, windowBits -12) or a zstd frame from @src into exactly
  * @dst_len bytes.  Returns -EIO on malformed data. */

@@ -272,6 +272,8 @@ static const struct {
 	[QCOW2_W_REFTABLE_GROW] = { "reftable_grow", QCOW2_OL_REFTABLE, false },
 	[QCOW2_W_HEADER] = { "header_update", QCOW2_OL_HEADER, true },
 	[QCOW2_W_FLUSH] = { "flush", QCOW2_OL_DATA, true },
+	[QCOW2_W_BITMAP] = { "bitmap_write", QCOW2_OL_NEW, false },
+	[QCOW2_W_BITMAP_DIR] = { "bitmap_dir_update", QCOW2_OL_BITMAP_DIR, false },
 };
 
 static const struct { const char *name; int err; } errnos[] = {

@@ -593,6 +593,7 @@ int qcow2_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	while (done < len) {
 		ret = write_run(s, off + done, len - done, iov, iovcnt, done, &n);
 		if (ret < 0)
@@ -903,6 +904,7 @@ int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* Split like QEMU's block layer: unaligned head and tail pieces are
 	 * tried alone and fall back to explicit zeros.  The unit is the
 	 * cluster, or the subcluster with extended L2. */
@@ -942,6 +944,7 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* v2 has no zero flag: deallocating would expose stale backing
 	 * data, so QEMU refuses (ENOTSUP, which discard callers ignore). */
 	if (s->meta.h.version < 3 && s->backing)
@@ -970,6 +973,7 @@ int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* No compressed clusters in an external data file. */
 	if (s->data_file)
 		return qcow2_co_pwritev(bs, off, len, iov, iovcnt, 0);
