@@ -2,6 +2,10 @@
 # with AddressSanitizer/UBSan; `make check` runs the test suite against both;
 # `make bench` runs the benchmarks and `make soak` the crash-state simulator
 # over 100,000 power cuts (neither is part of check).
+# `make install` (PREFIX, DESTDIR) installs the binary, the man pages
+# (rendered from man/*.scd by scdoc: `make man`), the bash completion, the
+# systemd unit and the udev rules; `make uninstall` removes them; `make
+# deb` builds the Debian package into $(O)/deb/ (debian/, README "Install").
 CC ?= gcc
 O ?= build
 CFLAGS_BASE := -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
@@ -61,5 +65,48 @@ soak: $(O)/tests/test_powercut
 clean:
 	rm -rf build build-asan
 
-.PHONY: all asan check bench soak clean
+# ---- installation: binary, man pages, completion, systemd unit, udev rules
+PREFIX ?= /usr/local
+SBINDIR ?= $(PREFIX)/sbin
+MANDIR ?= $(PREFIX)/share/man
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+UDEVRULESDIR ?= $(PREFIX)/lib/udev/rules.d
+SYSCONFDIR ?= /etc
+SCDOC ?= scdoc
+INSTALL ?= install
+# The binary to install (the tests install the one they test).
+INSTALL_BIN ?= $(O)/qublk
+
+MAN_SRC := $(wildcard man/*.scd)
+MAN_OUT := $(MAN_SRC:man/%.scd=$(O)/man/%)
+
+man: $(MAN_OUT)
+
+$(O)/man/%: man/%.scd
+	@mkdir -p $(dir $@)
+	$(SCDOC) <$< >$@.tmp && mv $@.tmp $@
+
+# The unit and the rules name the installed binary: @SBINDIR@.
+install: $(INSTALL_BIN) man
+	$(INSTALL) -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(MANDIR)/man5 $(DESTDIR)$(MANDIR)/man8 \
+		$(DESTDIR)$(BASHCOMPDIR) $(DESTDIR)$(SYSTEMDUNITDIR) $(DESTDIR)$(UDEVRULESDIR) \
+		$(DESTDIR)$(SYSCONFDIR)/qublk
+	$(INSTALL) -m 755 $(INSTALL_BIN) $(DESTDIR)$(SBINDIR)/qublk
+	$(INSTALL) -m 644 $(filter %.8,$(MAN_OUT)) $(DESTDIR)$(MANDIR)/man8/
+	$(INSTALL) -m 644 $(filter %.5,$(MAN_OUT)) $(DESTDIR)$(MANDIR)/man5/
+	$(INSTALL) -m 644 completion/qublk $(DESTDIR)$(BASHCOMPDIR)/qublk
+	sed 's|@SBINDIR@|$(SBINDIR)|g' systemd/qublk@.service.in >$(DESTDIR)$(SYSTEMDUNITDIR)/qublk@.service
+	chmod 644 $(DESTDIR)$(SYSTEMDUNITDIR)/qublk@.service
+	sed 's|@SBINDIR@|$(SBINDIR)|g' udev/60-qublk.rules.in >$(DESTDIR)$(UDEVRULESDIR)/60-qublk.rules
+	chmod 644 $(DESTDIR)$(UDEVRULESDIR)/60-qublk.rules
+
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/qublk $(DESTDIR)$(BASHCOMPDIR)/qublk \
+		$(DESTDIR)$(SYSTEMDUNITDIR)/qublk@.service $(DESTDIR)$(UDEVRULESDIR)/60-qublk.rules \
+		$(addprefix $(DESTDIR)$(MANDIR)/man8/,$(notdir $(filter %.8,$(MAN_OUT)))) \
+		$(addprefix $(DESTDIR)$(MANDIR)/man5/,$(notdir $(filter %.5,$(MAN_OUT))))
+	[ ! -d $(DESTDIR)$(SYSCONFDIR)/qublk ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(SYSCONFDIR)/qublk
+
+.PHONY: all asan check bench soak clean man install uninstall
 -include $(shell find $(O) -name '*.d' 2>/dev/null)

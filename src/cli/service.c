@@ -384,8 +384,12 @@ static int service_stop(const char *name)
 	unsigned pid;
 
 	if (!mp || !*mp) {
-		log_info("%s: the daemon is gone (%s): its device, if any, is left to the "
-			 "restart to recover, or to 'qublk del'", name, result ? result : "?");
+		if (result && !strcmp(result, "success"))
+			log_info("%s: the daemon has exited: nothing to stop", name);
+		else
+			log_info("%s: the daemon is gone (%s): its device, if any, is left to "
+				 "the restart to recover, or to 'qublk del'", name,
+				 result ? result : "no $SERVICE_RESULT");
 		return EXIT_OK;
 	}
 	if (cli_parse_uint(mp, 1, INT_MAX, &pid) < 0) {
