@@ -8,7 +8,10 @@
  * the address parsing (lengths, the NUL of abstract names, refusals), an
  * unset variable (nothing sent) and a socket nobody listens on (-errno).
  * The daemon's call at the point the device is live is exercised in the
- * VM (tests/test-install-vm.sh).
+ * VM (tests/test-install-vm.sh), with this program as the receiver:
+ *   test_notify --recv NAME BOUNDFILE   bind NAME as above, create
+ *   BOUNDFILE, wait up to 300 s for one datagram, print "pid=PID" and
+ *   the datagram on stdout; exit 0, or 1 if none came.
  */
 #include <errno.h>
 #include <poll.h>
@@ -82,7 +85,7 @@ static int receiver(const char *name)
 
 /* One datagram from @fd into @buf (NUL-terminated); its sender's pid in
  * *pid.  Returns the length or -1 (nothing within a second). */
-static ssize_t receive(int fd, char *buf, size_t size, pid_t *pid)
+static ssize_t receive(int fd, char *buf, size_t size, pid_t *pid, int timeout_ms)
 {
 	union {
 		struct cmsghdr h;
@@ -95,7 +98,7 @@ static ssize_t receive(int fd, char *buf, size_t size, pid_t *pid)
 	ssize_t n;
 
 	*pid = 0;
-	if (poll(&pfd, 1, 1000) != 1)
+	if (poll(&pfd, 1, timeout_ms) != 1)
 		return -1;
 	n = recvmsg(fd, &mh, MSG_DONTWAIT);
 	if (n < 0)
@@ -122,14 +125,14 @@ static void test_send(const char *name)
 		return;
 	setenv("NOTIFY_SOCKET", name, 1);
 	CHECK(notify_send("READY=1\n") == 1);
-	CHECK(receive(fd, buf, sizeof(buf), &pid) == 8 && !strcmp(buf, "READY=1\n"),
+	CHECK(receive(fd, buf, sizeof(buf), &pid, 1000) == 8 && !strcmp(buf, "READY=1\n"),
 	      " %s: got '%s'", name, buf);
 	CHECK(pid == getpid(), " sender pid %d, we are %d", (int)pid, (int)getpid());
 
 	/* What the daemon sends once the device is live.  No such device:
 	 * the uevent write fails quietly, the notification still goes. */
 	ublk_notify_live(987654);
-	CHECK(receive(fd, buf, sizeof(buf), &pid) > 0 &&
+	CHECK(receive(fd, buf, sizeof(buf), &pid, 1000) > 0 &&
 	      !strcmp(buf, "READY=1\nSTATUS=serving /dev/ublkb987654\n"), " got '%s'", buf);
 	CHECK(pid == getpid());
 	close(fd);
@@ -139,9 +142,36 @@ static void test_send(const char *name)
 	unsetenv("NOTIFY_SOCKET");
 }
 
-int main(void)
+static int recv_one(const char *name, const char *boundfile)
+{
+	char buf[4096];
+	pid_t pid;
+	FILE *f;
+	int fd = receiver(name);
+
+	if (fd < 0) {
+		fprintf(stderr, "bind %s: %s\n", name, strerror(errno));
+		return 1;
+	}
+	f = fopen(boundfile, "w");
+	if (!f || fclose(f) != 0) {
+		fprintf(stderr, "%s: %s\n", boundfile, strerror(errno));
+		return 1;
+	}
+	if (receive(fd, buf, sizeof(buf), &pid, 300000) < 0) {
+		fprintf(stderr, "no notification on %s\n", name);
+		return 1;
+	}
+	printf("pid=%d\n%s", (int)pid, buf);
+	return fflush(stdout) ? 1 : 0;
+}
+
+int main(int argc, char **argv)
 {
 	char dir[] = "/dev/shm/qublk-test-notify-XXXXXX", name[128];
+
+	if (argc == 4 && !strcmp(argv[1], "--recv"))
+		return recv_one(argv[2], argv[3]);
 
 	log_set_prog("test_notify");
 	test_addr();
