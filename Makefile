@@ -108,5 +108,21 @@ uninstall:
 		$(addprefix $(DESTDIR)$(MANDIR)/man5/,$(notdir $(filter %.5,$(MAN_OUT))))
 	[ ! -d $(DESTDIR)$(SYSCONFDIR)/qublk ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(SYSCONFDIR)/qublk
 
-.PHONY: all asan check bench soak clean man install uninstall
+# The Debian package (debian/), built from a copy of the source tree in
+# $(O)/deb/qublk (dpkg-buildpackage writes next to the tree it builds),
+# then lintian (fails on an error) and debian/check-deb.sh on the .deb.
+deb:
+	rm -rf $(O)/deb
+	mkdir -p $(O)/deb/qublk
+	if git rev-parse --git-dir >/dev/null 2>&1; then \
+		git ls-files -co --exclude-standard -z | tar -c --null -T - | tar -x -C $(O)/deb/qublk; \
+	else \
+		tar -c --exclude=./build --exclude=./build-asan --exclude=./$(O) \
+			--exclude=./tests/vm/.cache . | tar -x -C $(O)/deb/qublk; \
+	fi
+	cd $(O)/deb/qublk && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error --display-info $(O)/deb/qublk_*.changes
+	debian/check-deb.sh $(O)/deb/qublk_*_$$(dpkg --print-architecture).deb
+
+.PHONY: all asan check bench soak clean man install uninstall deb
 -include $(shell find $(O) -name '*.d' 2>/dev/null)
