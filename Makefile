@@ -5,7 +5,7 @@
 # `make install` (PREFIX, DESTDIR) installs the binary, the man pages
 # (rendered from man/*.scd by scdoc: `make man`), the bash completion, the
 # systemd unit and the udev rules; `make uninstall` removes them; `make
-# deb` builds the Debian package into $(O)/deb/ (debian/, README "Install").
+# deb` builds the Debian package into $(DEBDIR)/ (debian/, README "Install").
 CC ?= gcc
 O ?= build
 CFLAGS_BASE := -std=gnu11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter \
@@ -109,20 +109,22 @@ uninstall:
 	[ ! -d $(DESTDIR)$(SYSCONFDIR)/qublk ] || rmdir --ignore-fail-on-non-empty $(DESTDIR)$(SYSCONFDIR)/qublk
 
 # The Debian package (debian/), built from a copy of the source tree in
-# $(O)/deb/qublk (dpkg-buildpackage writes next to the tree it builds),
+# $(DEBDIR)/qublk (dpkg-buildpackage writes next to the tree it builds),
 # then lintian (fails on an error) and debian/check-deb.sh on the .deb.
+# Not under $(O): the build there includes every *.d it finds.
+DEBDIR ?= build-deb
 deb:
-	rm -rf $(O)/deb
-	mkdir -p $(O)/deb/qublk
+	rm -rf $(DEBDIR)
+	mkdir -p $(DEBDIR)/qublk
 	if git rev-parse --git-dir >/dev/null 2>&1; then \
-		git ls-files -co --exclude-standard -z | tar -c --null -T - | tar -x -C $(O)/deb/qublk; \
+		git ls-files -co --exclude-standard -z | tar -c --null -T - | tar -x -C $(DEBDIR)/qublk; \
 	else \
-		tar -c --exclude=./build --exclude=./build-asan --exclude=./$(O) \
-			--exclude=./tests/vm/.cache . | tar -x -C $(O)/deb/qublk; \
+		tar -c --exclude=./build --exclude=./build-asan --exclude=./$(DEBDIR) \
+			--exclude=./tests/vm/.cache . | tar -x -C $(DEBDIR)/qublk; \
 	fi
-	cd $(O)/deb/qublk && dpkg-buildpackage -us -uc -b
-	lintian --fail-on error --display-info $(O)/deb/qublk_*.changes
-	debian/check-deb.sh $(O)/deb/qublk_*_$$(dpkg --print-architecture).deb
+	cd $(DEBDIR)/qublk && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error --display-info $(DEBDIR)/qublk_*.changes
+	debian/check-deb.sh $(DEBDIR)/qublk_*_$$(dpkg --print-architecture).deb
 
 .PHONY: all asan check bench soak clean man install uninstall deb
 -include $(shell find $(O) -name '*.d' 2>/dev/null)
