@@ -20,6 +20,8 @@ int cmd_del(int argc, char **argv);      /* src/cli/ublk.c */
 int cmd_features(int argc, char **argv); /* src/cli/features.c */
 int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
+int cmd_service(int argc, char **argv);  /* src/cli/service.c: systemd unit qublk@.service */
+int cmd_udev_id(int argc, char **argv);  /* src/cli/udev.c: udev rules' IMPORT{program} */
 
 /* Helpers shared by the command files (src/cli/ublk.c). */
 #include <stdio.h>
@@ -27,5 +29,16 @@ int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
 int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out);
 /* s as a JSON string literal, quotes included. */
 void cli_json_string(FILE *out, const char *s);
+
+/* src/cli/udev.c.  "ublkbN", "ublkbNpM", "ublkcN", optionally under
+ * "/dev/": the device number.  Returns 0 or -EINVAL. */
+int udev_parse_name(const char *name, unsigned *id);
+/* An absolute @path without "//", "." and ".." (lexically, as
+ * `realpath -s`).  Returns 0, -EINVAL (relative) or -ENAMETOOLONG. */
+int udev_normalize_path(const char *path, char *out, size_t outlen);
+/* The image ID of udev's by-id link: @image normalised and escaped as
+ * `systemd-escape --path` does; "hash-<16 hex>" if that is over 200
+ * bytes.  Returns 0, -EINVAL or -ENAMETOOLONG. */
+int udev_image_id(const char *image, char *out, size_t outlen);
 
 #endif

@@ -24,6 +24,8 @@ static const struct command {
 	{ "features", cmd_features, "what this kernel's ublk driver supports, and what qublk uses" },
 	{ "nbd",    cmd_nbd,    "serve an image over NBD (unix socket or TCP)" },
 	{ "bench",  cmd_bench,  "run I/O against an image through the engine, print IOPS" },
+	{ "service", cmd_service, "the commands of the systemd unit qublk@NAME.service" },
+	{ "udev-id", cmd_udev_id, "udev properties of a ublk device (the rules' IMPORT{program})" },
 };
 
 static void usage(FILE *out)
