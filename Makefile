@@ -127,4 +127,4 @@ deb:
 	debian/check-deb.sh $(DEBDIR)/qublk_*_$$(dpkg --print-architecture).deb
 
 .PHONY: all asan check bench soak clean man install uninstall deb
--include $(shell find $(O) -name '*.d' 2>/dev/null)
+-include $(shell find $(O) -name '*.d' -type f 2>/dev/null)
