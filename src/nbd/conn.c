@@ -75,8 +75,6 @@ void nbd_conn_free(struct nbd_conn *c)
 {
 	for (unsigned i = 0; i < NBD_CONN_DEPTH; i++) {
 		coro_free(c->reqs[i].co);
-		io_free(c->reqs[i].buf);
-		io_free(c->reqs[i].big);
 	}
 	coro_free(c->co);
 	if (c->fd >= 0)

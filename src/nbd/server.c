@@ -100,6 +100,7 @@ void nbd_server_stop(struct nbd_server *srv)
 	srv->stopping = true;
 	aio_cancel(srv->ctx, &srv->accept_op);
 	co_queue_wake_all(&srv->accept_wait);
+	co_queue_wake_all(&srv->mem_wait);
 	for (struct nbd_conn *c = srv->conns; c; c = c->next) {
 		if (c->idle)
 			aio_cancel(srv->ctx, &c->idle_op);
@@ -320,6 +321,7 @@ void nbd_server_close(struct nbd_server *srv)
 		close(srv->sig_fd);
 	if (srv->mask_saved)
 		sigprocmask(SIG_SETMASK, &srv->old_mask, NULL);
+	nbd_pool_deinit(&srv->pool);
 	free(srv->export_name);
 	free(srv);
 }

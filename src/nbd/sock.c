@@ -15,6 +15,7 @@
  * connection's reader coroutine) and one sender at a time.
  */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -32,6 +33,22 @@ void nbd_conn_kill(struct nbd_conn *c)
 	aio_cancel(c->srv->ctx, &c->data_op);
 	aio_cancel(c->srv->ctx, &c->send_op);
 	co_queue_wake_all(&c->waitq);
+	co_queue_wake_all(&c->srv->mem_wait);   /* its reader may wait there */
+}
+
+bool nbd_conn_hung_up(struct nbd_conn *c)
+{
+	struct pollfd pfd = { .fd = c->fd, .events = POLLRDHUP };
+
+	if (c->dead)
+		return true;
+	/* A zero timeout: this never blocks the loop. */
+	if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+		log_debug("connection %u: client hung up", c->id);
+		nbd_conn_kill(c);
+		return true;
+	}
+	return false;
 }
 
 int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle)
