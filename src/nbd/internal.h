@@ -13,6 +13,7 @@
  *   request.c    a request: buffers, validation at the boundary, execution
  *   reply.c      replies: encoding and the per-connection send queue
  *   pool.c       request buffers (a server-wide pool) and the memory caps
+ *   tls.c        TLS (STARTTLS) with GnuTLS over the connection's socket I/O
  *
  * Thread model: one thread, one aio_ctx (srv->ctx).  Every socket
  * operation, the signalfd read and the image's I/O are SQEs on that ring,
@@ -29,7 +30,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <sys/uio.h>
+
+#include <gnutls/gnutls.h>
 
 #include "common/aio.h"
 #include "common/coro.h"
@@ -54,6 +58,7 @@
 #define NBD_BS_EXTENTS   1024                /* descriptors per block status chunk */
 #define NBD_BS_BUF       (2 * NBD_BS_EXTENTS * 8) /* both contexts' descriptors */
 #define NBD_STOP_GRACE_MS 1000               /* after a stop, busy connections get this long */
+#define NBD_READER_STACK (256 * 1024)        /* the reader runs GnuTLS handshakes */
 
 #define container_of(ptr, type, member) \
 	((type *)((char *)(ptr) - offsetof(type, member)))
@@ -118,6 +123,9 @@ struct nbd_conn {
 	uint8_t *rbuf;                  /* NBD_RBUF_SIZE */
 	size_t rpos, rlen;
 	uint8_t *optbuf;                /* NBD_OPT_MAX, negotiation only */
+	gnutls_session_t tls;           /* after STARTTLS, else NULL (tls.c) */
+	struct aio_wait *tls_rop;       /* the wait GnuTLS's pull uses now */
+	bool tls_cancelled;             /* that wait was cancelled by a stop */
 	struct nbd_req *free_reqs;
 	struct nbd_req reqs[NBD_CONN_DEPTH];
 };
@@ -127,6 +135,8 @@ struct nbd_server {
 	struct bdrv *bs;
 	char *export_name;
 	uint16_t tflags;               /* transmission flags */
+	enum nbd_tls_mode tls_mode;
+	struct nbd_tls *tls;           /* credentials (tls.c), NULL without TLS */
 	uint32_t pref_block;
 	int listen_fd, sig_fd;
 	char *unlink_path;             /* unix socket to remove on close */
@@ -185,6 +195,8 @@ int nbd_conn_skip(struct nbd_conn *c, uint64_t n);
  * sender role, or negotiation before any request exists).  Returns 0 or
  * -errno. */
 int nbd_conn_send(struct nbd_conn *c, struct iovec *iov, int cnt);
+/* The same on the bare socket, under TLS too (GnuTLS's push). */
+int nbd_sock_send(struct nbd_conn *c, struct iovec *iov, int cnt);
 int nbd_conn_send_buf(struct nbd_conn *c, const void *buf, size_t len);
 
 /* negotiate.c: returns 0 when transmission starts, -errno to drop the
@@ -216,6 +228,21 @@ int nbd_mem_admit(struct nbd_conn *c, size_t size);
 /* Give back what nbd_mem_admit() counted; wakes readers waiting for the
  * server cap. */
 void nbd_mem_release(struct nbd_conn *c, size_t size);
+
+/* tls.c */
+/* Load the credentials @opts name (nothing when TLS is off).  Returns
+ * -errno, logged naming the file. */
+int nbd_tls_init(struct nbd_server *srv, const struct nbd_server_opts *opts);
+void nbd_tls_deinit(struct nbd_server *srv);
+/* Reader: the server side of the handshake after STARTTLS was acked, and
+ * the client certificate check.  Returns 0, or -errno to drop. */
+int nbd_tls_handshake(struct nbd_conn *c);
+void nbd_tls_conn_free(struct nbd_conn *c);
+/* Plaintext in, waiting as @op: bytes, 0 at end of stream, -ESHUTDOWN
+ * if a stop cancelled @op or the connection died, -EPROTO. */
+ssize_t nbd_tls_recv(struct nbd_conn *c, void *buf, size_t len, struct aio_wait *op);
+/* Sender: every byte of @iov, encrypted.  Returns 0 or -EPIPE. */
+int nbd_tls_send(struct nbd_conn *c, const struct iovec *iov, int cnt);
 
 /* reply.c */
 /* Send @r's reply (error @err, a positive errno, or 0 with read data).

@@ -277,6 +277,9 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 	    !(bs->cluster_size & (bs->cluster_size - 1)))
 		srv->pref_block = bs->cluster_size;
 
+	ret = nbd_tls_init(srv, opts);
+	if (ret < 0)
+		goto fail;
 	if (opts->handle_signals) {
 		ret = setup_signals(srv);
 		if (ret < 0)
@@ -289,8 +292,10 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 				 opts->port ? opts->port : "10809", desc, sizeof(desc));
 	if (ret < 0)
 		goto fail;
-	fprintf(stderr, "serving %s on %s%s\n", bs->filename, desc,
-		(srv->tflags & NBD_FLAG_READ_ONLY) ? " (read-only)" : "");
+	fprintf(stderr, "serving %s on %s%s%s\n", bs->filename, desc,
+		(srv->tflags & NBD_FLAG_READ_ONLY) ? " (read-only)" : "",
+		srv->tls_mode == NBD_TLS_REQUIRE ? " (TLS required)" :
+		srv->tls_mode == NBD_TLS_ON ? " (TLS offered)" : "");
 	*out = srv;
 	return 0;
 fail:
@@ -322,6 +327,7 @@ void nbd_server_close(struct nbd_server *srv)
 	if (srv->mask_saved)
 		sigprocmask(SIG_SETMASK, &srv->old_mask, NULL);
 	nbd_pool_deinit(&srv->pool);
+	nbd_tls_deinit(srv);
 	free(srv->export_name);
 	free(srv);
 }
