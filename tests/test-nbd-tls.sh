@@ -15,7 +15,8 @@
 #   --tls=on: plaintext and TLS clients both served;
 #   PSK: the right key works (libnbd, qemu-img), a wrong key or an unknown
 #     identity fails;
-#   SIGTERM with an idle TLS client connected: exit 0 within 5 s;
+#   SIGTERM with an idle TLS client connected and one stalled in the
+#     middle of its handshake: exit 0 within 5 s;
 #   bad credentials are refused at startup, naming the file.
 . "$(dirname "$0")/lib.sh"
 
@@ -217,8 +218,29 @@ must_fail "an unknown PSK identity" nbdinfo --size "nbds+unix://bob@/?socket=$SO
 must_fail "plaintext under PSK" nbdinfo --size "$PLAIN_URI"
 stop_nbd_server
 
-echo "== SIGTERM with an idle TLS client"
+echo "== SIGTERM with an idle TLS client and one stalled in the handshake"
 serve --tls-creds "$C/srv"
+cat >"$TMPD/stall.py" <<'PYEOF'
+# STARTTLS acked, then half a ClientHello record and silence.
+import socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(sys.argv[1])
+s.recv(18)
+s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454f5054, 5, 0))
+rep = b""
+while len(rep) < 20:
+    rep += s.recv(20 - len(rep))
+if struct.unpack(">QIII", rep)[2] != 1:
+    sys.exit("STARTTLS not acked")
+s.sendall(b"\x16\x03\x01\x02\x00\x01")
+print("ready", flush=True)
+time.sleep(60)
+PYEOF
+"$PYTHON" "$TMPD/stall.py" "$SOCK" >"$TMPD/stall.out" 2>&1 &
+spid=$!
+for _ in $(seq 1 100); do grep -q ready "$TMPD/stall.out" && break; sleep 0.1; done
+grep -q ready "$TMPD/stall.out" || { cat "$TMPD/stall.out" >&2; fail "stalled handshake client"; }
 mkfifo "$TMPD/qio.in"
 qemu-io --object "tls-creds-x509,id=tls0,dir=$C/cli,endpoint=client" --image-opts \
     "driver=nbd,server.type=unix,server.path=$SOCK,tls-creds=tls0,tls-hostname=localhost" <"$TMPD/qio.in" >"$TMPD/idle.out" 2>&1 &
@@ -236,8 +258,8 @@ NBD_PID=
 echo "  exited $rc after $(((${EPOCHREALTIME/./} - t0) / 1000)) ms"
 [ "$rc" = 0 ] && ! _has_crash_report "$NBD_LOG" || { cat "$NBD_LOG" >&2; fail "exit $rc after SIGTERM"; }
 exec 8>&-
-kill "$qpid" 2>/dev/null || true
-wait "$qpid" 2>/dev/null || true
+kill "$qpid" "$spid" 2>/dev/null || true
+wait "$qpid" "$spid" 2>/dev/null || true
 
 echo "== bad credentials at startup"
 startup_refused() { # WHAT FILE-NAMED ARGS...

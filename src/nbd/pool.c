@@ -35,6 +35,17 @@
 #include "common/util.h"
 #include "nbd/internal.h"
 
+#if defined(QUBLK_ASAN)
+#include <sanitizer/asan_interface.h>
+/* Idle buffers are poisoned (but for their link), so a request that
+ * touches its buffer after giving it back is caught. */
+#define POISON(p, n)   ASAN_POISON_MEMORY_REGION((p), (n))
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION((p), (n))
+#else
+#define POISON(p, n)   ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 /* Classes at or above this size are mmap'd. */
 #define NBD_POOL_MMAP_MIN (128 * 1024)
 
@@ -82,6 +93,7 @@ void *nbd_pool_get(struct nbd_pool *pool, unsigned cls)
 	if (b) {
 		pool->idle[cls] = b->next;
 		pool->idle_bytes -= size;
+		UNPOISON(b, size);
 		return b;
 	}
 	return buf_alloc(size);
@@ -99,6 +111,7 @@ void nbd_pool_put(struct nbd_pool *pool, void *buf, unsigned cls)
 	b->next = pool->idle[cls];
 	pool->idle[cls] = b;
 	pool->idle_bytes += size;
+	POISON((char *)b + sizeof(*b), size - sizeof(*b));
 }
 
 void nbd_pool_deinit(struct nbd_pool *pool)
@@ -107,6 +120,7 @@ void nbd_pool_deinit(struct nbd_pool *pool)
 		while (pool->idle[cls]) {
 			struct pool_buf *b = pool->idle[cls];
 			pool->idle[cls] = b->next;
+			UNPOISON(b, nbd_pool_class_size(cls));
 			buf_free(b, nbd_pool_class_size(cls));
 		}
 	}
