@@ -126,6 +126,8 @@ struct nbd_conn {
 	gnutls_session_t tls;           /* after STARTTLS, else NULL (tls.c) */
 	struct aio_wait *tls_rop;       /* the wait GnuTLS's pull uses now */
 	bool tls_cancelled;             /* that wait was cancelled by a stop */
+	bool tls_pushing;               /* a coroutine is in GnuTLS's push */
+	struct co_queue tls_pushq;      /* others waiting to push */
 	struct nbd_req *free_reqs;
 	struct nbd_req reqs[NBD_CONN_DEPTH];
 };

@@ -20,7 +20,9 @@
  *
  * One reader and one sender may be inside GnuTLS at once (as two threads
  * may be: GnuTLS keeps receive and send state apart).  Session tickets are
- * off, so the server never sends outside a reply.
+ * off, so the server sends nothing of its own after the handshake; what
+ * GnuTLS may still send from the reader (an answer to an alert or a key
+ * update) is serialised with the sender's pushes.
  *
  * Thread model: the server's thread (internal.h).
  */
@@ -314,7 +316,10 @@ static ssize_t tls_pull(gnutls_transport_ptr_t p, void *buf, size_t len)
 }
 
 /* GnuTLS push, gathered: every byte goes out (sock.c's plain send, as
- * c->send_op) before it returns. */
+ * c->send_op) before it returns.  Pushes are serialised: normally only
+ * the sender pushes, but GnuTLS may answer a peer's message (an alert, a
+ * key update) from inside the reader's gnutls_record_recv, and
+ * c->send_op has room for one waiter. */
 static ssize_t tls_vec_push(gnutls_transport_ptr_t p, const giovec_t *giov, int cnt)
 {
 	struct nbd_conn *c = p;
@@ -322,6 +327,9 @@ static ssize_t tls_vec_push(gnutls_transport_ptr_t p, const giovec_t *giov, int 
 	ssize_t total = 0;
 	int done = 0;
 
+	while (c->tls_pushing && !c->dead)
+		co_queue_wait(&c->tls_pushq);
+	c->tls_pushing = true;
 	while (done < cnt) {
 		int n = MIN(cnt - done, NBD_SEND_IOV);
 		size_t bytes = 0;
@@ -335,11 +343,14 @@ static ssize_t tls_vec_push(gnutls_transport_ptr_t p, const giovec_t *giov, int 
 		ret = nbd_sock_send(c, iov, n);
 		if (ret < 0) {
 			gnutls_transport_set_errno(c->tls, ret == -EAGAIN ? EPIPE : -ret);
-			return -1;
+			total = -1;
+			break;
 		}
 		total += bytes;
 		done += n;
 	}
+	c->tls_pushing = false;
+	co_queue_wake_one(&c->tls_pushq);
 	return total;
 }
 
