@@ -19,7 +19,10 @@ LDFLAGS_SAN :=
 endif
 CFLAGS += $(CFLAGS_BASE) $(CFLAGS_OPT)
 LDFLAGS += $(LDFLAGS_SAN) -Wl,-z,defs
-LDLIBS += -luring -lz -lzstd -lpthread
+GNUTLS_CFLAGS := $(shell pkg-config --cflags gnutls)
+GNUTLS_LIBS := $(shell pkg-config --libs gnutls)
+CFLAGS += $(GNUTLS_CFLAGS)
+LDLIBS += -luring -lz -lzstd -lpthread $(GNUTLS_LIBS)
 
 LIB_SRC := $(wildcard src/common/*.c src/block/*.c src/qcow2/*.c src/nbd/*.c src/ublk/*.c)
 CLI_SRC := $(wildcard src/cli/*.c)
