@@ -45,6 +45,9 @@ static void usage(FILE *out)
 		"                          process writes it (reads may be inconsistent)\n"
 		"  -f, --format FMT        qcow2 or raw (default: probe the file)\n"
 		"      --cache MODE        none (O_DIRECT) or writeback (default)\n"
+		"      --discard MODE      unmap (default: discards free clusters and the\n"
+		"                          space goes back to the host file system) or\n"
+		"                          ignore (discards do nothing), as qemu-nbd's\n"
 		"  -x, --export-name NAME  export name (default \"\"; \"\" always matches)\n"
 		"      --allow-empty       serve an image of size 0 (refused by default)\n"
 		"  -e, --shared N          serve N clients at once (default 1, as qemu-nbd;\n"
@@ -76,6 +79,7 @@ int cmd_nbd(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "format", required_argument, NULL, 'f' },
 		{ "cache", required_argument, NULL, 'C' },
+		{ "discard", required_argument, NULL, 'D' },
 		{ "export-name", required_argument, NULL, 'x' },
 		{ "allow-empty", no_argument, NULL, 'E' },
 		{ "shared", required_argument, NULL, 'e' },
@@ -134,6 +138,15 @@ int cmd_nbd(int argc, char **argv)
 				bopts.flags |= BDRV_O_DIRECT;
 			} else if (strcmp(optarg, "writeback")) {
 				fprintf(stderr, "qublk nbd: --cache: '%s' is not none or writeback\n", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'D':
+			if (!strcmp(optarg, "ignore")) {
+				bopts.flags |= BDRV_O_NO_UNMAP;
+			} else if (strcmp(optarg, "unmap")) {
+				fprintf(stderr, "qublk nbd: --discard: '%s' is not ignore or unmap\n",
+					optarg);
 				return EXIT_USAGE;
 			}
 			break;
