@@ -1,6 +1,7 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
-# qublk create / info against the oracle, qemu-img:
+# qublk create / info against the oracle, qemu-img (QEMU 7.2, and QEMU 10
+# when tests/setup-qemu10.sh has unpacked it: each case runs against both):
 #  - for a matrix of create options, `qublk create` and `qemu-img create`
 #    must give the same `qemu-img info` properties, and `qemu-img check`
 #    must find no errors and no leaks in ours;
@@ -10,28 +11,23 @@
 #    files, ...) make `qublk info` exit 1 with a message, never crash.
 # Exit: 0 pass, 1 fail, 77 skip (a tool is missing).
 # shellcheck disable=SC2015  # "check && ok || bad": ok cannot fail
-set -u
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+set +e +o pipefail       # this test counts its failures itself
 
-QUBLK=${QUBLK:-build/qublk}
-for tool in qemu-img python3; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "SKIP: $tool not found"
-		exit 77
-	fi
-done
-if [ ! -x "$QUBLK" ]; then
-	echo "SKIP: $QUBLK not built"
-	exit 77
-fi
+requires qemu-img python3
+[ -x "$QUBLK" ] || skip "$QUBLK not built"
 QUBLK=$(realpath "$QUBLK")   # some steps run in another directory
 # Sanitizer reports must not pass for the expected "exit 1" of bad images.
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}exitcode=99"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}exitcode=98:halt_on_error=1"
-
-base=/tmp
-[ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm
-T=$(mktemp -d "$base/qublk-create-info.XXXXXX") || exit 1
-trap 'rm -rf "$T"' EXIT
+T=$TMPD
+VERSIONS=$(qemu_versions) || exit 1
+# qimg V ARGS...: qemu-img of QEMU V.
+qimg() {
+	local v=$1; shift
+	if [ "$v" = 10 ]; then qemu10 qemu-img "$@"; else command qemu-img "$@"; fi
+}
 
 pass=0
 fail=0
@@ -51,20 +47,23 @@ for k in ("compat", "lazy-refcounts", "refcount-bits", "compression-type", "exte
 '
 }
 
-# check_clean IMAGE: qemu-img check exits 0 and reports no leaks/errors.
+# check_clean IMAGE: every QEMU's qemu-img check exits 0 and reports no
+# leaks/errors.
 check_clean() {
-	local out rc
-	out=$(qemu-img check --output=json "$1" 2>&1)
-	rc=$?
-	if [ $rc -ne 0 ]; then
-		echo "$out"
-		return 1
-	fi
-	echo "$out" | python3 -c '
+	local out rc v
+	for v in $VERSIONS; do
+		out=$(qimg "$v" check --output=json "$1" 2>&1)
+		rc=$?
+		if [ $rc -ne 0 ]; then
+			echo "QEMU $v: $out"
+			return 1
+		fi
+		echo "$out" | python3 -c '
 import json, sys
 j = json.load(sys.stdin)
 bad = {k: j.get(k, 0) for k in ("leaks", "corruptions", "check-errors")}
-sys.exit(1 if any(bad.values()) else 0)' || { echo "$out"; return 1; }
+sys.exit(1 if any(bad.values()) else 0)' || { echo "QEMU $v: $out"; return 1; }
+	done
 }
 
 # Compare the properties that matter in four info reports and one check
@@ -93,35 +92,40 @@ print("\n".join(errs))
 sys.exit(1 if errs else 0)
 '
 
-# compare NAME SIZE [create options...]: both tools, same options.
+# compare NAME SIZE [create options...]: both tools, same options, with
+# each QEMU version: its qemu-img creates "theirs" and judges both images.
 compare() {
 	local name=$1 size=$2
 	shift 2
-	local ours="$T/ours-$name.qcow2" theirs="$T/qemu-$name.qcow2" err t0=$SECONDS
+	local ours="$T/ours-$name.qcow2" theirs err t0=$SECONDS v
 	if ! err=$("$QUBLK" create -f qcow2 "$@" "$ours" ${size:+"$size"} 2>&1); then
 		bad "$name: qublk create failed: $err"
 		return
 	fi
-	if ! err=$(qemu-img create -q -f qcow2 "$@" "$theirs" ${size:+"$size"} 2>&1); then
-		bad "$name: qemu-img create failed: $err"
-		return
-	fi
-	qemu-img info --output=json "$theirs" >"$T/q1.json" &&
-	qemu-img info --output=json "$ours" >"$T/q2.json" &&
-	"$QUBLK" info --output json "$theirs" >"$T/u1.json" &&
-	"$QUBLK" info --output json "$ours" >"$T/u2.json" || { bad "$name: info failed"; return; }
-	if ! qemu-img check --output=json "$ours" >"$T/check.json" 2>&1; then
-		bad "$name: qemu-img check exit $?: $(cat "$T/check.json")"
-		return
-	fi
-	if ! err=$(python3 -c "$COMPARE_PY" "$T/q1.json" "$T/q2.json" "$T/u1.json" "$T/u2.json" \
-			"$T/check.json" 2>&1); then
-		bad "$name: $err"
-		return
-	fi
+	"$QUBLK" info --output json "$ours" >"$T/u2.json" || { bad "$name: qublk info failed"; return; }
+	for v in $VERSIONS; do
+		theirs="$T/qemu$v-$name.qcow2"
+		if ! err=$(qimg "$v" create -q -f qcow2 "$@" "$theirs" ${size:+"$size"} 2>&1); then
+			bad "$name: qemu-img $v create failed: $err"
+			return
+		fi
+		qimg "$v" info --output=json "$theirs" >"$T/q1.json" &&
+		qimg "$v" info --output=json "$ours" >"$T/q2.json" &&
+		"$QUBLK" info --output json "$theirs" >"$T/u1.json" || { bad "$name: info failed (QEMU $v)"; return; }
+		if ! qimg "$v" check --output=json "$ours" >"$T/check.json" 2>&1; then
+			bad "$name: qemu-img $v check exit $?: $(cat "$T/check.json")"
+			return
+		fi
+		if ! err=$(python3 -c "$COMPARE_PY" "$T/q1.json" "$T/q2.json" "$T/u1.json" "$T/u2.json" \
+				"$T/check.json" 2>&1); then
+			bad "$name (QEMU $v): $err"
+			return
+		fi
+		rm -f "$theirs"
+	done
 	ok
 	[ -n "${VERBOSE:-}" ] && echo "ok $name ($((SECONDS - t0))s)"
-	rm -f "$ours" "$theirs"
+	rm -f "$ours"
 }
 
 # --- matrix: cluster sizes x compat, refcount widths, preallocation ---
