@@ -160,15 +160,22 @@ qemu-img create -q -f raw "$T/base.raw" 5M
 compare backing-qcow2 "" -b "$T/base.qcow2" -F qcow2
 compare backing-raw 10M -b "$T/base.raw" -F raw
 compare backing-v2 "" -b "$T/base.qcow2" -F qcow2 -o compat=0.10
-(cd "$T" && "$QUBLK" create -b base.qcow2 rel.qcow2) || bad "relative backing create"
+(cd "$T" && "$QUBLK" create -b base.qcow2 -F qcow2 rel.qcow2) || bad "relative backing create"
 p=$(props "$T/rel.qcow2")
 if echo "$p" | grep -q "^backing-filename-format qcow2$" &&
    echo "$p" | grep -q "^virtual-size 3221225472$" &&
    echo "$p" | grep -q "^backing-filename base.qcow2$"; then ok
 else bad "probed backing format/size: $p"; fi
-"$QUBLK" create -b base.raw "$T/rel-raw.qcow2" >/dev/null 2>&1 || bad "raw backing create"
-p=$(props "$T/rel-raw.qcow2")
-echo "$p" | grep -q "^backing-filename-format raw$" && ok || bad "probed raw backing"
+# -b without -F is refused, as QEMU (7.2 and 10) refuse it, naming -F.
+for v in $VERSIONS; do
+	qimg "$v" create -q -f qcow2 -b base.raw "$T/rel-raw.qcow2" >/dev/null 2>&1 &&
+		bad "qemu-img $v accepted -b without -F" || ok
+done
+rm -f "$T/rel-raw.qcow2"
+(cd "$T" && "$QUBLK" create -b base.raw rel-raw.qcow2) >"$T/out" 2>&1
+rc=$?
+if [ $rc -eq 1 ] && grep -q -- "-F" "$T/out" && grep -q "backing format" "$T/out" &&
+   [ ! -e "$T/rel-raw.qcow2" ]; then ok; else bad "-b without -F: rc=$rc $(cat "$T/out")"; fi
 check_clean "$T/rel.qcow2" >/dev/null && ok || bad "check of image with backing"
 # chain: rel.qcow2 -> base.qcow2, shown with --backing-chain, loops refused
 out=$("$QUBLK" info --backing-chain --output json "$T/rel.qcow2")
@@ -211,10 +218,92 @@ expect_rc 2 "unknown -o key" "$QUBLK" create -o bogus=1 "$T/x.qcow2" 1G
 expect_rc 2 "unknown flag" "$QUBLK" create --bogus "$T/x.qcow2" 1G
 expect_rc 2 "bad size" "$QUBLK" create "$T/x.qcow2" 12Q
 expect_rc 1 "bad cluster size" "$QUBLK" create -o cluster_size=3000 "$T/x.qcow2" 1G
-expect_rc 1 "missing backing" "$QUBLK" create -b "$T/nonexistent" "$T/x.qcow2"
+expect_rc 1 "missing backing" "$QUBLK" create -b "$T/nonexistent" -F raw "$T/x.qcow2"
 expect_rc 0 "create --help" "$QUBLK" create --help
 expect_rc 0 "info --help" "$QUBLK" info --help
 expect_rc 2 "info bad output" "$QUBLK" info --output xml "$T/rel.qcow2"
+
+# --- small clusters with a backing file: QEMU leaves the feature name table
+# out of cluster 0 at 4 KiB and less, so the backing name fits ---
+qemu-img create -q -f raw "$T/base8.raw" 8M
+for cs in 512 4096 8192; do
+	compare "backing-raw-cs$cs" 8M -o cluster_size=$cs -b "$T/base8.raw" -F raw
+	compare "backing-raw-cs$cs-v2" 8M -o cluster_size=$cs,compat=0.10 -b "$T/base8.raw" -F raw
+done
+exts() {   # exts FILE: the header extension types of a v3 image, in order
+	python3 -c '
+import struct, sys
+d = open(sys.argv[1], "rb").read(65536)
+o = struct.unpack(">I", d[100:104])[0]
+while True:
+    t, n = struct.unpack(">II", d[o:o + 8])
+    if t == 0:
+        break
+    print("%08x" % t)
+    o += 8 + (n + 7) // 8 * 8' "$1"
+}
+for cs in 512 4096 8192 65536; do
+	"$QUBLK" create -o cluster_size=$cs -b base8.raw -F raw "$T/ext-ours.qcow2" 8M
+	for v in $VERSIONS; do
+		rm -f "$T/ext-theirs.qcow2"
+		qimg "$v" create -q -f qcow2 -o cluster_size=$cs -b base8.raw -F raw \
+			"$T/ext-theirs.qcow2" 8M
+		[ "$(exts "$T/ext-ours.qcow2")" = "$(exts "$T/ext-theirs.qcow2")" ] && ok ||
+			bad "cs $cs: extensions $(exts "$T/ext-ours.qcow2" | tr '\n' ' ') vs QEMU $v's $(exts "$T/ext-theirs.qcow2" | tr '\n' ' ')"
+	done
+done
+
+# --- a create that fails leaves nothing behind; an image in use is not replaced ---
+leftovers() { find "$T" -maxdepth 1 -name '.*qublk-*' | wc -l; }
+# A file size limit makes the writes fail (EFBIG) part way through.
+(trap '' XFSZ; ulimit -f 1024; "$QUBLK" create -o preallocation=full "$T/full.qcow2" 8M) \
+	>"$T/out" 2>&1
+rc=$?
+if [ $rc -eq 1 ] && [ ! -e "$T/full.qcow2" ] && [ "$(leftovers)" = 0 ]; then ok
+else bad "failed create: rc=$rc, left $(leftovers) temporary files: $(cat "$T/out")"; fi
+(trap '' XFSZ; ulimit -f 1024; "$QUBLK" create -f raw -o preallocation=full "$T/full.raw" 8M) \
+	>"$T/out" 2>&1
+rc=$?
+[ $rc -eq 1 ] && [ ! -e "$T/full.raw" ] && [ "$(leftovers)" = 0 ] && ok ||
+	bad "failed raw create: rc=$rc: $(cat "$T/out")"
+# An existing image survives a failed create unchanged.
+"$QUBLK" create "$T/keep.qcow2" 1M
+sum=$(md5sum <"$T/keep.qcow2")
+(trap '' XFSZ; ulimit -f 1024; "$QUBLK" create -o preallocation=full "$T/keep.qcow2" 8M) \
+	>/dev/null 2>&1
+[ "$(md5sum <"$T/keep.qcow2")" = "$sum" ] && [ "$(leftovers)" = 0 ] && ok ||
+	bad "a failed create changed the existing image"
+# Replacing an unused image keeps its mode; through a symlink, the target is replaced.
+chmod 600 "$T/keep.qcow2"
+ln -s keep.qcow2 "$T/link.qcow2"
+"$QUBLK" create "$T/link.qcow2" 2M || bad "create over a symlink"
+[ -L "$T/link.qcow2" ] && [ "$(stat -c %a "$T/keep.qcow2")" = 600 ] &&
+	[ "$(qemu-img info --output=json "$T/keep.qcow2" | python3 -c \
+	'import json,sys; print(json.load(sys.stdin)["virtual-size"])')" = 2097152 ] && ok ||
+	bad "create over a symlink: $(ls -l "$T/link.qcow2" "$T/keep.qcow2")"
+# In use by each QEMU's qemu-io (reader and writer): refused, untouched.
+sum=$(md5sum <"$T/keep.qcow2")
+for v in $VERSIONS; do
+	for mode in -r ""; do
+		if [ "$v" = 10 ]; then io=("$QEMU10_BIN/qemu-io"); else io=(qemu-io); fi
+		# shellcheck disable=SC2086  # $mode: empty or one flag
+		"${io[@]}" $mode -f qcow2 -c 'sleep 20000' "$T/keep.qcow2" >/dev/null 2>&1 &
+		pid=$!
+		for _ in $(seq 100); do
+			grep -q "$(stat -c %i "$T/keep.qcow2")" /proc/locks && break
+			sleep 0.1
+		done
+		for fmt in qcow2 raw; do
+			"$QUBLK" create -f $fmt "$T/keep.qcow2" 4M >"$T/out" 2>&1
+			rc=$?
+			[ $rc -eq 1 ] && grep -q "lock" "$T/out" && grep -q "in use" "$T/out" &&
+				[ "$(md5sum <"$T/keep.qcow2")" = "$sum" ] && [ "$(leftovers)" = 0 ] && ok ||
+				bad "create -f $fmt over an image qemu-io $v $mode holds: rc=$rc $(cat "$T/out")"
+		done
+		kill "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
+done
 
 # --- snapshots made by qemu-img ---
 qemu-img create -q -f qcow2 "$T/snap.qcow2" 64M

@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define QCOW2_MAGIC 0x514649fbu              /* "QFI\xfb" */
 
@@ -271,7 +272,10 @@ int qcow2_check(struct io_file *f, const struct qcow2_check_opts *o,
 int qcow2_repair_dirty(struct io_file *f, const char *name, struct qcow2_meta *m,
 		       uint64_t *file_size);
 
-/* Image creation (create.c).  Writes a new image at @path (truncating). */
+/* Image creation (create.c).  Writes a new image at @path: into a
+ * temporary file renamed over @path when complete, after locking an
+ * existing @path as qemu-img create does (-EAGAIN: in use, refused).
+ * A backing file needs its format (-EINVAL otherwise, as QEMU 10). */
 struct qcow2_create_opts {
 	uint64_t size;
 	uint32_t cluster_size;        /* default 65536 */
@@ -286,5 +290,24 @@ struct qcow2_create_opts {
 };
 enum { QCOW2_PREALLOC_OFF, QCOW2_PREALLOC_METADATA, QCOW2_PREALLOC_FALLOC, QCOW2_PREALLOC_FULL };
 int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen);
+
+/* The file of a new image (create.c), for every format: begin opens a
+ * temporary file next to @path (fd) after locking an existing @path as
+ * qemu-img create does; commit syncs it and renames it over @path (an
+ * existing file keeps its owner and mode; a symlink's target is
+ * replaced); abort removes it.  commit and begin clean up on failure;
+ * abort is safe to call twice.  Returns -errno with @err set. */
+struct create_file {
+	int fd;                 /* the new image: write here */
+	int lock_fd;            /* the old image, locked, or -1 */
+	char *tmp, *target;
+	bool existed;
+	mode_t mode;
+	uid_t uid;
+	gid_t gid;
+};
+int create_file_begin(const char *path, struct create_file *cf, char *err, size_t errlen);
+int create_file_commit(struct create_file *cf, char *err, size_t errlen);
+void create_file_abort(struct create_file *cf);
 
 #endif
