@@ -365,8 +365,8 @@ mk cbits.qcow2; patch "$T/cbits.qcow2" 20 0000001f
 bad_image cbits.qcow2 "cluster_bits 31"
 mk version.qcow2; patch "$T/version.qcow2" 4 00000007
 bad_image version.qcow2 "version 7"
-mk crypt.qcow2; patch "$T/crypt.qcow2" 32 00000001
-bad_image crypt.qcow2 "encrypted"
+mk crypt.qcow2; patch "$T/crypt.qcow2" 32 00000003
+bad_image crypt.qcow2 "unknown encryption method 3"
 mk hlen.qcow2; patch "$T/hlen.qcow2" 100 00000069
 bad_image hlen.qcow2 "header_length"
 mk rorder.qcow2; patch "$T/rorder.qcow2" 96 00000007
@@ -395,6 +395,56 @@ bad_image snaptrunc.qcow2 "snapshot 0: entry extends"
 out=$("$QUBLK" info "$T/lazy.qcow2")
 echo "$out" | grep -q "lazy refcounts: true" && ok || bad "lazy in text info"
 expect_rc 1 "nonexistent file" "$QUBLK" info "$T/nope.qcow2"
+
+# --- encrypted images: described as qemu-img info describes them (the
+# LUKS header's cipher, slots and offsets; the payload is never opened);
+# refused by nbd and add with a message that says why ---
+for v in $VERSIONS; do
+	qimg "$v" create -q -f qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 \
+		--object secret,id=sec0,data=abc "$T/luks$v.qcow2" 16M || { bad "qemu-img $v create luks"; continue; }
+	qimg "$v" info --output=json "$T/luks$v.qcow2" >"$T/q.json"
+	"$QUBLK" info --output json "$T/luks$v.qcow2" >"$T/u.json" || { bad "qublk info luks ($v)"; continue; }
+	python3 -c '
+import json, sys
+q, u = (json.load(open(f)) for f in sys.argv[1:3])
+qe = q["format-specific"]["data"]["encrypt"]
+ue = u["format-specific"]["data"].get("encrypt", {})
+bad = [k for k in qe if qe[k] != ue.get(k)]
+assert qe["format"] == "luks" and len(qe["slots"]) == 8, qe
+assert not bad and u.get("encrypted") is True, (bad, qe, ue)
+' "$T/q.json" "$T/u.json" && ok || bad "LUKS info differs from QEMU $v's: $(cat "$T/u.json")"
+	"$QUBLK" info "$T/luks$v.qcow2" >"$T/out" 2>&1
+	grep -q "^encrypted: yes" "$T/out" && grep -q "format: luks" "$T/out" &&
+		grep -q "cipher alg: aes-256" "$T/out" && ok || bad "LUKS text info: $(cat "$T/out")"
+done
+qemu-img create -q -f qcow2 -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256 \
+	--object secret,id=s,data=x "$T/luks-cbc.qcow2" 4M
+qemu-img info --output=json "$T/luks-cbc.qcow2" >"$T/q.json"
+"$QUBLK" info --output json "$T/luks-cbc.qcow2" >"$T/u.json"
+python3 -c '
+import json, sys
+q, u = (json.load(open(f)) for f in sys.argv[1:3])
+qe = q["format-specific"]["data"]["encrypt"]
+ue = u["format-specific"]["data"]["encrypt"]
+assert qe["cipher-mode"] == "cbc" and qe["ivgen-hash-alg"] == "sha256", qe
+assert all(qe[k] == ue.get(k) for k in qe), (qe, ue)
+' "$T/q.json" "$T/u.json" && ok || bad "LUKS cbc-essiv info: $(cat "$T/u.json")"
+# the legacy AES method (crypt_method 1): no header to show, as QEMU
+mk aes.qcow2; patch "$T/aes.qcow2" 32 00000001
+"$QUBLK" info --output json "$T/aes.qcow2" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+assert j["encrypted"] is True and j["format-specific"]["data"]["encrypt"] == {"format": "aes"}, j
+' && ok || bad "legacy AES info"
+for img in luks7.qcow2 aes.qcow2; do
+	timeout 20 "$QUBLK" nbd --socket "$T/nbd.sock" "$T/$img" >"$T/out" 2>&1
+	rc=$?
+	[ $rc -eq 1 ] && grep -q "encrypted" "$T/out" && grep -q "cannot read or serve" "$T/out" && ok ||
+		bad "nbd on encrypted $img: rc=$rc $(cat "$T/out")"
+	timeout 20 "$QUBLK" add "$T/$img" >"$T/out" 2>&1
+	rc=$?
+	[ $rc -eq 1 ] && grep -q "encrypted" "$T/out" && ok || bad "add on encrypted $img: rc=$rc $(cat "$T/out")"
+done
 
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

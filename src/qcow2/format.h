@@ -51,6 +51,11 @@
 #define QCOW2_AUTOCLEAR_BITMAPS         (1ull << 0)
 #define QCOW2_AUTOCLEAR_DATA_FILE_RAW   (1ull << 1)
 
+/* crypt_method */
+#define QCOW2_CRYPT_NONE                0
+#define QCOW2_CRYPT_AES                 1
+#define QCOW2_CRYPT_LUKS                2
+
 #define QCOW2_COMPRESSION_ZLIB          0
 #define QCOW2_COMPRESSION_ZSTD          1
 
@@ -195,6 +200,9 @@ int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
  * opens and counts as corruption (L1/refcount tables past EOF, an empty
  * refcount table). */
 #define QCOW2_META_FOR_CHECK (1u << 0)
+/* ... and QCOW2_META_ALLOW_CRYPT accepts encrypted images (crypt_method
+ * 1 or 2), which are otherwise refused: for tools that only describe. */
+#define QCOW2_META_ALLOW_CRYPT (1u << 1)
 int qcow2_meta_read_flags(struct io_file *f, uint64_t file_size, unsigned flags,
 			  struct qcow2_meta *m, char *err, size_t errlen);
 /* Serialise @m (fixed header, extensions, backing name) into cluster 0
@@ -217,6 +225,7 @@ struct qcow2_snapshot {
 	uint64_t vm_clock_nsec;
 	uint64_t vm_state_size;
 	uint64_t disk_size;       /* virtual size at snapshot time (extra data) or header size */
+	uint64_t icount;          /* instruction count (extra data), UINT64_MAX if none */
 	uint32_t extra_size;      /* extra_data_size as on disk */
 	uint64_t entry_off;       /* byte offset of the entry in the table */
 	uint32_t entry_len;       /* bytes of the entry, padding excluded */
