@@ -242,6 +242,24 @@ int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
 			       uint64_t *table_bytes, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t n);
 
+/* Internal snapshots, offline (snapshot-write.c), with QEMU's semantics:
+ * @f is the image file, open read-write, used by no one else (the caller
+ * holds the image's write lock).  create adds a snapshot called @name of
+ * the current guest contents (no VM state; ids as QEMU assigns them:
+ * one more than the largest); apply reverts the guest contents (and
+ * virtual size) to the snapshot whose id, or else name, is @name; delete
+ * drops the snapshot whose name, or else id, is @name (qemu-img's
+ * lookups).  A power cut leaves leaked clusters at most, and possibly
+ * active entries with refcount 1 still lacking OFLAG_COPIED (see the
+ * file).  Returns -errno with @err set (-ENOENT: no such snapshot). */
+int qcow2_snapshot_create(struct io_file *f, const char *name, char *err, size_t errlen);
+int qcow2_snapshot_apply(struct io_file *f, const char *name, char *err, size_t errlen);
+int qcow2_snapshot_delete(struct io_file *f, const char *name, char *err, size_t errlen);
+/* The snapshot list of the image in @f (header and table validated).
+ * *out: *n entries, for qcow2_snapshots_free(). */
+int qcow2_snapshot_list(struct io_file *f, struct qcow2_snapshot **out, uint32_t *n, char *err,
+			size_t errlen);
+
 /* "Compressed Clusters" (compress.c): inflate raw deflate (zlib, no
  * header, windowBits -12) or a zstd frame from @src into exactly
  * @dst_len bytes.  Returns -EIO on malformed data. */
