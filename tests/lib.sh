@@ -213,11 +213,12 @@ qcompare() {
 
 # qio TARGET FMT [args]: run the qemu-io script on stdin against TARGET.
 # qemu-io's exit status covers synchronous commands only, so also look for
-# "failed" (aio_write failed: ...) in its output.
+# "failed" (aio_write failed: ...) in its output.  (Its "qemu-io> " prompts
+# are dropped, so that each message is a line of its own.)
 qio() {
     local target=$1 fmt=$2; shift 2
     local out=$TMPD/qemu-io.out rc=0
-    qemu-io -f "$fmt" "$@" "$target" >"$out" 2>&1 || rc=$?
+    qemu-io -f "$fmt" "$@" "$target" 2>&1 | sed 's/qemu-io> //g' >"$out" || rc=$?
     if [ "$rc" -ne 0 ] || grep -qiE 'failed|error|mismatch' "$out"; then
         grep -iE -m 20 'failed|error|mismatch' "$out" >&2 || true
         fail "qemu-io on $target failed (exit $rc)"
