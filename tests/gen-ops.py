@@ -11,7 +11,8 @@ segments N = 0 .. SEGMENTS-1:
               must agree with what qemu-io made of the raw file.
 With --init, also init.io: pattern writes that give the image its starting
 content (the test writes them to a backing file or to the raw source of a
-compressed image, and to the reference).  After every segment the export
+compressed image, and to the reference); otherwise the image starts as
+zeros, or with --no-reads as anything (the scripts then read nothing).  After every segment the export
 and the reference must read back identical.  Same seed, same arguments ->
 byte-identical scripts, so a failure replays with QUBLK_SEED.
 
@@ -129,6 +130,7 @@ class Gen:
         self.pat = 0
         self.content = Content(self.size)
         self.zeroes_apart = args.zeroes_apart
+        self.reads = not args.no_reads
 
     def pattern(self):
         # 1..255: never 0, so a lost write cannot hide behind zeros.
@@ -222,7 +224,7 @@ class Gen:
             return self.op("zero-unmap", off, n, False)
         if r < 0.85:
             return self.op("discard", off, n, False)
-        if r < 0.95:
+        if r < 0.95 and self.reads:
             return self.op("read", *self.one_run(off, n), False)
         return self.op("flush", 0, 0, False)
 
@@ -292,6 +294,8 @@ class Gen:
         for s, e in zip(points, points[1:]):
             kind = forced.get(s) or rng.choice(
                 whole if self.discard_ref(s, e - s) else part)
+            if kind == "read" and not self.reads:
+                kind = "skip"
             if kind == "read":
                 s, n = self.one_run(s, e - s)
                 e = s + n
@@ -308,8 +312,9 @@ class Gen:
             img += i
             ref += r
         img.append("aio_flush")
-        for s, n, v in self.content.runs(wstart, wlen):
-            img.append("read -q -P %d %d %d" % (v, s, n))
+        if self.reads:
+            for s, n, v in self.content.runs(wstart, wlen):
+                img.append("read -q -P %d %d %d" % (v, s, n))
         return img, ref
 
     def apart(self, chosen):
@@ -369,6 +374,9 @@ def main():
                     help="cap on one request's length")
     ap.add_argument("--spread", action="store_true",
                     help="no hot clusters: spread writes over the image")
+    ap.add_argument("--no-reads", action="store_true",
+                    help="no reads: the image starts with content the "
+                    "generator does not know")
     ap.add_argument("--zeroes-apart", action="store_true",
                     help="no write-zeroes shares a cluster with a write of "
                     "its batch (QEMU 7.2 gets that wrong)")
