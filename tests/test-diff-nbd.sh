@@ -37,6 +37,9 @@ CONFIGS=(
     "c2M-v2          2M   0.10 16  64M  -                    -"
     "c4k-v3-r64      4k   1.1  64  32M  -                    -"
     "grow-c512-r64   512  1.1  64  256M -                    --spread,--max-len=64k"
+    "xl2-c32k        32k  1.1  16  32M  extended_l2=on       -"
+    "xl2-c64k-r1     64k  1.1  1   64M  extended_l2=on       -"
+    "xl2-c2M         2M   1.1  16  64M  extended_l2=on       -"
 )
 
 # be32 at byte offset $2 of file $1

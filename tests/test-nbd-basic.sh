@@ -142,9 +142,9 @@ if rep(s, 3)[0] != 1:
 opt(s, 3, b"junk")
 if rep(s, 3)[0] != ERR | 3:
     die("NBD_OPT_LIST with data: not ERR_INVALID")
-opt(s, 8)
-if rep(s, 8)[0] != ERR | 1:
-    die("NBD_OPT_STRUCTURED_REPLY: not ERR_UNSUP")
+opt(s, 8, b"x")   # structured replies take no payload (test-nbd-map.sh covers them)
+if rep(s, 8)[0] != ERR | 3:
+    die("NBD_OPT_STRUCTURED_REPLY with a payload: not ERR_INVALID")
 opt(s, 1000, b"x" * 10)
 if rep(s, 1000)[0] != ERR | 1:
     die("unknown option: not ERR_UNSUP")
@@ -173,6 +173,8 @@ expect(s, 0, 2 ** 64 - 512, 1024, 22, what="read with offset overflow")
 expect(s, 0, 0, 0, 22, what="zero-length read")
 expect(s, 0, 0, (32 << 20) + 1, 22, what="read over 32 MiB")
 expect(s, 0, 0, 512, 22, flags=4, what="read with DF (not negotiated)")
+expect(s, 0, 0, 512, 0, flags=1, what="read with FUA")
+expect(s, 3, 0, 0, 0, flags=1, what="flush with FUA")
 expect(s, 42, 0, 512, 22, what="unknown command")
 expect(s, 7, 0, 512, 22, what="block status (not negotiated)")
 expect(s, 3, 0, 0, 0, what="flush")
@@ -367,7 +369,7 @@ cp "$REF" "$IMG"
 if [ "$QUBLK_TEST_SERVER" = qublk ]; then
     NBD_LOG=$TMPD/server-tcp.log
     NBD_SOCK=$TMPD/none.sock
-    "$QUBLK" nbd --port 0 --read-only --format raw "$IMG" >"$NBD_LOG" 2>&1 &
+    "$QUBLK" nbd --port 0 --read-only --format raw --shared 8 "$IMG" >"$NBD_LOG" 2>&1 &
     NBD_PID=$!
     addr=
     for _ in $(seq 1 200); do

@@ -31,6 +31,30 @@ enum {
 	BDRV_O_RDONLY     = 1 << 0,
 	BDRV_O_DIRECT     = 1 << 1,  /* cache=none: O_DIRECT on every file */
 	BDRV_O_NO_BACKING = 1 << 2,  /* do not open backing files */
+	/* With BDRV_O_RDONLY only (bdrv_open refuses it otherwise): open even
+	 * if another process writes the image (QEMU's -U / force-share).  The
+	 * image and its backing files then only take the "consistent read"
+	 * lock, so the reads may see metadata in mid-update. */
+	BDRV_O_FORCE_SHARE = 1 << 3,
+	/* A crash of this process must not lose a write it completed: when a
+	 * write, write-zeroes or discard returns, everything it changed is in
+	 * the file (not necessarily on the disk: that is what flush is for).
+	 * A daemon that another one may take over needs it (ublk recovery).
+	 * Drivers that keep metadata in memory and do not say they honour it
+	 * (bdrv_driver.process_crash_safe) get a flush after each such request
+	 * from the block layer: correct, but an fdatasync per request. */
+	BDRV_O_CRASH_SAFE = 1 << 4,
+	/* discard=ignore (qemu-nbd's name): discards do nothing and
+	 * write-zeroes never deallocates.  Without it (discard=unmap),
+	 * discards free clusters and the space goes back to the host file
+	 * system (qcow2 punches freed clusters out of the file). */
+	BDRV_O_NO_UNMAP = 1 << 5,
+};
+
+/* Block status (bdrv_co_block_status): what reads of a range return. */
+enum {
+	BDRV_BLOCK_DATA = 1 << 0,     /* data stored in some layer (may be zeros) */
+	BDRV_BLOCK_ZERO = 1 << 1,     /* reads return zeros, known without reading */
 };
 
 /* Request flags */
@@ -45,16 +69,30 @@ struct bdrv_opts {
 	uint64_t l2_cache_size;         /* bytes; 0 = driver default */
 	uint64_t refcount_cache_size;   /* bytes; 0 = driver default */
 	unsigned backing_depth;         /* internal: loop/depth guard */
+	/* Tests: qcow2 error injection, "SITE[,SITE]:ERRNO[:skip=N][:count=N]"
+	 * (src/qcow2/qcow2.h); NULL: $QUBLK_INJECT for the top image. */
+	const char *inject;
 	/* Tests: slot a backend (e.g. io_fault) under the driver.  Called
 	 * with the opened top-level file; returns -errno. */
 	int (*wrap_file)(struct io_file *f, struct io_file **out, void *opaque);
 	void *wrap_opaque;
+	/* With adopt: the top image is @adopt_fd, an open descriptor of the
+	 * file (taken over from another process with its open file
+	 * description, and so with the image locks it holds: a hand-over
+	 * leaves no moment in which the image is unlocked).  bdrv_open owns
+	 * the descriptor from then on, even if it fails.  The locks are taken
+	 * again on it (a no-op for locks the description already holds). */
+	bool adopt;
+	int adopt_fd;
 };
 
 struct bdrv;
 
 struct bdrv_driver {
 	const char *name;
+	/* Completed requests are in the file already (no metadata cached
+	 * dirty in memory), so BDRV_O_CRASH_SAFE costs nothing. */
+	bool process_crash_safe;
 	/* Optional: score how well the first bytes of a file match (0 = no). */
 	int (*probe)(const uint8_t *buf, size_t len);
 	/* Required.  Called outside a coroutine or inside one; @file is owned
@@ -72,6 +110,24 @@ struct bdrv_driver {
 				unsigned flags);
 	int (*co_discard)(struct bdrv *bs, uint64_t off, uint64_t len);
 	int (*co_flush)(struct bdrv *bs);
+	/* Optional (without it: everything is data of this image).  Coroutine
+	 * context, any thread that issues requests; reads metadata only,
+	 * never guest data.  Describe the run starting at @off, at most @len
+	 * bytes, whose status is uniform: set *pnum (0 < *pnum <= @len) and
+	 * *depth, the layer of the chain that decides its contents (1 = this
+	 * image, 2 = its backing file, ...; 0 = no layer: reads are zeros),
+	 * and return BDRV_BLOCK_* flags, or -errno.  A driver with a backing
+	 * file asks it (through bdrv_co_block_status) for what it leaves
+	 * unallocated, and never reaches into the backing driver's state. */
+	int (*co_block_status)(struct bdrv *bs, uint64_t off, uint64_t len,
+			       uint64_t *pnum, unsigned *depth);
+	/* Optional (without it bdrv_co_pwritev_compressed returns -ENOTSUP).
+	 * Coroutine context.  Write one whole cluster (@off cluster aligned,
+	 * @len the cluster size, or less for the last cluster of an image
+	 * whose size is not a multiple) in compressed form where that saves
+	 * space; as a normal write otherwise. */
+	int (*co_pwritev_compressed)(struct bdrv *bs, uint64_t off, uint64_t len,
+				     const struct iovec *iov, int iovcnt);
 };
 
 struct bdrv {
@@ -88,14 +144,29 @@ struct bdrv {
 	uint64_t dev, ino;         /* identity of the file, for loop detection */
 };
 
-/* Open @filename as an image.  Errors are logged naming the file. */
+/* Open @filename as an image.  Errors are logged naming the file.
+ * Every file opened (the image and each backing file) is locked the way
+ * QEMU locks it (block/lock.h): a read-write open fails with -EAGAIN if
+ * another process, qublk or QEMU, uses the image, a read-only open if
+ * someone writes it (unless BDRV_O_FORCE_SHARE).  The locks last until
+ * bdrv_close(). */
 int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **out);
 /* Open a backing file @name for @parent: relative names resolve against
  * the directory of @parent's file; depth-limited (loops refused). */
 int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out);
+/* Open the external data file @name of @parent (qcow2 "External data
+ * file name"): relative to @parent's directory, read-only and O_DIRECT as
+ * @parent, locked like it.  Returns -errno (logged). */
+int bdrv_open_data_file(struct bdrv *parent, const char *name, struct io_file **out);
 /* Returns -errno if writing the image back failed (it is closed anyway). */
 int bdrv_close(struct bdrv *bs);
+/* Write the image back and close it like bdrv_close, but first duplicate
+ * the top image's descriptor into *@fd (-1 if it has none): its open file
+ * description, and so its image locks, outlive the close.  For handing
+ * the image to another process (bdrv_opts.adopt).  Returns -errno (then
+ * *@fd is -1 and the image is closed all the same). */
+int bdrv_close_keep_fd(struct bdrv *bs, int *fd);
 const struct bdrv_driver *bdrv_find_driver(const char *name);
 
 /* Checked entry points (coroutine context). */
@@ -103,9 +174,18 @@ int bdrv_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 		   const struct iovec *iov, int iovcnt);
 int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 		    const struct iovec *iov, int iovcnt, unsigned flags);
+/* A whole cluster, compressed (see bdrv_driver.co_pwritev_compressed):
+ * -EINVAL unless @off is cluster aligned and @len a whole cluster (or the
+ * image's last, short one), -ENOTSUP if the format cannot compress. */
+int bdrv_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
+			       const struct iovec *iov, int iovcnt);
 int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags);
 int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int bdrv_co_flush(struct bdrv *bs);
+/* Status of the run at @off (see bdrv_driver.co_block_status): flags >= 0
+ * with *pnum and *depth set, or -errno. */
+int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			 uint64_t *pnum, unsigned *depth);
 static inline int bdrv_co_pread(struct bdrv *bs, uint64_t off, uint64_t len, void *buf)
 { struct iovec v = { buf, len }; return bdrv_co_preadv(bs, off, len, &v, 1); }
 static inline int bdrv_co_pwrite(struct bdrv *bs, uint64_t off, uint64_t len, const void *buf, unsigned fl)

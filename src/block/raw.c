@@ -2,13 +2,16 @@
 /*
  * The raw driver: the image file (or block device) is the disk.
  * Discard punches holes; write-zeroes uses fallocate where the file
- * system can, else writes zeros from a shared zero buffer.
+ * system can, else writes zeros from a shared zero buffer.  Block status
+ * comes from the file system's holes (SEEK_DATA/SEEK_HOLE): a hole reads
+ * as zeros, everything else is data.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "block/bdrv.h"
 #include "common/util.h"
@@ -134,8 +137,36 @@ static int raw_flush(struct bdrv *bs)
 	return io_flush(bs->file);
 }
 
+static int raw_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+			    uint64_t *pnum, unsigned *depth)
+{
+	int fd = bs->file->fd;
+	off_t data, hole;
+
+	*depth = 1;
+	*pnum = len;
+	if (fd < 0)
+		return BDRV_BLOCK_DATA;
+	/* lseek on the loop thread: the file system answers from its extent
+	 * tree without I/O (QEMU's file-posix does the same). */
+	data = lseek(fd, (off_t)off, SEEK_DATA);
+	if (data < 0) {
+		/* ENXIO: no data from here to the end of the file. */
+		return errno == ENXIO ? BDRV_BLOCK_ZERO : BDRV_BLOCK_DATA;
+	}
+	if ((uint64_t)data > off) {
+		*pnum = MIN(len, (uint64_t)data - off);
+		return BDRV_BLOCK_ZERO;
+	}
+	hole = lseek(fd, (off_t)off, SEEK_HOLE);
+	if (hole > (off_t)off)
+		*pnum = MIN(len, (uint64_t)hole - off);
+	return BDRV_BLOCK_DATA;
+}
+
 const struct bdrv_driver bdrv_raw = {
 	.name = "raw",
+	.process_crash_safe = true,   /* no metadata: writes go straight to the file */
 	.probe = NULL,
 	.open = raw_open,
 	.close = raw_close,
@@ -144,4 +175,5 @@ const struct bdrv_driver bdrv_raw = {
 	.co_pwrite_zeroes = raw_pwrite_zeroes,
 	.co_discard = raw_discard,
 	.co_flush = raw_flush,
+	.co_block_status = raw_block_status,
 };

@@ -1,11 +1,18 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qublk add / list / del: the ublk frontend's commands.
+ * qublk add / list / del / recover / upgrade: the ublk frontend's commands.
  *
  * add forks a daemon (unless --foreground) and waits on a pipe for its
  * report: the device path once the device is live, or EOF if it failed
  * (its errors went to our stderr).  The daemon itself runs
- * ublk_dev_run() (src/ublk/dev.c).
+ * ublk_dev_run() (src/ublk/dev.c).  The image is opened, and so locked
+ * (src/block/lock.h), in the daemon after the fork: the daemon holds the
+ * locks for the life of the device, and a refusal ("Failed to get
+ * "write" lock") reaches the user's stderr before add exits 1.
+ *
+ * recover and upgrade start a daemon the same way for an existing device,
+ * from its state file (<run dir>/ublkN): recover after its daemon died,
+ * upgrade to take it over from its live daemon (src/ublk/dev.c, hand-over).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -27,24 +34,34 @@
 static void add_usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only]\n"
-		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--foreground] [FILE]\n\n"
+		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
+		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
+		"                 [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
 		"'qublk del -n N' or SIGTERM.\n\n"
+		"The image and its backing files are locked as QEMU locks them, so qublk\n"
+		"and QEMU (qemu-nbd, qemu-io, qemu-img, VMs) exclude each other: add fails\n"
+		"if another process writes the image or, without --read-only, has it open\n"
+		"at all (readers with force-share, -U, excepted); while the device lives,\n"
+		"they are refused alike.\n\n"
 		"  -t, --type TYPE      qcow2, raw or null (default: probed from FILE)\n"
 		"  -q, --queues N       hardware queues, one thread each (default %u)\n"
 		"  -d, --depth N        requests in flight per queue (default %u, max %u)\n"
 		"  -r, --read-only      refuse writes\n"
+		"  -U, --force-share    with --read-only: serve the image even if another\n"
+		"                       process writes it (reads may then be inconsistent)\n"
 		"  -n, --number ID      device number (default: first free)\n"
 		"  -s, --size SIZE      null target: device size (K/M/G/T suffixes)\n"
 		"      --cache MODE     none (O_DIRECT, default) or writeback\n"
+		"      --no-recovery    without user_recovery: if the daemon dies, the device\n"
+		"                       fails its I/O instead of waiting for 'qublk recover'\n"
 		"  -f, --foreground     do not daemonise; print the path, run until SIGTERM\n\n"
 		"Exit codes: 0 device live, 1 failure, 2 usage error.\n",
 		UBLK_DEF_QUEUES, UBLK_DEF_DEPTH, UBLK_MAX_QUEUE_DEPTH);
 }
 
-static int parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
+int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out)
 {
 	char *end;
 	unsigned long v;
@@ -130,10 +147,12 @@ int cmd_add(int argc, char **argv)
 		{ "queues", required_argument, NULL, 'q' },
 		{ "depth", required_argument, NULL, 'd' },
 		{ "read-only", no_argument, NULL, 'r' },
+		{ "force-share", no_argument, NULL, 'U' },
 		{ "number", required_argument, NULL, 'n' },
 		{ "size", required_argument, NULL, 's' },
 		{ "cache", required_argument, NULL, 'c' },
 		{ "foreground", no_argument, NULL, 'f' },
+		{ "no-recovery", no_argument, NULL, 'R' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -147,7 +166,7 @@ int cmd_add(int argc, char **argv)
 	int c;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "t:q:d:rn:s:fh", lopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "t:q:d:rUn:s:fh", lopts, NULL)) != -1) {
 		switch (c) {
 		case 't':
 			if (!ublk_tgt_find(optarg)) {
@@ -157,13 +176,13 @@ int cmd_add(int argc, char **argv)
 			o.type = optarg;
 			break;
 		case 'q':
-			if (parse_uint(optarg, 1, UBLK_MAX_QUEUES, &o.nr_queues) < 0) {
+			if (cli_parse_uint(optarg, 1, UBLK_MAX_QUEUES, &o.nr_queues) < 0) {
 				log_error("--queues '%s': expected 1..%u", optarg, UBLK_MAX_QUEUES);
 				return EXIT_USAGE;
 			}
 			break;
 		case 'd':
-			if (parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &o.depth) < 0) {
+			if (cli_parse_uint(optarg, 1, UBLK_MAX_QUEUE_DEPTH, &o.depth) < 0) {
 				log_error("--depth '%s': expected 1..%u", optarg, UBLK_MAX_QUEUE_DEPTH);
 				return EXIT_USAGE;
 			}
@@ -171,8 +190,11 @@ int cmd_add(int argc, char **argv)
 		case 'r':
 			o.read_only = true;
 			break;
+		case 'U':
+			o.force_share = true;
+			break;
 		case 'n':
-			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+			if (cli_parse_uint(optarg, 0, INT_MAX, &id) < 0) {
 				log_error("--number '%s': expected a device number", optarg);
 				return EXIT_USAGE;
 			}
@@ -198,6 +220,9 @@ int cmd_add(int argc, char **argv)
 		case 'f':
 			foreground = true;
 			break;
+		case 'R':
+			o.no_recovery = true;
+			break;
 		case 'h':
 			add_usage(stdout);
 			return EXIT_OK;
@@ -211,15 +236,23 @@ int cmd_add(int argc, char **argv)
 		add_usage(stderr);
 		return EXIT_USAGE;
 	}
+	if (o.force_share && !o.read_only) {
+		log_error("--force-share is only allowed with --read-only");
+		return EXIT_USAGE;
+	}
 	if (optind < argc) {
 		if (o.type && !strcmp(o.type, "null")) {
 			log_error("the null target takes no FILE");
 			return EXIT_USAGE;
 		}
 		/* The daemon changes directory; keep the name it was given
-		 * meaningful (and absolute in 'qublk list'). */
-		if (!realpath(argv[optind], abspath)) {
-			log_error("%s: %s", argv[optind], strerror(errno));
+		 * meaningful (and absolute in 'qublk list').  Symlinks stay:
+		 * relative backing names resolve next to the given path. */
+		int err = path_absolute(argv[optind], abspath, sizeof(abspath));
+		if (!err && access(abspath, F_OK))
+			err = -errno;
+		if (err) {
+			log_error("%s: %s", argv[optind], strerror(-err));
 			return EXIT_FAIL;
 		}
 		o.file = abspath;
@@ -246,6 +279,134 @@ int cmd_add(int argc, char **argv)
 		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
 	return daemonise(&o);
 }
+
+/* ---------------------------------------------------- recover / upgrade */
+
+static bool pid_alive(int pid)
+{
+	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
+}
+
+static void takeover_usage(FILE *out, bool upgrade)
+{
+	if (upgrade)
+		fprintf(out,
+			"Usage: qublk upgrade -n ID [--foreground]\n\n"
+			"Hand device ID over from its running daemon to a new one started from this\n"
+			"qublk binary, without failing a request: the old daemon quiesces the device\n"
+			"(QUIESCE_DEV where the kernel has it; otherwise it stops its queues and the\n"
+			"kernel requeues what they held), writes the image back and passes it, still\n"
+			"open and locked, to the new daemon, which takes the device over.  The image\n"
+			"is never unlocked and never has two writers.\n\n");
+	else
+		fprintf(out,
+			"Usage: qublk recover -n ID [--foreground]\n\n"
+			"Start a new daemon for device ID whose daemon died (kill -9, crash, OOM):\n"
+			"the kernel kept the device and queued its I/O; the new daemon reopens the\n"
+			"image (what the crash left costs leaked clusters at most), takes the device\n"
+			"over and serves the queued requests, those the dead daemon held included\n"
+			"(user_recovery_reissue).  The device must have been created with\n"
+			"user_recovery (the default of 'qublk add' where the kernel offers it).\n\n");
+	fprintf(out, "The image and options come from the device's state file in %s.\n"
+		"  -n, --number ID      the device\n"
+		"  -f, --foreground     do not daemonise\n\n"
+		"Prints the device path once the new daemon serves it.\n"
+		"Exit codes: 0 success, 1 failure, 2 usage error.\n", ublk_run_dir());
+}
+
+static int takeover(int argc, char **argv, bool upgrade)
+{
+	static const struct option lopts[] = {
+		{ "number", required_argument, NULL, 'n' },
+		{ "foreground", no_argument, NULL, 'f' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct ublksrv_ctrl_dev_info info;
+	struct ublk_dev_opts o = { .max_io = UBLK_DEF_MAX_IO };
+	struct ublk_state st;
+	struct ublk_ctrl ctrl;
+	bool foreground = false, have_id = false, alive;
+	unsigned id = 0;
+	int c, ret;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "n:fh", lopts, NULL)) != -1) {
+		switch (c) {
+		case 'n':
+			if (cli_parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+				log_error("--number '%s': expected a device number", optarg);
+				return EXIT_USAGE;
+			}
+			have_id = true;
+			break;
+		case 'f':
+			foreground = true;
+			break;
+		case 'h':
+			takeover_usage(stdout, upgrade);
+			return EXIT_OK;
+		default:
+			takeover_usage(stderr, upgrade);
+			return EXIT_USAGE;
+		}
+	}
+	if (optind != argc || !have_id) {
+		log_error("expected -n ID and nothing else");
+		return EXIT_USAGE;
+	}
+	if (ublk_ctrl_open(&ctrl) < 0)
+		return EXIT_FAIL;
+	ret = ublk_ctrl_get_info(&ctrl, id, &info);
+	ublk_ctrl_close(&ctrl);
+	if (ret < 0) {
+		log_error("ublk%u: %s", id, ret == -ENODEV ? "no such device" : strerror(-ret));
+		return EXIT_FAIL;
+	}
+	if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+		log_error("ublk%u was created without user_recovery (--no-recovery, an "
+			  "unprivileged device, or a kernel without it): it cannot be %s", id,
+			  upgrade ? "handed over" : "recovered");
+		return EXIT_FAIL;
+	}
+	ret = ublk_state_read((int)id, &st);
+	if (ret < 0) {
+		log_error("ublk%u: no state file in %s (%s): cannot tell its image", id,
+			  ublk_run_dir(), strerror(-ret));
+		return EXIT_FAIL;
+	}
+	alive = pid_alive(info.ublksrv_pid) && info.state == UBLK_S_DEV_LIVE;
+	if (upgrade && !alive) {
+		log_error("ublk%u has no running daemon (state %s): use 'qublk recover -n %u'", id,
+			  ublk_state_name(info.state), id);
+		return EXIT_FAIL;
+	}
+	if (!upgrade && alive) {
+		log_error("ublk%u: its daemon (pid %d) is running: use 'qublk upgrade -n %u' to "
+			  "replace it", id, info.ublksrv_pid, id);
+		return EXIT_FAIL;
+	}
+	o.mode = upgrade ? UBLK_RUN_HANDOVER : UBLK_RUN_RECOVER;
+	o.type = ublk_tgt_find(st.target) ? st.target : NULL;
+	if (!o.type) {
+		log_error("ublk%u: unknown target '%s' in its state file", id, st.target);
+		return EXIT_FAIL;
+	}
+	o.file = strcmp(st.image, "-") ? st.image : NULL;
+	o.dev_id = (int)id;
+	o.nr_queues = info.nr_hw_queues;
+	o.depth = info.queue_depth;
+	o.read_only = st.read_only;
+	o.force_share = st.force_share;
+	o.direct = st.direct;
+	o.size = st.size;
+	if (foreground)
+		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
+	return daemonise(&o);
+}
+
+int cmd_recover(int argc, char **argv) { return takeover(argc, argv, false); }
+int cmd_upgrade(int argc, char **argv) { return takeover(argc, argv, true); }
 
 /* --------------------------------------------------------------- list */
 
@@ -286,7 +447,7 @@ static int collect_ids(int *ids, int max)
 	return n;
 }
 
-static void json_string(FILE *out, const char *s)
+void cli_json_string(FILE *out, const char *s)
 {
 	fputc('"', out);
 	for (; *s; s++) {
@@ -326,6 +487,10 @@ int cmd_list(int argc, char **argv)
 		case 'h':
 			printf("Usage: qublk list [--output human|json]\n\n"
 			       "Show the ublk devices: id, state, target, queues, depth, daemon pid, image.\n"
+			       "States: live; quiesced (no daemon: its daemon died or handed over, the\n"
+			       "kernel queues the I/O until 'qublk recover -n ID' or 'qublk del'); recovering\n"
+			       "(a new daemon is taking over); quiescing (the daemon died a moment ago);\n"
+			       "fail-io; dead (not started).  A '!' after the pid: that daemon is gone.\n"
 			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
 			return EXIT_OK;
 		default:
@@ -342,11 +507,12 @@ int cmd_list(int argc, char **argv)
 	if (json)
 		printf("[");
 	else
-		printf("%-4s %-8s %-6s %6s %5s %7s %-3s %s\n", "ID", "STATE", "TARGET", "QUEUES",
+		printf("%-4s %-10s %-6s %6s %5s %7s %-3s %s\n", "ID", "STATE", "TARGET", "QUEUES",
 		       "DEPTH", "PID", "RO", "IMAGE");
 	for (int i = 0; i < n; i++) {
 		struct ublksrv_ctrl_dev_info info;
 		struct ublk_state st;
+		const char *state;
 		bool have_st, alive;
 
 		/* State files of devices that are gone are stale: skip. */
@@ -358,20 +524,28 @@ int cmd_list(int argc, char **argv)
 			snprintf(st.target, sizeof(st.target), "?");
 			snprintf(st.image, sizeof(st.image), "?");
 		}
-		alive = info.ublksrv_pid > 0 && kill(info.ublksrv_pid, 0) == 0;
+		alive = pid_alive(info.ublksrv_pid);
+		state = ublk_state_name(info.state);
+		/* A daemon that started recovery and has not ended it yet. */
+		if (!alive && have_st && st.pid != info.ublksrv_pid && pid_alive(st.pid))
+			state = "recovering";
+		else if (!alive && info.state == UBLK_S_DEV_LIVE && (info.flags & UBLK_F_USER_RECOVERY))
+			state = "quiescing";
 		if (json) {
-			printf("%s\n  {\"id\": %d, \"state\": \"%s\", \"target\": ", shown ? "," : "",
-			       ids[i], ublk_state_name(info.state));
-			json_string(stdout, st.target);
+			printf("%s\n  {\"id\": %d, \"state\": \"%s\", \"recoverable\": %s, "
+			       "\"flags\": %llu, \"target\": ", shown ? "," : "", ids[i], state,
+			       (info.flags & UBLK_F_USER_RECOVERY) ? "true" : "false",
+			       (unsigned long long)info.flags);
+			cli_json_string(stdout, st.target);
 			printf(", \"image\": ");
-			json_string(stdout, st.image);
+			cli_json_string(stdout, st.image);
 			printf(", \"queues\": %u, \"depth\": %u, \"pid\": %d, \"daemon_alive\": %s, "
 			       "\"read_only\": %s, \"device\": \"/dev/ublkb%d\"}",
 			       info.nr_hw_queues, info.queue_depth, info.ublksrv_pid,
 			       alive ? "true" : "false", st.read_only ? "true" : "false", ids[i]);
 		} else {
-			printf("%-4d %-8s %-6s %6u %5u %7d%s %-3s %s\n", ids[i],
-			       ublk_state_name(info.state), st.target, info.nr_hw_queues,
+			printf("%-4d %-10s %-6s %6u %5u %7d%s %-3s %s\n", ids[i],
+			       state, st.target, info.nr_hw_queues,
 			       info.queue_depth, info.ublksrv_pid, alive ? " " : "!",
 			       st.read_only ? "yes" : "no", st.image);
 		}
@@ -403,7 +577,7 @@ int cmd_del(int argc, char **argv)
 	while ((c = getopt_long(argc, argv, "n:ah", lopts, NULL)) != -1) {
 		switch (c) {
 		case 'n':
-			if (parse_uint(optarg, 0, INT_MAX, &id) < 0) {
+			if (cli_parse_uint(optarg, 0, INT_MAX, &id) < 0) {
 				log_error("--number '%s': expected a device number", optarg);
 				return EXIT_USAGE;
 			}
@@ -413,7 +587,7 @@ int cmd_del(int argc, char **argv)
 			all = true;
 			break;
 		case 'T':
-			if (parse_uint(optarg, 1, 86400, &timeout_s) < 0) {
+			if (cli_parse_uint(optarg, 1, 86400, &timeout_s) < 0) {
 				log_error("--timeout '%s': expected seconds", optarg);
 				return EXIT_USAGE;
 			}

@@ -74,34 +74,62 @@ struct io_uring_sqe *aio_get_sqe(struct aio_ctx *ctx, struct aio_req *req)
 	return sqe;
 }
 
-struct co_wait {
-	struct aio_req req;
-	struct coro *co;
-	int res;
-	bool done;
-};
-
-static void co_wait_complete(struct aio_req *req, int res)
+static void wait_complete(struct aio_req *req, int res)
 {
-	struct co_wait *w = (struct co_wait *)req;
+	struct aio_wait *w = (struct aio_wait *)((char *)req - offsetof(struct aio_wait, req));
 
 	w->res = res;
 	w->done = true;
-	coro_enter(w->co);
+	if (w->co)
+		coro_enter(w->co);
+}
+
+int aio_co_wait_sqe_as(struct aio_ctx *ctx, struct aio_wait *w, struct io_uring_sqe *sqe)
+{
+	(void)ctx;
+	w->req.complete = wait_complete;
+	w->done = false;
+	w->co = coro_self();
+	assert(w->co);
+	io_uring_sqe_set_data(sqe, &w->req);
+	while (!w->done)
+		coro_yield();
+	w->co = NULL;
+	return w->res;
 }
 
 int aio_co_wait_sqe(struct aio_ctx *ctx, struct io_uring_sqe *sqe)
 {
-	struct co_wait w = { .req.complete = co_wait_complete, .co = coro_self() };
+	struct aio_wait w = { .co = NULL };
 
-	(void)ctx;
-	assert(w.co);
-	io_uring_sqe_set_data(sqe, &w.req);
-	while (!w.done)
-		coro_yield();
-	return w.res;
+	return aio_co_wait_sqe_as(ctx, &w, sqe);
 }
 
+void aio_cancel(struct aio_ctx *ctx, struct aio_wait *w)
+{
+	struct io_uring_sqe *sqe;
+
+	if (!w->co)
+		return;
+	sqe = aio_get_sqe(ctx, NULL);
+	io_uring_prep_cancel(sqe, &w->req, 0);
+}
+
+void aio_post_nop(struct aio_ctx *ctx, struct aio_req *req)
+{
+	struct io_uring_sqe *sqe = aio_get_sqe(ctx, req);
+
+	io_uring_prep_nop(sqe);
+}
+
+void aio_co_sleep_ms(struct aio_ctx *ctx, unsigned ms)
+{
+	struct __kernel_timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L };
+	struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
+
+	io_uring_prep_timeout(sqe, &ts, 0, 0);
+	aio_co_wait_sqe(ctx, sqe);
+}
 
 /* Runs on the home loop when another thread posted to us. */
 static void remote_complete(struct aio_req *req, int res)

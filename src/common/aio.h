@@ -5,7 +5,9 @@
  *
  * Every SQE's user_data is a pointer to a struct aio_req; its complete()
  * runs on the loop with the CQE result.  This is the only place user_data
- * is encoded.  A coroutine waiting for one SQE uses aio_submit_wait().
+ * is encoded.  A coroutine waiting for one SQE uses aio_co_wait_sqe(), or
+ * aio_co_wait_sqe_as() with a struct aio_wait that another coroutine may
+ * cancel (aio_cancel()).
  *
  * Thread model: an aio_ctx is used only by the thread that made it current.
  */
@@ -47,6 +49,28 @@ struct io_uring_sqe *aio_get_sqe(struct aio_ctx *ctx, struct aio_req *req);
 /* Coroutine context: prepare @sqe via aio_get_sqe(NULL req) then wait.
  * Returns the CQE result. */
 int aio_co_wait_sqe(struct aio_ctx *ctx, struct io_uring_sqe *sqe);
+
+/* One awaited SQE that others can see and cancel: its waiter is known
+ * while it is pending (co != NULL).  Zero-initialise before first use. */
+struct aio_wait {
+	struct aio_req req;
+	struct coro *co;       /* waiting coroutine, NULL when not pending */
+	int res;
+	bool done;
+};
+/* Coroutine context: like aio_co_wait_sqe(), waiting as @w. */
+int aio_co_wait_sqe_as(struct aio_ctx *ctx, struct aio_wait *w, struct io_uring_sqe *sqe);
+/* True while a coroutine waits in aio_co_wait_sqe_as(@w). */
+static inline bool aio_wait_pending(const struct aio_wait *w) { return w->co != NULL; }
+/* Ask the kernel to cancel @w's SQE if it is pending; its waiter then
+ * sees -ECANCELED, or the real result if the operation won the race.
+ * Any context on @ctx's thread; a no-op when nothing is pending. */
+void aio_cancel(struct aio_ctx *ctx, struct aio_wait *w);
+/* Post a NOP completing as @req (whose complete() may do nothing): makes
+ * a loop blocked in aio_run_once() return and re-check its condition. */
+void aio_post_nop(struct aio_ctx *ctx, struct aio_req *req);
+/* Coroutine context: sleep @ms milliseconds on the ring. */
+void aio_co_sleep_ms(struct aio_ctx *ctx, unsigned ms);
 
 /* Put @co on its home loop's ready list (waking that thread if it is not
  * this one); it runs from the loop. */

@@ -7,12 +7,16 @@
  * O_DIRECT: requests that are not aligned to the file's DIO alignment
  * (offset, length or buffer) go through an aligned bounce buffer; writes
  * are read-modify-write.  To keep a RMW from overwriting a neighbour's
- * concurrent write in the same block, every write on a direct file
- * registers its block-aligned range; a RMW waits for every overlapping
- * write and an aligned write waits for overlapping RMWs.
+ * concurrent change in the same block, every write and every fallocate
+ * on a direct file registers its block-aligned range; a RMW waits for
+ * every overlapping one, and a write or fallocate waits for overlapping
+ * RMWs (with none in flight, which is the common case, nobody walks the
+ * list).
  *
- * Thread model: the range list is per file and used by one thread's
- * coroutines at a time (the owner of the aio_ctx).
+ * Thread model: one io_file may be used by the coroutines of several
+ * threads at once (ublk queues share an image).  The range list is
+ * guarded by a spinlock; a waiter sleeps on the range it waits for and is
+ * woken on its own thread's loop (coro.h).
  */
 #include "common/io.h"
 
@@ -37,12 +41,13 @@ struct io_range {
 	uint64_t start, end;      /* block-aligned */
 	bool rmw;
 	struct co_queue waiters;
-	struct io_range *next;
+	struct io_range *prev, *next;
 };
 
 struct fd_file {
 	struct io_file f;
 	struct io_range *ranges;  /* in-flight direct writes, under spin */
+	unsigned nrmw;            /* how many of them are RMWs */
 	int spin;
 };
 
@@ -165,7 +170,9 @@ static void range_lock(struct fd_file *ff, struct io_range *r)
 	r->waiters = (struct co_queue)CO_QUEUE_INIT;
 again:
 	spin_lock(&ff->spin);
-	if (coro_self()) {
+	/* Only RMWs conflict with anything: without one in flight (and
+	 * unless we are one), there is nothing to wait for. */
+	if (coro_self() && (r->rmw || ff->nrmw)) {
 		for (struct io_range *o = ff->ranges; o; o = o->next) {
 			if (ranges_conflict(o, r->start, r->end, r->rmw)) {
 				co_queue_wait_spin(&o->waiters, &ff->spin);
@@ -173,20 +180,25 @@ again:
 			}
 		}
 	}
+	r->prev = NULL;
 	r->next = ff->ranges;
+	if (ff->ranges)
+		ff->ranges->prev = r;
 	ff->ranges = r;
+	ff->nrmw += r->rmw;
 	spin_unlock(&ff->spin);
 }
 
 static void range_unlock(struct fd_file *ff, struct io_range *r)
 {
-	struct io_range **pp;
-
 	spin_lock(&ff->spin);
-	pp = &ff->ranges;
-	while (*pp != r)
-		pp = &(*pp)->next;
-	*pp = r->next;
+	if (r->prev)
+		r->prev->next = r->next;
+	else
+		ff->ranges = r->next;
+	if (r->next)
+		r->next->prev = r->prev;
+	ff->nrmw -= r->rmw;
 	spin_unlock(&ff->spin);
 	/* Nobody can queue on r any more: it is off the list. */
 	co_queue_wake_all(&r->waiters);
@@ -252,16 +264,32 @@ static int fd_flush(struct io_file *f)
 
 static int fd_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 {
+	struct fd_file *ff = (struct fd_file *)f;
 	struct aio_ctx *ctx = aio_ctx_current();
+	struct io_range r;
+	int ret;
 
 	if (f->read_only)
 		return -EROFS;
+	/* Zeroing or punching part of a block changes it like a write: a
+	 * neighbour's RMW of that block must not write stale bytes back. */
+	if (f->direct) {
+		r = (struct io_range){
+			.start = ALIGN_DOWN(off, (uint64_t)f->align),
+			.end = ALIGN_UP(off + len, (uint64_t)f->align),
+		};
+		range_lock(ff, &r);
+	}
 	if (coro_self() && ctx) {
 		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
 		io_uring_prep_fallocate(sqe, f->fd, mode, off, len);
-		return aio_co_wait_sqe(ctx, sqe);
+		ret = aio_co_wait_sqe(ctx, sqe);
+	} else {
+		ret = fallocate(f->fd, mode, off, len) ? -errno : 0;
 	}
-	return fallocate(f->fd, mode, off, len) ? -errno : 0;
+	if (f->direct)
+		range_unlock(ff, &r);
+	return ret;
 }
 
 static int fd_truncate(struct io_file *f, uint64_t size)
@@ -322,10 +350,40 @@ static unsigned dio_alignment(int fd)
 	return MAX(align, 512u);
 }
 
+static int fd_file_new(int fd, const char *path, bool read_only, bool direct,
+		       struct io_file **out)
+{
+	struct fd_file *ff = calloc(1, sizeof(*ff));
+
+	if (!ff || !(ff->f.path = strdup(path))) {
+		free(ff);
+		close(fd);
+		return -ENOMEM;
+	}
+	ff->f.ops = &fd_ops;
+	ff->f.fd = fd;
+	ff->f.read_only = read_only;
+	ff->f.direct = direct;
+	ff->f.align = direct ? dio_alignment(fd) : 1;
+	*out = &ff->f;
+	return 0;
+}
+
+int io_file_adopt(int fd, const char *path, struct io_file **out)
+{
+	int fl = fcntl(fd, F_GETFL);
+
+	if (fl < 0) {
+		int ret = -errno;
+		close(fd);
+		return ret;
+	}
+	return fd_file_new(fd, path, (fl & O_ACCMODE) == O_RDONLY, fl & O_DIRECT, out);
+}
+
 int io_file_open(const char *path, unsigned flags, struct io_file **out)
 {
 	int oflags = O_CLOEXEC | ((flags & IO_OPEN_RDONLY) ? O_RDONLY : O_RDWR);
-	struct fd_file *ff;
 	int fd = -1;
 	bool direct = false;
 
@@ -342,19 +400,7 @@ int io_file_open(const char *path, unsigned flags, struct io_file **out)
 		fd = open(path, oflags, 0644);
 	if (fd < 0)
 		return -errno;
-	ff = calloc(1, sizeof(*ff));
-	if (!ff || !(ff->f.path = strdup(path))) {
-		free(ff);
-		close(fd);
-		return -ENOMEM;
-	}
-	ff->f.ops = &fd_ops;
-	ff->f.fd = fd;
-	ff->f.read_only = flags & IO_OPEN_RDONLY;
-	ff->f.direct = direct;
-	ff->f.align = direct ? dio_alignment(fd) : 1;
-	*out = &ff->f;
-	return 0;
+	return fd_file_new(fd, path, flags & IO_OPEN_RDONLY, direct, out);
 }
 
 void io_file_close(struct io_file *f)

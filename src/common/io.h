@@ -52,6 +52,11 @@ enum {
 };
 
 int io_file_open(const char *path, unsigned flags, struct io_file **out);
+/* Wrap @fd, an open descriptor of @path (opened by someone else, e.g.
+ * received from another process), as io_file_open would have opened it:
+ * O_DIRECT and read-only-ness are taken from the descriptor's flags.  The
+ * io_file owns @fd from then on, even on failure.  Returns -errno. */
+int io_file_adopt(int fd, const char *path, struct io_file **out);
 void io_file_close(struct io_file *f);
 
 static inline int io_preadv(struct io_file *f, const struct iovec *iov, int n, uint64_t off)

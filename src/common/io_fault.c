@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: MIT */
-/* The fault-injecting io backend (see io_fault.h).  Counters are plain
- * integers: the wrapper is used from one thread in tests. */
+/* The fault-injecting io backend (see io_fault.h).  Counters and the log
+ * are plain data: the wrapper is used from one thread in tests (its
+ * coroutines may interleave: calls wait on the inner file). */
 #include "common/io_fault.h"
 
 #include <errno.h>
@@ -53,6 +54,11 @@ static int apply_pending(struct fault_file *ff, bool subset)
 	return ret;
 }
 
+static int injected_err(struct fault_file *ff)
+{
+	return -(ff->cfg.fail_errno ? ff->cfg.fail_errno : EIO);
+}
+
 /* Decide the fate of a mutating call: 0 pass, 1 drop, -errno fail. */
 static int judge(struct fault_file *ff)
 {
@@ -67,7 +73,7 @@ static int judge(struct fault_file *ff)
 	}
 	if (ff->cfg.fail_after && n >= ff->cfg.fail_after) {
 		ff->st.failed++;
-		return -(ff->cfg.fail_errno ? ff->cfg.fail_errno : EIO);
+		return injected_err(ff);
 	}
 	return 0;
 }
@@ -77,7 +83,7 @@ static int ff_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64
 	struct fault_file *ff = FF(f);
 	if (ff->cfg.read_fail_after && ++ff->st.reads >= ff->cfg.read_fail_after) {
 		ff->st.failed++;
-		return -(ff->cfg.fail_errno ? ff->cfg.fail_errno : EIO);
+		return injected_err(ff);
 	}
 	int ret = io_preadv(ff->inner, iov, cnt, off);
 	if (ret < 0)
@@ -92,9 +98,54 @@ static int ff_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64
 	return 0;
 }
 
-static int ff_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
+/* Log the start of a call; returns its record's index, or SIZE_MAX when
+ * not recording (or out of memory: log->error says so). */
+static size_t rec_begin(struct fault_file *ff, enum io_fault_kind kind, int mode, uint64_t off,
+			uint64_t len, const struct iovec *iov, int cnt)
 {
-	struct fault_file *ff = FF(f);
+	struct io_fault_log *log = ff->cfg.log;
+	struct io_fault_rec *r;
+
+	if (!log || log->error)
+		return SIZE_MAX;
+	if (log->n == log->cap) {
+		size_t cap = log->cap ? 2 * log->cap : 256;
+		struct io_fault_rec *nr = realloc(log->recs, cap * sizeof(*nr));
+		if (!nr) {
+			log->error = -ENOMEM;
+			return SIZE_MAX;
+		}
+		log->recs = nr;
+		log->cap = cap;
+	}
+	r = &log->recs[log->n];
+	*r = (struct io_fault_rec){ .kind = kind, .mode = mode, .off = off, .len = len,
+				    .start = log->clock++, .done = IO_FAULT_NOT_DONE };
+	if (iov) {
+		r->data = malloc(len ? len : 1);
+		if (!r->data) {
+			log->error = -ENOMEM;
+			return SIZE_MAX;
+		}
+		iov_to_buf(iov, cnt, 0, r->data, len);
+	}
+	return log->n++;
+}
+
+/* Stamp the completion of record @i (the array may have moved since
+ * rec_begin: other coroutines log while this call waits). */
+static void rec_end(struct fault_file *ff, size_t i, int result)
+{
+	struct io_fault_log *log = ff->cfg.log;
+
+	if (i == SIZE_MAX || log->error)
+		return;
+	log->recs[i].result = result;
+	log->recs[i].done = log->clock++;
+}
+
+static int do_pwritev(struct fault_file *ff, const struct iovec *iov, int cnt, uint64_t off)
+{
 	int v = judge(ff);
 	ff->st.writes++;
 	if (v)
@@ -117,6 +168,16 @@ static int ff_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint6
 	return 0;
 }
 
+static int ff_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
+{
+	struct fault_file *ff = FF(f);
+	size_t r = rec_begin(ff, IO_FAULT_WRITE, 0, off, iov_size(iov, cnt), iov, cnt);
+	int ret = do_pwritev(ff, iov, cnt, off);
+
+	rec_end(ff, r, ret);
+	return ret;
+}
+
 /* A flush, fallocate or truncate: judged like a write, and a barrier for
  * the writes held back in reorder mode.  Returns 1 to go ahead with the
  * call, else its result (0 when dropped, -errno when failed). */
@@ -134,22 +195,44 @@ static int barrier(struct fault_file *ff, unsigned long *counter)
 static int ff_flush(struct io_file *f)
 {
 	struct fault_file *ff = FF(f);
-	int ret = barrier(ff, &ff->st.flushes);
-	return ret == 1 ? io_flush(ff->inner) : ret;
+	size_t r = rec_begin(ff, IO_FAULT_FLUSH, 0, 0, 0, NULL, 0);
+	int ret;
+
+	if (ff->cfg.fail_flush && ff->st.flushes + 1 == ff->cfg.fail_flush) {
+		ff->st.flushes++;
+		ff->st.failed++;
+		ret = injected_err(ff);
+	} else {
+		ret = barrier(ff, &ff->st.flushes);
+		if (ret == 1)
+			ret = io_flush(ff->inner);
+	}
+	rec_end(ff, r, ret);
+	return ret;
 }
 
 static int ff_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 {
 	struct fault_file *ff = FF(f);
+	size_t r = rec_begin(ff, IO_FAULT_FALLOCATE, mode, off, len, NULL, 0);
 	int ret = barrier(ff, &ff->st.writes);
-	return ret == 1 ? io_fallocate(ff->inner, mode, off, len) : ret;
+
+	if (ret == 1)
+		ret = io_fallocate(ff->inner, mode, off, len);
+	rec_end(ff, r, ret);
+	return ret;
 }
 
 static int ff_truncate(struct io_file *f, uint64_t size)
 {
 	struct fault_file *ff = FF(f);
+	size_t r = rec_begin(ff, IO_FAULT_TRUNCATE, 0, size, 0, NULL, 0);
 	int ret = barrier(ff, &ff->st.writes);
-	return ret == 1 ? io_truncate(ff->inner, size) : ret;
+
+	if (ret == 1)
+		ret = io_truncate(ff->inner, size);
+	rec_end(ff, r, ret);
+	return ret;
 }
 
 static int ff_get_size(struct io_file *f, uint64_t *size)
@@ -221,10 +304,19 @@ int io_fault_parse(const char *spec, struct io_fault_cfg *cfg)
 		if (!strcmp(tok, "fail_after")) cfg->fail_after = v;
 		else if (!strcmp(tok, "drop_after")) cfg->drop_after = v;
 		else if (!strcmp(tok, "read_fail_after")) cfg->read_fail_after = v;
+		else if (!strcmp(tok, "fail_flush")) cfg->fail_flush = v;
 		else if (!strcmp(tok, "errno")) cfg->fail_errno = (int)v;
 		else if (!strcmp(tok, "reorder")) cfg->reorder = v != 0;
 		else if (!strcmp(tok, "seed")) cfg->seed = v;
 		else return -EINVAL;
 	}
 	return 0;
+}
+
+void io_fault_log_free(struct io_fault_log *log)
+{
+	for (size_t i = 0; i < log->n; i++)
+		free(log->recs[i].data);
+	free(log->recs);
+	*log = (struct io_fault_log){ 0 };
 }

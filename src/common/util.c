@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 static const char *prog = "qublk";
 bool log_debug_enabled;
@@ -42,6 +43,21 @@ DEFINE_LOG(log_error, "", true)
 DEFINE_LOG(log_warn, "warning: ", true)
 DEFINE_LOG(log_info, "", true)
 DEFINE_LOG(log_debug, "debug: ", log_debug_enabled)
+
+int path_absolute(const char *path, char *out, size_t outlen)
+{
+	char cwd[4096];
+	int n;
+
+	if (path[0] == '/') {
+		n = snprintf(out, outlen, "%s", path);
+	} else {
+		if (!getcwd(cwd, sizeof(cwd)))
+			return -errno;
+		n = snprintf(out, outlen, "%s/%s", strcmp(cwd, "/") ? cwd : "", path);
+	}
+	return n < 0 || (size_t)n >= outlen ? -ENAMETOOLONG : 0;
+}
 
 int parse_size(const char *s, uint64_t *out)
 {

@@ -57,6 +57,11 @@ static inline void put_be64(void *p, uint64_t v) { v = htobe64(v); memcpy(p, &v,
 #define ckd_mul(r, a, b) __builtin_mul_overflow((a), (b), (r))
 #define ckd_sub(r, a, b) __builtin_sub_overflow((a), (b), (r))
 
+/* @path made absolute by prefixing the working directory, symlinks kept:
+ * a relative backing file name is then looked up next to the path the
+ * user gave, as QEMU does.  Returns -errno (-ENAMETOOLONG). */
+int path_absolute(const char *path, char *out, size_t outlen);
+
 /* Parse "123", "4k", "64K", "1M", "2G", "1T" (binary units, optional
  * trailing 'B' or 'iB').  Returns -EINVAL / -ERANGE or 0. */
 int parse_size(const char *s, uint64_t *out);

@@ -3,8 +3,8 @@
  * NBD wire protocol constants, written from the protocol description
  * (NetworkBlockDevice/nbd doc/proto.md).  Every integer on the wire is
  * big-endian (get_be32() and friends in common/util.h).  Only the subset the
- * server speaks is named here: fixed newstyle negotiation and simple
- * replies (no structured replies, no extended headers, no TLS).
+ * server speaks is named here: fixed newstyle negotiation, simple and
+ * structured replies, meta contexts and block status, TLS.
  */
 #ifndef QUBLK_NBD_PROTO_H
 #define QUBLK_NBD_PROTO_H
@@ -52,6 +52,7 @@
 #define NBD_REP_ACK               1u
 #define NBD_REP_SERVER            2u
 #define NBD_REP_INFO              3u
+#define NBD_REP_META_CONTEXT      4u
 #define NBD_REP_FLAG_ERROR        (1u << 31)
 #define NBD_REP_ERR_UNSUP         (NBD_REP_FLAG_ERROR | 1)
 #define NBD_REP_ERR_POLICY        (NBD_REP_FLAG_ERROR | 2)
@@ -74,6 +75,8 @@
 #define NBD_SIMPLE_REPLY_MAGIC 0x67446698u
 #define NBD_REQUEST_SIZE       28   /* magic32 flags16 type16 cookie64 offset64 length32 */
 #define NBD_SIMPLE_REPLY_SIZE  16   /* magic32 error32 cookie64 */
+#define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efu
+#define NBD_CHUNK_HDR_SIZE     20   /* magic32 flags16 type16 cookie64 length32 */
 #define NBD_OPT_HDR_SIZE       16   /* magic64 option32 length32 */
 #define NBD_REP_HDR_SIZE       20   /* magic64 option32 type32 length32 */
 
@@ -93,6 +96,20 @@
 #define NBD_CMD_FLAG_DF         (1u << 2)
 #define NBD_CMD_FLAG_REQ_ONE    (1u << 3)
 #define NBD_CMD_FLAG_FAST_ZERO  (1u << 4)
+
+/* Structured reply chunks */
+#define NBD_REPLY_FLAG_DONE          (1u << 0)
+#define NBD_REPLY_TYPE_NONE          0
+#define NBD_REPLY_TYPE_OFFSET_DATA   1      /* u64 offset, data */
+#define NBD_REPLY_TYPE_OFFSET_HOLE   2      /* u64 offset, u32 length */
+#define NBD_REPLY_TYPE_BLOCK_STATUS  5      /* u32 context id, {u32 length, u32 flags}... */
+#define NBD_REPLY_TYPE_ERROR         ((1u << 15) + 1)   /* u32 error, u16 msglen, msg */
+
+/* Meta contexts and their status flags */
+#define NBD_META_BASE_ALLOCATION   "base:allocation"
+#define NBD_META_QEMU_ALLOC_DEPTH  "qemu:allocation-depth"
+#define NBD_STATE_HOLE   (1u << 0)
+#define NBD_STATE_ZERO   (1u << 1)
 
 /* Error values in replies (fixed by the protocol, not the host's errno) */
 #define NBD_SUCCESS    0

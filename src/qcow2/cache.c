@@ -14,6 +14,14 @@
  * there) are durable, so writing one first writes the refcount cache and
  * syncs (see the rules at the top of refcount.c).
  *
+ * Durability: a written slice is "unsynced" until the next successful
+ * qcow2_sync(); only then is it clean.  If that sync fails, it is dirty
+ * again (and the file is poisoned: every later flush fails, io.h).  An
+ * unsynced slice may be evicted: what it held is then the disk's, and
+ * the only claim anyone makes about it is the next flush's, which fails
+ * if any sync since was lost.  Every write is checked by the range
+ * authority (ranges.c) as the cache's kind of metadata.
+ *
  * Thread model: called with the owning qcow2_state's lock held.
  */
 #include <errno.h>
@@ -53,6 +61,7 @@ int qcow2_cache_init(struct qcow2_state *s, struct qcow2_cache *c, const char *n
 	c->n = (uint32_t)n;
 	c->used = 0;
 	c->ndirty = 0;
+	c->nunsynced = 0;
 	c->nbuckets = 1;
 	while (c->nbuckets < c->n)
 		c->nbuckets <<= 1;
@@ -146,19 +155,25 @@ static int lookup(const struct qcow2_cache *c, uint64_t key)
 	return -1;
 }
 
-/* Make the refcount cache durable before any L2 slice is written. */
+/* Make the refcount cache durable before any L2 slice is written.  With
+ * lazy refcounts the image is marked dirty instead (once): its refcounts
+ * are rebuilt at the next open if it is not closed cleanly. */
 static int l2_write_barrier(struct qcow2_state *s)
 {
-	int ret = qcow2_cache_writeback(&s->rbc);
+	int ret;
 
+	if (s->lazy_refcounts)
+		return qcow2_mark_dirty(s);
+	ret = qcow2_cache_writeback(&s->rbc);
 	if (ret < 0)
 		return ret;
-	return io_flush(s->file);
+	return qcow2_sync(s);
 }
 
 static int write_slice(struct qcow2_cache *c, int i)
 {
-	int ret = io_pwrite(c->s->file, slice_data(c, i), c->slice_size, c->sl[i].key);
+	enum qcow2_site site = c->is_l2 ? QCOW2_W_L2_UPDATE : QCOW2_W_REFBLOCK_UPDATE;
+	int ret = qcow2_pwrite_meta(c->s, site, slice_data(c, i), c->slice_size, c->sl[i].key);
 
 	if (ret < 0) {
 		log_error("%s: writing %s slice at %#llx: %s", c->s->bs->filename, c->name,
@@ -167,7 +182,26 @@ static int write_slice(struct qcow2_cache *c, int i)
 	}
 	c->sl[i].dirty = false;
 	c->ndirty--;
+	if (!c->sl[i].unsynced) {
+		c->sl[i].unsynced = true;
+		c->nunsynced++;
+	}
 	return 0;
+}
+
+void qcow2_cache_synced(struct qcow2_cache *c, bool ok)
+{
+	for (uint32_t i = 0; i < c->used && c->nunsynced; i++) {
+		struct qcow2_slice *e = &c->sl[i];
+		if (!e->unsynced)
+			continue;
+		e->unsynced = false;
+		c->nunsynced--;
+		if (!ok && e->key != EMPTY && !e->dirty) {
+			e->dirty = true;
+			c->ndirty++;
+		}
+	}
 }
 
 /* Find a slot for a new slice: a never-used one, else the least recently
@@ -182,6 +216,7 @@ static int get_slot(struct qcow2_cache *c)
 		c->sl[i].hnext = -1;
 		c->sl[i].ref = 0;
 		c->sl[i].dirty = false;
+		c->sl[i].unsynced = false;
 		lru_push_head(c, i);
 		return i;
 	}
@@ -207,6 +242,10 @@ static int get_slot(struct qcow2_cache *c)
 		}
 		if (c->sl[i].key != EMPTY)
 			hash_remove(c, i);
+		if (c->sl[i].unsynced) {
+			c->sl[i].unsynced = false;
+			c->nunsynced--;
+		}
 		lru_unlink(c, i);
 		lru_push_head(c, i);
 		return i;

@@ -41,20 +41,29 @@ int qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *off, u
 int qcow2_l2_entry_type(struct qcow2_state *s, uint64_t e, enum qcow2_ctype *t)
 {
 	uint64_t off, len;
+	bool has;
 
 	if (e & QCOW2_OFLAG_COMPRESSED) {
+		/* Never with an external data file. */
+		if (s->data_file)
+			return bad_entry(s, "compressed L2", e);
 		*t = QCOW2_COMPRESSED;
 		return qcow2_compressed_range(s, e, &off, &len);
 	}
 	if (e & QCOW2_L2E_RESERVED_MASK)
 		return bad_entry(s, "L2", e);
 	off = e & QCOW2_L2E_OFFSET_MASK;
-	if (off && (!IS_ALIGNED(off, s->cluster_size) || off >= s->file_end))
+	if (off && (!IS_ALIGNED(off, s->cluster_size) || (!s->data_file && off >= s->file_end)))
 		return bad_entry(s, "L2", e);
-	if (e & QCOW2_OFLAG_ZERO)
-		*t = off ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
+	/* Is there a host cluster?  In a data file, host cluster 0 is one
+	 * too ("Standard Cluster Descriptor": offset 0 with bit 63 set). */
+	has = off || (s->data_file && (e & QCOW2_OFLAG_COPIED));
+	/* "Standard Cluster Descriptor" bit 0 means nothing with extended
+	 * L2 (the bitmap says what reads as zeros): ignored, as by QEMU. */
+	if ((e & QCOW2_OFLAG_ZERO) && !s->ext_l2)
+		*t = has ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
 	else
-		*t = off ? QCOW2_NORMAL : QCOW2_UNALLOCATED;
+		*t = has ? QCOW2_NORMAL : QCOW2_UNALLOCATED;
 	if (*t == QCOW2_UNALLOCATED && (e & QCOW2_OFLAG_COPIED))
 		return bad_entry(s, "L2", e);
 	return 0;
@@ -100,6 +109,91 @@ int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slot,
 	return pin_slice(s, table, l2_idx, slot, entries, index);
 }
 
+/* Subcluster @sc of a cluster with entry @e (cluster type @ct) and
+ * bitmap @b, as a mapping type ("Subcluster Allocation Bitmap"). */
+static enum qcow2_ctype sc_type(uint64_t e, enum qcow2_ctype ct, uint64_t b, unsigned sc)
+{
+	(void)e;
+	if (ct == QCOW2_COMPRESSED)
+		return QCOW2_COMPRESSED;
+	if (b & QCOW2_SC_ALLOC(sc))
+		return QCOW2_NORMAL;
+	if (b & QCOW2_SC_ZERO(sc))
+		return ct == QCOW2_NORMAL ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
+	return QCOW2_UNALLOCATED;
+}
+
+int qcow2_l2_ext_check(struct qcow2_state *s, uint64_t e, uint64_t b, enum qcow2_ctype *ct)
+{
+	int ret = qcow2_l2_entry_type(s, e, ct);
+
+	if (ret < 0)
+		return ret;
+	/* Compressed clusters have no subclusters; a subcluster is never
+	 * both allocated and zero; allocated ones need a host cluster. */
+	if ((*ct == QCOW2_COMPRESSED && b) || ((b >> 32) & b & 0xffffffffull) ||
+	    ((b & 0xffffffffull) && *ct != QCOW2_NORMAL)) {
+		log_error("%s: corrupt subcluster bitmap %#llx of L2 entry %#llx", s->bs->filename,
+			  (unsigned long long)b, (unsigned long long)e);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* Subclusters of the same type as @sc from @sc on, up to 32. */
+static unsigned sc_run(uint64_t e, enum qcow2_ctype ct, uint64_t b, unsigned sc,
+		       enum qcow2_ctype t)
+{
+	unsigned n = 0;
+
+	while (sc + n < QCOW2_SUBCLUSTERS && sc_type(e, ct, b, sc + n) == t)
+		n++;
+	return n;
+}
+
+static int get_mapping_ext(struct qcow2_state *s, uint64_t guest, uint64_t max,
+			   struct qcow2_map *m, uint64_t *ents, unsigned idx)
+{
+	uint64_t in_cluster = qcow2_offset_in_cluster(s, guest);
+	unsigned slice_n = 1u << s->l2_slice_bits;
+	unsigned sc = (unsigned)(in_cluster >> s->sc_bits), n;
+	uint64_t e = qcow2_l2_get(s, ents, idx), b = qcow2_l2_bitmap(s, ents, idx);
+	uint64_t host0 = e & QCOW2_L2E_OFFSET_MASK, bytes;
+	enum qcow2_ctype ct;
+	int ret;
+
+	ret = qcow2_l2_ext_check(s, e, b, &ct);
+	if (ret < 0)
+		return ret;
+	m->l2e = e;
+	m->bitmap = b;
+	m->type = sc_type(e, ct, b, sc);
+	m->host = m->type == QCOW2_NORMAL ? host0 + in_cluster : 0;
+	if (m->type == QCOW2_COMPRESSED) {
+		m->bytes = MIN(max, s->cluster_size - in_cluster);
+		return 0;
+	}
+	n = sc_run(e, ct, b, sc, m->type);
+	bytes = ((uint64_t)(sc + n) << s->sc_bits) - in_cluster;
+	/* A run that fills the cluster may go on into the next ones. */
+	for (unsigned k = 1; sc + n == QCOW2_SUBCLUSTERS && bytes < max && idx + k < slice_n; k++) {
+		uint64_t en = qcow2_l2_get(s, ents, idx + k), bn = qcow2_l2_bitmap(s, ents, idx + k);
+		enum qcow2_ctype cn;
+
+		if (qcow2_l2_ext_check(s, en, bn, &cn) < 0 || sc_type(en, cn, bn, 0) != m->type)
+			break;
+		if (m->type == QCOW2_NORMAL &&
+		    ((en & QCOW2_L2E_OFFSET_MASK) != host0 + ((uint64_t)k << s->cluster_bits) ||
+		     ((en ^ e) & QCOW2_OFLAG_COPIED)))
+			break;
+		sc = 0;
+		n = sc_run(en, cn, bn, 0, m->type);
+		bytes += (uint64_t)n << s->sc_bits;
+	}
+	m->bytes = MIN(max, bytes);
+	return 0;
+}
+
 int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struct qcow2_map *m)
 {
 	uint64_t in_cluster = qcow2_offset_in_cluster(s, guest);
@@ -111,6 +205,7 @@ int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struc
 	ret = qcow2_l2_slice_for_read(s, guest, &slot, &ents, &idx);
 	if (ret < 0)
 		return ret;
+	m->bitmap = 0;
 	if (slot < 0) {
 		/* Stop at the slice end too: writers update one slice per run. */
 		uint64_t left = ((uint64_t)(slice_n - idx) << s->cluster_bits) - in_cluster;
@@ -119,6 +214,10 @@ int qcow2_get_mapping(struct qcow2_state *s, uint64_t guest, uint64_t max, struc
 		m->l2e = 0;
 		m->bytes = MIN(max, left);
 		return 0;
+	}
+	if (s->ext_l2) {
+		ret = get_mapping_ext(s, guest, max, m, ents, idx);
+		goto out;
 	}
 	e = be64toh(ents[idx]);
 	ret = qcow2_l2_entry_type(s, e, &m->type);
@@ -154,40 +253,60 @@ out:
 static int l2_table_cow(struct qcow2_state *s, uint64_t l1_idx)
 {
 	uint64_t old = s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK, new_off;
-	uint8_t be[8];
 	int ret;
 
 	ret = qcow2_alloc_clusters(s, 1, &new_off);
 	if (ret < 0)
 		return ret;
+	ret = qcow2_meta_add(s, new_off, s->cluster_size, QCOW2_OL_ACTIVE_L2);
+	if (ret < 0)
+		goto fail;
 	qcow2_cache_invalidate(&s->l2c, new_off, s->cluster_size);
 	if (old) {
 		/* Shared tables are never dirty in the cache: disk is current. */
 		ret = io_pread(s->file, s->meta_buf, s->cluster_size, old);
 		if (ret == 0)
-			ret = io_pwrite(s->file, s->meta_buf, s->cluster_size, new_off);
+			ret = qcow2_pwrite_meta(s, QCOW2_W_L2_ALLOC, s->meta_buf, s->cluster_size,
+						new_off);
 	} else {
-		ret = qcow2_zero_host(s, new_off, s->cluster_size);
+		ret = qcow2_zero_host(s, QCOW2_W_L2_ALLOC, new_off, s->cluster_size);
 	}
 	if (ret == 0)
 		ret = qcow2_cache_writeback(&s->rbc);
 	if (ret == 0)
-		ret = io_flush(s->file);
-	if (ret == 0) {
-		put_be64(be, new_off | QCOW2_OFLAG_COPIED);
-		ret = io_pwrite(s->file, be, 8, s->l1_offset + l1_idx * 8);
-	}
+		ret = qcow2_sync(s);
 	if (ret == 0)
-		ret = io_flush(s->file);
-	if (ret < 0) {
-		log_error("%s: allocating an L2 table: %s", s->bs->filename, strerror(-ret));
-		/* The new cluster leaks (its refcount may be on disk). */
-		return ret;
-	}
+		ret = qcow2_write_entry_sync(s, QCOW2_W_L1_UPDATE, s->l1_offset + l1_idx * 8,
+					     new_off | QCOW2_OFLAG_COPIED);
+	if (ret < 0)
+		goto fail;
 	s->l1[l1_idx] = new_off | QCOW2_OFLAG_COPIED;
-	if (old)
+	if (old) {
+		/* A snapshot may still use it (then it stays inactive L2). */
+		qcow2_meta_del(s, old, s->cluster_size, QCOW2_OL_ACTIVE_L2);
 		return qcow2_free_deferred(s, old, s->cluster_size);
+	}
 	return 0;
+fail:
+	log_error("%s: allocating an L2 table: %s", s->bs->filename, strerror(-ret));
+	/* The new cluster leaks (its refcount may be on disk); it is no
+	 * table: data may never be written over it by mistake either way. */
+	qcow2_meta_del(s, new_off, s->cluster_size, QCOW2_OL_ACTIVE_L2);
+	return ret;
+}
+
+int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest)
+{
+	uint64_t l1_idx, l2_idx, l1e;
+
+	l2_position(s, guest, &l1_idx, &l2_idx);
+	if (l1_idx >= s->l1_size)
+		return -EIO;
+	l1e = s->l1[l1_idx];
+	if (!(l1e & QCOW2_OFLAG_COPIED) || !(l1e & QCOW2_L1E_OFFSET_MASK))
+		return 0;       /* a new table will be made */
+	return qcow2_check_write(s, QCOW2_OL_ACTIVE_L2, l1e & QCOW2_L1E_OFFSET_MASK,
+				 s->cluster_size);
 }
 
 int qcow2_l2_slice_for_write(struct qcow2_state *s, uint64_t guest, int *slot,
@@ -205,5 +324,10 @@ int qcow2_l2_slice_for_write(struct qcow2_state *s, uint64_t guest, int *slot,
 		if (ret < 0)
 			return ret;
 	}
+	/* Decide before writing: our table must be nothing but our table. */
+	ret = qcow2_check_write(s, QCOW2_OL_ACTIVE_L2, s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK,
+				s->cluster_size);
+	if (ret < 0)
+		return ret;
 	return pin_slice(s, s->l1[l1_idx] & QCOW2_L1E_OFFSET_MASK, l2_idx, slot, entries, index);
 }

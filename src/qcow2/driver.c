@@ -5,17 +5,22 @@
  * and the bdrv_qcow2 ops table.  The request paths are in rw.c.
  *
  * Feature policy on open:
- *  - unknown incompatible bits, encryption, extended L2, external data
- *    file: refused (named);
+ *  - unknown incompatible bits, encryption: refused (named); extended L2
+ *    with clusters under 16 KiB too;
+ *  - external data file (incompatible bit 2): opened next to the image
+ *    (a relative name resolves against the image's directory, like a
+ *    backing file's; QEMU 7.2 uses its working directory), locked like
+ *    it; guest cluster X is data file cluster X; data_file_raw is kept;
  *  - corrupt bit: read-only opens only;
- *  - dirty bit (lazy refcounts, refcounts may be stale): read-only opens
- *    only, we do not repair; the message points at qemu-img check -r all;
- *  - read-write opens clear every autoclear bit (we maintain none of the
- *    structures they vouch for, bitmaps included) and rewrite the header,
- *    which keeps unknown compatible bits and unknown extensions.
+ *  - dirty bit (lazy refcounts): a read-write open repairs the refcounts
+ *    first (check.c), as QEMU does;
+ *  - read-write opens clear the autoclear bits we do not maintain (the
+ *    bitmaps') and rewrite the header, which keeps unknown compatible
+ *    bits and unknown extensions.
  *
  * Thread model: open and close run outside request processing (in or out
- * of a coroutine); no request may be in flight at close.
+ * of a coroutine); no request may be in flight at close.  Requests may
+ * come from several threads at once (see qcow2.h).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -50,9 +55,12 @@ static void state_free(struct qcow2_state *s)
 	qcow2_cache_deinit(&s->l2c);
 	qcow2_cache_deinit(&s->rbc);
 	qcow2_refcount_close(s);
+	qcow2_ranges_close(s);
+	qcow2_bitmaps_close(s);
 	io_free(s->meta_buf);
 	free(s->l1);
 	bdrv_close(s->backing);
+	io_file_close(s->data_file);
 	qcow2_meta_free(&s->meta);
 	free(s);
 }
@@ -73,13 +81,15 @@ static int check_features(struct qcow2_state *s, bool ro)
 		log_error("%s: encrypted images are not supported", fn);
 		return -ENOTSUP;
 	}
-	if (h->incompat & QCOW2_INCOMPAT_EXTL2) {
-		log_error("%s: extended L2 entries (subclusters) are not supported yet", fn);
+	if ((h->incompat & QCOW2_INCOMPAT_EXTL2) && h->cluster_bits < 14) {
+		/* 32 subclusters of at least 512 bytes, as QEMU creates them. */
+		log_error("%s: extended L2 entries need clusters of at least 16 KiB", fn);
 		return -ENOTSUP;
 	}
-	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || s->meta.data_file) {
-		log_error("%s: external data files are not supported yet", fn);
-		return -ENOTSUP;
+	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) && !s->meta.data_file) {
+		/* "External data file name": required with the feature bit. */
+		log_error("%s: the image has an external data file but does not name it", fn);
+		return -EINVAL;
 	}
 	if (h->compression_type != QCOW2_COMPRESSION_ZLIB &&
 	    h->compression_type != QCOW2_COMPRESSION_ZSTD) {
@@ -91,12 +101,6 @@ static int check_features(struct qcow2_state *s, bool ro)
 	if (h->incompat & QCOW2_INCOMPAT_CORRUPT) {
 		log_error("%s: image is marked corrupt; it can only be opened read-only "
 			  "(repair it with 'qemu-img check -r all %s')", fn, fn);
-		return -EACCES;
-	}
-	if (h->incompat & QCOW2_INCOMPAT_DIRTY) {
-		log_error("%s: image was not closed cleanly and its refcounts may be stale "
-			  "(lazy refcounts); run 'qemu-img check -r all %s' before opening "
-			  "it read-write", fn, fn);
 		return -EACCES;
 	}
 	return 0;
@@ -178,6 +182,11 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	ret = check_features(s, ro);
 	if (ret < 0)
 		goto fail;
+	if (!ro && (h->incompat & QCOW2_INCOMPAT_DIRTY)) {
+		ret = qcow2_repair_dirty(s->file, fn, &s->meta, &file_size);
+		if (ret < 0)
+			goto fail;
+	}
 
 	/* Geometry ("Header" and "Host cluster management" sections). */
 	s->file_end = file_size;
@@ -189,9 +198,12 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		ret = -EINVAL;
 		goto fail;
 	}
-	s->l2_bits = s->cluster_bits - 3;
+	s->ext_l2 = !!(h->incompat & QCOW2_INCOMPAT_EXTL2);
+	s->sc_bits = s->cluster_bits - (s->ext_l2 ? 5 : 0);
+	s->sc_size = 1u << s->sc_bits;
+	s->l2_bits = s->cluster_bits - 3 - s->ext_l2;
 	slice = MIN(4096u, s->cluster_size);
-	s->l2_slice_bits = ilog2(slice) - 3;
+	s->l2_slice_bits = ilog2(slice) - 3 - s->ext_l2;
 	s->refcount_order = h->refcount_order;
 	s->refcount_max = s->refcount_order == 6 ? UINT64_MAX
 						 : (1ull << (1u << s->refcount_order)) - 1;
@@ -234,19 +246,46 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		goto fail;
 	}
 
+	/* Read-write: every metadata range, for the overlap checks. */
+	if (!ro) {
+		ret = qcow2_ranges_open(s);
+		if (ret < 0)
+			goto fail;
+	}
+
 	if (s->meta.backing_file && !(opts->flags & BDRV_O_NO_BACKING)) {
 		ret = bdrv_open_backing(bs, s->meta.backing_file, s->meta.backing_format,
 					&s->backing);
 		if (ret < 0)
 			goto fail;
 	}
+	/* Guest data: the image file, or the external data file (the name
+	 * counts only with the feature bit, as for QEMU). */
+	s->data = s->file;
+	if (h->incompat & QCOW2_INCOMPAT_DATA_FILE) {
+		ret = bdrv_open_data_file(bs, s->meta.data_file, &s->data_file);
+		if (ret < 0)
+			goto fail;
+		s->data = s->data_file;
+		s->data_raw = h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+	}
 
-	if (!ro && h->autoclear) {
+	/* Dirty bitmaps: tracked from the first write (bitmap.c). */
+	if (!ro) {
+		ret = qcow2_bitmaps_open(s);
+		if (ret < 0)
+			goto fail;
+	}
+
+	/* Read-write opens clear the autoclear bits we do not maintain. */
+	uint64_t keep = QCOW2_AUTOCLEAR_BITMAPS |
+			(s->data_file ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0);
+	if (!ro && (h->autoclear & ~keep)) {
 		char names[256];
-		qcow2_feature_names(&s->meta, 2, h->autoclear, names, sizeof(names));
+		qcow2_feature_names(&s->meta, 2, h->autoclear & ~keep, names, sizeof(names));
 		log_debug("%s: clearing autoclear feature(s): %s", fn, names);
-		h->autoclear = 0;
-		ret = qcow2_meta_write(s->file, &s->meta);
+		h->autoclear &= keep;
+		ret = qcow2_write_header(s);
 		if (ret == 0)
 			ret = io_flush(s->file);
 		if (ret < 0) {
@@ -254,6 +293,26 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 			goto fail;
 		}
 	}
+
+	if (!ro) {
+		const char *spec = opts->inject ? opts->inject
+				   : bs->parent ? NULL : getenv("QUBLK_INJECT");
+		if (spec && *spec && qcow2_inject_parse(spec, &s->inject) < 0) {
+			log_error("%s: bad error injection spec '%s'", fn, spec);
+			ret = -EINVAL;
+			goto fail;
+		}
+		if (spec && *spec)
+			log_info("%s: error injection armed: %s", fn, spec);
+	}
+
+	/* A daemon that may be taken over (BDRV_O_CRASH_SAFE) writes the
+	 * metadata each request changes to the file before the request
+	 * completes, and runs with lazy refcounts so that it needs no sync
+	 * for it: a crash leaves a dirty image, repaired at the next open. */
+	s->write_through = !ro && (bs->open_flags & BDRV_O_CRASH_SAFE);
+	s->punch = !ro && !(bs->open_flags & BDRV_O_NO_UNMAP);
+	s->lazy_refcounts = !ro && ((h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || s->write_through);
 
 	bs->opaque = s;
 	bs->size = h->size;
@@ -275,13 +334,23 @@ static int qcow2_close(struct bdrv *bs)
 
 	if (!s)
 		return 0;
-	if (!s->read_only) {
+	if (s->corrupt) {
+		/* Nothing more reaches the file (ranges.c). */
+		ret = -EIO;
+	} else if (!s->read_only) {
 		co_mutex_lock(&s->lock);
 		/* First flush applies the deferred decrements to the cache,
 		 * the second writes them. */
 		ret = qcow2_flush_locked(s);
 		if (ret == 0)
 			ret = qcow2_flush_locked(s);
+		if (ret == 0 && s->ndbms) {
+			ret = qcow2_bitmaps_store(s);
+			if (ret == 0)
+				ret = qcow2_flush_locked(s);
+		}
+		if (ret == 0)
+			ret = qcow2_mark_clean(s);
 		co_mutex_unlock(&s->lock);
 		if (ret < 0)
 			log_error("%s: writing metadata back on close: %s", bs->filename,
@@ -294,6 +363,7 @@ static int qcow2_close(struct bdrv *bs)
 
 const struct bdrv_driver bdrv_qcow2 = {
 	.name = "qcow2",
+	.process_crash_safe = true,     /* write_through, see qcow2_open */
 	.probe = qcow2_probe,
 	.open = qcow2_open,
 	.close = qcow2_close,
@@ -302,4 +372,6 @@ const struct bdrv_driver bdrv_qcow2 = {
 	.co_pwrite_zeroes = qcow2_co_pwrite_zeroes,
 	.co_discard = qcow2_co_discard,
 	.co_flush = qcow2_co_flush,
+	.co_pwritev_compressed = qcow2_co_pwritev_compressed,
+	.co_block_status = qcow2_co_block_status,
 };

@@ -10,7 +10,9 @@
  *
  * Invariants after a successful qcow2_meta_read():
  *  - every offset in struct qcow2_header is cluster aligned and the table
- *    it points at lies inside the file, with all sizes overflow-checked;
+ *    it points at lies inside the file, with all sizes overflow-checked
+ *    (QCOW2_META_FOR_CHECK: the L1 and refcount tables may lie past EOF
+ *    and the refcount table may be empty, for the checker to count);
  *  - l1_size covers the virtual size and is within QEMU's limit;
  *  - m->exts holds every extension in disk order, known ones included, so
  *    a rewrite keeps unknown ones byte for byte.
@@ -98,9 +100,11 @@ void qcow2_meta_free(struct qcow2_meta *m)
 	memset(m, 0, sizeof(*m));
 }
 
-static int parse_fixed(const uint8_t *buf, uint64_t file_size, struct qcow2_header *h,
-		       char *err, size_t errlen)
+static int parse_fixed(const uint8_t *buf, uint64_t file_size, unsigned flags,
+		       struct qcow2_header *h, char *err, size_t errlen)
 {
+	/* The checker counts tables past EOF as corruptions, as QEMU does. */
+	uint64_t tables_end = (flags & QCOW2_META_FOR_CHECK) ? UINT64_MAX : file_size;
 	uint32_t magic = get_be32(buf + QCOW2_HDR_MAGIC);
 
 	memset(h, 0, sizeof(*h));
@@ -169,10 +173,14 @@ static int parse_fixed(const uint8_t *buf, uint64_t file_size, struct qcow2_head
 				    "compression type incompatible bit not set for zstd compression");
 	}
 
-	if (h->crypt_method != 0)
+	/* "Header": crypt_method 0 none, 1 AES (legacy), 2 LUKS.  Only the
+	 * tools that describe an image accept encryption. */
+	if (h->crypt_method > QCOW2_CRYPT_LUKS)
+		return fail(err, errlen, "unknown encryption method %u", h->crypt_method);
+	if (h->crypt_method != 0 && !(flags & QCOW2_META_ALLOW_CRYPT))
 		return fail(err, errlen,
-			    "image is encrypted (crypt_method %u); encrypted images are not supported",
-			    h->crypt_method);
+			    "image is encrypted (%s); qublk cannot read or serve encrypted images",
+			    h->crypt_method == QCOW2_CRYPT_LUKS ? "LUKS" : "legacy AES");
 
 	/* "Cluster mapping": one L1 entry maps cs * (cs / 8) bytes. */
 	uint64_t span = (uint64_t)cs * (cs / 8);
@@ -186,18 +194,18 @@ static int parse_fixed(const uint8_t *buf, uint64_t file_size, struct qcow2_head
 	if (h->l1_size < need)
 		return fail(err, errlen, "l1_size %u is too small for virtual size %llu (needs %llu)",
 			    h->l1_size, (unsigned long long)h->size, (unsigned long long)need);
-	int ret = check_table("l1_table", h->l1_offset, (uint64_t)h->l1_size * 8, cs, file_size,
+	int ret = check_table("l1_table", h->l1_offset, (uint64_t)h->l1_size * 8, cs, tables_end,
 			      err, errlen);
 	if (ret)
 		return ret;
 
-	if (h->reftable_clusters == 0)
+	if (h->reftable_clusters == 0 && !(flags & QCOW2_META_FOR_CHECK))
 		return fail(err, errlen, "refcount_table_clusters is 0");
 	if ((uint64_t)h->reftable_clusters * cs > QCOW2_MAX_REFTABLE_SIZE)
 		return fail(err, errlen, "refcount table too large (%u clusters, maximum %u bytes)",
 			    h->reftable_clusters, QCOW2_MAX_REFTABLE_SIZE);
 	ret = check_table("refcount_table", h->reftable_offset, (uint64_t)h->reftable_clusters * cs,
-			  cs, file_size, err, errlen);
+			  cs, tables_end, err, errlen);
 	if (ret)
 		return ret;
 
@@ -300,6 +308,12 @@ static int parse_exts(const uint8_t *buf, uint32_t cs, struct qcow2_meta *m, cha
 int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
 		    char *err, size_t errlen)
 {
+	return qcow2_meta_read_flags(f, file_size, 0, m, err, errlen);
+}
+
+int qcow2_meta_read_flags(struct io_file *f, uint64_t file_size, unsigned flags,
+			  struct qcow2_meta *m, char *err, size_t errlen)
+{
 	uint8_t small[QCOW2_HDR_V3_FULL_LENGTH];
 	uint8_t *buf = NULL;
 	int ret;
@@ -315,7 +329,7 @@ int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
 		snprintf(err, errlen, "reading the header: %s", strerror(-ret));
 		return ret;
 	}
-	ret = parse_fixed(small, file_size, &m->h, err, errlen);
+	ret = parse_fixed(small, file_size, flags, &m->h, err, errlen);
 	if (ret)
 		return ret;
 

@@ -22,10 +22,16 @@
  *  5. Refcount table growth writes the new table and its refcount blocks,
  *     syncs, switches the header (synced), then frees the old table
  *     (deferred, rule 4).
+ *  Lazy refcounts (compatible feature bit 0) relax rule 1: the image is
+ *  marked dirty (header bit, synced) before the first L2 write, refcounts
+ *  are written whenever, and a clean close clears the bit after a full
+ *  flush.  A dirty image has its refcounts rebuilt from the L1/L2 tables
+ *  when it is next opened read-write (driver.c).
  *
  * Thread model: every function here runs with s->lock held.
  */
 #include <errno.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 
 #include "common/io.h"
@@ -114,52 +120,91 @@ int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc)
 	return 0;
 }
 
-/* Find @n contiguous clusters with refcount 0 without taking them; moves
- * the hint past them so nested allocations do not return them again. */
+/* The first reserved run starting at or after @cluster (UINT64_MAX if
+ * none); with @cluster inside a run, *inside gets that run's end. */
+static uint64_t next_reserved(const struct qcow2_state *s, uint64_t cluster, uint64_t *inside)
+{
+	uint64_t next = UINT64_MAX;
+
+	*inside = 0;
+	for (unsigned i = 0; i < s->nreserved; i++) {
+		const struct qcow2_reserved *r = &s->reserved[i];
+		if (cluster >= r->first && cluster - r->first < r->n)
+			*inside = r->first + r->n;
+		else if (r->first > cluster)
+			next = MIN(next, r->first);
+	}
+	return next;
+}
+
+/* Find @n contiguous clusters with refcount 0 that no allocation in
+ * progress has reserved, without taking them.  The search starts at the
+ * hint and moves it past the run it returns, as QEMU does: holes too
+ * small for this request stay behind it until a free lowers it again.
+ * Refcounts are read a slice at a time. */
 static int alloc_noref(struct qcow2_state *s, uint64_t n, uint64_t *first)
 {
-	uint64_t start = s->free_hint, i = start, run = 0;
-	uint64_t first_free = UINT64_MAX;
-	uint64_t rc;
-	int ret;
+	uint64_t i = s->free_hint, start = i, run = 0;
+	uint64_t limit = QCOW2_MAX_HOST_OFFSET >> s->cluster_bits;
+	uint64_t slice_n = 1ull << s->rb_slice_bits;
 
 	while (run < n) {
-		if ((i + 1) > (QCOW2_MAX_HOST_OFFSET >> s->cluster_bits)) {
+		uint64_t inside, stop, soff, idx;
+		uint8_t *data;
+		int slot, ret;
+
+		if (i >= limit || limit - i < n - run) {
 			log_error("%s: image file would exceed the qcow2 host offset limit",
 				  s->bs->filename);
 			return -EFBIG;
 		}
-		ret = qcow2_get_refcount(s, i, &rc);
-		if (ret < 0)
-			return ret;
-		if (rc) {
-			i++;
-			start = i;
+		stop = next_reserved(s, i, &inside);
+		if (inside) {
+			i = start = inside;
 			run = 0;
 			continue;
 		}
-		if (first_free == UINT64_MAX)
-			first_free = i;
-		i++;
-		run++;
+		rc_locate(s, i, &soff, &idx);
+		/* Scan to the end of this refcount slice (or block range). */
+		stop = MIN(stop, ALIGN_DOWN(i, slice_n) + slice_n);
+		if (!soff) {
+			/* No refcount block yet: all free. */
+			uint64_t take = MIN(stop - i, n - run);
+			i += take;
+			run += take;
+			continue;
+		}
+		ret = qcow2_cache_get(&s->rbc, soff, false, &slot, (void **)&data);
+		if (ret < 0)
+			return ret;
+		for (; i < stop && run < n; i++, idx++) {
+			if (qcow2_rc_get(data, idx, s->refcount_order)) {
+				start = i + 1;
+				run = 0;
+			} else {
+				run++;
+			}
+		}
+		qcow2_cache_put(&s->rbc, slot);
 	}
 	*first = start;
-	s->free_hint = first_free == start ? start + n : first_free;
+	s->free_hint = start + n;
 	return 0;
 }
 
 static int grow_reftable(struct qcow2_state *s, uint64_t need);
 
-/* Write the L1/reftable style 8-byte entry @v at @off and sync. */
-static int write_entry_sync(struct qcow2_state *s, uint64_t off, uint64_t v)
+/* Write the 8-byte table entry @v (refcount table: @kind REFTABLE, L1:
+ * ACTIVE_L1) at @off and sync. */
+int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t off, uint64_t v)
 {
 	uint8_t be[8];
 	int ret;
 
 	put_be64(be, v);
-	ret = io_pwrite(s->file, be, 8, off);
+	ret = qcow2_pwrite_meta(s, site, be, 8, off);
 	if (ret == 0)
-		ret = io_flush(s->file);
+		ret = qcow2_sync(s);
 	return ret;
 }
 
@@ -186,18 +231,30 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 	boff = b << s->cluster_bits;
 	if (rt >= s->reftable_size)
 		return -EIO;
-	if ((b >> s->rb_bits) != rt) {
-		/* The block lands outside its own range: count it there. */
-		ret = update_refcount(s, b, 1);
-		if (ret < 0)
-			return ret;
-		if (s->reftable[rt])    /* a nested allocation covered it */
-			return qcow2_free_deferred(s, boff, s->cluster_size);
-	}
-	qcow2_cache_invalidate(&s->rbc, boff, s->cluster_size);
-	ret = qcow2_zero_host(s, boff, s->cluster_size);
+	ret = qcow2_reserve(s, b, 1);
 	if (ret < 0)
 		return ret;
+	if ((b >> s->rb_bits) != rt) {
+		/* The block lands outside its own range: count it there (this
+		 * may add a block for that range, or grow the table). */
+		ret = update_refcount(s, b, 1);
+		if (ret < 0)
+			goto out;
+		if (s->reftable[rt]) {
+			/* A nested allocation covered @rt already. */
+			ret = qcow2_free_deferred(s, boff, s->cluster_size);
+			goto out;
+		}
+	}
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, boff, s->cluster_size);
+	if (ret == 0)
+		ret = qcow2_meta_add(s, boff, s->cluster_size, QCOW2_OL_REFBLOCK);
+	if (ret < 0)
+		goto out;
+	qcow2_cache_invalidate(&s->rbc, boff, s->cluster_size);
+	ret = qcow2_zero_host(s, QCOW2_W_REFBLOCK_ALLOC, boff, s->cluster_size);
+	if (ret < 0)
+		goto out_meta;
 	if (s->file_end < boff + s->cluster_size)
 		s->file_end = boff + s->cluster_size;
 	if ((b >> s->rb_bits) == rt) {
@@ -206,7 +263,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 		uint64_t soff = boff + (in_block >> s->rb_slice_bits) * s->rbc.slice_size;
 		ret = qcow2_cache_get(&s->rbc, soff, true, &slot, &data);
 		if (ret < 0)
-			return ret;
+			goto out_meta;
 		qcow2_rc_set(data, in_block & ((1ull << s->rb_slice_bits) - 1), s->refcount_order, 1);
 		qcow2_cache_mark_dirty(&s->rbc, slot);
 		qcow2_cache_put(&s->rbc, slot);
@@ -214,18 +271,34 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 	/* Block contents and refcounts durable before the table points at it. */
 	ret = qcow2_cache_writeback(&s->rbc);
 	if (ret == 0)
-		ret = io_flush(s->file);
+		ret = qcow2_sync(s);
 	if (ret == 0)
-		ret = write_entry_sync(s, s->reftable_offset + rt * 8, boff);
+		ret = qcow2_write_entry_sync(s, QCOW2_W_REFTABLE_UPDATE, s->reftable_offset + rt * 8, boff);
 	if (ret < 0) {
 		log_error("%s: adding a refcount block: %s", s->bs->filename, strerror(-ret));
-		return ret;
+		goto out_meta;
 	}
 	s->reftable[rt] = boff;
-	return 0;
+	goto out;
+out_meta:
+	/* Never pointed at: an ordinary (leaked) cluster again. */
+	qcow2_meta_del(s, boff, s->cluster_size, QCOW2_OL_REFBLOCK);
+out:
+	qcow2_unreserve(s, b);
+	return ret;
 }
 
+static int update_refcount_v(struct qcow2_state *s, uint64_t cluster, int addend, uint64_t *newv);
+
 static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
+{
+	uint64_t v;
+
+	return update_refcount_v(s, cluster, addend, &v);
+}
+
+/* The same, with the new refcount in *newv. */
+static int update_refcount_v(struct qcow2_state *s, uint64_t cluster, int addend, uint64_t *newv)
 {
 	uint64_t rt = cluster >> s->rb_bits, soff, idx, v;
 	void *data;
@@ -242,6 +315,10 @@ static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
 			  s->bs->filename, (unsigned long long)cluster);
 		return -EIO;
 	}
+	/* Decide before writing: the block must be nothing but a block. */
+	ret = qcow2_check_write(s, QCOW2_OL_REFBLOCK, soff, s->rbc.slice_size);
+	if (ret < 0)
+		return ret;
 	ret = qcow2_cache_get(&s->rbc, soff, false, &slot, &data);
 	if (ret < 0)
 		return ret;
@@ -262,30 +339,69 @@ static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
 	qcow2_rc_set(data, idx, s->refcount_order, v);
 	qcow2_cache_mark_dirty(&s->rbc, slot);
 	qcow2_cache_put(&s->rbc, slot);
-	if (v == 0 && cluster < s->free_hint)
-		s->free_hint = cluster;
+	*newv = v;
+	if (v == 0) {
+		/* Free space now: whatever it held is gone. */
+		qcow2_meta_del(s, cluster << s->cluster_bits, s->cluster_size, QCOW2_OL_ALL);
+		if ((s->cbytes_next >> s->cluster_bits) == cluster)
+			s->cbytes_next = 0;
+		if (cluster < s->free_hint)
+			s->free_hint = cluster;
+	}
 	return 0;
 }
 
 int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off)
 {
-	uint64_t first;
+	uint64_t first, i;
 	int ret;
 
 	ret = alloc_noref(s, n, &first);
 	if (ret < 0)
 		return ret;
-	for (uint64_t i = 0; i < n; i++) {
+	/* Free clusters hold no metadata, unless refcounts lie. */
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, first << s->cluster_bits, n << s->cluster_bits);
+	if (ret < 0)
+		return ret;
+	/* Nested allocations (refcount blocks, table growth) keep out. */
+	ret = qcow2_reserve(s, first, n);
+	if (ret < 0)
+		return ret;
+	for (i = 0; i < n; i++) {
 		ret = update_refcount(s, first + i, 1);
-		if (ret < 0) {
-			while (i--)
-				update_refcount(s, first + i, -1);
-			return ret;
-		}
+		if (ret < 0)
+			break;
+	}
+	qcow2_unreserve(s, first);
+	if (ret < 0) {
+		while (i--)
+			update_refcount(s, first + i, -1);
+		return ret;
 	}
 	*off = first << s->cluster_bits;
 	if (s->file_end < ((first + n) << s->cluster_bits))
 		s->file_end = (first + n) << s->cluster_bits;
+	return 0;
+}
+
+int qcow2_alloc_bytes(struct qcow2_state *s, uint64_t size, uint64_t *off)
+{
+	uint64_t cs = s->cluster_size, o = s->cbytes_next, in = o & (cs - 1);
+	int ret;
+
+	if (!size || size >= cs)
+		return -EINVAL;
+	if (o && in && in + size <= cs) {
+		/* The cluster the previous compressed data ended in: one more
+		 * reference to it. */
+		ret = update_refcount(s, o >> s->cluster_bits, 1);
+	} else {
+		ret = qcow2_alloc_clusters(s, 1, &o);
+	}
+	if (ret < 0)
+		return ret;
+	*off = o;
+	s->cbytes_next = o + size;
 	return 0;
 }
 
@@ -327,6 +443,9 @@ int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
 	switch (t) {
 	case QCOW2_NORMAL:
 	case QCOW2_ZERO_ALLOC:
+		/* Data file clusters have no refcounts. */
+		if (s->data_file)
+			return 0;
 		return qcow2_free_deferred(s, l2e & QCOW2_L2E_OFFSET_MASK, s->cluster_size);
 	case QCOW2_COMPRESSED:
 		ret = qcow2_compressed_range(s, l2e, &off, &len);
@@ -338,31 +457,130 @@ int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
 	}
 }
 
-/* Apply the deferred decrements (their references are gone on disk). */
+/* Give host clusters [first, first+n), free now, back to the host file
+ * system (thin provisioning): punch them out, or cut the file when they
+ * are its tail.  Only clusters whose last reference is gone from the
+ * disk get here (apply_pending), under the lock, so no allocation can
+ * take them in between; a crash after it leaves a leak at most.  A file
+ * system that cannot punch is left alone (the space stays allocated). */
+static void give_back(struct qcow2_state *s, uint64_t first, uint64_t n)
+{
+	uint64_t off = first << s->cluster_bits, len = n << s->cluster_bits;
+	int ret;
+
+	if (!s->punch || !n)
+		return;
+	if (off + len >= s->file_end) {
+		ret = io_truncate(s->file, off);
+		if (ret == 0) {
+			s->file_end = off;
+			return;
+		}
+	}
+	ret = io_fallocate(s->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+	if (ret == -EOPNOTSUPP || ret == -ENOSYS || ret == -EINVAL) {
+		log_info("%s: the file system cannot punch holes: freed clusters keep their space",
+			 s->bs->filename);
+		s->punch = false;
+	} else if (ret < 0) {
+		log_warn("%s: punching out freed clusters at %#llx: %s", s->bs->filename,
+			 (unsigned long long)off, strerror(-ret));
+	}
+}
+
+/* Apply the deferred decrements (their references are gone on disk), and
+ * give clusters that are free now back to the host file system. */
 static int apply_pending(struct qcow2_state *s)
 {
-	unsigned e;
+	uint64_t run = 0, nrun = 0, v;
 	int ret = 0;
 
 	if (!s->npending)
 		return 0;
 	/* Let data I/O that looked up the old mappings finish first. */
-	spin_lock(&s->spin);
-	e = s->epoch;
-	s->epoch ^= 1;
-	while (s->inflight[e] && coro_self()) {
-		co_queue_wait_spin(&s->drain_wait, &s->spin);
-		spin_lock(&s->spin);
-	}
-	spin_unlock(&s->spin);
+	qcow2_io_drain(s);
 	/* Work on a stable count: a decrement cannot queue new frees. */
-	for (unsigned i = 0; i < s->npending && ret == 0; i++)
-		for (uint64_t c = 0; c < s->pending[i].nb && ret == 0; c++)
-			ret = update_refcount(s, s->pending[i].cluster + c, -1);
+	for (unsigned i = 0; i < s->npending && ret == 0; i++) {
+		for (uint64_t c = 0; c < s->pending[i].nb && ret == 0; c++) {
+			uint64_t cl = s->pending[i].cluster + c;
+			ret = update_refcount_v(s, cl, -1, &v);
+			if (ret < 0 || v)
+				continue;
+			if (nrun && run + nrun == cl) {
+				nrun++;
+				continue;
+			}
+			give_back(s, run, nrun);
+			run = cl;
+			nrun = 1;
+		}
+	}
+	give_back(s, run, nrun);
 	s->npending = 0;
 	if (ret < 0)
 		log_error("%s: applying deferred refcount decrements: %s (clusters leak)",
 			  s->bs->filename, strerror(-ret));
+	return ret;
+}
+
+int qcow2_sync(struct qcow2_state *s)
+{
+	int ret = qcow2_inject(s, QCOW2_W_FLUSH);
+
+	if (ret < 0)
+		io_poison(s->file, ret);
+	else
+		ret = io_flush(s->file);
+
+	qcow2_cache_synced(&s->rbc, ret == 0);
+	qcow2_cache_synced(&s->l2c, ret == 0);
+	return ret;
+}
+
+int qcow2_write_through(struct qcow2_state *s)
+{
+	int ret;
+
+	if (!s->write_through)
+		return 0;
+	/* The L2 cache's barrier marks the image dirty first (lazy). */
+	ret = qcow2_cache_writeback(&s->l2c);
+	if (ret == 0)
+		ret = qcow2_cache_writeback(&s->rbc);
+	return ret;
+}
+
+int qcow2_mark_dirty(struct qcow2_state *s)
+{
+	int ret;
+
+	if (s->meta.h.incompat & QCOW2_INCOMPAT_DIRTY)
+		return 0;
+	s->meta.h.incompat |= QCOW2_INCOMPAT_DIRTY;
+	ret = qcow2_write_header(s);
+	if (ret == 0)
+		ret = qcow2_sync(s);
+	if (ret < 0) {
+		/* Not known to be on disk: nothing may depend on it. */
+		s->meta.h.incompat &= ~QCOW2_INCOMPAT_DIRTY;
+		log_error("%s: marking the image dirty: %s", s->bs->filename, strerror(-ret));
+	}
+	return ret;
+}
+
+int qcow2_mark_clean(struct qcow2_state *s)
+{
+	int ret;
+
+	if (!(s->meta.h.incompat & QCOW2_INCOMPAT_DIRTY))
+		return 0;
+	/* Everything the refcounts describe is on disk (the caller flushed). */
+	s->meta.h.incompat &= ~QCOW2_INCOMPAT_DIRTY;
+	ret = qcow2_write_header(s);
+	if (ret == 0)
+		ret = qcow2_sync(s);
+	if (ret < 0)
+		s->meta.h.incompat |= QCOW2_INCOMPAT_DIRTY;
 	return ret;
 }
 
@@ -372,13 +590,15 @@ int qcow2_flush_locked(struct qcow2_state *s)
 
 	if (s->read_only)
 		return 0;
-	/* Phase 1+2: refcounts, sync, L2 slices (cache.c orders them). */
-	if (qcow2_cache_has_dirty(&s->l2c))
-		ret = qcow2_cache_writeback(&s->l2c);
-	else
+	if (s->corrupt)
+		return -EIO;
+	/* Phase 1+2: refcounts, sync, L2 slices (cache.c orders them; with
+	 * lazy refcounts the L2 slices do not wait for the refcounts). */
+	ret = qcow2_cache_has_dirty(&s->l2c) ? qcow2_cache_writeback(&s->l2c) : 0;
+	if (ret == 0)
 		ret = qcow2_cache_writeback(&s->rbc);
 	if (ret == 0)
-		ret = io_flush(s->file);
+		ret = qcow2_sync(s);
 	if (ret < 0)
 		return ret;
 	/* The references the pending frees drop are now gone on disk. */
@@ -388,15 +608,16 @@ int qcow2_flush_locked(struct qcow2_state *s)
 /*
  * Refcount table growth to cover index @need.  New refcount blocks for
  * the new area and the new table go to clusters past everything the old
- * table covers (all free by definition), laid out as [blocks][table].
+ * table covers and past every reserved run (an allocation in progress
+ * may be what needs the growth), laid out as [blocks][table]: all free.
  */
 static int grow_reftable(struct qcow2_state *s, uint64_t need)
 {
 	const char *fn = s->bs->filename;
 	uint64_t cs = s->cluster_size, E = 1ull << s->rb_bits;
-	uint64_t A = MAX(s->free_hint, (uint64_t)s->reftable_size * E);
+	uint64_t A = MAX((uint64_t)s->reftable_size * E, qcow2_reserved_end(s));
 	uint64_t N = MAX(need + 1, (uint64_t)s->reftable_size + s->reftable_size / 2 + 1);
-	uint64_t rtc, nb, total, fb, lb;
+	uint64_t rtc, nb, total, fb, lb, toff;
 	uint64_t old_off = s->reftable_offset, old_clusters = s->reftable_clusters;
 	uint8_t *tbl = NULL, *blk = NULL;
 	uint64_t *newrt;
@@ -422,6 +643,10 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		log_error("%s: refcount table cannot grow further", fn);
 		return -EFBIG;
 	}
+	toff = (A + nb) << s->cluster_bits;
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, A << s->cluster_bits, total << s->cluster_bits);
+	if (ret < 0)
+		return ret;
 	tbl = io_zalloc(rtc * cs);
 	blk = io_alloc(cs);
 	newrt = calloc(N, 8);
@@ -429,6 +654,11 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		ret = -ENOMEM;
 		goto out;
 	}
+	ret = qcow2_meta_add(s, A << s->cluster_bits, nb * cs, QCOW2_OL_REFBLOCK);
+	if (ret == 0)
+		ret = qcow2_meta_add(s, toff, rtc * cs, QCOW2_OL_REFTABLE);
+	if (ret < 0)
+		goto out_meta;
 	for (uint64_t i = 0; i < s->reftable_size; i++) {
 		newrt[i] = s->reftable[i];
 		put_be64(tbl + 8 * i, s->reftable[i]);
@@ -439,22 +669,22 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		for (uint64_t c = A; c < A + total; c++)
 			if ((c >> s->rb_bits) == bi)
 				qcow2_rc_set(blk, c & (E - 1), s->refcount_order, 1);
-		ret = io_pwrite(s->file, blk, cs, boff);
+		ret = qcow2_pwrite_meta(s, QCOW2_W_REFTABLE_GROW_BLOCKS, blk, cs, boff);
 		if (ret < 0)
 			goto out_io;
 		newrt[bi] = boff;
 		put_be64(tbl + 8 * bi, boff);
 	}
-	ret = io_pwrite(s->file, tbl, rtc * cs, (A + nb) << s->cluster_bits);
+	ret = qcow2_pwrite_meta(s, QCOW2_W_REFTABLE_GROW, tbl, rtc * cs, toff);
 	if (ret == 0)
-		ret = io_flush(s->file);
+		ret = qcow2_sync(s);
 	if (ret < 0)
 		goto out_io;
-	s->meta.h.reftable_offset = (A + nb) << s->cluster_bits;
+	s->meta.h.reftable_offset = toff;
 	s->meta.h.reftable_clusters = (uint32_t)rtc;
-	ret = qcow2_meta_write(s->file, &s->meta);
+	ret = qcow2_write_header(s);
 	if (ret == 0)
-		ret = io_flush(s->file);
+		ret = qcow2_sync(s);
 	if (ret < 0) {
 		s->meta.h.reftable_offset = old_off;
 		s->meta.h.reftable_clusters = (uint32_t)old_clusters;
@@ -466,8 +696,9 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 	s->reftable = newrt;
 	newrt = NULL;
 	s->reftable_size = (uint32_t)N;
-	s->reftable_offset = (A + nb) << s->cluster_bits;
+	s->reftable_offset = toff;
 	s->reftable_clusters = (uint32_t)rtc;
+	qcow2_meta_del(s, old_off, old_clusters * cs, QCOW2_OL_REFTABLE);
 	if (s->free_hint >= A)
 		s->free_hint = A + total;
 	if (s->file_end < ((A + total) << s->cluster_bits))
@@ -476,6 +707,8 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 	goto out;
 out_io:
 	log_error("%s: growing the refcount table: %s", fn, strerror(-ret));
+out_meta:
+	qcow2_meta_del(s, A << s->cluster_bits, total * cs, QCOW2_OL_REFBLOCK | QCOW2_OL_REFTABLE);
 out:
 	free(newrt);
 	io_free(tbl);

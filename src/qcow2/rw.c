@@ -6,17 +6,22 @@
  * Each request walks the guest range in runs of same-type clusters.  The
  * metadata lookup and updates run under s->lock; guest data I/O does not.
  *
- * Allocating writes (QEMU's handle_dependencies): after allocating host
- * clusters and before updating the L2 entries, a write is on s->allocs
- * with its guest cluster range.  Any other allocating write, zeroing or
- * discard touching that range waits on it (a write whose range only
- * overlaps later is shortened to stop before it), so a guest cluster is
- * never allocated twice and an old cluster is never freed twice.
+ * Mapping changes are serialised per guest cluster (ranges.c, QEMU's
+ * handle_dependencies made general): an allocating write (with its COW),
+ * a write-zeroes and a discard each own the guest clusters whose L2
+ * entries they change, from the decision to the L2 update.  Whoever had
+ * to wait decides again afterwards.  A write whose range only overlaps an
+ * owner further on is shortened to stop before it.  Writes into clusters
+ * of our own (COPIED) change no mapping and own nothing.
+ *
+ * Every host range a request writes is checked under the lock by the
+ * range authority before the write (qcow2_check_write): guest data never
+ * lands on metadata, whatever the L2 entries say.
  *
  * Data I/O that looked up a host cluster counts itself in the current
- * epoch (s->inflight) until done; deferred frees wait for the epoch to
- * drain (refcount.c), so a cluster freed by a racing discard is never
- * reused under an in-flight read or write.
+ * host I/O epoch until done; deferred frees wait for the epoch to drain
+ * (refcount.c), so a cluster freed by a racing discard is never reused
+ * under an in-flight read or write.
  *
  * Crash ordering is described at the top of refcount.c: here it means data
  * and COW are written before the L2 entry changes in the cache, and freed
@@ -33,8 +38,6 @@
 #include "common/io.h"
 #include "common/util.h"
 #include "qcow2/qcow2.h"
-
-static const uint8_t zero_page[65536] __attribute__((aligned(4096)));
 
 /* ---- helpers ---------------------------------------------------------- */
 
@@ -101,54 +104,6 @@ static void bounce_put(struct qcow2_state *s, uint8_t *b)
 	spin_unlock(&s->spin);
 }
 
-static unsigned io_begin(struct qcow2_state *s)
-{
-	unsigned e;
-
-	spin_lock(&s->spin);
-	e = s->epoch;
-	s->inflight[e]++;
-	spin_unlock(&s->spin);
-	return e;
-}
-
-static void io_end(struct qcow2_state *s, unsigned e)
-{
-	spin_lock(&s->spin);
-	if (--s->inflight[e] == 0 && e != s->epoch)
-		co_queue_wake_all(&s->drain_wait);
-	spin_unlock(&s->spin);
-}
-
-int qcow2_zero_host(struct qcow2_state *s, uint64_t off, uint64_t len)
-{
-	struct iovec v[16];
-	int ret;
-
-	if (!s->no_zero_range) {
-		ret = io_fallocate(s->file, FALLOC_FL_ZERO_RANGE, off, len);
-		if (ret == 0 || (ret != -EOPNOTSUPP && ret != -EINVAL && ret != -ENOSYS))
-			return ret;
-		s->no_zero_range = true;
-	}
-	while (len) {
-		uint64_t chunk = 0;
-		int n = 0;
-		while (n < 16 && chunk < len) {
-			v[n].iov_base = (void *)zero_page;
-			v[n].iov_len = MIN(sizeof(zero_page), len - chunk);
-			chunk += v[n].iov_len;
-			n++;
-		}
-		ret = io_pwritev(s->file, v, n, off);
-		if (ret < 0)
-			return ret;
-		off += chunk;
-		len -= chunk;
-	}
-	return 0;
-}
-
 /* Bytes [guest, guest+len) from the backing file into @iov at @iov_off:
  * the part beyond the backing file's size (or all, without one) reads
  * as zeros. */
@@ -212,10 +167,10 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 	while (done < len && ret == 0) {
 		co_mutex_lock(&s->lock);
 		ret = qcow2_get_mapping(s, off + done, len - done, &m);
-		e = io_begin(s);
+		e = qcow2_io_begin(s);
 		co_mutex_unlock(&s->lock);
 		if (ret < 0) {
-			io_end(s, e);
+			qcow2_io_end(s, e);
 			break;
 		}
 		switch (m.type) {
@@ -228,7 +183,7 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 			break;
 		case QCOW2_NORMAL:
 			n = iov_slice(iov, iovcnt, done, m.bytes, sl, BDRV_IOV_MAX);
-			ret = n < 0 ? n : io_preadv(s->file, sl, n, m.host);
+			ret = n < 0 ? n : io_preadv(s->data, sl, n, m.host);
 			break;
 		case QCOW2_COMPRESSED:
 			b = bounce_get(s);
@@ -243,36 +198,13 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 			bounce_put(s, b);
 			break;
 		}
-		io_end(s, e);
+		qcow2_io_end(s, e);
 		done += m.bytes;
 	}
 	return ret;
 }
 
 /* ---- write ------------------------------------------------------------ */
-
-/* Lock held.  Wait until no in-flight allocation overlaps the guest
- * clusters of [start, *end); with @shorten, an allocation starting after
- * the first cluster instead cuts *end before it. */
-static void wait_dependencies(struct qcow2_state *s, uint64_t start, uint64_t *end, bool shorten)
-{
-	uint64_t cs = ALIGN_DOWN(start, s->cluster_size);
-retry:
-	for (struct qcow2_alloc *a = s->allocs; a; a = a->next) {
-		uint64_t ce = ALIGN_UP(*end, (uint64_t)s->cluster_size);
-		if (a->end <= cs || a->start >= ce)
-			continue;
-		if (shorten && a->start > cs) {
-			*end = a->start;
-			continue;
-		}
-		log_debug("%s: request at %llu waits for the allocation of [%llu, %llu)",
-			  s->bs->filename, (unsigned long long)start,
-			  (unsigned long long)a->start, (unsigned long long)a->end);
-		co_queue_wait_unlock(&a->waiters, &s->lock);
-		goto retry;
-	}
-}
 
 static bool region_reads_zero(struct qcow2_state *s, const struct qcow2_map *m,
 			      uint64_t guest, uint64_t len)
@@ -290,9 +222,13 @@ static int read_cow_region(struct qcow2_state *s, const struct qcow2_map *m, uin
 			   uint64_t in_off, uint64_t len, uint8_t *img, uint8_t *cbuf)
 {
 	struct iovec v = { img + in_off, len };
+	int ret;
 
 	if (!len)
 		return 0;
+	ret = qcow2_inject(s, QCOW2_R_COW);
+	if (ret < 0)
+		return ret;
 	switch (m->type) {
 	case QCOW2_UNALLOCATED:
 		return read_backing(s, cluster + in_off, len, &v, 1, 0);
@@ -301,7 +237,7 @@ static int read_cow_region(struct qcow2_state *s, const struct qcow2_map *m, uin
 		memset(img + in_off, 0, len);
 		return 0;
 	case QCOW2_NORMAL:
-		return io_pread(s->file, img + in_off, len,
+		return io_pread(s->data, img + in_off, len,
 				(m->l2e & QCOW2_L2E_OFFSET_MASK) + in_off);
 	case QCOW2_COMPRESSED:
 		return read_compressed(s, m->l2e, img, cbuf);
@@ -332,7 +268,7 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 	if ((head || tail) && region_reads_zero(s, first, c0, head) &&
 	    region_reads_zero(s, last, cend - tail, tail) && !s->no_zero_range) {
 		/* Cheap zero fill of the whole range, then just the data. */
-		ret = qcow2_zero_host(s, host, cend - c0);
+		ret = qcow2_zero_host(s, QCOW2_W_COW, host, cend - c0);
 		if (ret < 0)
 			return ret;
 		if (!s->no_zero_range)
@@ -362,10 +298,185 @@ static int cow_write(struct qcow2_state *s, const struct qcow2_map *first,
 		v[n].iov_base = b + 2 * cs - tail;
 		v[n++].iov_len = tail;
 	}
-	ret = io_pwritev(s->file, v, n, host + (guest - c0) - head);
+	ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, n, host + (guest - c0) - head);
 out:
 	if (b)
 		bounce_put(s, b);
+	return ret;
+}
+
+/* Lock held.  Host clusters for guest clusters [c0, c0 + n clusters): new
+ * ones in the image file, or with an external data file the guest
+ * clusters' own (guest cluster X is data file cluster X, no refcounts). */
+static int alloc_data(struct qcow2_state *s, uint64_t c0, uint64_t n, uint64_t *host)
+{
+	if (s->data_file) {
+		*host = c0;
+		return 0;
+	}
+	return qcow2_alloc_clusters(s, n, host);
+}
+
+/* Lock held.  Undo alloc_data() after a failure. */
+static void unalloc_data(struct qcow2_state *s, uint64_t host, uint64_t len)
+{
+	if (!s->data_file)
+		qcow2_free_deferred(s, host, len);
+}
+
+/* Fill guest bytes [guest, guest+len) of @img (a cluster image starting
+ * at guest offset @c0) with what a subcluster of type @t reads as:
+ * the backing file or zeros. */
+static int fill_unwritten(struct qcow2_state *s, enum qcow2_ctype t, uint64_t c0, uint64_t guest,
+			  uint64_t len, uint8_t *img)
+{
+	struct iovec v = { img + (guest - c0), len };
+
+	if (!len)
+		return 0;
+	if (t == QCOW2_UNALLOCATED)
+		return read_backing(s, guest, len, &v, 1, 0);
+	memset(v.iov_base, 0, len);
+	return 0;
+}
+
+/*
+ * Extended L2 ("Extended L2 Entries"): a write into one cluster that is
+ * not a write into its allocated subclusters of ours (QEMU's handle_alloc
+ * with subclusters).  By the cluster's entry:
+ *  - OWN: a host cluster of ours (COPIED): the data goes into it and only
+ *    the subclusters it touches become allocated;
+ *  - FRESH: no host cluster: a new one, the same;
+ *  - COPY: compressed or shared (no COPIED): a new host cluster with the
+ *    old allocated subclusters (all of a compressed cluster) copied along.
+ * A partly written subcluster is completed from what it reads as now (the
+ * backing file or zeros).  Called with the lock held and @m looked up
+ * under it at @guest; returns with it released.
+ */
+static int write_subclusters(struct qcow2_state *s, struct qcow2_map *m, uint64_t guest,
+			     const struct iovec *iov, int iovcnt, uint64_t iov_off,
+			     uint64_t *done_bytes)
+{
+	enum { OWN, FRESH, COPY } mode;
+	uint64_t cs = s->cluster_size, c0 = ALIGN_DOWN(guest, cs);
+	uint64_t bytes = MIN(m->bytes, c0 + cs - guest);
+	uint64_t hc = m->l2e & QCOW2_L2E_OFFSET_MASK, host, wstart, wend, touched, *ents;
+	unsigned sc0, sc1, idx, e;
+	struct iovec v[BDRV_IOV_MAX + 2];
+	struct qcow2_owner o;
+	enum qcow2_ctype ct;
+	uint8_t *b = NULL;
+	int slot, n, k, ret;
+
+	ret = qcow2_l2_entry_type(s, m->l2e, &ct);
+	if (ret < 0) {
+		co_mutex_unlock(&s->lock);
+		return ret;
+	}
+	if (ct == QCOW2_COMPRESSED || (ct == QCOW2_NORMAL && !(m->l2e & QCOW2_OFLAG_COPIED)))
+		mode = COPY;
+	else
+		mode = ct == QCOW2_NORMAL ? OWN : FRESH;
+	if (mode == OWN) {
+		host = hc;
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, host, cs);
+	} else {
+		ret = alloc_data(s, c0, 1, &host);
+	}
+	if (ret < 0) {
+		co_mutex_unlock(&s->lock);
+		return ret;
+	}
+	qcow2_add_owner(s, &o, c0, c0 + cs);
+	e = qcow2_io_begin(s);
+	co_mutex_unlock(&s->lock);
+
+	/* The touched subclusters [sc0, sc1] and their guest bytes. */
+	sc0 = (unsigned)((guest - c0) >> s->sc_bits);
+	sc1 = (unsigned)((guest + bytes - 1 - c0) >> s->sc_bits);
+	wstart = c0 + ((uint64_t)sc0 << s->sc_bits);
+	wend = c0 + ((uint64_t)(sc1 + 1) << s->sc_bits);
+	touched = qcow2_sc_alloc_range(sc0, sc1 + 1);
+
+	b = bounce_get(s);
+	if (!b) {
+		ret = -ENOMEM;
+		goto io_done;
+	}
+	if (mode == COPY) {
+		/* The whole new cluster, from the old one and the new data. */
+		ret = qcow2_inject(s, QCOW2_R_COW);
+		if (ret == 0 && m->type == QCOW2_COMPRESSED)
+			ret = read_compressed(s, m->l2e, b, b + 2 * cs);
+		else if (ret == 0)
+			ret = io_pread(s->data, b, cs, hc);
+		/* A partial head or tail subcluster not allocated in the old
+		 * cluster reads as the backing file or zeros. */
+		if (ret == 0 && m->type != QCOW2_NORMAL && m->type != QCOW2_COMPRESSED) {
+			ret = fill_unwritten(s, m->type, c0, wstart, guest - wstart, b);
+			if (ret == 0)
+				ret = fill_unwritten(s, m->type, c0, guest + bytes,
+						     wend - (guest + bytes), b);
+		}
+		if (ret == 0) {
+			iov_to_buf(iov, iovcnt, iov_off, b + (guest - c0), bytes);
+			v[0].iov_base = b;
+			v[0].iov_len = cs;
+			ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, 1, host);
+		}
+	} else {
+		/* Just the touched subclusters: head fill, data, tail fill. */
+		n = 0;
+		ret = fill_unwritten(s, m->type, c0, wstart, guest - wstart, b);
+		if (ret == 0)
+			ret = fill_unwritten(s, m->type, c0, guest + bytes, wend - (guest + bytes), b);
+		if (ret < 0)
+			goto io_done;
+		if (guest > wstart) {
+			v[n].iov_base = b + (wstart - c0);
+			v[n++].iov_len = guest - wstart;
+		}
+		k = iov_slice(iov, iovcnt, iov_off, bytes, v + n, BDRV_IOV_MAX);
+		if (k < 0) {
+			ret = k;
+			goto io_done;
+		}
+		n += k;
+		if (wend > guest + bytes) {
+			v[n].iov_base = b + (guest + bytes - c0);
+			v[n++].iov_len = wend - (guest + bytes);
+		}
+		ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, n, host + (wstart - c0));
+	}
+io_done:
+	if (b)
+		bounce_put(s, b);
+	qcow2_io_end(s, e);
+
+	co_mutex_lock(&s->lock);
+	if (ret == 0)
+		ret = qcow2_l2_slice_for_write(s, c0, &slot, &ents, &idx);
+	if (ret == 0) {
+		uint64_t old_e = qcow2_l2_get(s, ents, idx), old_b = qcow2_l2_bitmap(s, ents, idx);
+		uint64_t new_b;
+
+		if (mode == COPY && m->type == QCOW2_COMPRESSED)
+			new_b = qcow2_sc_alloc_range(0, QCOW2_SUBCLUSTERS);
+		else
+			new_b = (old_b | touched) & ~(touched << 32);
+		qcow2_l2_set(s, ents, idx, host | QCOW2_OFLAG_COPIED, new_b);
+		qcow2_cache_mark_dirty(&s->l2c, slot);
+		qcow2_cache_put(&s->l2c, slot);
+		if (mode == COPY)
+			ret = qcow2_free_l2_entry(s, old_e);
+	} else if (mode != OWN) {
+		unalloc_data(s, host, cs);
+	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
+	qcow2_disown_guest(s, &o);
+	co_mutex_unlock(&s->lock);
+	*done_bytes = bytes;
 	return ret;
 }
 
@@ -375,7 +486,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 {
 	uint64_t cs = s->cluster_size, end = guest + max, host, c0, cend, nclusters;
 	struct qcow2_map m, last;
-	struct qcow2_alloc a;
+	struct qcow2_owner o;
 	struct iovec sl[BDRV_IOV_MAX];
 	uint64_t *ents;
 	unsigned idx, e;
@@ -383,24 +494,33 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	int slot, n, ret;
 
 	co_mutex_lock(&s->lock);
-	wait_dependencies(s, guest, &end, true);
+	qcow2_wait_owners(s, guest, &end, true);
 	ret = qcow2_get_mapping(s, guest, end - guest, &m);
 	if (ret < 0)
 		goto out_unlock;
 
 	if (m.type == QCOW2_NORMAL && (m.l2e & QCOW2_OFLAG_COPIED)) {
 		/* Our own cluster: overwrite in place, no metadata. */
-		e = io_begin(s);
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, m.host, m.bytes);
+		if (ret < 0)
+			goto out_unlock;
+		e = qcow2_io_begin(s);
 		co_mutex_unlock(&s->lock);
 		n = iov_slice(iov, iovcnt, iov_off, m.bytes, sl, BDRV_IOV_MAX);
-		ret = n < 0 ? n : io_pwritev(s->file, sl, n, m.host);
-		io_end(s, e);
+		ret = n < 0 ? n : qcow2_pwritev_data(s, QCOW2_W_DATA, sl, n, m.host);
+		qcow2_io_end(s, e);
 		*done_bytes = m.bytes;
 		return ret;
 	}
 
-	/* Allocating write over the run's whole clusters. */
+	/* Allocating write over the run's whole clusters.  Its L2 update
+	 * must be possible before any cluster is taken or data written. */
 	c0 = ALIGN_DOWN(guest, cs);
+	ret = qcow2_l2_check_writable(s, c0);
+	if (ret < 0)
+		goto out_unlock;
+	if (s->ext_l2)
+		return write_subclusters(s, &m, guest, iov, iovcnt, iov_off, done_bytes);
 	cend = ALIGN_UP(guest + m.bytes, cs);
 	nclusters = (cend - c0) / cs;
 	reuse = m.type == QCOW2_ZERO_ALLOC && (m.l2e & QCOW2_OFLAG_COPIED);
@@ -418,25 +538,27 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 	}
 	if (reuse) {
 		host = m.l2e & QCOW2_L2E_OFFSET_MASK;
-	} else {
-		uint64_t old_end = s->file_end;
-		ret = qcow2_alloc_clusters(s, nclusters, &host);
+		ret = qcow2_check_write(s, QCOW2_OL_DATA, host, cs);
 		if (ret < 0)
 			goto out_unlock;
-		/* file_end only grows (allocations, never frees), so clusters
-		 * at or past it were never written since the file began. */
-		fresh = host >= old_end;
+	} else {
+		uint64_t old_end = s->file_end;
+		ret = alloc_data(s, c0, nclusters, &host);
+		if (ret < 0)
+			goto out_unlock;
+		/* Clusters at or past the end of everything allocated in the
+		 * image file were never written (freed ones at the tail are cut
+		 * off): they read as zeros.  Not so in a data file. */
+		fresh = !s->data_file && host >= old_end;
 	}
-	a.start = c0;
-	a.end = cend;
-	a.waiters = (struct co_queue)CO_QUEUE_INIT;
-	a.next = s->allocs;
-	s->allocs = &a;
-	e = io_begin(s);
+	/* The allocation may have yielded with the lock held, but nobody
+	 * registers an owner without the lock: ours is still the only one. */
+	qcow2_add_owner(s, &o, c0, cend);
+	e = qcow2_io_begin(s);
 	co_mutex_unlock(&s->lock);
 
 	ret = cow_write(s, &m, &last, host, guest, m.bytes, iov, iovcnt, iov_off, fresh);
-	io_end(s, e);
+	qcow2_io_end(s, e);
 
 	co_mutex_lock(&s->lock);
 	if (ret == 0)
@@ -451,15 +573,11 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 		}
 		qcow2_cache_put(&s->l2c, slot);
 	} else if (!reuse) {
-		qcow2_free_deferred(s, host, nclusters * cs);
+		unalloc_data(s, host, nclusters * cs);
 	}
-	for (struct qcow2_alloc **pp = &s->allocs; *pp; pp = &(*pp)->next) {
-		if (*pp == &a) {
-			*pp = a.next;
-			break;
-		}
-	}
-	co_queue_wake_all(&a.waiters);
+	if (ret == 0)
+		ret = qcow2_write_through(s);
+	qcow2_disown_guest(s, &o);
 	*done_bytes = m.bytes;
 out_unlock:
 	co_mutex_unlock(&s->lock);
@@ -473,6 +591,9 @@ int qcow2_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 	uint64_t done = 0, n = 0;
 	int ret = 0;
 
+	if (s->corrupt)
+		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	while (done < len) {
 		ret = write_run(s, off + done, len - done, iov, iovcnt, done, &n);
 		if (ret < 0)
@@ -494,8 +615,8 @@ static int write_zero_buffers(struct bdrv *bs, uint64_t off, uint64_t len)
 		uint64_t chunk = 0;
 		int n = 0;
 		while (n < BDRV_IOV_MAX && chunk < len) {
-			v[n].iov_base = (void *)zero_page;
-			v[n].iov_len = MIN(sizeof(zero_page), len - chunk);
+			v[n].iov_base = (void *)qcow2_zero_page;
+			v[n].iov_len = MIN(sizeof(qcow2_zero_page), len - chunk);
 			chunk += v[n].iov_len;
 			n++;
 		}
@@ -515,9 +636,11 @@ static bool is_allocated(enum qcow2_ctype t)
 	return t == QCOW2_NORMAL || t == QCOW2_COMPRESSED || t == QCOW2_ZERO_ALLOC;
 }
 
-/* Lock held.  Set the L2 entry of cluster @guest to @new_e, then drop the
- * old entry's reference (deferred) when @unmap. */
-static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool unmap)
+/* Lock held.  Set the L2 entry of cluster @guest to @new_e (and bitmap
+ * @new_b with extended L2), then drop the old entry's reference
+ * (deferred) when @unmap. */
+static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, uint64_t new_b,
+		     bool unmap)
 {
 	uint64_t *ents, old;
 	unsigned idx;
@@ -526,8 +649,8 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool
 	ret = qcow2_l2_slice_for_write(s, guest, &slot, &ents, &idx);
 	if (ret < 0)
 		return ret;
-	old = be64toh(ents[idx]);
-	ents[idx] = htobe64(new_e);
+	old = qcow2_l2_get(s, ents, idx);
+	qcow2_l2_set(s, ents, idx, new_e, new_b);
 	qcow2_cache_mark_dirty(&s->l2c, slot);
 	if (unmap)
 		ret = qcow2_free_l2_entry(s, old);
@@ -537,58 +660,163 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, bool
 
 enum zop { ZOP_DISCARD, ZOP_ZERO };
 
-/* Whole clusters [off, off+len) (len may end at the unaligned image end):
- * QEMU's discard_in_l2_slice (full_discard=false) / zero_in_l2_slice. */
-static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum zop op,
-		       unsigned flags)
+/* Lock held.  With an external data file: the guest range [host,
+ * host+len) of it was unmapped, or zeroed in a raw data file (whose bytes
+ * must read as the guest's).  Give the space back when discards may, and
+ * make a raw data file read zeros there either way. */
+static int data_release(struct qcow2_state *s, uint64_t host, uint64_t len, bool unmap)
 {
-	uint64_t cs = s->cluster_size, end = off + len;
+	int ret = -EOPNOTSUPP;
+
+	if (!s->data_file || !(unmap || s->data_raw))
+		return 0;
+	if (s->punch && unmap)
+		ret = io_fallocate(s->data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, len);
+	if (ret < 0 && s->data_raw)
+		ret = qcow2_zero_host(s, QCOW2_W_DATA, host, len);
+	return ret < 0 && !s->data_raw ? 0 : ret;
+}
+
+/* One whole cluster with extended L2: QEMU's discard_in_l2_slice
+ * (full_discard=false) and zero_in_l2_slice with subclusters: every
+ * subcluster reads as zeros, the host cluster dropped when unmapping. */
+static int cluster_op_ext(struct qcow2_state *s, uint64_t off, const struct qcow2_map *m,
+			  enum zop op, unsigned flags)
+{
+	enum qcow2_ctype ct;
+	uint64_t new_e;
+	bool has, unmap;
+	int ret = qcow2_l2_entry_type(s, m->l2e, &ct);
+
+	if (ret < 0)
+		return ret;
+	has = ct != QCOW2_UNALLOCATED;
+	if (op == ZOP_DISCARD) {
+		if (!s->backing && !has)
+			return 0;
+		unmap = has;
+	} else {
+		unmap = ct == QCOW2_COMPRESSED || ((flags & BDRV_REQ_MAY_UNMAP) && has);
+	}
+	new_e = unmap ? 0 : m->l2e;
+	if (new_e == m->l2e && m->bitmap == QCOW2_BITMAP_ALL_ZERO)
+		return 0;
+	ret = set_entry(s, off, new_e, QCOW2_BITMAP_ALL_ZERO, unmap);
+	if (ret == 0 && has)
+		ret = data_release(s, m->l2e & QCOW2_L2E_OFFSET_MASK,
+				   MIN((uint64_t)s->cluster_size, s->bs->size - off), unmap);
+	return ret;
+}
+
+/* Subclusters [off, end) inside one cluster read as zeros from now on
+ * (QEMU's zero_l2_subclusters).  -ENOTSUP for a compressed cluster. */
+static int subclusters_zero(struct qcow2_state *s, uint64_t off, uint64_t end,
+			    const struct qcow2_map *m)
+{
+	uint64_t c0 = ALIGN_DOWN(off, (uint64_t)s->cluster_size);
+	unsigned a = (unsigned)((off - c0) >> s->sc_bits);
+	unsigned b = (unsigned)(DIV_ROUND_UP(end - c0, (uint64_t)s->sc_size));
+	uint64_t new_b;
+
+	if (m->l2e & QCOW2_OFLAG_COMPRESSED)
+		return -ENOTSUP;
+	new_b = (m->bitmap | qcow2_sc_zero_range(a, b)) & ~qcow2_sc_alloc_range(a, b);
+	if (new_b == m->bitmap)
+		return 0;
+	int ret = set_entry(s, off, m->l2e, new_b, false);
+	if (ret == 0 && (m->bitmap & qcow2_sc_alloc_range(a, b)))
+		ret = data_release(s, (m->l2e & QCOW2_L2E_OFFSET_MASK) + (off - c0), end - off,
+				   false);
+	return ret;
+}
+
+/* Lock held; the caller owns the guest clusters of [off, end).  Whole
+ * clusters (the last may end at the unaligned image end): QEMU's
+ * discard_in_l2_slice (full_discard=false) / zero_in_l2_slice; with
+ * extended L2, write-zeroes may also cover whole subclusters of a
+ * cluster. */
+static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, enum zop op,
+			     unsigned flags)
+{
+	uint64_t cs = s->cluster_size;
 	int ret = 0;
 
 	while (off < end && ret == 0) {
-		/* One L2 slice per lock hold. */
-		uint64_t slice_bytes = (uint64_t)cs << s->l2_slice_bits;
-		uint64_t stop = MIN(end, ALIGN_DOWN(off, slice_bytes) + slice_bytes);
+		uint64_t piece_end = MIN(end, ALIGN_DOWN(off, cs) + cs);
+		bool whole = IS_ALIGNED(off, cs) &&
+			     (piece_end - off == cs || piece_end == s->bs->size);
+		struct qcow2_map m;
+		uint64_t new_e;
+		bool unmap;
 
-		co_mutex_lock(&s->lock);
-		wait_dependencies(s, off, &stop, false);
-		for (; off < stop && ret == 0; off += cs) {
-			struct qcow2_map m;
-			uint64_t new_e;
-			bool unmap;
-
-			ret = qcow2_get_mapping(s, off, cs, &m);
-			if (ret < 0)
-				break;
-			if (op == ZOP_DISCARD) {
-				if (!s->backing && !is_allocated(m.type))
-					continue;
-				new_e = s->meta.h.version >= 3 ? QCOW2_OFLAG_ZERO : 0;
-				unmap = is_allocated(m.type);
-			} else {
-				unmap = m.type == QCOW2_COMPRESSED ||
-					((flags & BDRV_REQ_MAY_UNMAP) && is_allocated(m.type));
-				new_e = (unmap ? 0 : m.l2e) | QCOW2_OFLAG_ZERO;
-			}
-			if (new_e == m.l2e)
-				continue;
-			ret = set_entry(s, off, new_e, unmap);
+		ret = qcow2_get_mapping(s, off, cs, &m);
+		if (ret < 0)
+			break;
+		if (s->ext_l2) {
+			ret = whole ? cluster_op_ext(s, off, &m, op, flags)
+				    : subclusters_zero(s, off, piece_end, &m);
+			off = piece_end;
+			continue;
 		}
-		co_mutex_unlock(&s->lock);
+		off = piece_end;
+		if (op == ZOP_DISCARD) {
+			if (!s->backing && !is_allocated(m.type))
+				continue;
+			new_e = s->meta.h.version >= 3 ? QCOW2_OFLAG_ZERO : 0;
+			unmap = is_allocated(m.type);
+		} else {
+			unmap = m.type == QCOW2_COMPRESSED ||
+				((flags & BDRV_REQ_MAY_UNMAP) && is_allocated(m.type));
+			new_e = (unmap ? 0 : m.l2e) | QCOW2_OFLAG_ZERO;
+		}
+		if (new_e == m.l2e)
+			continue;
+		ret = set_entry(s, ALIGN_DOWN(piece_end - 1, cs), new_e, 0, unmap);
+		if (ret == 0 && (m.type == QCOW2_NORMAL || m.type == QCOW2_ZERO_ALLOC))
+			ret = data_release(s, m.l2e & QCOW2_L2E_OFFSET_MASK,
+					   piece_end - ALIGN_DOWN(piece_end - 1, cs), unmap);
 	}
 	return ret;
 }
 
-static int discard_clusters(struct qcow2_state *s, uint64_t off, uint64_t len)
+/* Whole clusters (with extended L2, subclusters for write-zeroes)
+ * [off, off+len), one L2 slice per lock hold. */
+static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum zop op,
+		       unsigned flags)
 {
-	return clusters_op(s, off, len, ZOP_DISCARD, 0);
+	uint64_t cs = s->cluster_size, end = off + len;
+	uint64_t slice_bytes = (uint64_t)cs << s->l2_slice_bits;
+	struct qcow2_owner o;
+	int ret = 0;
+
+	while (off < end && ret == 0) {
+		uint64_t stop = MIN(end, ALIGN_DOWN(off, slice_bytes) + slice_bytes);
+
+		co_mutex_lock(&s->lock);
+		qcow2_own_guest(s, &o, off, stop);
+		ret = clusters_op_owned(s, off, stop, op, flags);
+		if (ret == 0)
+			ret = qcow2_write_through(s);
+		qcow2_disown_guest(s, &o);
+		co_mutex_unlock(&s->lock);
+		off = stop;
+	}
+	return ret;
 }
 
-/* QEMU's qcow2_subcluster_zeroize: -ENOTSUP means "write zeros". */
+/* Lock held, clusters owned.  QEMU's qcow2_subcluster_zeroize: -ENOTSUP
+ * means "write zeros". */
+static int zeroize_owned(struct qcow2_state *s, uint64_t off, uint64_t end, unsigned flags)
+{
+	if (s->meta.h.version < 3)
+		return s->backing ? -ENOTSUP : clusters_op_owned(s, off, end, ZOP_DISCARD, 0);
+	return clusters_op_owned(s, off, end, ZOP_ZERO, flags);
+}
+
 static int zeroize(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
 	if (s->meta.h.version < 3)
-		return s->backing ? -ENOTSUP : discard_clusters(s, off, len);
+		return s->backing ? -ENOTSUP : clusters_op(s, off, len, ZOP_DISCARD, 0);
 	return clusters_op(s, off, len, ZOP_ZERO, flags);
 }
 
@@ -609,10 +837,17 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 		if (ret < 0)
 			return false;
 		if (m.type == QCOW2_UNALLOCATED && s->backing && off < s->backing->size) {
-			/* Zero below only if the backing chain says so (qcow2). */
-			struct bdrv *b = s->backing;
-			zero = b->drv == &bdrv_qcow2 &&
-			       is_zero_range(b->opaque, off, MIN(m.bytes, b->size - off));
+			/* Zero below only if the backing chain says so, through
+			 * the block layer (past its end it reads zeros). */
+			uint64_t pos = off, end = off + MIN(m.bytes, s->backing->size - off);
+			while (zero && pos < end) {
+				uint64_t pnum = 0;
+				unsigned depth;
+				int st = bdrv_co_block_status(s->backing, pos, end - pos, &pnum,
+							      &depth);
+				zero = st >= 0 && (st & BDRV_BLOCK_ZERO) && pnum;
+				pos += pnum;
+			}
 		} else {
 			zero = region_reads_zero(s, &m, off, m.bytes);
 		}
@@ -622,44 +857,66 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 	return zero;
 }
 
-/* A write_zeroes piece inside one cluster (QEMU qcow2_co_pwrite_zeroes
- * with head/tail): whole cluster becomes zero if the rest already is. */
+/* A write_zeroes piece inside one zeroing unit (a cluster; a subcluster
+ * with extended L2), as QEMU's qcow2_co_pwrite_zeroes does with head and
+ * tail: the whole unit becomes zero if the rest of it reads as zeros
+ * already.  Its cluster is owned from before the decision until the L2
+ * entry is changed, so no allocating write can slip in between (a write
+ * in flight is waited for first, then the decision sees its data).
+ * -ENOTSUP: write zeros instead (after the cluster is released: that
+ * write may need to own it). */
 static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
-	uint64_t cs = s->cluster_size, c0 = ALIGN_DOWN(off, cs);
-	uint64_t end = off + len, cend = end == s->bs->size ? end : ALIGN_UP(end, cs);
+	uint64_t u = s->sc_size, c0 = ALIGN_DOWN(off, u);
+	uint64_t end = off + len, cend = end == s->bs->size ? end : ALIGN_UP(end, u);
+	uint64_t unit_end = MIN(c0 + u, s->bs->size);
+	struct qcow2_owner o;
 	struct qcow2_map m;
 	int ret;
 
-	if (!is_zero_range(s, c0, off - c0) || !is_zero_range(s, end, cend - end))
-		return -ENOTSUP;
 	co_mutex_lock(&s->lock);
-	ret = qcow2_get_mapping(s, c0, cs, &m);
+	qcow2_own_guest(s, &o, c0, unit_end);
 	co_mutex_unlock(&s->lock);
-	if (ret < 0)
-		return ret;
-	if (is_allocated(m.type) && m.type != QCOW2_ZERO_ALLOC)
-		return -ENOTSUP;
-	return zeroize(s, c0, MIN(cs, s->bs->size - c0), flags);
+
+	if (!is_zero_range(s, c0, off - c0) || !is_zero_range(s, end, cend - end)) {
+		ret = -ENOTSUP;
+		co_mutex_lock(&s->lock);
+	} else {
+		co_mutex_lock(&s->lock);
+		ret = qcow2_get_mapping(s, c0, u, &m);
+		if (ret == 0 && is_allocated(m.type) && m.type != QCOW2_ZERO_ALLOC)
+			ret = -ENOTSUP;
+		if (ret == 0)
+			ret = zeroize_owned(s, c0, unit_end, flags);
+		if (ret == 0)
+			ret = qcow2_write_through(s);
+	}
+	qcow2_disown_guest(s, &o);
+	co_mutex_unlock(&s->lock);
+	return ret;
 }
 
 int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags)
 {
 	struct qcow2_state *s = bs->opaque;
-	uint64_t cs = s->cluster_size, end = off + len;
+	uint64_t u = s->sc_size, end = off + len;
 	int ret;
 
+	if (s->corrupt)
+		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* Split like QEMU's block layer: unaligned head and tail pieces are
-	 * tried alone and fall back to explicit zeros. */
+	 * tried alone and fall back to explicit zeros.  The unit is the
+	 * cluster, or the subcluster with extended L2. */
 	while (off < end) {
 		uint64_t piece_end;
 		bool partial;
 
-		if (!IS_ALIGNED(off, cs)) {
-			piece_end = MIN(end, ALIGN_UP(off, cs));
+		if (!IS_ALIGNED(off, u)) {
+			piece_end = MIN(end, ALIGN_UP(off, u));
 			partial = true;
-		} else if (end - off >= cs) {
-			piece_end = ALIGN_DOWN(end, cs);
+		} else if (end - off >= u) {
+			piece_end = ALIGN_DOWN(end, u);
 			partial = false;
 		} else {
 			piece_end = end;
@@ -685,6 +942,9 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	uint64_t start = ALIGN_UP(off, cs);
 	uint64_t end = off + len == bs->size ? bs->size : ALIGN_DOWN(off + len, (uint64_t)cs);
 
+	if (s->corrupt)
+		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* v2 has no zero flag: deallocating would expose stale backing
 	 * data, so QEMU refuses (ENOTSUP, which discard callers ignore). */
 	if (s->meta.h.version < 3 && s->backing)
@@ -693,7 +953,98 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	 * an unaligned image end. */
 	if (start >= end)
 		return 0;
-	return discard_clusters(s, start, end - start);
+	return clusters_op(s, start, end - start, ZOP_DISCARD, 0);
+}
+
+/* ---- compressed writes ------------------------------------------------- */
+
+int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
+				const struct iovec *iov, int iovcnt)
+{
+	struct qcow2_state *s = bs->opaque;
+	uint64_t cs = s->cluster_size, end = off + cs, coff = 0, nsec, *ents;
+	struct qcow2_owner o;
+	struct qcow2_map m;
+	struct iovec v;
+	ssize_t clen;
+	uint8_t *b;
+	unsigned idx, e;
+	int slot, ret;
+
+	if (s->corrupt)
+		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
+	/* No compressed clusters in an external data file. */
+	if (s->data_file)
+		return qcow2_co_pwritev(bs, off, len, iov, iovcnt, 0);
+	b = bounce_get(s);
+	if (!b)
+		return -ENOMEM;
+	/* A short last cluster is compressed whole, with a zero tail, as
+	 * QEMU does.  Anything that does not shrink is written normally. */
+	iov_to_buf(iov, iovcnt, 0, b, len);
+	memset(b + len, 0, cs - len);
+	clen = qcow2_compress(s->meta.h.compression_type, b, cs, b + cs, cs - 1);
+	if (clen == -ENOSPC)
+		goto plain;
+	if (clen < 0) {
+		bounce_put(s, b);
+		return (int)clen;
+	}
+
+	co_mutex_lock(&s->lock);
+	qcow2_wait_owners(s, off, &end, false);
+	ret = qcow2_get_mapping(s, off, cs, &m);
+	if (ret == 0 && (m.l2e & (QCOW2_L2E_OFFSET_MASK | QCOW2_OFLAG_COMPRESSED))) {
+		/* Compression writes only new clusters (as in QEMU). */
+		co_mutex_unlock(&s->lock);
+		goto plain;
+	}
+	if (ret == 0)
+		ret = qcow2_l2_check_writable(s, off);
+	if (ret == 0)
+		ret = qcow2_alloc_bytes(s, (uint64_t)clen, &coff);
+	if (ret == 0)
+		ret = qcow2_check_write(s, QCOW2_OL_NEW, coff, (uint64_t)clen);
+	if (ret < 0) {
+		co_mutex_unlock(&s->lock);
+		bounce_put(s, b);
+		return ret;
+	}
+	qcow2_add_owner(s, &o, off, off + cs);
+	e = qcow2_io_begin(s);
+	co_mutex_unlock(&s->lock);
+
+	v.iov_base = b + cs;
+	v.iov_len = (size_t)clen;
+	ret = qcow2_pwritev_data(s, QCOW2_W_COMPRESSED, &v, 1, coff);
+	qcow2_io_end(s, e);
+	bounce_put(s, b);
+
+	co_mutex_lock(&s->lock);
+	/* "Compressed Clusters Descriptor": the sectors after the first. */
+	nsec = ((coff + (uint64_t)clen - 1) >> 9) - (coff >> 9);
+	if (ret == 0 && nsec > s->csize_mask)
+		ret = -EIO;
+	if (ret == 0)
+		ret = qcow2_l2_slice_for_write(s, off, &slot, &ents, &idx);
+	if (ret == 0) {
+		uint64_t old = qcow2_l2_get(s, ents, idx);
+		qcow2_l2_set(s, ents, idx, QCOW2_OFLAG_COMPRESSED | (nsec << s->csize_shift) | coff, 0);
+		qcow2_cache_mark_dirty(&s->l2c, slot);
+		qcow2_cache_put(&s->l2c, slot);
+		ret = qcow2_free_l2_entry(s, old);
+	} else {
+		qcow2_free_deferred(s, coff, (uint64_t)clen);
+	}
+	if (ret == 0)
+		ret = qcow2_write_through(s);
+	qcow2_disown_guest(s, &o);
+	co_mutex_unlock(&s->lock);
+	return ret;
+plain:
+	bounce_put(s, b);
+	return qcow2_co_pwritev(bs, off, len, iov, iovcnt, 0);
 }
 
 int qcow2_co_flush(struct bdrv *bs)

@@ -6,8 +6,11 @@
  * Entry layout: 40 fixed bytes, extra data (extra_data_size), the id
  * string, the name, then padding to 8 bytes.  Extra data holds a 64-bit
  * VM state size (offset 0) and the virtual disk size (offset 8) when long
- * enough.  Every entry is checked to lie inside the table, and every
- * snapshot L1 table to be aligned, of legal size and inside the file.
+ * enough, and the instruction count (offset 16) as QEMU 5.0 and later
+ * write it.  Every entry is checked to lie inside the table, and every
+ * snapshot L1 table to be aligned, of legal size and inside the file
+ * (unless the checker asks for QCOW2_SNAP_UNCHECKED_L1: it counts bad L1
+ * tables as corruptions, as qemu-img check does, instead of refusing).
  */
 #include <stddef.h>
 
@@ -69,6 +72,13 @@ static int ensure(struct io_file *f, uint64_t base, uint64_t max, uint8_t **buf,
 int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64_t file_size,
 			 struct qcow2_snapshot **out, char *err, size_t errlen)
 {
+	return qcow2_snapshots_read_flags(f, h, file_size, 0, out, NULL, err, errlen);
+}
+
+int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
+			       uint64_t file_size, unsigned flags, struct qcow2_snapshot **out,
+			       uint64_t *table_bytes, char *err, size_t errlen)
+{
 	struct qcow2_snapshot *snaps = NULL;
 	uint8_t *buf = NULL;
 	uint64_t cs = 1ull << h->cluster_bits;
@@ -77,6 +87,8 @@ int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64
 	int ret = -EINVAL;
 
 	*out = NULL;
+	if (table_bytes)
+		*table_bytes = 0;
 	if (err && errlen)
 		err[0] = '\0';
 	if (n == 0)
@@ -127,6 +139,9 @@ int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64
 		s->vm_state_size = get_be32(e + QCOW2_SNAP_VM_STATE_SIZE);
 		uint32_t extra = get_be32(e + QCOW2_SNAP_EXTRA_SIZE);
 		s->disk_size = h->size;
+		s->icount = UINT64_MAX;
+		s->extra_size = extra;
+		s->entry_off = off;
 
 		if (extra > MAX_SNAPSHOT_EXTRA) {
 			snprintf(err, errlen, "snapshot %u: too much extra data (%u bytes)", done, extra);
@@ -142,6 +157,8 @@ int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64
 			s->vm_state_size = get_be64(x);
 		if (extra >= 16)
 			s->disk_size = get_be64(x + 8);
+		if (extra >= 24)
+			s->icount = get_be64(x + 16);
 		s->id = dup_str(x + extra, id_len);
 		s->name = dup_str(x + extra + id_len, name_len);
 		if (!s->id || !s->name) {
@@ -149,17 +166,21 @@ int qcow2_snapshots_read(struct io_file *f, const struct qcow2_header *h, uint64
 			ret = -ENOMEM;
 			goto fail;
 		}
-		if (s->l1_size > QCOW2_MAX_L1_SIZE / 8) {
+		s->entry_len = (uint32_t)len;
+		if (flags & QCOW2_SNAP_UNCHECKED_L1) {
+			/* The checker judges the L1 table itself. */
+		} else if (s->l1_size > QCOW2_MAX_L1_SIZE / 8) {
 			snprintf(err, errlen, "snapshot %u: L1 table too large (%u entries)", done,
 				 s->l1_size);
 			goto fail;
-		}
-		if (!IS_ALIGNED(s->l1_offset, cs) || (s->l1_size && s->l1_offset == 0) ||
-		    ckd_add(&end, s->l1_offset, (uint64_t)s->l1_size * 8) || end > file_size) {
+		} else if (!IS_ALIGNED(s->l1_offset, cs) || (s->l1_size && s->l1_offset == 0) ||
+			   ckd_add(&end, s->l1_offset, (uint64_t)s->l1_size * 8) || end > file_size) {
 			snprintf(err, errlen, "snapshot %u: L1 table offset 0x%llx is invalid", done,
 				 (unsigned long long)s->l1_offset);
 			goto fail;
 		}
+		if (table_bytes)
+			*table_bytes = off + len;
 		off += ALIGN_UP(len, 8);
 		if (off > table_len)
 			off = table_len;   /* padding of the last entry may pass EOF */

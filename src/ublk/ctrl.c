@@ -10,6 +10,12 @@
  * (6.5+) tells us which to use; without it we try the encoded opcode and
  * fall back to the legacy one on -EINVAL/-EOPNOTSUPP.
  *
+ * Unprivileged devices (UBLK_F_UNPRIVILEGED_DEV): the driver checks every
+ * command on such a device against the caller's access to /dev/ublkcN,
+ * whose path must lead the command's buffer (dev_path_len bytes, then the
+ * payload).  GET_DEV_INFO2 always takes the path.  dev_cmd() learns with
+ * GET_DEV_INFO2 whether a device needs it and adds it.
+ *
  * Thread model: a struct ublk_ctrl is used by one thread (the daemon's
  * main thread, or the CLI).
  */
@@ -17,6 +23,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -38,6 +46,11 @@ unsigned ublk_ctrl_opcode(unsigned nr, bool encoded)
 	case UBLK_CMD_GET_DEV_INFO2: return UBLK_U_CMD_GET_DEV_INFO2;
 	case QUBLK_CMD_GET_FEATURES: return UBLK_U_CMD_GET_FEATURES;
 	case QUBLK_CMD_DEL_DEV_ASYNC: return UBLK_U_CMD_DEL_DEV_ASYNC;
+	case UBLK_CMD_START_USER_RECOVERY: return UBLK_U_CMD_START_USER_RECOVERY;
+	case UBLK_CMD_END_USER_RECOVERY: return UBLK_U_CMD_END_USER_RECOVERY;
+	case QUBLK_CMD_UPDATE_SIZE: return UBLK_U_CMD_UPDATE_SIZE;
+	case QUBLK_CMD_QUIESCE_DEV: return UBLK_U_CMD_QUIESCE_DEV;
+	case QUBLK_CMD_TRY_STOP_DEV: return UBLK_U_CMD_TRY_STOP_DEV;
 	}
 	return nr;
 }
@@ -137,6 +150,71 @@ static struct ublksrv_ctrl_cmd mk_cmd(unsigned dev_id, void *buf, size_t len)
 	return cmd;
 }
 
+/* GET_DEV_INFO2: the path leads the buffer whatever the device's kind. */
+static int get_info2(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info)
+{
+	struct {
+		char path[32];
+		struct ublksrv_ctrl_dev_info info;
+	} buf;
+	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, &buf, sizeof(buf));
+	int ret;
+
+	memset(&buf, 0, sizeof(buf));
+	snprintf(buf.path, sizeof(buf.path), "/dev/ublkc%u", dev_id);
+	cmd.dev_path_len = sizeof(buf.path);
+	ret = submit_one(c, UBLK_U_CMD_GET_DEV_INFO2, &cmd);
+	if (ret >= 0)
+		*info = buf.info;
+	return ret;
+}
+
+static bool dev_is_unpriv(struct ublk_ctrl *c, unsigned dev_id)
+{
+	struct ublksrv_ctrl_dev_info info;
+
+	if (c->known_id == (int)dev_id)
+		return c->known_unpriv;
+	/* Before GET_DEV_INFO2 (6.5) there were no unprivileged devices. */
+	if (!c->have_features || get_info2(c, dev_id, &info) < 0)
+		return false;
+	c->known_id = (int)dev_id;
+	c->known_unpriv = info.flags & UBLK_F_UNPRIVILEGED_DEV;
+	return c->known_unpriv;
+}
+
+/* A command on device @dev_id with an IN/OUT buffer (may be NULL) and
+ * inline data; the device path goes first where the driver wants it. */
+static int dev_cmd(struct ublk_ctrl *c, unsigned nr, unsigned dev_id, void *buf, size_t len,
+		   uint64_t data)
+{
+	char path[32];
+	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, buf, len);
+	uint8_t *tmp;
+	size_t plen;
+	int ret;
+
+	cmd.data[0] = data;
+	if (!dev_is_unpriv(c, dev_id))
+		return ctrl_cmd(c, nr, &cmd);
+	snprintf(path, sizeof(path), "/dev/ublkc%u", dev_id);
+	plen = strlen(path) + 1;
+	tmp = malloc(plen + len);
+	if (!tmp)
+		return -ENOMEM;
+	memcpy(tmp, path, plen);
+	if (len)
+		memcpy(tmp + plen, buf, len);
+	cmd.addr = (uint64_t)(uintptr_t)tmp;
+	cmd.len = (uint16_t)(plen + len);
+	cmd.dev_path_len = (uint16_t)plen;
+	ret = ctrl_cmd(c, nr, &cmd);
+	if (ret >= 0 && len)
+		memcpy(buf, tmp + plen, len);
+	free(tmp);
+	return ret;
+}
+
 static int probe_features(struct ublk_ctrl *c)
 {
 	uint64_t f = 0;
@@ -165,6 +243,7 @@ int ublk_ctrl_open(struct ublk_ctrl *c)
 
 	memset(c, 0, sizeof(*c));
 	c->encode = -1;
+	c->known_id = -1;
 	c->fd = open(UBLK_CONTROL_PATH, O_RDWR | O_CLOEXEC);
 	if (c->fd < 0) {
 		ret = -errno;
@@ -193,55 +272,102 @@ void ublk_ctrl_close(struct ublk_ctrl *c)
 
 int ublk_ctrl_add_dev(struct ublk_ctrl *c, struct ublksrv_ctrl_dev_info *info)
 {
-	/* The header's dev_id must match info->dev_id (-1: any free id). */
+	/* The header's dev_id must match info->dev_id (-1: any free id).
+	 * No path: there is no device yet. */
 	struct ublksrv_ctrl_cmd cmd = mk_cmd(info->dev_id, info, sizeof(*info));
+	int ret = ctrl_cmd(c, UBLK_CMD_ADD_DEV, &cmd);
 
-	return ctrl_cmd(c, UBLK_CMD_ADD_DEV, &cmd);
+	if (ret >= 0) {
+		c->known_id = (int)info->dev_id;
+		c->known_unpriv = info->flags & UBLK_F_UNPRIVILEGED_DEV;
+	}
+	return ret;
 }
 
 int ublk_ctrl_set_params(struct ublk_ctrl *c, unsigned dev_id, const struct ublk_params *p)
 {
-	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, (void *)p, p->len);
+	struct ublk_params tmp = *p;
 
-	return ctrl_cmd(c, UBLK_CMD_SET_PARAMS, &cmd);
+	return dev_cmd(c, UBLK_CMD_SET_PARAMS, dev_id, &tmp, p->len, 0);
 }
 
 int ublk_ctrl_get_params(struct ublk_ctrl *c, unsigned dev_id, struct ublk_params *p)
 {
-	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, p, sizeof(*p));
-
 	memset(p, 0, sizeof(*p));
 	p->len = sizeof(*p);
 	p->types = UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD | UBLK_PARAM_TYPE_DEVT;
-	return ctrl_cmd(c, UBLK_CMD_GET_PARAMS, &cmd);
+	return dev_cmd(c, UBLK_CMD_GET_PARAMS, dev_id, p, sizeof(*p), 0);
 }
 
 int ublk_ctrl_start_dev(struct ublk_ctrl *c, unsigned dev_id, int pid)
 {
-	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, NULL, 0);
-
-	cmd.data[0] = (__u64)pid;
-	return ctrl_cmd(c, UBLK_CMD_START_DEV, &cmd);
+	return dev_cmd(c, UBLK_CMD_START_DEV, dev_id, NULL, 0, (uint64_t)pid);
 }
 
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id)
 {
-	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, NULL, 0);
-
-	return ctrl_cmd(c, UBLK_CMD_STOP_DEV, &cmd);
+	return dev_cmd(c, UBLK_CMD_STOP_DEV, dev_id, NULL, 0, 0);
 }
 
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id)
 {
-	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, NULL, 0);
+	int ret = dev_cmd(c, UBLK_CMD_DEL_DEV, dev_id, NULL, 0, 0);
 
-	return ctrl_cmd(c, UBLK_CMD_DEL_DEV, &cmd);
+	if (ret >= 0 && c->known_id == (int)dev_id)
+		c->known_id = -1;
+	return ret;
 }
 
 int ublk_ctrl_get_info(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info)
 {
-	struct ublksrv_ctrl_cmd cmd = mk_cmd(dev_id, info, sizeof(*info));
-
 	memset(info, 0, sizeof(*info));
-	return ctrl_cmd(c, UBLK_CMD_GET_DEV_INFO, &cmd);
+	/* GET_DEV_INFO2 answers for both kinds of device (6.5+). */
+	if (c->have_features) {
+		int ret = get_info2(c, dev_id, info);
+		if (ret >= 0) {
+			c->known_id = (int)dev_id;
+			c->known_unpriv = info->flags & UBLK_F_UNPRIVILEGED_DEV;
+		}
+		if (ret != -EINVAL && ret != -EOPNOTSUPP)
+			return ret;
+	}
+	return dev_cmd(c, UBLK_CMD_GET_DEV_INFO, dev_id, info, sizeof(*info), 0);
+}
+
+int ublk_ctrl_start_recovery(struct ublk_ctrl *c, unsigned dev_id)
+{
+	return dev_cmd(c, UBLK_CMD_START_USER_RECOVERY, dev_id, NULL, 0, 0);
+}
+
+int ublk_ctrl_end_recovery(struct ublk_ctrl *c, unsigned dev_id, int pid)
+{
+	return dev_cmd(c, UBLK_CMD_END_USER_RECOVERY, dev_id, NULL, 0, (uint64_t)pid);
+}
+
+/* Commands that only exist ioctl-encoded (6.15+): a driver without them
+ * answers -EOPNOTSUPP (or -EINVAL from older dispatchers). */
+static int new_cmd(struct ublk_ctrl *c, unsigned nr, uint64_t feature, unsigned dev_id,
+		   uint64_t data)
+{
+	int ret;
+
+	if (c->have_features && !(c->features & feature))
+		return -EOPNOTSUPP;
+	ret = dev_cmd(c, nr, dev_id, NULL, 0, data);
+	return ret == -EINVAL && !c->have_features ? -EOPNOTSUPP : ret;
+}
+
+int ublk_ctrl_update_size(struct ublk_ctrl *c, unsigned dev_id, uint64_t bytes)
+{
+	return new_cmd(c, QUBLK_CMD_UPDATE_SIZE, UBLK_F_UPDATE_SIZE, dev_id, bytes >> 9);
+}
+
+int ublk_ctrl_quiesce(struct ublk_ctrl *c, unsigned dev_id, unsigned timeout_ms)
+{
+	return new_cmd(c, QUBLK_CMD_QUIESCE_DEV, UBLK_F_QUIESCE, dev_id, timeout_ms);
+}
+
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, unsigned dev_id)
+{
+	return new_cmd(c, QUBLK_CMD_TRY_STOP_DEV, UBLK_F_SAFE_STOP_DEV, dev_id, 0);
 }

@@ -35,12 +35,15 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "common/util.h"
+#include "ublk/notify.h"
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -120,8 +123,10 @@ int ublk_state_write(const struct ublk_state *s)
 		log_error("%s: %s", tmp, strerror(errno));
 		return ret;
 	}
-	fprintf(f, "id=%d\npid=%d\ntarget=%s\nqueues=%u\ndepth=%u\nread_only=%d\nimage=%s\n",
-		s->dev_id, s->pid, s->target, s->queues, s->depth, s->read_only, s->image);
+	fprintf(f, "id=%d\npid=%d\ntarget=%s\nqueues=%u\ndepth=%u\nread_only=%d\n"
+		"force_share=%d\ndirect=%d\nsize=%llu\nflags=%llu\nimage=%s\n",
+		s->dev_id, s->pid, s->target, s->queues, s->depth, s->read_only, s->force_share,
+		s->direct, (unsigned long long)s->size, (unsigned long long)s->flags, s->image);
 	if (fclose(f) != 0 || rename(tmp, path) < 0) {
 		ret = -errno;
 		log_error("%s: %s", path, strerror(errno));
@@ -161,6 +166,14 @@ int ublk_state_read(int dev_id, struct ublk_state *s)
 			s->depth = (unsigned)atoi(v);
 		else if (!strcmp(line, "read_only"))
 			s->read_only = atoi(v) != 0;
+		else if (!strcmp(line, "force_share"))
+			s->force_share = atoi(v) != 0;
+		else if (!strcmp(line, "direct"))
+			s->direct = atoi(v) != 0;
+		else if (!strcmp(line, "size"))
+			s->size = strtoull(v, NULL, 10);
+		else if (!strcmp(line, "flags"))
+			s->flags = strtoull(v, NULL, 10);
 		else if (!strcmp(line, "image"))
 			snprintf(s->image, sizeof(s->image), "%s", v);
 	}
@@ -202,14 +215,16 @@ static void lock_memory(void)
 		log_debug("PR_SET_IO_FLUSHER: %s", strerror(errno));
 }
 
-static void redirect_stdio(unsigned dev_id)
+/* A recovering daemon appends: the log then tells the whole story. */
+static void redirect_stdio(unsigned dev_id, bool append)
 {
 	char log_path[PATH_MAX];
 	int null_fd = open("/dev/null", O_RDWR | O_CLOEXEC);
 	int log_fd;
 
 	snprintf(log_path, sizeof(log_path), "%s/ublk%u.log", ublk_run_dir(), dev_id);
-	log_fd = open(log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	log_fd = open(log_path, O_WRONLY | O_CREAT | O_CLOEXEC | (append ? O_APPEND : O_TRUNC),
+		      0644);
 	if (null_fd >= 0) {
 		dup2(null_fd, STDIN_FILENO);
 		dup2(null_fd, STDOUT_FILENO);
@@ -254,6 +269,22 @@ static int setup_queues(struct ublk_dev *d)
 			return ret;
 	}
 	return 0;
+}
+
+static int open_cdev(struct ublk_dev *d)
+{
+	char path[64];
+	int ret;
+
+	snprintf(path, sizeof(path), "/dev/ublkc%u", d->info.dev_id);
+	ret = wait_for_path(path, 5000);
+	if (ret == 0) {
+		d->cdev_fd = open(path, O_RDWR | O_CLOEXEC);
+		ret = d->cdev_fd < 0 ? -errno : 0;
+	}
+	if (ret < 0)
+		log_error("%s: %s", path, strerror(-ret));
+	return ret;
 }
 
 /* Stop everything that was started, in the order DEL_DEV needs. */
@@ -323,47 +354,422 @@ static int report(int report_fd, const char *msg)
 	return 0;
 }
 
-/* Wait until a signal asks us to stop or a queue thread leaves. */
-static void serve(struct ublk_dev *d, int sfd)
+/* ---------------------------------------------------------- hand-over */
+
+/*
+ * Hand-over protocol on <run dir>/ublkN.sock (SOCK_SEQPACKET, mode 0600,
+ * peers of our uid or root only): the next daemon sends "handover"; we
+ * quiesce the device (QUIESCE_DEV where the device has UBLK_F_QUIESCE:
+ * the requests in flight complete, the FETCHes are aborted; otherwise the
+ * queues stop once no request is inside the target, and closing their
+ * rings makes the kernel requeue what they held), close /dev/ublkcN,
+ * write the image back and close it keeping one descriptor (and so the
+ * image locks), and send that descriptor with "ok".  From then on the
+ * next daemon owns the image and recovers the device; we exit without
+ * stopping it.  Never two writers (we closed the image before sending),
+ * never an unlocked moment (the descriptor holds the locks throughout).
+ */
+#define HANDOVER_REQ "handover"
+
+void ublk_sock_path(int dev_id, char *buf, size_t len)
 {
-	struct pollfd pfd[2] = {
+	snprintf(buf, len, "%s/ublk%d.sock", ublk_run_dir(), dev_id);
+}
+
+static int listen_socket(struct ublk_dev *d)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	mode_t old;
+	int fd, ret;
+
+	ublk_sock_path((int)d->info.dev_id, sa.sun_path, sizeof(sa.sun_path));
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+	if (fd < 0)
+		return -errno;
+	unlink(sa.sun_path);
+	old = umask(0077);
+	ret = bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 2) < 0 ? -errno : 0;
+	umask(old);
+	if (ret < 0) {
+		close(fd);
+		return ret;
+	}
+	d->listen_fd = fd;
+	return 0;
+}
+
+static void close_listen(struct ublk_dev *d)
+{
+	char path[PATH_MAX];
+
+	if (d->listen_fd < 0)
+		return;
+	close(d->listen_fd);
+	d->listen_fd = -1;
+	ublk_sock_path((int)d->info.dev_id, path, sizeof(path));
+	unlink(path);
+}
+
+static int send_reply(int cfd, const char *msg, int fd)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { (void *)msg, strlen(msg) };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+	if (fd >= 0) {
+		struct cmsghdr *cm;
+		memset(cbuf, 0, sizeof(cbuf));
+		mh.msg_control = cbuf;
+		mh.msg_controllen = sizeof(cbuf);
+		cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	}
+	return sendmsg(cfd, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
+}
+
+/* Stop the queue threads: they leave once no request is inside the
+ * target, and their rings and mappings close with them. */
+static void stop_queues(struct ublk_dev *d)
+{
+	for (unsigned i = 0; i < d->nr_queues; i++)
+		ublk_queue_stop(&d->queues[i]);
+	for (unsigned i = 0; i < d->nr_queues; i++)
+		ublk_queue_join(&d->queues[i]);
+}
+
+/* Returns 1 if the device was handed over (exit without stopping it),
+ * 0 if the request was refused and we go on serving, -errno if the hand-
+ * over failed half-way (the device is left quiesced for 'qublk recover'). */
+static int handover(struct ublk_dev *d, int cfd)
+{
+	unsigned id = d->info.dev_id;
+	int fd = -1, ret;
+
+	if (!(d->info.flags & UBLK_F_USER_RECOVERY)) {
+		send_reply(cfd, "error: the device was created without user_recovery", -1);
+		return 0;
+	}
+	if (d->info.flags & UBLK_F_QUIESCE) {
+		/* Requests in flight complete here, on the queue threads. */
+		ret = ublk_ctrl_quiesce(&d->ctrl, id, 30000);
+		if (ret < 0) {
+			char msg[128];
+			log_warn("ublk%u: QUIESCE_DEV: %s; not handing over", id, strerror(-ret));
+			snprintf(msg, sizeof(msg), "error: QUIESCE_DEV: %s", strerror(-ret));
+			send_reply(cfd, msg, -1);
+			return 0;
+		}
+		log_info("ublk%u: quiesced for hand-over", id);
+	} else {
+		log_info("ublk%u: stopping the queues for hand-over (no QUIESCE_DEV here: "
+			 "requests the queues hold are requeued)", id);
+	}
+	stop_queues(d);
+	if (d->cdev_fd >= 0) {
+		close(d->cdev_fd);
+		d->cdev_fd = -1;
+	}
+	/* The next daemon binds the same path. */
+	close_listen(d);
+	ret = d->tgt.ops->release(&d->tgt, &fd);
+	d->tgt_open = false;
+	if (ret < 0) {
+		log_error("ublk%u: writing the image back for hand-over: %s; the device stays "
+			  "quiesced for 'qublk recover'", id, strerror(-ret));
+		send_reply(cfd, "error: writing the image back failed", -1);
+		return ret;
+	}
+	ret = send_reply(cfd, "ok", fd);
+	if (fd >= 0)
+		close(fd);
+	if (ret < 0) {
+		log_error("ublk%u: sending the image to the next daemon: %s; the device stays "
+			  "quiesced for 'qublk recover'", id, strerror(-ret));
+		return ret;
+	}
+	log_info("ublk%u: handed over", id);
+	return 1;
+}
+
+static int handle_client(struct ublk_dev *d, int cfd)
+{
+	struct ucred cr;
+	socklen_t len = sizeof(cr);
+	char req[64];
+	ssize_t n;
+
+	if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0 ||
+	    (cr.uid != 0 && cr.uid != geteuid())) {
+		log_warn("ublk%u: hand-over request from uid %u refused", d->info.dev_id,
+			 (unsigned)cr.uid);
+		return 0;
+	}
+	do
+		n = recv(cfd, req, sizeof(req) - 1, 0);
+	while (n < 0 && errno == EINTR);
+	if (n <= 0)
+		return 0;
+	req[n] = 0;
+	if (strcmp(req, HANDOVER_REQ)) {
+		send_reply(cfd, "error: unknown request", -1);
+		return 0;
+	}
+	log_info("ublk%u: hand-over requested by pid %d", d->info.dev_id, (int)cr.pid);
+	return handover(d, cfd);
+}
+
+/* The next daemon's side: ask the daemon of @dev_id for the image.
+ * Returns the descriptor, or -1 with no file (null target), or -errno. */
+static int handover_receive(int dev_id, int *out_fd)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct timeval tv = { .tv_sec = 120 };
+	char buf[256], cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, sizeof(buf) - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+			     .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	ssize_t n;
+	int fd, ret;
+
+	*out_fd = -1;
+	ublk_sock_path(dev_id, sa.sun_path, sizeof(sa.sun_path));
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -errno;
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    send(fd, HANDOVER_REQ, strlen(HANDOVER_REQ), MSG_NOSIGNAL) < 0) {
+		ret = -errno;
+		log_error("ublk%d: %s: %s (is its daemon a qublk that can hand over?)", dev_id,
+			  sa.sun_path, strerror(errno));
+		close(fd);
+		return ret;
+	}
+	do
+		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	ret = n < 0 ? -errno : 0;
+	close(fd);
+	if (n <= 0) {
+		log_error("ublk%d: no answer from the daemon: %s", dev_id,
+			  n < 0 ? strerror(-ret) : "it closed the connection");
+		return n < 0 ? ret : -EPIPE;
+	}
+	buf[n] = 0;
+	for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
+		    cm->cmsg_len == CMSG_LEN(sizeof(int)))
+			memcpy(out_fd, CMSG_DATA(cm), sizeof(int));
+	if (strcmp(buf, "ok")) {
+		if (*out_fd >= 0)
+			close(*out_fd);
+		*out_fd = -1;
+		log_error("ublk%d: the daemon refused to hand over: %s", dev_id, buf);
+		return -EBUSY;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------- serving */
+
+enum { SERVE_STOP, SERVE_HANDED_OVER, SERVE_ABANDON };
+
+/* Wait until a signal asks us to stop, a queue thread leaves, or the
+ * next daemon takes the device over. */
+static int serve(struct ublk_dev *d, int sfd)
+{
+	struct pollfd pfd[3] = {
 		{ .fd = sfd, .events = POLLIN },
 		{ .fd = d->exit_efd, .events = POLLIN },
+		{ .fd = d->listen_fd, .events = POLLIN },
 	};
 
 	for (;;) {
-		if (poll(pfd, 2, -1) < 0) {
+		pfd[2].fd = d->listen_fd;
+		if (poll(pfd, 3, -1) < 0) {
 			if (errno == EINTR)
 				continue;
 			log_error("poll: %s", strerror(errno));
-			return;
+			return SERVE_STOP;
 		}
 		if (pfd[0].revents) {
 			struct signalfd_siginfo si;
 			if (read(sfd, &si, sizeof(si)) == sizeof(si))
 				log_info("ublk%u: signal %u: stopping", d->info.dev_id, si.ssi_signo);
-			return;
+			return SERVE_STOP;
 		}
 		if (pfd[1].revents) {
 			log_info("ublk%u: a queue stopped (device stopped by the kernel?): shutting down",
 				 d->info.dev_id);
-			return;
+			return SERVE_STOP;
+		}
+		if (pfd[2].revents) {
+			int cfd = accept4(d->listen_fd, NULL, NULL, SOCK_CLOEXEC), r;
+			if (cfd < 0)
+				continue;
+			r = handle_client(d, cfd);
+			close(cfd);
+			if (r > 0)
+				return SERVE_HANDED_OVER;
+			if (r < 0)
+				return SERVE_ABANDON;
 		}
 	}
 }
 
+/* ------------------------------------------------------------- daemon */
+
+/* ADD_DEV, SET_PARAMS, queues, START_DEV. */
+static int dev_create(struct ublk_dev *d)
+{
+	const struct ublk_dev_opts *o = &d->opts;
+	int ret;
+
+	d->info.nr_hw_queues = o->nr_queues;
+	d->info.queue_depth = o->depth;
+	d->info.max_io_buf_bytes = o->max_io;
+	d->info.dev_id = o->dev_id < 0 ? (__u32)-1 : (__u32)o->dev_id;
+	d->info.ublksrv_pid = getpid();
+	d->info.flags = ublk_dev_flags(d->ctrl.features, o->unprivileged);
+	if (o->no_recovery)
+		d->info.flags &= ~(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+				   UBLK_F_QUIESCE);
+	if (o->unprivileged && !(d->info.flags & UBLK_F_UNPRIVILEGED_DEV)) {
+		log_error("this ublk driver offers no unprivileged devices");
+		return -EOPNOTSUPP;
+	}
+	ret = ublk_ctrl_add_dev(&d->ctrl, &d->info);
+	if (ret < 0) {
+		if (o->dev_id >= 0 && ret == -EEXIST)
+			log_error("ublk%d already exists", o->dev_id);
+		else if (ret == -EPERM)
+			log_error("%s: ADD_DEV: %s (not root: try --unprivileged)",
+				  UBLK_CONTROL_PATH, strerror(-ret));
+		else
+			log_error("%s: ADD_DEV: %s", UBLK_CONTROL_PATH, strerror(-ret));
+		return ret;
+	}
+	d->added = true;
+	log_debug("ublk%u: flags 0x%llx", d->info.dev_id, (unsigned long long)d->info.flags);
+	if (d->info.nr_hw_queues != o->nr_queues)
+		log_warn("ublk%u: the driver gave %u queues (asked %u)", d->info.dev_id,
+			 d->info.nr_hw_queues, o->nr_queues);
+	if (d->info.max_io_buf_bytes < o->max_io)
+		d->opts.max_io = d->info.max_io_buf_bytes;
+	if (d->opts.max_io < 4096 || d->info.queue_depth == 0 || d->info.nr_hw_queues == 0) {
+		log_error("ublk%u: unusable device geometry from the driver", d->info.dev_id);
+		return -EINVAL;
+	}
+
+	ublk_build_params(&d->params, &d->tgt, d->opts.max_io, d->tgt.read_only);
+	ret = ublk_ctrl_set_params(&d->ctrl, d->info.dev_id, &d->params);
+	if (ret < 0) {
+		log_error("ublk%u: SET_PARAMS: %s", d->info.dev_id, strerror(-ret));
+		return ret;
+	}
+	ret = open_cdev(d);
+	if (ret < 0)
+		return ret;
+	ret = setup_queues(d);
+	if (ret < 0)
+		return ret;
+	ret = ublk_ctrl_start_dev(&d->ctrl, d->info.dev_id, getpid());
+	if (ret < 0) {
+		log_error("ublk%u: START_DEV: %s", d->info.dev_id, strerror(-ret));
+		return ret;
+	}
+	d->started = true;
+	return 0;
+}
+
+/* Take over device opts.dev_id: START_USER_RECOVERY (once the kernel has
+ * quiesced it and the old daemon has let go of /dev/ublkcN), queues with
+ * the device's geometry, END_USER_RECOVERY.  Requests the kernel queued
+ * meanwhile (and, with REISSUE, those the old daemon held) come to us. */
+static int dev_recover(struct ublk_dev *d)
+{
+	unsigned id = (unsigned)d->opts.dev_id;
+	struct ublk_params p;
+	int ret;
+
+	ret = ublk_ctrl_get_info(&d->ctrl, id, &d->info);
+	if (ret < 0) {
+		log_error("ublk%u: %s", id, ret == -ENODEV ? "no such device" : strerror(-ret));
+		return ret;
+	}
+	if (!(d->info.flags & UBLK_F_USER_RECOVERY)) {
+		log_error("ublk%u was created without user_recovery: it cannot be recovered "
+			  "('qublk del -n %u' and add it again)", id, id);
+		return -EOPNOTSUPP;
+	}
+	ret = ublk_ctrl_get_params(&d->ctrl, id, &p);
+	if (ret < 0) {
+		log_error("ublk%u: GET_PARAMS: %s", id, strerror(-ret));
+		return ret;
+	}
+	if (d->tgt.size < (p.basic.dev_sectors << 9)) {
+		log_error("ublk%u: the image (%llu bytes) is smaller than the device (%llu)", id,
+			  (unsigned long long)d->tgt.size,
+			  (unsigned long long)p.basic.dev_sectors << 9);
+		return -EINVAL;
+	}
+	/* The device keeps its size; a larger image shows after a resize. */
+	d->tgt.size = p.basic.dev_sectors << 9;
+	d->params = p;
+	d->opts.max_io = MIN(d->info.max_io_buf_bytes, p.basic.max_sectors << 9);
+	if (d->opts.max_io < 4096 || d->info.queue_depth == 0 || d->info.nr_hw_queues == 0) {
+		log_error("ublk%u: unusable device geometry from the driver", id);
+		return -EINVAL;
+	}
+	if (d->tgt.read_only != !!(p.basic.attrs & UBLK_ATTR_READ_ONLY)) {
+		log_error("ublk%u: the device is %s but the image was opened %s", id,
+			  d->tgt.read_only ? "writable" : "read-only",
+			  d->tgt.read_only ? "read-only" : "writable");
+		return -EINVAL;
+	}
+	/* The kernel refuses (-EBUSY) until the old daemon's /dev/ublkcN is
+	 * closed and the device quiesced; that takes a moment after a kill. */
+	for (int waited = 0; ; waited += 100) {
+		ret = ublk_ctrl_start_recovery(&d->ctrl, id);
+		if (ret != -EBUSY || waited >= 60000)
+			break;
+		usleep(100 * 1000);
+	}
+	if (ret < 0) {
+		log_error("ublk%u: START_USER_RECOVERY: %s%s", id, strerror(-ret),
+			  ret == -EBUSY ? " (is its daemon still running?)" : "");
+		return ret;
+	}
+	ret = open_cdev(d);
+	if (ret < 0)
+		return ret;
+	ret = setup_queues(d);
+	if (ret < 0)
+		return ret;
+	ret = ublk_ctrl_end_recovery(&d->ctrl, id, getpid());
+	if (ret < 0) {
+		log_error("ublk%u: END_USER_RECOVERY: %s", id, strerror(-ret));
+		return ret;
+	}
+	d->started = true;
+	return 0;
+}
+
 int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 {
-	struct ublk_dev dev = { .cdev_fd = -1, .exit_efd = -1 }, *d = &dev;
+	struct ublk_dev dev = { .cdev_fd = -1, .exit_efd = -1, .listen_fd = -1 }, *d = &dev;
 	struct ublk_tgt_opts to = {
 		.file = o->file, .size = o->size, .read_only = o->read_only,
-		.direct = o->direct, .nr_queues = o->nr_queues,
+		.force_share = o->force_share, .direct = o->direct, .nr_queues = o->nr_queues,
 	};
 	struct ublk_state st = { 0 };
 	char path[64];
 	sigset_t mask;
-	int sfd = -1, ret;
-	bool started = false;
+	int sfd = -1, ret, how = SERVE_STOP;
 
 	d->opts = *o;
 	/* Signals are taken through a signalfd; block them before any queue
@@ -389,6 +795,25 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 		ret = -EINVAL;
 		goto out;
 	}
+	ret = ublk_ctrl_open(&d->ctrl);
+	if (ret < 0)
+		goto out;
+	d->ctrl_open = true;
+	d->encode_io = d->ctrl.encode == 1;
+	/* A daemon whose device outlives it must not lose what it has
+	 * acknowledged when it dies (the next one reissues only what was
+	 * still in flight). */
+	to.crash_safe = o->mode != UBLK_RUN_ADD ||
+		(!o->no_recovery &&
+		 (ublk_dev_flags(d->ctrl.features, o->unprivileged) & UBLK_F_USER_RECOVERY));
+	if (o->mode == UBLK_RUN_HANDOVER) {
+		/* From here until the image is open, the descriptor we hold
+		 * keeps the image locked: nobody else can open it. */
+		ret = handover_receive(o->dev_id, &to.adopt_fd);
+		if (ret < 0)
+			goto out;
+		to.adopt = to.adopt_fd >= 0;
+	}
 	ret = d->tgt.ops->open(&d->tgt, &to);
 	if (ret < 0)
 		goto out;
@@ -399,67 +824,9 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 		goto out;
 	}
 
-	ret = ublk_ctrl_open(&d->ctrl);
+	ret = o->mode == UBLK_RUN_ADD ? dev_create(d) : dev_recover(d);
 	if (ret < 0)
 		goto out;
-	d->ctrl_open = true;
-
-	d->info.nr_hw_queues = o->nr_queues;
-	d->info.queue_depth = o->depth;
-	d->info.max_io_buf_bytes = o->max_io;
-	d->info.dev_id = o->dev_id < 0 ? (__u32)-1 : (__u32)o->dev_id;
-	d->info.ublksrv_pid = getpid();
-	if (d->ctrl.features & UBLK_F_CMD_IOCTL_ENCODE)
-		d->info.flags |= UBLK_F_CMD_IOCTL_ENCODE;
-	ret = ublk_ctrl_add_dev(&d->ctrl, &d->info);
-	if (ret < 0) {
-		if (o->dev_id >= 0 && ret == -EEXIST)
-			log_error("ublk%d already exists", o->dev_id);
-		else
-			log_error("%s: ADD_DEV: %s", UBLK_CONTROL_PATH, strerror(-ret));
-		goto out;
-	}
-	d->added = true;
-	d->encode_io = d->ctrl.encode == 1;
-	if (d->info.nr_hw_queues != o->nr_queues)
-		log_warn("ublk%u: the driver gave %u queues (asked %u)", d->info.dev_id,
-			 d->info.nr_hw_queues, o->nr_queues);
-	if (d->info.max_io_buf_bytes < o->max_io)
-		d->opts.max_io = d->info.max_io_buf_bytes;
-	if (d->opts.max_io < 4096 || d->info.queue_depth == 0 || d->info.nr_hw_queues == 0) {
-		log_error("ublk%u: unusable device geometry from the driver", d->info.dev_id);
-		ret = -EINVAL;
-		goto out;
-	}
-
-	ublk_build_params(&d->params, &d->tgt, d->opts.max_io, d->tgt.read_only);
-	ret = ublk_ctrl_set_params(&d->ctrl, d->info.dev_id, &d->params);
-	if (ret < 0) {
-		log_error("ublk%u: SET_PARAMS: %s", d->info.dev_id, strerror(-ret));
-		goto out;
-	}
-
-	snprintf(path, sizeof(path), "/dev/ublkc%u", d->info.dev_id);
-	ret = wait_for_path(path, 5000);
-	if (ret == 0) {
-		d->cdev_fd = open(path, O_RDWR | O_CLOEXEC);
-		ret = d->cdev_fd < 0 ? -errno : 0;
-	}
-	if (ret < 0) {
-		log_error("%s: %s", path, strerror(-ret));
-		goto out;
-	}
-
-	ret = setup_queues(d);
-	if (ret < 0)
-		goto out;
-
-	ret = ublk_ctrl_start_dev(&d->ctrl, d->info.dev_id, getpid());
-	if (ret < 0) {
-		log_error("ublk%u: START_DEV: %s", d->info.dev_id, strerror(-ret));
-		goto out;
-	}
-	started = true;
 
 	snprintf(path, sizeof(path), "/dev/ublkb%u", d->info.dev_id);
 	if (wait_for_path(path, 5000) < 0)
@@ -472,17 +839,26 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	st.queues = d->nr_queues;
 	st.depth = d->info.queue_depth;
 	st.read_only = d->tgt.read_only;
+	st.force_share = o->force_share;
+	st.direct = o->direct;
+	st.size = o->size;
+	st.flags = d->info.flags;
 	if (ublk_state_write(&st) < 0)
 		log_warn("ublk%u: no state file: 'qublk list' will not show the image",
 			 d->info.dev_id);
+	if (listen_socket(d) < 0)
+		log_warn("ublk%u: no hand-over socket: 'qublk upgrade' will not work: %s",
+			 d->info.dev_id, strerror(errno));
 
 	/* From here on a daemon logs to <run dir>/ublkN.log: the parent's
 	 * stdout and stderr must not stay open behind it. */
 	if (report_fd >= 0)
-		redirect_stdio(d->info.dev_id);
-	log_info("%s: live, %s %s, %u queue(s) of depth %u, %llu bytes%s", path, o->type,
-		 st.image, d->nr_queues, d->info.queue_depth, (unsigned long long)d->tgt.size,
-		 d->tgt.read_only ? ", read-only" : "");
+		redirect_stdio(d->info.dev_id, o->mode != UBLK_RUN_ADD);
+	log_info("%s: %s, %s %s, %u queue(s) of depth %u, %llu bytes%s, flags 0x%llx", path,
+		 o->mode == UBLK_RUN_ADD ? "live" : o->mode == UBLK_RUN_RECOVER ? "recovered"
+		 : "taken over", o->type, st.image, d->nr_queues, d->info.queue_depth,
+		 (unsigned long long)d->tgt.size, d->tgt.read_only ? ", read-only" : "",
+		 (unsigned long long)d->info.flags);
 	{
 		char msg[80];
 		snprintf(msg, sizeof(msg), "%s\n", path);
@@ -493,14 +869,29 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 			report_fd = -1;
 		}
 	}
+	ublk_notify_live((int)d->info.dev_id);   /* systemd READY=1, udev change */
 
-	serve(d, sfd);
+	how = serve(d, sfd);
 	ret = 0;
 out:
-	if (d->added || started)
+	if (how != SERVE_STOP) {
+		/* The device is the next daemon's (or left quiesced for
+		 * 'qublk recover'): neither stop nor delete it. */
+		d->started = false;
+		d->added = false;
+		if (how == SERVE_ABANDON)
+			ret = -EIO;
+	} else if (d->started || d->added) {
 		log_debug("ublk%u: tearing down", d->info.dev_id);
-	teardown(d, started);
-	if (started) {
+		/* Recovery failed half-way: leave the device to the next try. */
+		if (o->mode != UBLK_RUN_ADD && !d->started)
+			d->added = false;
+		else
+			d->added = true;
+	}
+	close_listen(d);
+	teardown(d, d->started);
+	if (how == SERVE_STOP && d->started) {
 		ublk_state_remove((int)d->info.dev_id);
 		log_info("ublk%u: deleted", d->info.dev_id);
 	}

@@ -258,11 +258,26 @@ static void queue_teardown(struct ublk_queue *q)
 	}
 }
 
+/* The ring failed with requests inside the target.  Their coroutines
+ * may hold the image's metadata lock or sit in wait lists that other
+ * queues walk, and the I/O they wait for will never complete: freeing
+ * their stacks would corrupt memory, and waiting would hang every queue.
+ * End the daemon as a crash would (the image is crash-safe: leaks at
+ * most); the kernel then fails or, with recovery, requeues the device's
+ * requests. */
+static void __attribute__((noreturn)) queue_die(struct ublk_queue *q)
+{
+	log_error("queue %u: %u requests in flight cannot complete; aborting", q->q_id,
+		  q->busy_tags);
+	abort();
+}
+
 static void *queue_thread(void *opaque)
 {
 	struct ublk_queue *q = opaque;
 	const struct ublk_dev *d = q->dev;
 	uint64_t one = 1;
+	unsigned nomem = 0;
 	char name[16];
 	int ret;
 
@@ -284,8 +299,16 @@ static void *queue_thread(void *opaque)
 	 * their buffers must outlive any backend I/O in flight. */
 	while (q->live_tags && !(q->stop_now && !q->busy_tags)) {
 		ret = aio_run_once(&q->aio, true);
+		if (ret == -ENOMEM && ++nomem < 1000) {
+			/* The kernel is short of memory: retry for ~10 s. */
+			usleep(10000);
+			continue;
+		}
+		nomem = 0;
 		if (ret < 0) {
 			log_error("queue %u: io_uring_submit_and_wait: %s", q->q_id, strerror(-ret));
+			if (q->busy_tags)
+				queue_die(q);
 			break;
 		}
 	}

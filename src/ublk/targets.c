@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "block/bdrv.h"
 #include "common/util.h"
@@ -28,12 +29,20 @@ static int engine_open(struct ublk_tgt *t, const struct ublk_tgt_opts *o, const 
 
 	if (!o->file) {
 		log_error("target %s needs an image file", fmt);
+		if (o->adopt)
+			close(o->adopt_fd);
 		return -EINVAL;
 	}
 	if (o->read_only)
 		bo.flags |= BDRV_O_RDONLY;
+	if (o->force_share)
+		bo.flags |= BDRV_O_FORCE_SHARE;
 	if (o->direct)
 		bo.flags |= BDRV_O_DIRECT;
+	if (o->crash_safe)
+		bo.flags |= BDRV_O_CRASH_SAFE;
+	bo.adopt = o->adopt;
+	bo.adopt_fd = o->adopt_fd;
 	ret = bdrv_open(o->file, &bo, &bs);
 	if (ret < 0)
 		return ret;   /* logged by bdrv_open, naming the file */
@@ -71,6 +80,14 @@ static void engine_close(struct ublk_tgt *t)
 	t->priv = NULL;
 }
 
+static int engine_release(struct ublk_tgt *t, int *fd)
+{
+	int ret = bdrv_close_keep_fd(t->priv, fd);
+
+	t->priv = NULL;
+	return ret;
+}
+
 static int engine_read(struct ublk_tgt *t, void *buf, uint64_t off, uint32_t len)
 {
 	return bdrv_co_pread(t->priv, off, len, buf);
@@ -101,6 +118,7 @@ static const struct ublk_tgt_ops tgt_qcow2 = {
 	.name = "qcow2",
 	.open = qcow2_open,
 	.close = engine_close,
+	.release = engine_release,
 	.read = engine_read,
 	.write = engine_write,
 	.flush = engine_flush,
@@ -112,6 +130,7 @@ static const struct ublk_tgt_ops tgt_raw = {
 	.name = "raw",
 	.open = raw_open,
 	.close = engine_close,
+	.release = engine_release,
 	.read = engine_read,
 	.write = engine_write,
 	.flush = engine_flush,
@@ -135,6 +154,7 @@ static int null_open(struct ublk_tgt *t, const struct ublk_tgt_opts *o)
 }
 
 static void null_close(struct ublk_tgt *t) { (void)t; }
+static int null_release(struct ublk_tgt *t, int *fd) { *fd = -1; return 0; }
 static int null_read(struct ublk_tgt *t, void *buf, uint64_t off, uint32_t len) { return 0; }
 static int null_write(struct ublk_tgt *t, const void *buf, uint64_t off, uint32_t len,
 		      unsigned flags) { return 0; }
@@ -147,6 +167,7 @@ static const struct ublk_tgt_ops tgt_null = {
 	.name = "null",
 	.open = null_open,
 	.close = null_close,
+	.release = null_release,
 	.read = null_read,
 	.write = null_write,
 	.flush = null_flush,

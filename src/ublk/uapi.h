@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Our own ublk uapi: the subset of linux/ublk_cmd.h (as of Linux 6.12)
+ * Our own ublk uapi: the subset of linux/ublk_cmd.h (as of Linux 7.3)
  * that qublk uses.  Debian bookworm ships the 6.1 header, which lacks the
  * ioctl-encoded UBLK_U_* codes, GET_FEATURES, USER_COPY and the devt
- * parameters, while the kernels we run on (6.12 in the test VM) have them.
+ * parameters, while the kernels we run on (6.12 and 7.3 in the test VM)
+ * have them; 7.3 adds UPDATE_SIZE, QUIESCE_DEV, TRY_STOP_DEV and the
+ * feature bits up to IO_DESC_SIZE.
  *
  * Rules: the system header is included first when it exists, and every
  * macro here is #ifndef-guarded, so a newer system header wins.  Structs
@@ -11,7 +13,9 @@
  * is no system header at all.  struct ublk_params grows with each kernel
  * (and the kernel accepts any prefix of it, see params.len), so the
  * system's version is renamed away on include and ours (basic, discard,
- * devt, zoned: the 6.12 layout) is always the one used.
+ * devt, zoned: the 6.12 layout) is always the one used.  The same goes
+ * for struct ublksrv_ctrl_cmd: 6.1 has data[2] where 6.5+ split the second
+ * word into dev_path_len (unprivileged devices), so ours is the new one.
  *
  * The layouts are ABI: checked below with _Static_assert against the
  * sizes documented in the kernel header.
@@ -27,23 +31,16 @@
 #if defined(__has_include)
 #if __has_include(<linux/ublk_cmd.h>)
 #define ublk_params qublk_sys_ublk_params
+#define ublksrv_ctrl_cmd qublk_sys_ublksrv_ctrl_cmd
 #include <linux/ublk_cmd.h>
 #undef ublk_params
+#undef ublksrv_ctrl_cmd
 #endif
 #endif
 
 /* ---- structs present since the first ublk header (6.0) ---- */
 #ifndef USER_BLK_DRV_CMD_INC_H
 #define USER_BLK_DRV_CMD_INC_H
-
-/* Control command, carried in the 80-byte cmd area of a 128-byte SQE. */
-struct ublksrv_ctrl_cmd {
-	__u32 dev_id;      /* device the command is for (-1 on ADD_DEV: any) */
-	__u16 queue_id;    /* -1 unless the command is per queue */
-	__u16 len;         /* length of the buffer at addr */
-	__u64 addr;        /* command-specific IN or OUT buffer */
-	__u64 data[2];     /* inline data (START_DEV: daemon pid) */
-};
 
 struct ublksrv_ctrl_dev_info {
 	__u16 nr_hw_queues;
@@ -99,6 +96,21 @@ struct ublk_param_discard {
 	__u16 reserved0;
 };
 #endif /* no system header */
+
+/* Always ours.  Control command, carried in the 80-byte cmd area of a
+ * 128-byte SQE. */
+struct ublksrv_ctrl_cmd {
+	__u32 dev_id;      /* device the command is for (-1 on ADD_DEV: any) */
+	__u16 queue_id;    /* -1 unless the command is per queue */
+	__u16 len;         /* length of the buffer at addr (with the path) */
+	__u64 addr;        /* command-specific IN or OUT buffer */
+	__u64 data[1];     /* inline data (START_DEV: daemon pid) */
+	/* Unprivileged devices (and GET_DEV_INFO2): addr starts with the
+	 * path of /dev/ublkcN, this long (NUL included); the payload follows. */
+	__u16 dev_path_len;
+	__u16 pad;
+	__u32 reserved;
+};
 
 /* ---- structs added after 6.1 ---- */
 #ifndef UBLK_PARAM_TYPE_DEVT
@@ -169,6 +181,21 @@ struct ublk_params {
 #endif
 #ifndef UBLK_U_CMD_DEL_DEV_ASYNC
 #define UBLK_U_CMD_DEL_DEV_ASYNC  _IOR('u', QUBLK_CMD_DEL_DEV_ASYNC, struct ublksrv_ctrl_cmd)
+#endif
+/* 6.15+: data[0] = new size in sectors (needs UBLK_F_UPDATE_SIZE). */
+#define QUBLK_CMD_UPDATE_SIZE       0x15
+/* 6.16+: data[0] = timeout in ms (needs UBLK_F_QUIESCE). */
+#define QUBLK_CMD_QUIESCE_DEV       0x16
+/* 6.19+: stop only if the block device has no openers (UBLK_F_SAFE_STOP_DEV). */
+#define QUBLK_CMD_TRY_STOP_DEV      0x17
+#ifndef UBLK_U_CMD_UPDATE_SIZE
+#define UBLK_U_CMD_UPDATE_SIZE    _IOWR('u', QUBLK_CMD_UPDATE_SIZE, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_U_CMD_QUIESCE_DEV
+#define UBLK_U_CMD_QUIESCE_DEV    _IOWR('u', QUBLK_CMD_QUIESCE_DEV, struct ublksrv_ctrl_cmd)
+#endif
+#ifndef UBLK_U_CMD_TRY_STOP_DEV
+#define UBLK_U_CMD_TRY_STOP_DEV   _IOWR('u', QUBLK_CMD_TRY_STOP_DEV, struct ublksrv_ctrl_cmd)
 #endif
 #ifndef UBLK_FEATURES_LEN
 #define UBLK_FEATURES_LEN 8
@@ -251,6 +278,27 @@ struct ublk_params {
 #ifndef UBLK_F_PER_IO_DAEMON
 #define UBLK_F_PER_IO_DAEMON          (1ULL << 13)
 #endif
+#ifndef UBLK_F_BUF_REG_OFF_DAEMON
+#define UBLK_F_BUF_REG_OFF_DAEMON     (1ULL << 14)
+#endif
+#ifndef UBLK_F_BATCH_IO
+#define UBLK_F_BATCH_IO               (1ULL << 15)
+#endif
+#ifndef UBLK_F_INTEGRITY
+#define UBLK_F_INTEGRITY              (1ULL << 16)
+#endif
+#ifndef UBLK_F_SAFE_STOP_DEV
+#define UBLK_F_SAFE_STOP_DEV          (1ULL << 17)
+#endif
+#ifndef UBLK_F_NO_AUTO_PART_SCAN
+#define UBLK_F_NO_AUTO_PART_SCAN      (1ULL << 18)
+#endif
+#ifndef UBLK_F_SHMEM_ZC
+#define UBLK_F_SHMEM_ZC               (1ULL << 19)
+#endif
+#ifndef UBLK_F_IO_DESC_SIZE
+#define UBLK_F_IO_DESC_SIZE           (1ULL << 20)
+#endif
 
 /* ---- device states ---- */
 #ifndef UBLK_S_DEV_DEAD
@@ -299,6 +347,7 @@ struct ublk_params {
 
 /* ---- ABI checks (sizes and offsets from the kernel header) ---- */
 _Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32, "ublksrv_ctrl_cmd");
+_Static_assert(offsetof(struct ublksrv_ctrl_cmd, dev_path_len) == 24, "ctrl_cmd.dev_path_len");
 _Static_assert(sizeof(struct ublksrv_ctrl_dev_info) == 64, "ublksrv_ctrl_dev_info");
 _Static_assert(offsetof(struct ublksrv_ctrl_dev_info, flags) == 24, "dev_info.flags");
 _Static_assert(sizeof(struct ublksrv_io_desc) == 24, "ublksrv_io_desc");
@@ -313,6 +362,9 @@ _Static_assert(offsetof(struct ublk_params, devt) == 60, "ublk_params.devt");
 _Static_assert(offsetof(struct ublk_params, zoned) == 76, "ublk_params.zoned");
 _Static_assert(UBLK_U_CMD_ADD_DEV == 0xc0207504, "UBLK_U_CMD_ADD_DEV encoding");
 _Static_assert(UBLK_U_CMD_GET_FEATURES == 0x80207513, "UBLK_U_CMD_GET_FEATURES encoding");
+_Static_assert(UBLK_U_CMD_UPDATE_SIZE == 0xc0207515, "UBLK_U_CMD_UPDATE_SIZE encoding");
+_Static_assert(UBLK_U_CMD_QUIESCE_DEV == 0xc0207516, "UBLK_U_CMD_QUIESCE_DEV encoding");
+_Static_assert(UBLK_U_CMD_TRY_STOP_DEV == 0xc0207517, "UBLK_U_CMD_TRY_STOP_DEV encoding");
 _Static_assert(UBLK_U_IO_FETCH_REQ == 0xc0107520, "UBLK_U_IO_FETCH_REQ encoding");
 _Static_assert(UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521, "UBLK_U_IO_COMMIT_AND_FETCH_REQ encoding");
 

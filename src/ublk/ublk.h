@@ -4,6 +4,7 @@
  * null) as /dev/ublkbN through the kernel's ublk driver.
  *
  *   ctrl.c     /dev/ublk-control commands over an SQE128 io_uring
+ *   features.c the driver's feature bits by name; what qublk asks for
  *   queue.c    one thread per hardware queue: FETCH/COMMIT uring_cmds and
  *              the target's backend I/O on one aio_ctx, a coroutine per tag
  *   dev.c      device lifecycle: add, params, start, signals, stop, del;
@@ -44,12 +45,17 @@ struct ublk_ctrl {
 	int encode;             /* 1: UBLK_U_CMD_*, 0: legacy, -1: try both */
 	uint64_t features;      /* GET_FEATURES, 0 if the kernel lacks it */
 	bool have_features;
+	/* The last device seen and whether it is unprivileged: commands on
+	 * such a device carry the path of /dev/ublkcN before their payload. */
+	int known_id;           /* -1: none */
+	bool known_unpriv;
 };
 
 /* Open the control device and probe features.  Returns -errno (logged). */
 int ublk_ctrl_open(struct ublk_ctrl *c);
 void ublk_ctrl_close(struct ublk_ctrl *c);
-/* All return 0 (or the kernel's non-negative result) or -errno. */
+/* All return 0 (or the kernel's non-negative result) or -errno.
+ * -EOPNOTSUPP: the driver lacks the command (or the device the flag). */
 int ublk_ctrl_add_dev(struct ublk_ctrl *c, struct ublksrv_ctrl_dev_info *info);
 int ublk_ctrl_set_params(struct ublk_ctrl *c, unsigned dev_id, const struct ublk_params *p);
 int ublk_ctrl_get_params(struct ublk_ctrl *c, unsigned dev_id, struct ublk_params *p);
@@ -57,6 +63,16 @@ int ublk_ctrl_start_dev(struct ublk_ctrl *c, unsigned dev_id, int pid);
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id);
 int ublk_ctrl_get_info(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info);
+/* Recovery: START before the new daemon's FETCHes, END once they are in. */
+int ublk_ctrl_start_recovery(struct ublk_ctrl *c, unsigned dev_id);
+int ublk_ctrl_end_recovery(struct ublk_ctrl *c, unsigned dev_id, int pid);
+/* UPDATE_SIZE: the disk's new capacity, in bytes (a multiple of 512). */
+int ublk_ctrl_update_size(struct ublk_ctrl *c, unsigned dev_id, uint64_t bytes);
+/* QUIESCE_DEV: wait up to @timeout_ms for the requests in flight, then
+ * park the device (QUIESCED) and abort the daemon's FETCHes. */
+int ublk_ctrl_quiesce(struct ublk_ctrl *c, unsigned dev_id, unsigned timeout_ms);
+/* TRY_STOP_DEV: STOP_DEV unless the block device is open (-EBUSY). */
+int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
 
 /* Encoding helpers, exported for the unit test. */
 unsigned ublk_ctrl_opcode(unsigned nr, bool encoded);
@@ -67,6 +83,19 @@ void ublk_io_prep(struct io_uring_sqe *sqe, int fd, unsigned op, unsigned q_id,
 		  unsigned tag, int result, uint64_t addr);
 const char *ublk_state_name(unsigned state);
 
+/* ------------------------------------------------------------ features */
+
+struct ublk_feature {
+	uint64_t bit;           /* UBLK_F_* */
+	const char *name;       /* "user_recovery" */
+	const char *use;        /* what qublk does with it; NULL: unused */
+};
+const struct ublk_feature *ublk_feature_table(size_t *n);
+const char *ublk_feature_name(uint64_t bit);   /* NULL: unknown bit */
+uint64_t ublk_features_used(void);             /* every bit qublk may use */
+/* The UBLK_F_* flags a new device asks for, given what the driver offers. */
+uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged);
+
 /* ------------------------------------------------------------- targets */
 
 struct ublk_tgt;
@@ -75,8 +104,13 @@ struct ublk_tgt_opts {
 	const char *file;       /* image (qcow2, raw); NULL for null */
 	uint64_t size;          /* null: device size in bytes */
 	bool read_only;
+	bool force_share;       /* with read_only: open even if someone writes it */
 	bool direct;            /* --cache none */
 	unsigned nr_queues;
+	bool crash_safe;        /* BDRV_O_CRASH_SAFE: a recoverable device's daemon
+	                         * may die; what it acknowledged must be in the file */
+	bool adopt;             /* adopt_fd is the image's descriptor, handed over */
+	int adopt_fd;           /* by the previous daemon (owned by open from then on) */
 };
 
 /*
@@ -94,6 +128,10 @@ struct ublk_tgt_ops {
 	int (*open)(struct ublk_tgt *t, const struct ublk_tgt_opts *o);
 	/* Required.  After every queue has stopped: write back, release. */
 	void (*close)(struct ublk_tgt *t);
+	/* Required.  As close, but the image's descriptor (and so its locks)
+	 * survives in *fd (-1: no file) for the next daemon (opts.adopt_fd).
+	 * Returns -errno if the write-back failed (*fd is then -1). */
+	int (*release)(struct ublk_tgt *t, int *fd);
 	/* Required. */
 	int (*read)(struct ublk_tgt *t, void *buf, uint64_t off, uint32_t len);
 	/* Required.  flags: BDRV_REQ_FUA. */
@@ -145,7 +183,14 @@ struct ublk_queue {
 	uint64_t nr_ios, nr_errors;
 };
 
+enum ublk_run_mode {
+	UBLK_RUN_ADD,           /* a new device */
+	UBLK_RUN_RECOVER,       /* take over device dev_id whose daemon died */
+	UBLK_RUN_HANDOVER,      /* take over device dev_id from its live daemon */
+};
+
 struct ublk_dev_opts {
+	enum ublk_run_mode mode;
 	const char *type;       /* "qcow2", "raw", "null" */
 	const char *file;       /* absolute path or NULL (null) */
 	int dev_id;             /* -1: let the kernel choose */
@@ -153,8 +198,11 @@ struct ublk_dev_opts {
 	unsigned depth;
 	unsigned max_io;        /* bytes per tag buffer */
 	bool read_only;
+	bool force_share;       /* -U: with read_only only (BDRV_O_FORCE_SHARE) */
 	bool direct;
 	uint64_t size;          /* null target */
+	bool no_recovery;       /* ADD: without UBLK_F_USER_RECOVERY */
+	bool unprivileged;      /* ADD: UBLK_F_UNPRIVILEGED_DEV */
 };
 
 struct ublk_dev {
@@ -171,6 +219,8 @@ struct ublk_dev {
 	struct ublk_queue *queues;
 	unsigned nr_queues;
 	int exit_efd;           /* queue threads write here when they exit */
+	int listen_fd;          /* <run dir>/ublkN.sock: hand-over requests */
+	bool started;           /* START_DEV / END_USER_RECOVERY done */
 };
 
 /* Queue thread lifecycle (queue.c).  start returns once the thread has
@@ -187,13 +237,16 @@ int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 		       unsigned max_io, bool read_only);
 
-/* Run a device to completion: open target, add, start, report
- * "/dev/ublkbN\n" on @report_fd (-1: stdout), serve until SIGTERM/SIGINT
- * or until the kernel stops it, then stop, close the image and delete the
- * device.  Returns 0 or -errno (logged). */
+/* Run a device to completion: open target, add (or recover, or take
+ * over: o->mode), start, report "/dev/ublkbN\n" on @report_fd (-1:
+ * stdout), serve until SIGTERM/SIGINT or until the kernel stops it, then
+ * stop, close the image and delete the device; or, asked to hand over by
+ * the next daemon, quiesce, close the image keeping its descriptor, pass
+ * that on and leave the device to it.  Returns 0 or -errno (logged). */
 int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd);
 
-/* State files under the run directory (QUBLK_RUN_DIR overrides). */
+/* State files under the run directory (QUBLK_RUN_DIR overrides): what
+ * `list` shows and what `recover`/`upgrade` need to start a new daemon. */
 struct ublk_state {
 	int dev_id;
 	int pid;
@@ -201,6 +254,10 @@ struct ublk_state {
 	char image[4096];
 	unsigned queues, depth;
 	bool read_only;
+	bool force_share;
+	bool direct;
+	uint64_t size;          /* null target */
+	uint64_t flags;         /* UBLK_F_* the device was created with */
 };
 const char *ublk_run_dir(void);
 int ublk_state_write(const struct ublk_state *s);
@@ -211,5 +268,8 @@ void ublk_state_remove(int dev_id);
  * @timeout_ms for it; if the device is still there (dead daemon), stop
  * and delete it here.  Returns -errno (logged). */
 int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms);
+
+/* <run dir>/ublkN.sock, the daemon's hand-over socket. */
+void ublk_sock_path(int dev_id, char *buf, size_t len);
 
 #endif

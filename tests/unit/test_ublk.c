@@ -27,6 +27,11 @@ static void test_opcodes(void)
 	CHECK(ublk_ctrl_opcode(UBLK_CMD_SET_PARAMS, true) == 0xc0207508u);
 	CHECK(ublk_ctrl_opcode(UBLK_CMD_GET_PARAMS, true) == 0x80207509u);
 	CHECK(ublk_ctrl_opcode(QUBLK_CMD_GET_FEATURES, true) == 0x80207513u);
+	CHECK(ublk_ctrl_opcode(UBLK_CMD_START_USER_RECOVERY, true) == 0xc0207510u);
+	CHECK(ublk_ctrl_opcode(UBLK_CMD_END_USER_RECOVERY, true) == 0xc0207511u);
+	CHECK(ublk_ctrl_opcode(QUBLK_CMD_UPDATE_SIZE, true) == 0xc0207515u);
+	CHECK(ublk_ctrl_opcode(QUBLK_CMD_QUIESCE_DEV, true) == 0xc0207516u);
+	CHECK(ublk_ctrl_opcode(QUBLK_CMD_TRY_STOP_DEV, true) == 0xc0207517u);
 	CHECK(ublk_io_opcode(false, false) == 0x20);
 	CHECK(ublk_io_opcode(true, false) == 0x21);
 	CHECK(ublk_io_opcode(false, true) == 0xc0107520u);
@@ -37,7 +42,8 @@ static void test_prep(void)
 {
 	struct io_uring_sqe sqe[2];
 	struct ublksrv_ctrl_cmd cmd = { .dev_id = 7, .queue_id = 0xffff, .len = 64,
-					.addr = 0x1234, .data = { 99, 0 } };
+					.addr = 0x1234, .data = { 99 },
+					.dev_path_len = 12 };
 	struct ublksrv_io_cmd io;
 
 	memset(sqe, 0xaa, sizeof(sqe));
@@ -166,11 +172,52 @@ static void test_targets(void)
 	CHECK(t.ops->open(&t, &o) == -EINVAL);
 }
 
+static void test_features(void)
+{
+	const struct ublk_feature *f;
+	uint64_t seen = 0, all = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+		UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_UPDATE_SIZE |
+		UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV | UBLK_F_USER_COPY;
+	size_t n;
+
+	/* One entry per bit, in bit order, every name distinct. */
+	f = ublk_feature_table(&n);
+	CHECK(n == 21);
+	for (size_t i = 0; i < n; i++) {
+		CHECK(f[i].bit == 1ULL << i);
+		CHECK(f[i].name && *f[i].name);
+		for (size_t j = 0; j < i; j++)
+			CHECK(strcmp(f[i].name, f[j].name) != 0);
+		seen |= f[i].bit;
+	}
+	CHECK(seen == (1ULL << 21) - 1);
+	CHECK(!strcmp(ublk_feature_name(UBLK_F_USER_RECOVERY_REISSUE), "user_recovery_reissue"));
+	CHECK(!strcmp(ublk_feature_name(UBLK_F_SAFE_STOP_DEV), "safe_stop_dev"));
+	CHECK(ublk_feature_name(1ULL << 40) == NULL);
+	CHECK(ublk_features_used() == (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+				       UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
+				       UBLK_F_UPDATE_SIZE | UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV));
+
+	/* Device flags: only what is offered; recovery never for
+	 * unprivileged devices; quiesce and reissue only with recovery. */
+	CHECK(ublk_dev_flags(0, false) == 0);
+	CHECK(ublk_dev_flags(all, false) == (all & ~(UBLK_F_UNPRIVILEGED_DEV | UBLK_F_USER_COPY)));
+	CHECK(ublk_dev_flags(all, true) == (UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
+					    UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV));
+	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE, false) == 0);
+	/* the 6.12 set */
+	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+			     UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY,
+			     false) ==
+	      (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_CMD_IOCTL_ENCODE));
+}
+
 static void test_state(void)
 {
 	char dir[] = "/dev/shm/qublk-test-ublk-XXXXXX";
 	struct ublk_state s = { .dev_id = 3, .pid = 4242, .queues = 2, .depth = 64,
-				.read_only = true }, r;
+				.read_only = true, .direct = true, .size = 1ULL << 40,
+				.flags = UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE }, r;
 
 	if (!mkdtemp(dir)) {
 		perror("mkdtemp");
@@ -183,6 +230,8 @@ static void test_state(void)
 	CHECK(ublk_state_write(&s) == 0);
 	CHECK(ublk_state_read(3, &r) == 0);
 	CHECK(r.dev_id == 3 && r.pid == 4242 && r.queues == 2 && r.depth == 64 && r.read_only);
+	CHECK(r.direct && !r.force_share && r.size == 1ULL << 40 &&
+	      r.flags == (UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE));
 	CHECK(!strcmp(r.target, "raw") && !strcmp(r.image, "/images/a b=c.img"));
 	ublk_state_remove(3);
 	CHECK(ublk_state_read(3, &r) == -ENOENT);
@@ -198,6 +247,7 @@ int main(void)
 	test_check_iod();
 	test_params();
 	test_targets();
+	test_features();
 	test_state();
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;

@@ -1,43 +1,49 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
-# tests/vm/build-initramfs.sh: the guest's root file system, in two parts.
+# tests/vm/build-initramfs.sh: the guest's root file system, in three parts.
 #
 #   build-initramfs.sh base
-#       Prints the path of the cached base archive, building it if the kernel,
-#       these scripts or the host tools changed.  It holds busybox (applets as
+#       Prints the path of the cached base archive, building it if these
+#       scripts or the host tools changed.  It holds busybox (applets as
 #       symlinks in /bin), bash, the guest tools with their shared libraries
 #       and the dynamic loader (fio, mkfs.ext4/e2fsck, qemu-img/qemu-io,
-#       blkdiscard, ...), the kernel modules the tests need (decompressed, in
-#       dependency order in /lib/modules/load-order), /init and guest-lib.sh.
+#       blkdiscard, nbd-client, ...), /init and guest-lib.sh.  Kernel-independent.
 #       Uncompressed: under TCG, unpacking ~100 MB is faster than gunzip.
+#
+#   build-initramfs.sh modules KERNEL
+#       Prints the path of the cached module archive of guest kernel KERNEL
+#       (6.12, 7.3: $CACHE/kernel-KERNEL), building it if needed: the kernel
+#       modules the tests need (decompressed, in dependency order in
+#       /lib/modules/load-order) and /etc/qublk-vm-kernel.
 #
 #   build-initramfs.sh overlay OUT.cpio [--qublk BIN] [--env NAME=VALUE]...
 #                              SCRIPT [FILES...]
 #       Writes a small per-run archive: the qublk binary (as
 #       /usr/local/bin/qublk) and its libraries, SCRIPT and FILES in /vmtest/
 #       (ELF files among them get their libraries too), and /vmtest/env.
-#       The kernel unpacks concatenated newc archives in order, so the overlay
-#       is simply appended to the base (later entries win): rebuilding qublk
-#       never rebuilds the base.
+#       The kernel unpacks concatenated newc archives in order, so the
+#       modules and the overlay are simply appended to the base (later entries
+#       win): rebuilding qublk never rebuilds the base.
 #
 # Cache: $QUBLK_VM_CACHE (default tests/vm/.cache), filled by setup.sh.
 set -euo pipefail
 
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${QUBLK_VM_CACHE:-$VM_DIR/.cache}
-KTREE=$CACHE/kernel
+KTREE=
 
 die() { echo "build-initramfs: error: $*" >&2; exit 1; }
 
 # Tools copied into the base, by name; a missing one is left out with a
 # warning (guest tests check for what they use).
-TOOLS=(bash fio mkfs.ext4 mke2fs e2fsck fsck.ext4 tune2fs dumpe2fs debugfs
+TOOLS=(bash fio mkfs.ext4 mke2fs e2fsck fsck.ext4 tune2fs dumpe2fs debugfs resize2fs setpriv
        qemu-img qemu-io blkdiscard blockdev blkid losetup
-       sha256sum cmp dd xxd strace)
+       sha256sum cmp dd xxd strace nbd-client)
 # Modules loaded at boot (with their dependencies, resolved from modinfo).
 # crc32c is requested by name (crypto API) rather than as a dependency, and
-# there is no modprobe in the guest, so it is listed explicitly.
-MODULES=(ublk_drv nbd loop virtio_blk crc32c_generic libcrc32c ext4)
+# there is no modprobe in the guest, so it is listed explicitly; "?NAME" is
+# optional (7.x has no crc32c_generic or libcrc32c: crc32c is built in).
+MODULES=(ublk_drv nbd loop virtio_blk ?crc32c_generic ?libcrc32c ?crc32c_cryptoapi ext4)
 
 # copy_elf ROOT SRC [DEST]: copy an executable or library into ROOT at DEST
 # (default: the same path) and every shared library ldd finds for it, at the
@@ -97,12 +103,10 @@ add_module() {
 }
 
 build_base() {
-    [ -e "$KTREE/vmlinuz" ] || die "no kernel in $KTREE: run tests/vm/setup.sh"
     [ -x /bin/busybox ] || die "/bin/busybox missing: run tests/vm/setup.sh"
-    # Key: kernel package, these files, and the host tools' identities.
+    # Key: these files, and the host tools' identities.
     local key t p
     key=$( {
-        readlink "$KTREE"
         cat "$VM_DIR/build-initramfs.sh" "$VM_DIR/init" "$VM_DIR/guest-lib.sh"
         local -a paths=(/bin/busybox)
         for t in "${TOOLS[@]}"; do
@@ -141,26 +145,62 @@ build_base() {
         | sort -u >"$root/etc/ld.so.conf"
     /sbin/ldconfig -r "$root" 2>/dev/null || echo "build-initramfs: warning: ldconfig -r failed" >&2
 
-    index_modules
-    local m
-    for m in "${MODULES[@]}"; do add_module "$m"; done
-    for m in "${MODORDER[@]}"; do
-        xz -dc "${MODPATH[$m]}" >"$root/lib/modules/$m.ko"
-    done
-    printf '%s\n' "${MODORDER[@]}" >"$root/lib/modules/load-order"
-    readlink "$KTREE" >"$root/etc/qublk-vm-kernel"
-
     cp "$VM_DIR/init" "$root/init"
     chmod 755 "$root/init"
     cp "$VM_DIR/guest-lib.sh" "$root/vmtest/guest-lib.sh"
-    echo 'root:x:0:0:root:/root:/bin/sh' >"$root/etc/passwd"
-    echo 'root:x:0:' >"$root/etc/group"
+    # An ordinary user for the unprivileged-device tests (uid/gid 1000).
+    printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' 'qtest:x:1000:1000:qublk test user:/tmp:/bin/sh' \
+        >"$root/etc/passwd"
+    printf '%s\n' 'root:x:0:' 'qtest:x:1000:' >"$root/etc/group"
 
     # A unique temporary name: two runs may build at once.
     local tmp
     tmp=$(mktemp "$CACHE/.base.XXXXXX")
     cpio_dir "$root" "$tmp"
     rm -f "$CACHE"/base-*.cpio
+    mv "$tmp" "$out"
+    rm -rf "$root"
+    trap - EXIT
+    echo "$out"
+}
+
+build_modules() {
+    local kernel=$1
+    KTREE=$CACHE/kernel-$kernel
+    # The 6.12 kernel's link had no version before the harness knew two.
+    [ -e "$KTREE/vmlinuz" ] || [ "$kernel" != 6.12 ] || KTREE=$CACHE/kernel
+    [ -e "$KTREE/vmlinuz" ] || die "no kernel $kernel in $CACHE: run tests/vm/setup.sh"
+    local name key
+    name=$(readlink "$KTREE")
+    key=$( { echo "$name"; printf '%s\n' "${MODULES[@]}"; } | sha256sum | cut -c1-16)
+    local out=$CACHE/modules-$kernel-$key.cpio
+    if [ -s "$out" ]; then
+        echo "$out"
+        return 0
+    fi
+    echo "build-initramfs: building $out" >&2
+    local root m
+    root=$(mktemp -d "${TMPDIR:-/tmp}/qublk-vm-mod.XXXXXX")
+    # shellcheck disable=SC2064
+    trap "rm -rf '$root'" EXIT
+    mkdir -p "$root/lib/modules" "$root/etc"
+    index_modules
+    for m in "${MODULES[@]}"; do
+        if [ "${m#\?}" != "$m" ]; then
+            m=${m#\?}
+            [ -n "${MODPATH[${m//-/_}]:-}" ] || continue
+        fi
+        add_module "$m"
+    done
+    for m in "${MODORDER[@]}"; do
+        xz -dc "${MODPATH[$m]}" >"$root/lib/modules/$m.ko"
+    done
+    printf '%s\n' "${MODORDER[@]}" >"$root/lib/modules/load-order"
+    echo "$name" >"$root/etc/qublk-vm-kernel"
+    local tmp
+    tmp=$(mktemp "$CACHE/.modules.XXXXXX")
+    cpio_dir "$root" "$tmp"
+    rm -f "$CACHE/modules-$kernel-"*.cpio
     mv "$tmp" "$out"
     rm -rf "$root"
     trap - EXIT
@@ -221,6 +261,7 @@ build_overlay() {
 
 case ${1:-} in
     base) build_base ;;
+    modules) [ $# -eq 2 ] || die "usage: modules KERNEL"; build_modules "$2" ;;
     overlay) shift; [ $# -ge 1 ] || die "overlay: no output file"; build_overlay "$@" ;;
-    *) echo "usage: $0 base | overlay OUT.cpio [--qublk BIN] [--env N=V]... SCRIPT [FILES...]" >&2; exit 2 ;;
+    *) echo "usage: $0 base | modules KERNEL | overlay OUT.cpio [--qublk BIN] [--env N=V]... SCRIPT [FILES...]" >&2; exit 2 ;;
 esac

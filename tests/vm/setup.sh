@@ -4,17 +4,23 @@
 # idempotently (a second run with everything present touches no network).
 #   - host tools: qemu-system-x86 (TCG), busybox-static (the guest shell),
 #     cpio, and the guest payload tools (fio, e2fsprogs, qemu-utils, util-linux)
-#   - the guest kernel: Debian bookworm-backports linux-image-6.12.*-amd64
-#     (ships ublk_drv.ko.xz and nbd.ko.xz; bookworm's own 6.1 has no ublk),
-#     fetched with `apt-get download` and unpacked with `dpkg -x` into the
-#     cache directory; nothing is installed on the host.
-# The backports suite is added with the machine's own mirror URI, read from
+#   - the guest kernels, fetched with `apt-get download` and unpacked with
+#     `dpkg -x` into the cache directory; nothing is installed on the host:
+#       6.12  Debian bookworm-backports linux-image-6.12.*-amd64 (ships
+#             ublk_drv.ko.xz and nbd.ko.xz; bookworm's own 6.1 has no ublk)
+#       7.3   Debian trixie-backports linux-binary-7.3.*-amd64 (vmlinuz) and
+#             linux-modules-7.3.*-amd64 (the image package is a meta package
+#             there).  Fetched through a private apt state directory in the
+#             cache, so the host's apt never sees trixie.
+# Both suites use the machine's own mirror URI, read from
 # /etc/apt/sources.list.d/debian.sources at run time: no host name is written
 # into the repository.
 #
+# Usage: setup.sh [KERNEL...]   (default: 6.12 7.3, or $QUBLK_VM_KERNELS)
 # Cache: $QUBLK_VM_CACHE (default tests/vm/.cache).  Afterwards
-# $CACHE/kernel is a symlink to the unpacked package tree and
-# $CACHE/kernel/vmlinuz, $CACHE/kernel/modules point into it.
+# $CACHE/kernel-V (V = 6.12, 7.3) is a symlink to the unpacked tree, with
+# $CACHE/kernel-V/vmlinuz (and vmlinux) and $CACHE/kernel-V/modules in it;
+# $CACHE/kernel is kernel-6.12 (older harness versions used that name).
 # Exit status: 0 ready, 1 failure (with the reason on stderr).
 set -euo pipefail
 
@@ -91,76 +97,177 @@ sys.exit(1)
 PY
 }
 
-# --- guest kernel --------------------------------------------------------
-if [ -e "$CACHE/kernel/vmlinuz" ] && [ -d "$CACHE/kernel/modules" ]; then
-    extract_vmlinux "$CACHE/kernel/"
-    say "kernel cached: $(readlink "$CACHE/kernel")"
-    exit 0
-fi
-
-# The backports suite, pointed at the same mirror(s) as the main suite.
-if [ ! -f "$SRC_FILE" ]; then
+# --- guest kernels -------------------------------------------------------
+# mirror_uris SUITE: URIs of the stanza of debian.sources that carries the
+# plain "bookworm" suite (not -security); the same mirror serves SUITE.
+mirror_uris() {
     [ -r "$DEB_SOURCES" ] || die "$DEB_SOURCES not found: cannot tell the apt mirror"
-    # URIs of the stanza that carries the plain "bookworm" suite (not -security).
+    local uris
     uris=$(awk '
         /^[[:space:]]*$/ { if (s ~ /(^| )bookworm( |$)/ && u != "") print u; u = ""; s = ""; next }
         /^URIs:/   { sub(/^URIs:[[:space:]]*/, ""); u = $0 }
         /^Suites:/ { sub(/^Suites:[[:space:]]*/, ""); s = $0 }
         END { if (s ~ /(^| )bookworm( |$)/ && u != "") print u }' "$DEB_SOURCES" | head -n 1)
     [ -n "$uris" ] || die "no URIs for suite bookworm in $DEB_SOURCES"
-    signed=$(awk '/^Signed-By:/ { print $2; exit }' "$DEB_SOURCES")
-    say "adding bookworm-backports from $DEB_SOURCES's mirror"
-    {
-        echo "# Added by qublk tests/vm/setup.sh: guest kernel for the ublk VM tests."
-        echo "Types: deb"
-        echo "URIs: $uris"
-        echo "Suites: bookworm-backports"
-        echo "Components: main"
-        [ -z "$signed" ] || echo "Signed-By: $signed"
-    } | as_root tee "$SRC_FILE" >/dev/null
-    apt_updated=0
-fi
+    echo "$uris"
+}
+signed_by() { awk '/^Signed-By:/ { print $2; exit }' "$DEB_SOURCES"; }
 
-# Newest plain linux-image-6.12.N(+suffix)-amd64 that apt can actually fetch
-# (not -dbg, -unsigned, -rt or -cloud).
-pick_kernel() {
-    local p
-    for p in $(apt-cache pkgnames linux-image-6.12 2>/dev/null \
-            | grep -E '^linux-image-6\.12\.[0-9]+(\+[a-z0-9]+)?-amd64$' | sort -rV); do
-        if apt-cache show --no-all-versions "$p" 2>/dev/null | grep -q '^Filename:'; then
+# unpack TREE DEB...: dpkg -x every DEB into TREE (atomically: TREE.tmp,
+# then renamed), with TREE/vmlinuz, TREE/vmlinux and TREE/modules links.
+unpack() {
+    local tree=$1 deb kver vmlinuz; shift
+    rm -rf "$tree.tmp"
+    for deb in "$@"; do
+        dpkg -x "$deb" "$tree.tmp" || die "dpkg -x $deb failed"
+    done
+    # bookworm: /lib/modules, /boot/vmlinuz-V; trixie: /usr/lib/modules/V/vmlinuz
+    for d in lib usr/lib; do
+        kver=$(ls "$tree.tmp/$d/modules" 2>/dev/null | head -n 1 || true)
+        [ -n "$kver" ] && break
+    done
+    [ -n "$kver" ] || die "$* has no lib/modules"
+    ln -s "$d/modules/$kver" "$tree.tmp/modules"
+    if [ -f "$tree.tmp/boot/vmlinuz-$kver" ]; then
+        vmlinuz=boot/vmlinuz-$kver
+    elif [ -f "$tree.tmp/$d/modules/$kver/vmlinuz" ]; then
+        vmlinuz=$d/modules/$kver/vmlinuz
+    else
+        die "$* has no vmlinuz for $kver"
+    fi
+    ln -s "$vmlinuz" "$tree.tmp/vmlinuz"
+    [ -f "$tree.tmp/modules/kernel/drivers/block/ublk_drv.ko.xz" ] \
+        || die "$* has no ublk_drv module"
+    extract_vmlinux "$tree.tmp"
+    rm -rf "$tree"
+    mv "$tree.tmp" "$tree"
+    say "kernel $kver unpacked into $tree"
+}
+
+# download DIR APT-OPTS... -- PKG...: apt-get download into DIR.
+download() {
+    local dir=$1; shift
+    local -a opts=()
+    while [ "$1" != -- ]; do opts+=("$1"); shift; done
+    shift
+    chmod 777 "$dir"   # apt downloads as _apt when it can write here
+    (cd "$dir" && apt-get "${opts[@]}" download -q "$@" >&2)
+}
+
+# Newest plain NAME-V.N(+suffix)-amd64 that apt can actually fetch (not
+# -dbg, -unsigned, -rt or -cloud).  pick PREFIX VERSION APT-OPTS...
+pick() {
+    local prefix=$1 ver=$2 p; shift 2
+    local re="^${prefix}-${ver//./\\.}\\.[0-9]+(\\+[a-z0-9]+)?-amd64\$"
+    for p in $(apt-cache "$@" pkgnames "$prefix-$ver" 2>/dev/null | grep -E "$re" | sort -rV); do
+        if apt-cache "$@" show --no-all-versions "$p" 2>/dev/null | grep -q '^Filename:'; then
             echo "$p"
             return 0
         fi
     done
     return 1
 }
-pkg=$(pick_kernel || true)
-if [ -z "$pkg" ]; then
-    apt_update
-    pkg=$(pick_kernel || true)
-fi
-[ -n "$pkg" ] || die "no linux-image-6.12.*-amd64 package in apt (is bookworm-backports reachable?)"
-say "guest kernel package: $pkg"
+
+# 6.12: bookworm-backports, through the host's apt (as it always was).
+kernel_6_12() {
+    local tree
+    tree=$(readlink "$CACHE/kernel-6.12" 2>/dev/null || readlink "$CACHE/kernel" 2>/dev/null || true)
+    if [ -n "$tree" ] && [ -e "$CACHE/$tree/vmlinuz" ] && [ -d "$CACHE/$tree/modules" ]; then
+        extract_vmlinux "$CACHE/$tree/"
+        ln -sfn "$tree" "$CACHE/kernel-6.12"
+        ln -sfn "$tree" "$CACHE/kernel"
+        say "kernel 6.12 cached: $tree"
+        return 0
+    fi
+    if [ ! -f "$SRC_FILE" ]; then
+        local uris signed
+        uris=$(mirror_uris)
+        signed=$(signed_by)
+        say "adding bookworm-backports from $DEB_SOURCES's mirror"
+        {
+            echo "# Added by qublk tests/vm/setup.sh: guest kernel for the ublk VM tests."
+            echo "Types: deb"
+            echo "URIs: $uris"
+            echo "Suites: bookworm-backports"
+            echo "Components: main"
+            [ -z "$signed" ] || echo "Signed-By: $signed"
+        } | as_root tee "$SRC_FILE" >/dev/null
+        apt_updated=0
+    fi
+    local pkg
+    pkg=$(pick linux-image 6.12 || true)
+    if [ -z "$pkg" ]; then
+        apt_update
+        pkg=$(pick linux-image 6.12 || true)
+    fi
+    [ -n "$pkg" ] || die "no linux-image-6.12.*-amd64 package in apt (is bookworm-backports reachable?)"
+    say "guest kernel package: $pkg"
+    local dl
+    dl=$(mktemp -d "$CACHE/dl.XXXXXX")
+    DLS+=("$dl")
+    download "$dl" -- "$pkg" || {
+        apt_update
+        download "$dl" -- "$pkg" || die "apt-get download $pkg failed"
+    }
+    unpack "$CACHE/$pkg" "$dl"/*.deb
+    rm -rf "$dl"
+    ln -sfn "$pkg" "$CACHE/kernel-6.12"
+    ln -sfn "$pkg" "$CACHE/kernel"
+}
+
+# 7.3: trixie-backports, through a private apt state directory in the cache
+# (its own sources list, lists and archives; the host's keyring).
+kernel_7_3() {
+    local tree
+    tree=$(readlink "$CACHE/kernel-7.3" 2>/dev/null || true)
+    if [ -n "$tree" ] && [ -e "$CACHE/$tree/vmlinuz" ] && [ -d "$CACHE/$tree/modules" ]; then
+        extract_vmlinux "$CACHE/$tree/"
+        say "kernel 7.3 cached: $tree"
+        return 0
+    fi
+    local apt=$CACHE/apt-trixie-backports uris signed
+    uris=$(mirror_uris)
+    signed=$(signed_by)
+    mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/preferences.d"
+    {
+        echo "# qublk tests/vm/setup.sh: the 7.3 guest kernel (private apt state, not the host's)"
+        for u in $uris; do
+            echo "deb [${signed:+signed-by=$signed}] $u trixie-backports main"
+        done
+    } >"$apt/sources.list"
+    local -a o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+                -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt"
+                -o "Dir::Cache::Archives=$apt/archives" -o Dir::Etc::Preferences=/dev/null
+                -o "Dir::Etc::PreferencesParts=$apt/preferences.d" -o APT::Architectures=amd64
+                -o APT::Get::List-Cleanup=0)
+    local bin
+    bin=$(pick linux-binary 7.3 "${o[@]}" || true)
+    if [ -z "$bin" ]; then
+        say "apt-get update (trixie-backports, private state in $apt)"
+        apt-get "${o[@]}" update -qq >&2 || die "apt-get update of trixie-backports failed"
+        bin=$(pick linux-binary 7.3 "${o[@]}" || true)
+    fi
+    [ -n "$bin" ] || die "no linux-binary-7.3.*-amd64 package in trixie-backports"
+    local mods=linux-modules-${bin#linux-binary-} name=linux-${bin#linux-binary-}
+    say "guest kernel packages: $bin $mods"
+    local dl
+    dl=$(mktemp -d "$CACHE/dl.XXXXXX")
+    DLS+=("$dl")
+    download "$dl" "${o[@]}" -- "$bin" "$mods" || die "apt-get download $bin $mods failed"
+    unpack "$CACHE/$name" "$dl"/*.deb
+    rm -rf "$dl"
+    ln -sfn "$name" "$CACHE/kernel-7.3"
+}
 
 mkdir -p "$CACHE"
-dl=$(mktemp -d "$CACHE/dl.XXXXXX")
-chmod 777 "$dl"   # apt downloads as _apt when it can write here
-trap 'rm -rf "$dl"' EXIT
-(cd "$dl" && apt-get download -q "$pkg" >&2) || {
-    apt_update
-    (cd "$dl" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
-}
-deb=$(ls "$dl"/*.deb)
-tree=$CACHE/${pkg}
-rm -rf "$tree.tmp"
-dpkg -x "$deb" "$tree.tmp" || die "dpkg -x $deb failed"
-kver=$(ls "$tree.tmp/lib/modules" | head -n 1)
-[ -n "$kver" ] || die "$deb has no lib/modules"
-[ -f "$tree.tmp/boot/vmlinuz-$kver" ] || die "$deb has no boot/vmlinuz-$kver"
-ln -s "boot/vmlinuz-$kver" "$tree.tmp/vmlinuz"
-ln -s "lib/modules/$kver" "$tree.tmp/modules"
-extract_vmlinux "$tree.tmp"
-rm -rf "$tree"
-mv "$tree.tmp" "$tree"
-ln -sfn "$pkg" "$CACHE/kernel"
-say "kernel $kver unpacked into $tree"
+DLS=()
+trap 'rm -rf "${DLS[@]}"' EXIT
+kernels=("$@")
+[ ${#kernels[@]} -gt 0 ] || read -r -a kernels <<<"${QUBLK_VM_KERNELS:-6.12 7.3}"
+for k in "${kernels[@]}"; do
+    case $k in
+        6.12) kernel_6_12 ;;
+        7.3) kernel_7_3 ;;
+        *) die "unknown guest kernel '$k' (6.12 or 7.3)" ;;
+    esac
+done

@@ -40,6 +40,7 @@ t_null_add_del() {
 
 t_raw_fio_verify() {
     has_add || skip "qublk has no 'add' command yet"
+    [ "${SMOKE_QUICK:-0}" = 0 ] || skip "quick smoke run"
     truncate -s 256M /tmp/disk.raw
     "$QUBLK" add -t raw /tmp/disk.raw >/tmp/add.out
     cat /tmp/add.out

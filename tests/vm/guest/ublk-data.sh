@@ -171,6 +171,27 @@ t_discard() {
 }
 
 need qublk fio qemu-img qemu-io blkdiscard cmp sha256sum
+# `qublk add PATH` looks for a relative backing file next to PATH as the
+# user gave it (a symlink's directory, not its target's), as QEMU does:
+# the device must read what qemu-img reads through the same path.
+t_symlink_backing() {
+    local a=$W/real b=$W/link dev
+    mkdir -p "$a" "$b"
+    qemu-img create -q -f qcow2 "$a/base.qcow2" 16M
+    qemu-io -f qcow2 -c 'write -P 0x11 0 1M' "$a/base.qcow2" >/dev/null
+    qemu-img create -q -f qcow2 "$b/base.qcow2" 16M
+    qemu-io -f qcow2 -c 'write -P 0x22 0 1M' "$b/base.qcow2" >/dev/null
+    (cd "$a" && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2)
+    ln -s "$a/top.qcow2" "$b/top.qcow2"
+    qemu-img convert -f qcow2 -O raw "$b/top.qcow2" "$W/qemu.raw"
+    dev=$(cd "$b" && qublk add top.qcow2)
+    [ -b "$dev" ]
+    dd if="$dev" of="$W/dev.dump" bs=1M iflag=direct status=none
+    qublk del -n "$(devnum "$dev")"
+    cmp "$W/dev.dump" "$W/qemu.raw"
+    rm -rf "$a" "$b" "$W/qemu.raw" "$W/dev.dump"
+}
+
 vmtest ublk-params t_params
 vmtest ublk-fio-raw-q1 t_fio_raw_q1
 vmtest ublk-fio-raw-q2 t_fio_raw_q2
@@ -180,6 +201,7 @@ vmtest ublk-fio-qcow2-backing-q1 t_fio_qcow2_backing_q1
 vmtest ublk-fio-qcow2-q2 t_fio_qcow2_q2
 vmtest ublk-read-only t_read_only
 vmtest ublk-discard t_discard
+vmtest ublk-symlink-backing t_symlink_backing
 # Nothing may be left behind.
 t_clean() { qublk del --all; ! ls /dev/ublkb* >/dev/null 2>&1; }
 vmtest ublk-clean t_clean

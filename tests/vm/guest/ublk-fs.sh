@@ -9,9 +9,15 @@
 W=/tmp/ublk-fs
 mkdir -p "$W" "$W/mnt"
 devnum() { echo "${1#/dev/ublkb}"; }
+# daemon_gone PID: exited (a zombie has closed its files) or reaped.
+daemon_gone() {
+    local st
+    st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 0
+    [ -z "$st" ] || [ "$st" = Z ]
+}
 
 fs_case() {
-    local fmt=$1 img dev i
+    local fmt=$1 img dev i pid
     img=$W/fs.$fmt
     qemu-img create -q -f "$fmt" "$img" 256M
     dev=$(qublk add -t "$fmt" "$img")
@@ -33,10 +39,17 @@ fs_case() {
     mount -t ext4 -o ro "$dev" "$W/mnt"
     (cd "$W/mnt" && sha256sum -c --quiet "$W/sums")
     umount "$W/mnt"
-    # SIGTERM to the daemon does what del does.
-    kill -TERM "$(qublk list --output json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -n 1)"
-    for i in $(seq 1 100); do [ -e "$dev" ] || break; sleep 0.1; done
+    # SIGTERM to the daemon does what del does.  The device node goes at
+    # STOP_DEV, before the daemon closes the image: wait for the daemon
+    # itself (gone or a zombie), whose image locks would refuse qemu-img.
+    pid=$(qublk list --output json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -n 1)
+    kill -TERM "$pid"
+    for i in $(seq 1 100); do
+        if [ ! -e "$dev" ] && daemon_gone "$pid"; then break; fi
+        sleep 0.1
+    done
     [ ! -e "$dev" ]
+    daemon_gone "$pid"
     [ "$fmt" != qcow2 ] || qemu-img check "$img"
     rm -f "$img" "$W/sums"
 }

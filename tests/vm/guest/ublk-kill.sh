@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: MIT
 # shellcheck shell=bash
 # tests/vm/guest/ublk-kill.sh: kill -9 of a daemon under load (issue 3
-# acceptance).  Pending I/O must fail cleanly (fio ends, no hung task),
-# `qublk del` must clean up the dead daemon's device, and qemu-img check
-# may find leaked clusters but never corruption.
+# acceptance), on a device made with --no-recovery (the default keeps the
+# device for `qublk recover`: ublk-recover.sh).  Pending I/O must fail
+# cleanly (fio ends, no hung task), `qublk del` must clean up the dead
+# daemon's device, and qemu-img check may find leaked clusters but never
+# corruption.
 
 W=/tmp/ublk-kill
 mkdir -p "$W"
@@ -13,7 +15,8 @@ kill_case() {
     local fmt=$1 img dev pid fio_pid rc
     img=$W/k.$fmt
     qemu-img create -q -f "$fmt" "$img" 128M
-    dev=$(qublk add -t "$fmt" "$img")
+    dev=$(qublk add --no-recovery -t "$fmt" "$img")
+    qublk list --output json | grep -q '"recoverable": false'
     pid=$(qublk list --output json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -n 1)
     fio --name=load --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/50 --iodepth=64 --size=100M --time_based --runtime=60 \

@@ -1,0 +1,163 @@
+# SPDX-License-Identifier: MIT
+# shellcheck shell=bash
+# tests/vm/guest/ublk-recover.sh: daemon recovery (issue 8).  kill -9 of
+# the daemon at random moments under fio --verify=crc32c (iodepth 64, 1
+# and 2 queues, qcow2 with and without a backing file), each time followed
+# by `qublk recover`: fio must finish with no I/O error and no verify
+# failure; the same under a mounted ext4 (e2fsck -fn clean, file checksums
+# intact); after del, qemu-img check finds leaks at most and QEMU reads
+# what the device read.  `list` shows the dead daemon's device as quiesced.
+# RECOVER_KILLS (default 3) kills per fio run; 4 runs + the ext4 case.
+
+W=/tmp/ublk-recover
+mkdir -p "$W"
+KILLS=${RECOVER_KILLS:-3}
+RANDOM=${SEED:-$$}
+
+devnum() { echo "${1#/dev/ublkb}"; }
+daemon_pid() { sed -n 's/^pid=//p' "/run/qublk/ublk$1"; }
+
+# kill_recover ID: kill -9 the daemon, check the device waits (quiesced),
+# start a new daemon.
+kill_recover() {
+    local id=$1 pid i
+    pid=$(daemon_pid "$id")
+    [ -n "$pid" ] || fail "no daemon pid for ublk$id"
+    kill -KILL "$pid"
+    for i in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    [ ! -d "/proc/$pid" ] || fail "daemon $pid survived kill -9"
+    qublk list | tee "$W/list.out"
+    grep -Eq "^$id +(quiesced|quiescing) " "$W/list.out" || fail "ublk$id not shown as quiesced"
+    qublk recover -n "$id" >"$W/recover.out"
+    grep -qx "/dev/ublkb$id" "$W/recover.out" || fail "recover printed $(cat "$W/recover.out")"
+    [ "$(daemon_pid "$id")" != "$pid" ] || fail "the state file still names the dead daemon"
+    qublk list | grep -Eq "^$id +live " || fail "ublk$id not live after recover"
+}
+
+# fio_verify_terse OUT: no errors in fio's terse v3 output (field 5).
+fio_ok() {
+    awk -F';' '{ if ($5 != 0) { print "fio errors: " $5; exit 1 } }' "$1"
+}
+
+# recover_case FMT QUEUES [backing]
+recover_case() {
+    local fmt=$1 queues=$2 backing=${3:-} img=$W/img.qcow2 dev id fio_pid rc k t
+    rm -f "$img" "$W/base.qcow2"
+    if [ -n "$backing" ]; then
+        qemu-img create -q -f qcow2 "$W/base.qcow2" 128M
+        qemu-io -f qcow2 -c 'write -P 0x5a 0 16M' -c 'write -P 0xa5 40M 8M' "$W/base.qcow2" >/dev/null
+        qemu-img create -q -f qcow2 -b "$W/base.qcow2" -F qcow2 "$img"
+    else
+        qemu-img create -q -f "$fmt" ${PREALLOC:+-o preallocation=$PREALLOC} "$img" 128M
+    fi
+    dev=$(qublk add -q "$queues" "$img")
+    id=$(devnum "$dev")
+    fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+        --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size=32M \
+        --offset_increment=48M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --randrepeat=0 --group_reporting --output-format=terse --terse-version=3 \
+        >"$W/fio.out" 2>&1 &
+    fio_pid=$!
+    for ((k = 0; k < KILLS; k++)); do
+        # A random moment: 0.5..4 s after the previous recovery.
+        t=$((5 + RANDOM % 35))
+        sleep "$((t / 10)).$((t % 10))"
+        kill -0 "$fio_pid" 2>/dev/null || break
+        echo "kill $((k + 1)) after ${t}00 ms"
+        kill_recover "$id"
+    done
+    echo "$k kills"
+    [ "$k" -ge 1 ] || fail "fio ended before the first kill: make it longer"
+    rc=0; wait "$fio_pid" || rc=$?
+    cat "$W/fio.out"
+    [ "$rc" = 0 ] || fail "fio exit $rc"
+    fio_ok "$W/fio.out"
+    dd if="$dev" of="$W/dev.raw" bs=1M iflag=direct status=none
+    qublk del -n "$id"
+    if [ "$fmt" = qcow2 ]; then
+        rc=0; qemu-img check "$img" || rc=$?
+        [ "$rc" = 0 ] || [ "$rc" = 3 ] || fail "qemu-img check exit $rc (corruption?)"
+    fi
+    qemu-img convert -f "$fmt" -O raw "$img" "$W/qemu.raw"
+    cmp "$W/dev.raw" "$W/qemu.raw"
+    rm -f "$W/dev.raw" "$W/qemu.raw" "$img" "$W/base.qcow2"
+}
+
+t_recover_raw_q2() { recover_case raw 2; }
+t_recover_prealloc_q2() { PREALLOC=metadata recover_case qcow2 2; }
+t_recover_q1() { recover_case qcow2 1; }
+t_recover_q2() { recover_case qcow2 2; }
+t_recover_q1_backing() { recover_case qcow2 1 backing; }
+t_recover_q2_backing() { recover_case qcow2 2 backing; }
+
+# ext4 on the device survives kills while files are written.
+t_recover_ext4() {
+    local img=$W/fs.qcow2 dev id pid rc k
+    qemu-img create -q -f qcow2 "$img" 256M
+    dev=$(qublk add -q 2 "$img")
+    id=$(devnum "$dev")
+    mkfs.ext4 -q -O metadata_csum "$dev"
+    mkdir -p "$W/mnt"
+    mount "$dev" "$W/mnt"
+    (
+        for i in $(seq 1 24); do
+            dd if=/dev/urandom of="$W/mnt/f$i" bs=256k count=8 status=none
+            sha256sum "$W/mnt/f$i" | sed "s|$W/mnt/||" >>"$W/sums"
+            [ $((i % 6)) != 0 ] || sync
+        done
+    ) &
+    pid=$!
+    : >"$W/sums"
+    for ((k = 0; k < KILLS; k++)); do
+        sleep "$((1 + RANDOM % 3))"
+        kill -0 "$pid" 2>/dev/null || break
+        kill_recover "$id"
+    done
+    rc=0; wait "$pid" || rc=$?
+    [ "$rc" = 0 ] || fail "writer exit $rc (I/O error on the file system?)"
+    sync
+    (cd "$W/mnt" && sha256sum -c "$W/sums" >/dev/null) || fail "file checksums differ"
+    umount "$W/mnt"
+    e2fsck -fn "$dev"
+    qublk del -n "$id"
+    rc=0; qemu-img check "$img" || rc=$?
+    [ "$rc" = 0 ] || [ "$rc" = 3 ] || fail "qemu-img check exit $rc (corruption?)"
+    rm -f "$img" "$W/sums"
+}
+
+# A device whose daemon died can still be deleted (its queued I/O fails).
+t_recover_del() {
+    local img=$W/d.raw dev id pid fio_pid rc
+    truncate -s 64M "$img"
+    dev=$(qublk add "$img")
+    id=$(devnum "$dev")
+    fio --name=l --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \
+        --iodepth=16 --size=32M --time_based --runtime=30 >"$W/fio.out" 2>&1 &
+    fio_pid=$!
+    sleep 2
+    pid=$(daemon_pid "$id")
+    kill -KILL "$pid"
+    sleep 1
+    qublk del -n "$id"
+    for _ in $(seq 1 300); do kill -0 "$fio_pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$fio_pid" 2>/dev/null; then
+        kill -KILL "$fio_pid"
+        fail "fio still running 30 s after del"
+    fi
+    rc=0; wait "$fio_pid" || rc=$?
+    [ "$rc" != 0 ] || fail "fio saw no error from a deleted device"
+    [ ! -e "$dev" ]
+    rm -f "$img"
+}
+
+need qublk fio qemu-img mkfs.ext4 e2fsck
+if [ -n "${RECOVER_ONLY:-}" ]; then
+    for t in $RECOVER_ONLY; do vmtest "ublk-recover-$t" "t_recover_${t//-/_}"; done
+    return 0
+fi
+vmtest ublk-recover-q1 t_recover_q1
+vmtest ublk-recover-q2 t_recover_q2
+vmtest ublk-recover-q1-backing t_recover_q1_backing
+vmtest ublk-recover-q2-backing t_recover_q2_backing
+vmtest ublk-recover-ext4 t_recover_ext4
+vmtest ublk-recover-del t_recover_del
