@@ -27,7 +27,8 @@ requires qemu-img qemu-io
 requires_server
 
 SEED=${QUBLK_SEED:-$(( ($(date +%s) * 1000 + RANDOM) % 1000000000 ))}
-BATCHES=${QUBLK_CONC_BATCHES:-120}
+# A third of the batches under the sanitizers (every case still runs).
+case $QUBLK in *asan*) BATCHES=${QUBLK_CONC_BATCHES:-40} ;; *) BATCHES=${QUBLK_CONC_BATCHES:-120} ;; esac
 PATTERN=${1:-}
 echo "seed $SEED (replay: QUBLK_SEED=$SEED $0 ${PATTERN})"
 
