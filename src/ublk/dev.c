@@ -359,9 +359,10 @@ static int report(int report_fd, const char *msg)
  * Hand-over protocol on <run dir>/ublkN.sock (SOCK_SEQPACKET, mode 0600,
  * peers of our uid or root only): the next daemon sends "handover"; we
  * quiesce the device (QUIESCE_DEV where the device has UBLK_F_QUIESCE:
- * the requests in flight complete, the FETCHes are aborted; otherwise the
- * queues stop once no request is inside the target, and closing their
- * rings makes the kernel requeue what they held), close /dev/ublkcN,
+ * the requests in flight complete, the FETCHes are aborted), stop the
+ * queue threads once no request is inside the target (the kernel
+ * requeues what they had not started when they exit: stop_queues), close
+ * /dev/ublkcN,
  * write the image back and close it keeping one descriptor (and so the
  * image locks), and send that descriptor with "ok".  From then on the
  * next daemon owns the image and recovers the device; we exit without
@@ -429,12 +430,19 @@ static int send_reply(int cfd, const char *msg, int fd)
 	return sendmsg(cfd, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
 }
 
-/* Stop the queue threads: they leave once no request is inside the
- * target, and their rings and mappings close with them. */
+/* Stop the queue threads for a hand-over: each leaves once no request
+ * is inside the target, before its ring is closed (keep_ring).  The
+ * kernel then cancels their commands and requeues what they had not
+ * started as it does when a daemon dies (REISSUE), the path recovery
+ * relies on.  A ring closed by a thread that still runs races with the
+ * kernel's delivery of a request to it: on 6.12 such a request was lost
+ * to both daemons and the device never quiesced. */
 static void stop_queues(struct ublk_dev *d)
 {
-	for (unsigned i = 0; i < d->nr_queues; i++)
+	for (unsigned i = 0; i < d->nr_queues; i++) {
+		d->queues[i].keep_ring = true;
 		ublk_queue_stop(&d->queues[i]);
+	}
 	for (unsigned i = 0; i < d->nr_queues; i++)
 		ublk_queue_join(&d->queues[i]);
 }

@@ -169,6 +169,10 @@ struct ublk_queue {
 	uint8_t *bufs;                /* depth * max_io bytes */
 	struct ublk_io *ios;          /* per tag */
 	struct aio_ctx aio;
+	bool ring_open;
+	/* Set by main before ublk_queue_stop for a hand-over: the thread
+	 * exits leaving its ring open, ublk_queue_join closes it. */
+	bool keep_ring;
 	unsigned live_tags;           /* tag coroutines not yet finished */
 	unsigned busy_tags;           /* tags inside a target op */
 	pthread_t thread;
@@ -226,7 +230,12 @@ struct ublk_dev {
 /* Queue thread lifecycle (queue.c).  start returns once the thread has
  * submitted its FETCH commands (or failed: -errno). */
 int ublk_queue_start(struct ublk_queue *q);
-void ublk_queue_stop(struct ublk_queue *q);   /* ask it to leave, any time */
+/* Ask the thread to leave, any time: it starts no new request, finishes
+ * those inside the target, commits them and exits.  Requests the kernel
+ * hands it meanwhile stay unstarted: STOP_DEV has aborted them already,
+ * or (hand-over) the kernel requeues them once the thread has exited. */
+void ublk_queue_stop(struct ublk_queue *q);
+/* Wait for the thread; then its ring, mappings and stacks are gone. */
 void ublk_queue_join(struct ublk_queue *q);
 /* Request boundary check, exported for the unit test.  Returns the op
  * (UBLK_IO_OP_*) with the byte range in *off and *len, or -EINVAL/-EOPNOTSUPP/-EROFS. */

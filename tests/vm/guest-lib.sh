@@ -26,6 +26,10 @@
 #                            base name) after the VM exits.  The file is
 #                            hard-linked (or copied) now and written out when
 #                            the script ends, so export it in its final state.
+# ublk_dump ID [PID...]      what a stuck ublk daemon is doing: its log
+#                            (<run dir>/ublkID.log), the kernel stacks and
+#                            wait channels of every thread of each PID,
+#                            `qublk list` and the kernel log's tail
 # Environment in the guest: QUBLK (the binary under test, also on $PATH as
 # qublk), VMTEST_SCRIPT, VMTEST_DIR=/vmtest (script and extra files), and
 # whatever the host passed with run.sh --env.  Scratch space: /tmp (tmpfs,
@@ -83,6 +87,26 @@ _vmtest_export_flush() {
     fi
     sync
     echo "VMTEST-EXPORT $(find "$VMTEST_EXPORT_STAGE" -type f | wc -l) files"
+}
+
+ublk_dump() {
+    { local -; set +x; } 2>/dev/null
+    local id=$1 pid t; shift
+    echo "---- ublk_dump ublk$id ----"
+    qublk list 2>&1 || true
+    for pid in "$@"; do
+        [ -d "/proc/$pid" ] || { echo "pid $pid: gone"; continue; }
+        for t in /proc/"$pid"/task/*; do
+            echo "pid $pid thread ${t##*/} ($(cat "$t/comm" 2>/dev/null)):" \
+                "state $(awk '{print $3}' "$t/stat" 2>/dev/null) wchan $(cat "$t/wchan" 2>/dev/null)"
+            sed 's/^/    /' "$t/stack" 2>/dev/null || true
+        done
+    done
+    echo "---- /run/qublk/ublk$id.log ----"
+    cat "/run/qublk/ublk$id.log" 2>&1 || true
+    echo "---- dmesg (tail) ----"
+    dmesg | tail -n 30
+    echo "---- end of ublk_dump ----"
 }
 
 kmsg_mark() { dmesg | wc -l; }
