@@ -565,12 +565,13 @@ int cmd_del(int argc, char **argv)
 		{ "number", required_argument, NULL, 'n' },
 		{ "all", no_argument, NULL, 'a' },
 		{ "timeout", required_argument, NULL, 'T' },
+		{ "force", no_argument, NULL, 'F' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ublk_ctrl ctrl;
 	unsigned id = 0, timeout_s = 120;
-	bool all = false, have_id = false;
+	bool all = false, have_id = false, force = false;
 	int c, rc = EXIT_OK;
 
 	optind = 1;
@@ -592,12 +593,20 @@ int cmd_del(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
+		case 'F':
+			force = true;
+			break;
 		case 'h':
-			printf("Usage: qublk del -n ID | --all [--timeout SECONDS]\n\n"
+			printf("Usage: qublk del -n ID | --all [--force] [--timeout SECONDS]\n\n"
 			       "Stop a ublk device, flush and close its image, and remove it.  A device\n"
 			       "whose daemon died is stopped and removed directly.\n"
+			       "Where the kernel offers safe_stop_dev (TRY_STOP_DEV, Linux 6.19+), a\n"
+			       "device whose block device is open or mounted is left alone: del fails\n"
+			       "naming it as busy.  Elsewhere, and with --force, it is stopped anyway\n"
+			       "(its users then get I/O errors).\n"
+			       "  --force    stop the device even if it is open or mounted\n"
 			       "  --timeout  how long to wait for the daemon (default 120 s)\n\n"
-			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
+			       "Exit codes: 0 success, 1 failure (a busy device included), 2 usage error.\n");
 			return EXIT_OK;
 		default:
 			return EXIT_USAGE;
@@ -618,10 +627,10 @@ int cmd_del(int argc, char **argv)
 				ublk_state_remove(ids[i]);   /* stale */
 				continue;
 			}
-			if (ublk_dev_delete(&ctrl, ids[i], (int)timeout_s * 1000) < 0)
+			if (ublk_dev_delete(&ctrl, ids[i], (int)timeout_s * 1000, force) < 0)
 				rc = EXIT_FAIL;
 		}
-	} else if (ublk_dev_delete(&ctrl, (int)id, (int)timeout_s * 1000) < 0) {
+	} else if (ublk_dev_delete(&ctrl, (int)id, (int)timeout_s * 1000, force) < 0) {
 		rc = EXIT_FAIL;
 	}
 	ublk_ctrl_close(&ctrl);

@@ -311,7 +311,17 @@ int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id)
 
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id)
 {
-	int ret = dev_cmd(c, UBLK_CMD_DEL_DEV, dev_id, NULL, 0, 0);
+	int ret = -EOPNOTSUPP;
+
+	/* DEL_DEV waits for the last opener of /dev/ublkbN: a device stopped
+	 * under a mounted file system (del --force, a dead daemon) would hang
+	 * us until the unmount.  DEL_DEV_ASYNC (6.9+, encoded only) removes
+	 * it and lets the kernel free it then; with no opener left the two
+	 * are the same (the number is free on return). */
+	if (c->have_features)
+		ret = dev_cmd(c, QUBLK_CMD_DEL_DEV_ASYNC, dev_id, NULL, 0, 0);
+	if (ret == -EOPNOTSUPP || ret == -EINVAL)
+		ret = dev_cmd(c, UBLK_CMD_DEL_DEV, dev_id, NULL, 0, 0);
 
 	if (ret >= 0 && c->known_id == (int)dev_id)
 		c->known_id = -1;

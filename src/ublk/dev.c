@@ -10,7 +10,9 @@
  *   /dev/ublkcN -> DEL_DEV -> remove state file.
  *
  * DEL_DEV waits for the last reference to the device, so /dev/ublkcN and
- * every queue ring must be closed before it.  A daemon killed with -9
+ * every queue ring must be closed before it (DEL_DEV_ASYNC, used where
+ * the driver has it, does not wait: a device stopped under a mounted file
+ * system goes when it is unmounted).  A daemon killed with -9
  * leaves a device whose queues the kernel has cancelled; ublk_dev_delete
  * (qublk del) stops and deletes it.
  *
@@ -946,7 +948,7 @@ static int wait_pid_exit(int pid, int timeout_ms)
 	return -ETIMEDOUT;
 }
 
-int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms)
+int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms, bool force)
 {
 	struct ublksrv_ctrl_dev_info info;
 	struct ublk_state st;
@@ -960,6 +962,23 @@ int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms)
 		else
 			log_error("ublk%d: GET_DEV_INFO: %s", dev_id, strerror(-ret));
 		return ret;
+	}
+	/* Safe stop: the kernel stops the device only if nobody has the
+	 * block device open (a mount counts), atomically with the check.
+	 * The daemon then sees its queues aborted and shuts down as after
+	 * STOP_DEV; the SIGTERM below finds it leaving. */
+	if (!force && (info.flags & UBLK_F_SAFE_STOP_DEV)) {
+		ret = ublk_ctrl_try_stop_dev(c, (unsigned)dev_id);
+		if (ret == -EBUSY) {
+			log_error("ublk%d is busy: /dev/ublkb%d is open or mounted (unmount it and "
+				  "close it, or 'qublk del --force' to stop it anyway)", dev_id, dev_id);
+			return ret;
+		}
+		if (ret < 0 && ret != -ENODEV) {
+			log_error("ublk%d: TRY_STOP_DEV: %s (not stopped; 'qublk del --force' stops it "
+				  "whether or not it is in use)", dev_id, strerror(-ret));
+			return ret;
+		}
 	}
 	pid = info.ublksrv_pid;
 	if (pid <= 0 && ublk_state_read(dev_id, &st) == 0)

@@ -61,6 +61,8 @@ int ublk_ctrl_set_params(struct ublk_ctrl *c, unsigned dev_id, const struct ublk
 int ublk_ctrl_get_params(struct ublk_ctrl *c, unsigned dev_id, struct ublk_params *p);
 int ublk_ctrl_start_dev(struct ublk_ctrl *c, unsigned dev_id, int pid);
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
+/* DEL_DEV_ASYNC where the driver has it, else DEL_DEV (which waits for
+ * the last opener of /dev/ublkbN). */
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id);
 int ublk_ctrl_get_info(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info);
 /* Recovery: START before the new daemon's FETCHes, END once they are in. */
@@ -275,8 +277,12 @@ void ublk_state_remove(int dev_id);
 
 /* Stop and delete device @dev_id: SIGTERM its daemon and wait up to
  * @timeout_ms for it; if the device is still there (dead daemon), stop
- * and delete it here.  Returns -errno (logged). */
-int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms);
+ * and delete it here.  Unless @force, a device created with
+ * UBLK_F_SAFE_STOP_DEV is first stopped with TRY_STOP_DEV, which fails
+ * (-EBUSY, nothing done) while /dev/ublkbN is open or mounted; without
+ * the feature (Linux < 6.19) the device is stopped whatever uses it.
+ * Returns -errno (logged). */
+int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms, bool force);
 
 /* <run dir>/ublkN.sock, the daemon's hand-over socket. */
 void ublk_sock_path(int dev_id, char *buf, size_t len);

@@ -26,6 +26,8 @@
 #                            base name) after the VM exits.  The file is
 #                            hard-linked (or copied) now and written out when
 #                            the script ends, so export it in its final state.
+# ublk_has FEATURE           the ublk driver offers FEATURE (a name from
+#                            `qublk features`, e.g. safe_stop_dev)
 # ublk_dump ID [PID...]      what a stuck ublk daemon is doing: its log
 #                            (<run dir>/ublkID.log), the kernel stacks and
 #                            wait channels of every thread of each PID,
@@ -87,6 +89,11 @@ _vmtest_export_flush() {
     fi
     sync
     echo "VMTEST-EXPORT $(find "$VMTEST_EXPORT_STAGE" -type f | wc -l) files"
+}
+
+ublk_has() {
+    { local -; set +x; } 2>/dev/null
+    qublk features --output json | grep -q "{\"name\": \"$1\", \"bit\": [0-9]*, \"supported\": true"
 }
 
 ublk_dump() {
