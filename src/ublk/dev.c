@@ -358,20 +358,25 @@ static int report(int report_fd, const char *msg)
 /* ---------------------------------------------------------- hand-over */
 
 /*
- * Hand-over protocol on <run dir>/ublkN.sock (SOCK_SEQPACKET, mode 0600,
- * peers of our uid or root only): the next daemon sends "handover"; we
- * quiesce the device (QUIESCE_DEV where the device has UBLK_F_QUIESCE:
- * the requests in flight complete, the FETCHes are aborted), stop the
- * queue threads once no request is inside the target (the kernel
- * requeues what they had not started when they exit: stop_queues), close
- * /dev/ublkcN,
- * write the image back and close it keeping one descriptor (and so the
- * image locks), and send that descriptor with "ok".  From then on the
- * next daemon owns the image and recovers the device; we exit without
+ * The daemon's socket, <run dir>/ublkN.sock (SOCK_SEQPACKET, mode 0600,
+ * peers of our uid or root only): one request per connection, one reply
+ * ("ok" or "error: REASON"), served on the main thread between signals.
+ *
+ * "resize BYTES" (qublk resize -n): see handle_resize.
+ *
+ * "handover" (qublk upgrade, from the next daemon): we quiesce the device
+ * (QUIESCE_DEV where the device has UBLK_F_QUIESCE: the requests in
+ * flight complete, the FETCHes are aborted), stop the queue threads once
+ * no request is inside the target (the kernel requeues what they had not
+ * started when they exit: stop_queues), close /dev/ublkcN, write the
+ * image back and close it keeping one descriptor (and so the image
+ * locks), and send that descriptor with "ok".  From then on the next
+ * daemon owns the image and recovers the device; we exit without
  * stopping it.  Never two writers (we closed the image before sending),
  * never an unlocked moment (the descriptor holds the locks throughout).
  */
 #define HANDOVER_REQ "handover"
+#define RESIZE_REQ "resize"
 
 void ublk_sock_path(int dev_id, char *buf, size_t len)
 {
@@ -503,6 +508,68 @@ static int handover(struct ublk_dev *d, int cfd)
 	return 1;
 }
 
+/* "resize BYTES": grow the image, publish the size to the queues, then
+ * the kernel's (UPDATE_SIZE).  A failed UPDATE_SIZE leaves the image
+ * larger than the device: harmless, and a retry completes it (the image
+ * is already that size).  Replies "ok" or "error: REASON". */
+static void handle_resize(struct ublk_dev *d, int cfd, const char *arg)
+{
+	unsigned id = d->info.dev_id;
+	uint64_t old = d->tgt.size, size;
+	char msg[256], *end;
+	int ret;
+
+	errno = 0;
+	size = strtoull(arg, &end, 10);
+	if (errno || end == arg || *end || size == 0 || size % 512) {
+		send_reply(cfd, "error: the size must be a positive multiple of 512 bytes", -1);
+		return;
+	}
+	if (!(d->info.flags & UBLK_F_UPDATE_SIZE)) {
+		send_reply(cfd, "error: the device was created without update_size (UPDATE_SIZE)", -1);
+		return;
+	}
+	if (d->tgt.read_only) {
+		send_reply(cfd, "error: the device is read-only", -1);
+		return;
+	}
+	if (size < old) {
+		send_reply(cfd, "error: a live device cannot shrink (its users may have data "
+			   "there): 'qublk del', 'qublk resize --shrink FILE SIZE', 'qublk add'", -1);
+		return;
+	}
+	if (size > old) {
+		if (!d->tgt.ops->resize) {
+			snprintf(msg, sizeof(msg), "error: the %s target cannot be resized", d->tgt.ops->name);
+			send_reply(cfd, msg, -1);
+			return;
+		}
+		ret = d->tgt.ops->resize(&d->tgt, size);
+		if (ret < 0) {
+			snprintf(msg, sizeof(msg), "error: growing the image: %s%s (%s/ublk%u.log)",
+				 strerror(-ret), ret == -ENOTSUP ? ": its format cannot be resized yet" : "",
+				 ublk_run_dir(), id);
+			send_reply(cfd, msg, -1);
+			return;
+		}
+		/* Requests up to the new size pass the queues' check from here. */
+		__atomic_store_n(&d->tgt.size, size, __ATOMIC_RELEASE);
+	}
+	ret = ublk_ctrl_update_size(&d->ctrl, id, size);
+	if (ret < 0) {
+		log_error("ublk%u: UPDATE_SIZE to %llu bytes: %s (the image has the new size, the "
+			  "device not)", id, (unsigned long long)size, strerror(-ret));
+		snprintf(msg, sizeof(msg), "error: UPDATE_SIZE: %s", strerror(-ret));
+		send_reply(cfd, msg, -1);
+		return;
+	}
+	d->params.basic.dev_sectors = size >> 9;
+	log_info("ublk%u: resized from %llu to %llu bytes", id, (unsigned long long)old,
+		 (unsigned long long)size);
+	send_reply(cfd, "ok", -1);
+}
+
+/* One request from a peer on the socket.  Returns as handover does. */
 static int handle_client(struct ublk_dev *d, int cfd)
 {
 	struct ucred cr;
@@ -512,8 +579,7 @@ static int handle_client(struct ublk_dev *d, int cfd)
 
 	if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0 ||
 	    (cr.uid != 0 && cr.uid != geteuid())) {
-		log_warn("ublk%u: hand-over request from uid %u refused", d->info.dev_id,
-			 (unsigned)cr.uid);
+		log_warn("ublk%u: request from uid %u refused", d->info.dev_id, (unsigned)cr.uid);
 		return 0;
 	}
 	do
@@ -522,39 +588,48 @@ static int handle_client(struct ublk_dev *d, int cfd)
 	if (n <= 0)
 		return 0;
 	req[n] = 0;
-	if (strcmp(req, HANDOVER_REQ)) {
-		send_reply(cfd, "error: unknown request", -1);
+	if (!strcmp(req, HANDOVER_REQ)) {
+		log_info("ublk%u: hand-over requested by pid %d", d->info.dev_id, (int)cr.pid);
+		return handover(d, cfd);
+	}
+	if (!strncmp(req, RESIZE_REQ " ", strlen(RESIZE_REQ) + 1)) {
+		log_info("ublk%u: resize to %s bytes requested by pid %d", d->info.dev_id,
+			 req + strlen(RESIZE_REQ) + 1, (int)cr.pid);
+		handle_resize(d, cfd, req + strlen(RESIZE_REQ) + 1);
 		return 0;
 	}
-	log_info("ublk%u: hand-over requested by pid %d", d->info.dev_id, (int)cr.pid);
-	return handover(d, cfd);
+	send_reply(cfd, "error: unknown request", -1);
+	return 0;
 }
 
-/* The next daemon's side: ask the daemon of @dev_id for the image.
- * Returns the descriptor, or -1 with no file (null target), or -errno. */
-static int handover_receive(int dev_id, int *out_fd)
+/* Send @req to the daemon of @dev_id and wait up to @timeout_s for its
+ * answer: the text in @buf, a descriptor passed with it in *@out_fd (-1:
+ * none; NULL: closed).  Returns the answer's length or -errno (logged). */
+static int sock_request(int dev_id, const char *req, char *buf, size_t buflen, int *out_fd,
+			int timeout_s)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct timeval tv = { .tv_sec = 120 };
-	char buf[256], cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov = { buf, sizeof(buf) - 1 };
+	struct timeval tv = { .tv_sec = timeout_s };
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, buflen - 1 };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
 			     .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
 	struct cmsghdr *cm;
 	ssize_t n;
-	int fd, ret;
+	int fd, rfd = -1, ret;
 
-	*out_fd = -1;
+	if (out_fd)
+		*out_fd = -1;
 	ublk_sock_path(dev_id, sa.sun_path, sizeof(sa.sun_path));
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
-	    send(fd, HANDOVER_REQ, strlen(HANDOVER_REQ), MSG_NOSIGNAL) < 0) {
+	    send(fd, req, strlen(req), MSG_NOSIGNAL) < 0) {
 		ret = -errno;
-		log_error("ublk%d: %s: %s (is its daemon a qublk that can hand over?)", dev_id,
-			  sa.sun_path, strerror(errno));
+		log_error("ublk%d: %s: %s (is its daemon a running qublk?)", dev_id, sa.sun_path,
+			  strerror(errno));
 		close(fd);
 		return ret;
 	}
@@ -564,7 +639,8 @@ static int handover_receive(int dev_id, int *out_fd)
 	ret = n < 0 ? -errno : 0;
 	close(fd);
 	if (n <= 0) {
-		log_error("ublk%d: no answer from the daemon: %s", dev_id,
+		log_error("ublk%d: no answer from the daemon%s: %s", dev_id,
+			  n < 0 && (ret == -EAGAIN || ret == -EWOULDBLOCK) ? " within the time" : "",
 			  n < 0 ? strerror(-ret) : "it closed the connection");
 		return n < 0 ? ret : -EPIPE;
 	}
@@ -572,13 +648,46 @@ static int handover_receive(int dev_id, int *out_fd)
 	for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
 		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
 		    cm->cmsg_len == CMSG_LEN(sizeof(int)))
-			memcpy(out_fd, CMSG_DATA(cm), sizeof(int));
+			memcpy(&rfd, CMSG_DATA(cm), sizeof(int));
+	if (out_fd)
+		*out_fd = rfd;
+	else if (rfd >= 0)
+		close(rfd);
+	return (int)n;
+}
+
+/* The next daemon's side: ask the daemon of @dev_id for the image.
+ * *out_fd: the descriptor, or -1 with no file (null target).  Returns
+ * -errno (logged). */
+static int handover_receive(int dev_id, int *out_fd)
+{
+	char buf[256];
+	int ret = sock_request(dev_id, HANDOVER_REQ, buf, sizeof(buf), out_fd, 120);
+
+	if (ret < 0)
+		return ret;
 	if (strcmp(buf, "ok")) {
 		if (*out_fd >= 0)
 			close(*out_fd);
 		*out_fd = -1;
 		log_error("ublk%d: the daemon refused to hand over: %s", dev_id, buf);
 		return -EBUSY;
+	}
+	return 0;
+}
+
+int ublk_dev_resize(int dev_id, uint64_t size)
+{
+	char req[64], buf[512];
+	int ret;
+
+	snprintf(req, sizeof(req), RESIZE_REQ " %llu", (unsigned long long)size);
+	ret = sock_request(dev_id, req, buf, sizeof(buf), NULL, 120);
+	if (ret < 0)
+		return ret;
+	if (strcmp(buf, "ok")) {
+		log_error("ublk%d: %s", dev_id, strncmp(buf, "error: ", 7) ? buf : buf + 7);
+		return -EIO;
 	}
 	return 0;
 }

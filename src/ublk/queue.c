@@ -91,7 +91,8 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf)
 
 	/* Read the shared descriptor once: checks and use see one copy. */
 	memcpy(&iod, (const void *)&q->iods[tag], sizeof(iod));
-	op = ublk_check_iod(&iod, t->size, d->opts.max_io, t->read_only, &off, &len);
+	op = ublk_check_iod(&iod, __atomic_load_n(&t->size, __ATOMIC_ACQUIRE), d->opts.max_io,
+			    t->read_only, &off, &len);
 	if (op < 0) {
 		log_debug("queue %u tag %u: refused op 0x%x sector %llu+%u: %s",
 			  q->q_id, tag, iod.op_flags, (unsigned long long)iod.start_sector,

@@ -145,12 +145,18 @@ struct ublk_tgt_ops {
 	int (*discard)(struct ublk_tgt *t, uint64_t off, uint32_t len);
 	/* Optional.  flags: BDRV_REQ_MAY_UNMAP. */
 	int (*write_zeroes)(struct ublk_tgt *t, uint64_t off, uint32_t len, unsigned flags);
+	/* Optional (NULL: the device cannot be resized).  Main thread, while
+	 * the queues serve requests: grow the storage to @size bytes (larger
+	 * than t->size, a multiple of 512).  The caller then publishes the
+	 * new t->size and tells the kernel.  Returns -errno (logged). */
+	int (*resize)(struct ublk_tgt *t, uint64_t size);
 };
 
 struct ublk_tgt {
 	const struct ublk_tgt_ops *ops;
 	void *priv;
-	uint64_t size;          /* bytes, multiple of 512 */
+	uint64_t size;          /* bytes, multiple of 512; queue threads read it
+	                         * while a resize changes it: atomic access */
 	unsigned cluster_size;  /* allocation unit, 0 = none */
 	bool read_only;
 	bool can_multiqueue;    /* safe to call from several queue threads */
@@ -284,7 +290,10 @@ void ublk_state_remove(int dev_id);
  * Returns -errno (logged). */
 int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms, bool force);
 
-/* <run dir>/ublkN.sock, the daemon's hand-over socket. */
+/* <run dir>/ublkN.sock, the daemon's socket (hand-over, resize). */
 void ublk_sock_path(int dev_id, char *buf, size_t len);
+/* Ask the daemon of device @dev_id to grow the image and the device to
+ * @size bytes (UPDATE_SIZE).  Returns -errno (the reason logged). */
+int ublk_dev_resize(int dev_id, uint64_t size);
 
 #endif

@@ -197,6 +197,10 @@ static void test_features(void)
 	CHECK(ublk_features_used() == (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				       UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
 				       UBLK_F_UPDATE_SIZE | UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV));
+	/* 'qublk features' says "uses" for exactly the bits a device may be
+	 * created with (each has its command: add, recover, upgrade,
+	 * resize, del, add --unprivileged). */
+	CHECK(ublk_features_used() == (ublk_dev_flags(~0ULL, false) | ublk_dev_flags(~0ULL, true)));
 
 	/* Device flags: only what is offered; recovery never for
 	 * unprivileged devices; quiesce and reissue only with recovery. */
