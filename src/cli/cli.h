@@ -21,6 +21,7 @@ int cmd_features(int argc, char **argv); /* src/cli/features.c */
 int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_resize(int argc, char **argv);   /* src/cli/resize.c */
+int cmd_udev(int argc, char **argv);     /* src/cli/udev.c */
 
 /* Helpers shared by the command files (src/cli/ublk.c). */
 #include <stdio.h>

@@ -36,7 +36,7 @@ static void add_usage(FILE *out)
 	fprintf(out,
 		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
-		"                 [--foreground] [FILE]\n\n"
+		"                 [--unprivileged] [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
 		"'qublk del -n N' or SIGTERM.\n\n"
@@ -56,6 +56,10 @@ static void add_usage(FILE *out)
 		"      --cache MODE     none (O_DIRECT, default) or writeback\n"
 		"      --no-recovery    without user_recovery: if the daemon dies, the device\n"
 		"                       fails its I/O instead of waiting for 'qublk recover'\n"
+		"      --unprivileged   an unprivileged device (UBLK_F_UNPRIVILEGED_DEV), which\n"
+		"                       only its owner can use: the default when not root.\n"
+		"                       Needs qublk's udev rule (udev/70-qublk.rules); such a\n"
+		"                       device has no recovery (the kernel's rule)\n"
 		"  -f, --foreground     do not daemonise; print the path, run until SIGTERM\n\n"
 		"Exit codes: 0 device live, 1 failure, 2 usage error.\n",
 		UBLK_DEF_QUEUES, UBLK_DEF_DEPTH, UBLK_MAX_QUEUE_DEPTH);
@@ -153,12 +157,15 @@ int cmd_add(int argc, char **argv)
 		{ "cache", required_argument, NULL, 'c' },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-recovery", no_argument, NULL, 'R' },
+		{ "unprivileged", no_argument, NULL, 'u' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ublk_dev_opts o = {
 		.type = NULL, .dev_id = -1, .nr_queues = UBLK_DEF_QUEUES,
 		.depth = UBLK_DEF_DEPTH, .max_io = UBLK_DEF_MAX_IO, .direct = true,
+		/* Only root may create other devices. */
+		.unprivileged = geteuid() != 0,
 	};
 	char abspath[PATH_MAX];
 	bool foreground = false, have_size = false;
@@ -222,6 +229,9 @@ int cmd_add(int argc, char **argv)
 			break;
 		case 'R':
 			o.no_recovery = true;
+			break;
+		case 'u':
+			o.unprivileged = true;
 			break;
 		case 'h':
 			add_usage(stdout);

@@ -248,7 +248,8 @@ int ublk_ctrl_open(struct ublk_ctrl *c)
 	if (c->fd < 0) {
 		ret = -errno;
 		log_error("%s: cannot open: %s%s", UBLK_CONTROL_PATH, strerror(errno),
-			  errno == ENOENT ? " (is the ublk_drv module loaded?)" : "");
+			  errno == ENOENT ? " (is the ublk_drv module loaded?)" :
+			  errno == EACCES ? " (users need qublk's udev rule: udev/70-qublk.rules)" : "");
 		return ret;
 	}
 	ret = io_uring_queue_init(4, &c->ring, IORING_SETUP_SQE128);

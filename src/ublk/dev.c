@@ -54,6 +54,9 @@
 #endif
 
 #define UBLK_MAX_DISCARD_SECTORS (64u << 11)   /* 64 MiB per request */
+/* How long an unprivileged device's daemon waits for udev to hand it
+ * the device's nodes. */
+#define UBLK_UDEV_TIMEOUT_MS 20000
 
 /* ------------------------------------------------------------ params */
 
@@ -95,9 +98,48 @@ void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 
 const char *ublk_run_dir(void)
 {
-	const char *d = getenv("QUBLK_RUN_DIR");
+	static char dir[PATH_MAX];
+	const char *d = getenv("QUBLK_RUN_DIR"), *x;
 
-	return d && *d ? d : UBLK_RUN_DIR_DEFAULT;
+	if (d && *d)
+		return d;
+	if (geteuid() == 0)
+		return UBLK_RUN_DIR_DEFAULT;
+	/* A user's devices: their own directory (a shared one would let one
+	 * user's state files pose as another's). */
+	if (!dir[0]) {
+		x = getenv("XDG_RUNTIME_DIR");
+		if (x && x[0] == '/')
+			snprintf(dir, sizeof(dir), "%s/qublk", x);
+		else
+			snprintf(dir, sizeof(dir), "/tmp/qublk-%u", (unsigned)geteuid());
+	}
+	return dir;
+}
+
+/* Create the run directory if needed; it must be ours and writable by
+ * nobody else (under /tmp anyone could have made it first). */
+static int ensure_run_dir(void)
+{
+	const char *dir = ublk_run_dir();
+	struct stat st;
+
+	if (mkdir(dir, geteuid() == 0 ? 0755 : 0700) < 0 && errno != EEXIST) {
+		int ret = -errno;
+		log_error("%s: mkdir: %s", dir, strerror(errno));
+		return ret;
+	}
+	if (lstat(dir, &st) < 0) {
+		int ret = -errno;
+		log_error("%s: %s", dir, strerror(errno));
+		return ret;
+	}
+	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 022)) {
+		log_error("%s: not a directory of uid %u writable only by it: not keeping state "
+			  "there (set QUBLK_RUN_DIR)", dir, (unsigned)geteuid());
+		return -EPERM;
+	}
+	return 0;
 }
 
 static void state_path(int dev_id, char *buf, size_t len)
@@ -111,11 +153,9 @@ int ublk_state_write(const struct ublk_state *s)
 	FILE *f;
 	int ret = 0;
 
-	if (mkdir(ublk_run_dir(), 0755) < 0 && errno != EEXIST) {
-		ret = -errno;
-		log_error("%s: mkdir: %s", ublk_run_dir(), strerror(errno));
+	ret = ensure_run_dir();
+	if (ret < 0)
 		return ret;
-	}
 	state_path(s->dev_id, path, sizeof(path));
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "w");
@@ -205,8 +245,30 @@ static int wait_for_path(const char *path, int timeout_ms)
 	}
 }
 
+/* Wait until we may open @path with @mode (R_OK|W_OK): for an
+ * unprivileged device, until udev (udev/70-qublk.rules) has given its
+ * node to us.  Returns 0 or -errno (-ETIMEDOUT). */
+static int wait_for_access(const char *path, int mode, int timeout_ms)
+{
+	for (int waited = 0; ; waited += 10) {
+		if (faccessat(AT_FDCWD, path, mode, AT_EACCESS) == 0)
+			return 0;
+		if (errno != ENOENT && errno != EACCES && errno != EPERM)
+			return -errno;
+		if (waited >= timeout_ms)
+			return -ETIMEDOUT;
+		usleep(10 * 1000);
+	}
+}
+
 static void lock_memory(void)
 {
+	/* A user's RLIMIT_MEMLOCK (8 MiB) is far below the tag buffers, and
+	 * MCL_FUTURE would then make every later mmap fail. */
+	if (geteuid() != 0) {
+		log_debug("not root: memory not locked");
+		return;
+	}
 	/* ONFAULT: lock what we touch (buffers are touched up front) without
 	 * populating every reserved mapping. */
 	if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
@@ -773,6 +835,19 @@ static int dev_create(struct ublk_dev *d)
 	}
 	d->added = true;
 	log_debug("ublk%u: flags 0x%llx", d->info.dev_id, (unsigned long long)d->info.flags);
+	if (d->info.flags & UBLK_F_UNPRIVILEGED_DEV) {
+		/* The driver checks each command on the device against our
+		 * access to /dev/ublkcN, which udev hands to us. */
+		char cpath[64];
+		snprintf(cpath, sizeof(cpath), "/dev/ublkc%u", d->info.dev_id);
+		ret = wait_for_access(cpath, R_OK | W_OK, UBLK_UDEV_TIMEOUT_MS);
+		if (ret < 0) {
+			log_error("%s: %s: is qublk's udev rule installed (udev/70-qublk.rules)? "
+				  "It gives an unprivileged device's nodes to its owner", cpath,
+				  ret == -ETIMEDOUT ? "still not ours after a while" : strerror(-ret));
+			return ret;
+		}
+	}
 	if (d->info.nr_hw_queues != o->nr_queues)
 		log_warn("ublk%u: the driver gave %u queues (asked %u)", d->info.dev_id,
 			 d->info.nr_hw_queues, o->nr_queues);
@@ -949,6 +1024,11 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	snprintf(path, sizeof(path), "/dev/ublkb%u", d->info.dev_id);
 	if (wait_for_path(path, 5000) < 0)
 		log_warn("%s did not appear (no devtmpfs or udev?)", path);
+	else if ((d->info.flags & UBLK_F_UNPRIVILEGED_DEV) &&
+		 wait_for_access(path, d->tgt.read_only ? R_OK : R_OK | W_OK,
+				 UBLK_UDEV_TIMEOUT_MS) < 0)
+		log_warn("%s is not ours (is qublk's udev rule installed?): only root can open it",
+			 path);
 
 	st.dev_id = (int)d->info.dev_id;
 	st.pid = getpid();
