@@ -31,12 +31,17 @@
 
 /* ---------------------------------------------------------------- add */
 
+static bool pid_alive(int pid)
+{
+	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
+}
+
 static void add_usage(FILE *out)
 {
 	fprintf(out,
 		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
-		"                 [--unprivileged] [--foreground] [FILE]\n\n"
+		"                 [--unprivileged] [--recover-on-restart] [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
 		"'qublk del -n N' or SIGTERM.\n\n"
@@ -60,6 +65,11 @@ static void add_usage(FILE *out)
 		"                       only its owner can use: the default when not root.\n"
 		"                       Needs qublk's udev rule (udev/70-qublk.rules); such a\n"
 		"                       device has no recovery (the kernel's rule)\n"
+		"      --recover-on-restart  with -n ID: if device ID is there already and its\n"
+		"                       daemon died, take it over (as 'qublk recover') instead\n"
+		"                       of failing, provided it serves this FILE: a service\n"
+		"                       manager that runs the same command again after a crash\n"
+		"                       gets the device back, its I/O and mounts intact\n"
 		"  -f, --foreground     do not daemonise; print the path, run until SIGTERM\n\n"
 		"Exit codes: 0 device live, 1 failure, 2 usage error.\n",
 		UBLK_DEF_QUEUES, UBLK_DEF_DEPTH, UBLK_MAX_QUEUE_DEPTH);
@@ -91,6 +101,64 @@ static const char *probe_type(const char *file)
 	if (n == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb)
 		return "qcow2";
 	return "raw";
+}
+
+/*
+ * --recover-on-restart: device o->dev_id exists already.  If its daemon
+ * died and it serves the same image (target, file, read-only), turn @o
+ * into a recovery of it: returns 1.  Returns 0 if there is no such
+ * device (add it), -1 on a refusal (logged).
+ */
+static int restart_check(struct ublk_dev_opts *o)
+{
+	struct ublksrv_ctrl_dev_info info;
+	struct ublk_state st;
+	struct ublk_ctrl ctrl;
+	unsigned id = (unsigned)o->dev_id;
+	int ret;
+
+	if (ublk_ctrl_open(&ctrl) < 0)
+		return -1;
+	ret = ublk_ctrl_get_info(&ctrl, id, &info);
+	ublk_ctrl_close(&ctrl);
+	if (ret == -ENODEV)
+		return 0;
+	if (ret < 0) {
+		log_error("ublk%u: GET_DEV_INFO: %s", id, strerror(-ret));
+		return -1;
+	}
+	if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+		log_error("ublk%u exists and was created without user_recovery: it cannot be "
+			  "taken back ('qublk del -n %u' first)", id, id);
+		return -1;
+	}
+	if (pid_alive(info.ublksrv_pid) && info.state == UBLK_S_DEV_LIVE) {
+		log_error("ublk%u exists and its daemon (pid %d) is running", id, info.ublksrv_pid);
+		return -1;
+	}
+	ret = ublk_state_read((int)id, &st);
+	if (ret < 0) {
+		log_error("ublk%u: no state file in %s (%s): cannot tell what it serves", id,
+			  ublk_run_dir(), strerror(-ret));
+		return -1;
+	}
+	if (strcmp(st.target, o->type) || strcmp(st.image, o->file ? o->file : "-") ||
+	    st.read_only != o->read_only) {
+		log_error("ublk%u serves %s %s%s, not %s %s%s: not taking it over", id, st.target,
+			  st.image, st.read_only ? " read-only" : "", o->type,
+			  o->file ? o->file : "-", o->read_only ? " read-only" : "");
+		return -1;
+	}
+	/* The device's geometry and options are what it was created with. */
+	o->mode = UBLK_RUN_RECOVER;
+	o->nr_queues = info.nr_hw_queues;
+	o->depth = info.queue_depth;
+	o->force_share = st.force_share;
+	o->direct = st.direct;
+	o->size = st.size;
+	log_info("ublk%u: its daemon (pid %d) is gone: recovering it", id,
+		 info.ublksrv_pid > 0 ? info.ublksrv_pid : st.pid);
+	return 1;
 }
 
 /* Fork the daemon and wait for its report.  Returns the exit code. */
@@ -158,6 +226,7 @@ int cmd_add(int argc, char **argv)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-recovery", no_argument, NULL, 'R' },
 		{ "unprivileged", no_argument, NULL, 'u' },
+		{ "recover-on-restart", no_argument, NULL, 'X' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -168,7 +237,7 @@ int cmd_add(int argc, char **argv)
 		.unprivileged = geteuid() != 0,
 	};
 	char abspath[PATH_MAX];
-	bool foreground = false, have_size = false;
+	bool foreground = false, have_size = false, restart = false;
 	unsigned id;
 	int c;
 
@@ -233,6 +302,9 @@ int cmd_add(int argc, char **argv)
 		case 'u':
 			o.unprivileged = true;
 			break;
+		case 'X':
+			restart = true;
+			break;
 		case 'h':
 			add_usage(stdout);
 			return EXIT_OK;
@@ -285,17 +357,20 @@ int cmd_add(int argc, char **argv)
 		log_error("--size is for the null target only");
 		return EXIT_USAGE;
 	}
+	if (restart) {
+		if (o.dev_id < 0) {
+			log_error("--recover-on-restart needs -n ID (the device to take back)");
+			return EXIT_USAGE;
+		}
+		if (restart_check(&o) < 0)
+			return EXIT_FAIL;
+	}
 	if (foreground)
 		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
 	return daemonise(&o);
 }
 
 /* ---------------------------------------------------- recover / upgrade */
-
-static bool pid_alive(int pid)
-{
-	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
-}
 
 static void takeover_usage(FILE *out, bool upgrade)
 {

@@ -7,6 +7,8 @@
 # failure; the same under a mounted ext4 (e2fsck -fn clean, file checksums
 # intact); after del, qemu-img check finds leaks at most and QEMU reads
 # what the device read.  `list` shows the dead daemon's device as quiesced.
+# `qublk add --recover-on-restart -n ID` run again after a kill takes the
+# device back (and refuses a live daemon or another image).
 # RECOVER_KILLS (default 3) kills per fio run; 4 runs + the ext4 case.
 
 W=/tmp/ublk-recover
@@ -125,6 +127,44 @@ t_recover_ext4() {
     rm -f "$img" "$W/sums"
 }
 
+# add --recover-on-restart: the same command, run again after the daemon
+# died (as a service manager restarts it), takes the device back; fio
+# under it sees no error.  Refused: while the daemon runs, for another
+# image; without the flag the number is taken.
+t_recover_restart() {
+    local img=$W/rs.qcow2 other=$W/other.raw dev fio_pid pid rc
+    qemu-img create -q -f qcow2 "$img" 128M
+    truncate -s 16M "$other"
+    dev=$(qublk add --recover-on-restart -n 7 -q 2 "$img")
+    [ "$dev" = /dev/ublkb7 ]
+    if qublk add --recover-on-restart -n 7 "$img" 2>"$W/err"; then fail "taken from a live daemon"; fi
+    grep -q 'its daemon (pid [0-9]*) is running' "$W/err"
+    fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+        --bssplit=4k/50:64k/50 --iodepth=32 --numjobs=2 --size=24M --offset_increment=48M \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
+        --output-format=terse --terse-version=3 >"$W/fio.out" 2>&1 &
+    fio_pid=$!
+    sleep 2
+    pid=$(daemon_pid 7)
+    kill -KILL "$pid"
+    for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+    if qublk add --recover-on-restart -n 7 "$other" 2>"$W/err"; then fail "ublk7 taken for another image"; fi
+    grep -q "ublk7 serves qcow2 $img" "$W/err"
+    if qublk add -n 7 "$img" 2>"$W/err"; then fail "add -n 7 without the flag succeeded"; fi
+    # The restart.
+    [ "$(qublk add --recover-on-restart -n 7 -q 2 "$img")" = /dev/ublkb7 ]
+    [ "$(daemon_pid 7)" != "$pid" ] || fail "the state file still names the dead daemon"
+    qublk list | grep -Eq "^7 +live " || fail "ublk7 not live after the restart"
+    rc=0; wait "$fio_pid" || rc=$?
+    cat "$W/fio.out"
+    [ "$rc" = 0 ] || fail "fio exit $rc"
+    fio_ok "$W/fio.out"
+    qublk del -n 7
+    rc=0; qemu-img check "$img" || rc=$?
+    [ "$rc" = 0 ] || [ "$rc" = 3 ] || fail "qemu-img check exit $rc (corruption?)"
+    rm -f "$img" "$other"
+}
+
 # A device whose daemon died can still be deleted (its queued I/O fails).
 t_recover_del() {
     local img=$W/d.raw dev id pid fio_pid rc
@@ -160,4 +200,5 @@ vmtest ublk-recover-q2 t_recover_q2
 vmtest ublk-recover-q1-backing t_recover_q1_backing
 vmtest ublk-recover-q2-backing t_recover_q2_backing
 vmtest ublk-recover-ext4 t_recover_ext4
+vmtest ublk-recover-restart t_recover_restart
 vmtest ublk-recover-del t_recover_del
