@@ -165,7 +165,8 @@ t_recover_restart() {
     rm -f "$img" "$other"
 }
 
-# A device whose daemon died can still be deleted (its queued I/O fails).
+# A device whose daemon died can still be deleted (its queued I/O fails);
+# while fio has it open only with --force where del is a safe stop.
 t_recover_del() {
     local img=$W/d.raw dev id pid fio_pid rc
     truncate -s 64M "$img"
@@ -178,7 +179,12 @@ t_recover_del() {
     pid=$(daemon_pid "$id")
     kill -KILL "$pid"
     sleep 1
-    qublk del -n "$id"
+    # fio holds it open: a safe stop refuses, --force stops it.
+    if ublk_has safe_stop_dev; then
+        if qublk del -n "$id" 2>"$W/err"; then fail "del of an open device succeeded"; fi
+        grep -q "ublk$id is busy" "$W/err"
+    fi
+    qublk del --force -n "$id"
     for _ in $(seq 1 300); do kill -0 "$fio_pid" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$fio_pid" 2>/dev/null; then
         kill -KILL "$fio_pid"
