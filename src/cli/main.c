@@ -16,16 +16,18 @@ static const struct command {
 	{ "create", cmd_create, "create a qcow2 or raw image" },
 	{ "info",   cmd_info,   "show an image's format, features, backing chain, snapshots" },
 	{ "check",  cmd_check,  "check an image's consistency (qemu-img check), repair with -r" },
+	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots (offline)" },
 	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
 	{ "list",   cmd_list,   "list ublk devices" },
 	{ "del",    cmd_del,    "stop and remove ublk devices" },
 	{ "recover", cmd_recover, "start a new daemon for a device whose daemon died" },
 	{ "upgrade", cmd_upgrade, "hand a live device over to a new daemon (this binary)" },
 	{ "resize", cmd_resize, "change an image's size, or grow a live device's (UPDATE_SIZE)" },
-	{ "udev",   cmd_udev,   "(run by udev) give an unprivileged device's nodes to its owner" },
 	{ "features", cmd_features, "what this kernel's ublk driver supports, and what qublk uses" },
 	{ "nbd",    cmd_nbd,    "serve an image over NBD (unix socket or TCP)" },
 	{ "bench",  cmd_bench,  "run I/O against an image through the engine, print IOPS" },
+	{ "service", cmd_service, "the commands of the systemd unit qublk@NAME.service" },
+	{ "udev-id", cmd_udev_id, "udev properties of a ublk device (the rules' IMPORT{program})" },
 };
 
 static void usage(FILE *out)

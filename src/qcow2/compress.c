@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * qcow2 "Compressed Clusters": decompression of zlib (raw deflate,
- * windowBits -12, as QEMU writes it) and zstd (one frame) clusters.
+ * qcow2 "Compressed Clusters": compression and decompression of zlib
+ * (raw deflate, windowBits -12, as QEMU writes it) and zstd (one frame)
+ * clusters.
  *
  * Threads: any.  Each thread keeps its own inflate stream and zstd
  * context, created on first use and reset per call, so decompression
@@ -24,6 +25,7 @@
 #include <string.h>
 #include <zlib.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include "common/util.h"
 
@@ -31,6 +33,9 @@ struct dctx {
 	z_stream zs;
 	bool zs_ready;
 	ZSTD_DCtx *zstd;
+	z_stream czs;               /* compression */
+	bool czs_ready;
+	ZSTD_CCtx *czstd;
 };
 
 static __thread struct dctx *tls_ctx;
@@ -46,7 +51,10 @@ static void ctx_destroy(void *p)
 		return;
 	if (c->zs_ready)
 		inflateEnd(&c->zs);
+	if (c->czs_ready)
+		deflateEnd(&c->czs);
 	ZSTD_freeDCtx(c->zstd);
+	ZSTD_freeCCtx(c->czstd);
 	free(c);
 }
 
@@ -144,5 +152,64 @@ int qcow2_decompress(uint8_t type, const void *src, size_t src_len, void *dst, s
 		return zstd_decompress(c, src, src_len, dst, dst_len);
 	default:
 		return -EIO;
+	}
+}
+
+static ssize_t zlib_compress(struct dctx *c, const void *src, size_t src_len, void *dst,
+			     size_t dst_cap)
+{
+	z_stream *zs = &c->czs;
+	int ret;
+
+	if (src_len > UINT_MAX || dst_cap > UINT_MAX)
+		return -EINVAL;
+	if (!c->czs_ready) {
+		memset(zs, 0, sizeof(*zs));
+		if (deflateInit2(zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9,
+				 Z_DEFAULT_STRATEGY) != Z_OK)
+			return -ENOMEM;
+		c->czs_ready = true;
+	} else if (deflateReset(zs) != Z_OK) {
+		return -EIO;
+	}
+	zs->next_in = (Bytef *)src;
+	zs->avail_in = (uInt)src_len;
+	zs->next_out = dst;
+	zs->avail_out = (uInt)dst_cap;
+	ret = deflate(zs, Z_FINISH);
+	if (ret != Z_STREAM_END)
+		return ret == Z_OK || ret == Z_BUF_ERROR ? -ENOSPC : -EIO;
+	return (ssize_t)(dst_cap - zs->avail_out);
+}
+
+static ssize_t zstd_compress(struct dctx *c, const void *src, size_t src_len, void *dst,
+			     size_t dst_cap)
+{
+	size_t r;
+
+	if (!c->czstd) {
+		c->czstd = ZSTD_createCCtx();
+		if (!c->czstd)
+			return -ENOMEM;
+	}
+	r = ZSTD_compressCCtx(c->czstd, dst, dst_cap, src, src_len, ZSTD_CLEVEL_DEFAULT);
+	if (ZSTD_isError(r))
+		return ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall ? -ENOSPC : -EIO;
+	return (ssize_t)r;
+}
+
+ssize_t qcow2_compress(uint8_t type, const void *src, size_t src_len, void *dst, size_t dst_cap)
+{
+	struct dctx *c = get_ctx();
+
+	if (!c)
+		return -ENOMEM;
+	switch (type) {
+	case QCOW2_COMPRESSION_ZLIB:
+		return zlib_compress(c, src, src_len, dst, dst_cap);
+	case QCOW2_COMPRESSION_ZSTD:
+		return zstd_compress(c, src, src_len, dst, dst_cap);
+	default:
+		return -EINVAL;
 	}
 }

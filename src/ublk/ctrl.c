@@ -249,7 +249,7 @@ int ublk_ctrl_open(struct ublk_ctrl *c)
 		ret = -errno;
 		log_error("%s: cannot open: %s%s", UBLK_CONTROL_PATH, strerror(errno),
 			  errno == ENOENT ? " (is the ublk_drv module loaded?)" :
-			  errno == EACCES ? " (users need qublk's udev rule: udev/70-qublk.rules)" : "");
+			  errno == EACCES ? " (qublk's udev rules, 60-qublk.rules, let group disk use it)" : "");
 		return ret;
 	}
 	ret = io_uring_queue_init(4, &c->ring, IORING_SETUP_SQE128);

@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "ublk/notify.h"
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -246,7 +247,7 @@ static int wait_for_path(const char *path, int timeout_ms)
 }
 
 /* Wait until we may open @path with @mode (R_OK|W_OK): for an
- * unprivileged device, until udev (udev/70-qublk.rules) has given its
+ * unprivileged device, until udev (udev/60-qublk.rules) has given its
  * node to us.  Returns 0 or -errno (-ETIMEDOUT). */
 static int wait_for_access(const char *path, int mode, int timeout_ms)
 {
@@ -842,8 +843,8 @@ static int dev_create(struct ublk_dev *d)
 		snprintf(cpath, sizeof(cpath), "/dev/ublkc%u", d->info.dev_id);
 		ret = wait_for_access(cpath, R_OK | W_OK, UBLK_UDEV_TIMEOUT_MS);
 		if (ret < 0) {
-			log_error("%s: %s: is qublk's udev rule installed (udev/70-qublk.rules)? "
-				  "It gives an unprivileged device's nodes to its owner", cpath,
+			log_error("%s: %s: are qublk's udev rules installed (60-qublk.rules)? "
+				  "They give an unprivileged device's nodes to its owner", cpath,
 				  ret == -ETIMEDOUT ? "still not ours after a while" : strerror(-ret));
 			return ret;
 		}
@@ -1067,6 +1068,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 			report_fd = -1;
 		}
 	}
+	ublk_notify_live((int)d->info.dev_id);   /* systemd READY=1, udev change */
 
 	how = serve(d, sfd);
 	ret = 0;

@@ -10,32 +10,44 @@
 # uid 1000 mode 0600, another user (uid 1001) cannot open it, it has no
 # recovery (the kernel's rule).
 #
-# The guest has no udev.  What udev/70-qublk.rules would do is done by a
-# stand-in: its MODE for /dev/ublk-control by chmod, and its RUN for new
-# ublkcN/ublkbN nodes by busybox's `uevent` applet, which listens to the
-# kernel's uevents and runs the same command the rule runs, `qublk udev
-# NAME`, as root.  Skips without unprivileged_dev.
+# The guest has no udev.  What udev/60-qublk.rules.in does is done by a
+# stand-in: its GROUP/MODE for /dev/ublk-control by chgrp/chmod (the test
+# users are in group disk, as the rules expect), and for each new
+# ublkcN/ublkbN node busybox's `uevent` applet, which listens to the
+# kernel's uevents, runs what the rules import, `qublk udev-id NAME`, and
+# applies its owner as the rules' OWNER/GROUP/MODE do.  Skips without
+# unprivileged_dev.
 
 W=/tmp/ublk-unpriv
 U=1000
+DISK_GID=6   # Debian's "disk" (the guest has no such name)
 mkdir -p "$W"
 chown "$U:$U" "$W"
 
-as_user() { setpriv --reuid="$1" --regid="$1" --clear-groups -- "${@:2}"; }
+as_user() { setpriv --reuid="$1" --regid="$1" --groups="$DISK_GID" -- "${@:2}"; }
 devnum() { echo "${1#/dev/ublkb}"; }
 
 UEVENT_PID=
 udev_standin_start() {
-    chmod 0666 /dev/ublk-control
+    chgrp "$DISK_GID" /dev/ublk-control
+    chmod 0660 /dev/ublk-control
     # shellcheck disable=SC2016 # (expanded by the handler's shell)
     busybox uevent sh -c 'case "$ACTION:$DEVNAME" in
-        add:ublkc[0-9]*|add:ublkb[0-9]*) qublk udev "$DEVNAME" ;;
+        add:ublkc[0-9]*|add:ublkb[0-9]*)
+            props=$(qublk udev-id "$DEVNAME") || exit 0
+            echo "$DEVNAME: $props" | tr "\n" " "; echo
+            uid=$(echo "$props" | sed -n "s/^QUBLK_OWNER_UID=//p")
+            gid=$(echo "$props" | sed -n "s/^QUBLK_OWNER_GID=//p")
+            if echo "$props" | grep -qx QUBLK_UNPRIVILEGED=1; then
+                chown "$uid:$gid" "/dev/$DEVNAME" && chmod 0600 "/dev/$DEVNAME"
+            fi ;;
         esac' >"$W/uevent.log" 2>&1 &
     UEVENT_PID=$!
     sleep 0.5   # listening before the first event
 }
 udev_standin_stop() {
     [ -z "$UEVENT_PID" ] || kill "$UEVENT_PID" 2>/dev/null || true
+    chgrp 0 /dev/ublk-control
     chmod 0600 /dev/ublk-control
     cat "$W/uevent.log"
 }
@@ -56,6 +68,7 @@ t_unpriv() {
     qublk list --output json | tee "$W/list.json"
     grep -q "\"id\": $id, \"state\": \"live\", \"recoverable\": false" "$W/list.json"
     as_user "$U" qublk list | grep -E "^$id +live .* $img\$"
+    # Not even another member of group disk.
     if as_user 1001 dd if="$dev" of=/dev/null bs=4k count=1 2>"$W/err"; then
         fail "another user read $dev"
     fi
