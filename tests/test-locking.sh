@@ -199,6 +199,14 @@ works "$QUBLK" info -U --output json "$TOP"
 grep -q '"backing-filename": "base.qcow2"' "$TMPD/works.out" ||
     fail "qublk info -U: $(cat "$TMPD/works.out")"
 works "$QUBLK" info --backing-chain "$TOP"
+# The image tools lock as qemu-img's do: check shares with readers only
+# (-U: with anyone), a repair or a snapshot change needs the image alone.
+refused 1 "$TOP: $SLOCK" "Lock byte 101 is $HOLDER" -- "$QUBLK" check "$TOP"
+refused 1 "$TOP: $WLOCK" "Lock byte 201 is $HOLDER" -- "$QUBLK" check -r all "$TOP"
+refused 1 "cannot be used with -r" -- "$QUBLK" check -U -r leaks "$TOP"
+works "$QUBLK" check -U "$TOP"
+refused 1 "$TOP: $WLOCK" "Lock byte 201 is $HOLDER" -- "$QUBLK" snapshot -c s1 "$TOP"
+works "$QUBLK" snapshot -l -U "$TOP"
 
 # A second qublk: refused read-write and read-only, with the holder.
 refused 1 "$TOP: $WLOCK" "$INUSE [$TOP]" "Lock byte 201 is $HOLDER" -- \

@@ -3,8 +3,9 @@
 # The kernel's NBD client in the VM (tests/vm/guest/nbd-kernel.sh): ext4 on
 # /dev/nbd0 over 4 connections to `qublk nbd` running in the guest,
 # blkdiscard, checksums across a reconnect, e2fsck -fn, qemu-img check.
-# Plain build only: the ASan build adds nothing the host NBD tests do not
-# already cover, and would double a slow TCG run (CI time).
+# run.sh: plain build only
+# (the ASan build adds nothing the host NBD tests do not already cover,
+# and would double a slow TCG run: CI time).
 . "$(dirname "$0")/lib.sh"
 . "$TESTS_DIR/vm/host-lib.sh"
 

@@ -19,6 +19,7 @@
 #include "cli/cli.h"
 #include "common/io.h"
 #include "common/util.h"
+#include "block/lock.h"
 #include "qcow2/format.h"
 
 #define EXIT_CHECK_CORRUPT   2
@@ -135,7 +136,7 @@ static void usage(FILE *out)
 		"                      corrupt and dirty bits when the image is clean afterwards\n"
 		"  --output FMT        human (default) or json (qemu-img's field names)\n"
 		"  -f, --format FMT    qcow2 or raw (default: probe the magic)\n"
-		"  -U, --force-share   accepted for qemu-img compatibility (qublk takes no lock)\n"
+		"  -U, --force-share   check an image that someone else is writing (no -r)\n"
 		"  -p                  show progress on a terminal\n"
 		"  -q                  quiet: no summary\n"
 		"  -h, --help          show this help\n"
@@ -179,7 +180,7 @@ int cmd_check(int argc, char **argv)
 	struct qcow2_check_result r;
 	struct io_file *f = NULL;
 	const char *fmt = NULL;
-	bool json = false, want_progress = false;
+	bool json = false, want_progress = false, force_share = false;
 	unsigned fix = 0;
 	int c, ret;
 
@@ -214,6 +215,7 @@ int cmd_check(int argc, char **argv)
 			fmt = optarg;
 			break;
 		case 'U':
+			force_share = true;
 			break;
 		case 'p':
 			want_progress = true;
@@ -237,10 +239,23 @@ int cmd_check(int argc, char **argv)
 	const char *path = argv[optind];
 	u.progress = want_progress && !u.quiet && !json && isatty(STDOUT_FILENO);
 
+	if (force_share && fix) {
+		log_error("-U (force-share) cannot be used with -r: a repair needs the image to itself");
+		return EXIT_FAIL;
+	}
 	ret = io_file_open(path, fix ? 0 : IO_OPEN_RDONLY, &f);
 	if (ret < 0) {
 		log_error("Could not open '%s': %s", path, strerror(-ret));
 		return EXIT_FAIL;
+	}
+	/* As qemu-img check: a check reads, so it shares the image with
+	 * other readers but not with a writer (-U: with anyone); a repair
+	 * writes, so it needs the image to itself. */
+	unsigned perm, shared;
+	lock_perms(!fix, force_share, &perm, &shared);
+	if (lock_take(f->fd, path, perm, shared)) {
+		io_file_close(f);
+		return EXIT_FAIL;       /* logged */
 	}
 	if (!fmt) {
 		uint8_t magic[4] = { 0 };

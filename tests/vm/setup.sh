@@ -8,7 +8,8 @@
 #     `dpkg -x` into the cache directory; nothing is installed on the host:
 #       6.12  Debian bookworm-backports linux-image-6.12.*-amd64 (ships
 #             ublk_drv.ko.xz and nbd.ko.xz; bookworm's own 6.1 has no ublk)
-#       7.3   Debian trixie-backports linux-binary-7.3.*-amd64 (vmlinuz) and
+#       7.3   Debian trixie-backports linux-binary-7.3.*-amd64 (vmlinuz; or
+#             linux-binary-unsigned-7.3.*-amd64 when the signed one lags) and
 #             linux-modules-7.3.*-amd64 (the image package is a meta package
 #             there).  Fetched through a private apt state directory in the
 #             cache, so the host's apt never sees trixie.
@@ -247,8 +248,13 @@ kernel_7_3() {
         apt-get "${o[@]}" update -qq >&2 || die "apt-get update of trixie-backports failed"
         bin=$(pick linux-binary 7.3 "${o[@]}" || true)
     fi
-    [ -n "$bin" ] || die "no linux-binary-7.3.*-amd64 package in trixie-backports"
-    local mods=linux-modules-${bin#linux-binary-} name=linux-${bin#linux-binary-}
+    # The signed image package (linux-binary-V, from linux-signed-amd64)
+    # can lag behind the unsigned one in the archive; the VM boots either.
+    [ -n "$bin" ] || bin=$(pick linux-binary-unsigned 7.3 "${o[@]}" || true)
+    [ -n "$bin" ] || die "no linux-binary-7.3.*-amd64 (or linux-binary-unsigned-7.3.*) package in trixie-backports"
+    local v=${bin#linux-binary-}
+    v=${v#unsigned-}
+    local mods=linux-modules-$v name=linux-$v
     say "guest kernel packages: $bin $mods"
     local dl
     dl=$(mktemp -d "$CACHE/dl.XXXXXX")
