@@ -576,7 +576,8 @@ int cmd_list(int argc, char **argv)
 			       "States: live; quiesced (no daemon: its daemon died or handed over, the\n"
 			       "kernel queues the I/O until 'qublk recover -n ID' or 'qublk del'); recovering\n"
 			       "(a new daemon is taking over); quiescing (the daemon died a moment ago);\n"
-			       "fail-io; dead (not started).  A '!' after the pid: that daemon is gone.\n"
+			       "fail-io; dead (not started).  A '!' after the pid: that daemon is gone.\n\n"
+			       "  -o, --output FMT   human (a table, the default) or json\n\n"
 			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
 			return EXIT_OK;
 		default:
@@ -690,8 +691,10 @@ int cmd_del(int argc, char **argv)
 			       "device whose block device is open or mounted is left alone: del fails\n"
 			       "naming it as busy.  Elsewhere, and with --force, it is stopped anyway\n"
 			       "(its users then get I/O errors).\n"
-			       "  --force    stop the device even if it is open or mounted\n"
-			       "  --timeout  how long to wait for the daemon (default 120 s)\n\n"
+			       "  -n, --number ID       the device\n"
+			       "  -a, --all             every ublk device\n"
+			       "      --force           stop the device even if it is open or mounted\n"
+			       "      --timeout SECONDS how long to wait for the daemon (default 120)\n\n"
 			       "Exit codes: 0 success, 1 failure (a busy device included), 2 usage error.\n");
 			return EXIT_OK;
 		default:
