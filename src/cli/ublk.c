@@ -41,7 +41,8 @@ static void add_usage(FILE *out)
 	fprintf(out,
 		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
-		"                 [--unprivileged] [--recover-on-restart] [--foreground] [FILE]\n\n"
+		"                 [--discard unmap|ignore] [--unprivileged] [--recover-on-restart]\n"
+		"                 [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
 		"'qublk del -n N' or SIGTERM.\n\n"
@@ -59,6 +60,12 @@ static void add_usage(FILE *out)
 		"  -n, --number ID      device number (default: first free)\n"
 		"  -s, --size SIZE      null target: device size (K/M/G/T suffixes)\n"
 		"      --cache MODE     none (O_DIRECT, default) or writeback\n"
+		"      --discard MODE   unmap: the device takes discards (fstrim, blkdiscard)\n"
+		"                       and the space goes back to the host file system\n"
+		"                       (default for writable images); ignore: the device\n"
+		"                       offers no discard and write-zeroes never deallocate\n"
+		"                       (default for read-only devices and the null target),\n"
+		"                       as qublk nbd's and qemu-nbd's --discard\n"
 		"      --no-recovery    without user_recovery: if the daemon dies, the device\n"
 		"                       fails its I/O instead of waiting for 'qublk recover'\n"
 		"      --unprivileged   an unprivileged device (UBLK_F_UNPRIVILEGED_DEV), which\n"
@@ -157,6 +164,7 @@ static int restart_check(struct ublk_dev_opts *o)
 	o->force_share = st.force_share;
 	o->direct = st.direct;
 	o->size = st.size;
+	o->discard = st.discard;
 	log_info("ublk%u: its daemon (pid %d) is gone: recovering it", id,
 		 info.ublksrv_pid > 0 ? info.ublksrv_pid : st.pid);
 	return 1;
@@ -228,6 +236,7 @@ int cmd_add(int argc, char **argv)
 		{ "no-recovery", no_argument, NULL, 'R' },
 		{ "unprivileged", no_argument, NULL, 'u' },
 		{ "recover-on-restart", no_argument, NULL, 'X' },
+		{ "discard", required_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -306,6 +315,16 @@ int cmd_add(int argc, char **argv)
 		case 'X':
 			restart = true;
 			break;
+		case 'D':
+			if (!strcmp(optarg, "unmap")) {
+				o.discard = UBLK_DISCARD_UNMAP;
+			} else if (!strcmp(optarg, "ignore")) {
+				o.discard = UBLK_DISCARD_IGNORE;
+			} else {
+				log_error("--discard '%s': expected unmap or ignore", optarg);
+				return EXIT_USAGE;
+			}
+			break;
 		case 'h':
 			add_usage(stdout);
 			return EXIT_OK;
@@ -321,6 +340,10 @@ int cmd_add(int argc, char **argv)
 	}
 	if (o.force_share && !o.read_only) {
 		log_error("--force-share is only allowed with --read-only");
+		return EXIT_USAGE;
+	}
+	if (o.read_only && o.discard == UBLK_DISCARD_UNMAP) {
+		log_error("--discard unmap: a read-only device cannot discard");
 		return EXIT_USAGE;
 	}
 	if (optind < argc) {
@@ -486,6 +509,7 @@ static int takeover(int argc, char **argv, bool upgrade)
 	o.force_share = st.force_share;
 	o.direct = st.direct;
 	o.size = st.size;
+	o.discard = st.discard;
 	if (foreground)
 		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
 	return daemonise(&o);

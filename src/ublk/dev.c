@@ -84,11 +84,16 @@ void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 	p->basic.max_sectors = max_io >> 9;
 	p->basic.chunk_sectors = 0;
 	p->basic.dev_sectors = t->size >> 9;
-	if (t->ops->discard || t->ops->write_zeroes) {
+	/* Discard as the user chose (t->unmap: --discard unmap); without it
+	 * the kernel says "not supported" to fstrim and blkdiscard.
+	 * Write-zeroes either way (with ignore it never deallocates). */
+	bool discard = !read_only && t->unmap && t->ops->discard;
+	bool zeroes = !read_only && t->ops->write_zeroes;
+	if (discard || zeroes) {
 		p->types |= UBLK_PARAM_TYPE_DISCARD;
 		p->discard.discard_granularity = 1u << shift;
-		p->discard.max_discard_sectors = t->ops->discard ? UBLK_MAX_DISCARD_SECTORS : 0;
-		p->discard.max_write_zeroes_sectors = t->ops->write_zeroes ? UBLK_MAX_DISCARD_SECTORS : 0;
+		p->discard.max_discard_sectors = discard ? UBLK_MAX_DISCARD_SECTORS : 0;
+		p->discard.max_write_zeroes_sectors = zeroes ? UBLK_MAX_DISCARD_SECTORS : 0;
 		p->discard.max_discard_segments = 1;
 	}
 	/* Send only what we set: older kernels have a shorter struct. */
@@ -166,9 +171,12 @@ int ublk_state_write(const struct ublk_state *s)
 		return ret;
 	}
 	fprintf(f, "id=%d\npid=%d\ntarget=%s\nqueues=%u\ndepth=%u\nread_only=%d\n"
-		"force_share=%d\ndirect=%d\nsize=%llu\nflags=%llu\nimage=%s\n",
+		"force_share=%d\ndirect=%d\nsize=%llu\nflags=%llu\n",
 		s->dev_id, s->pid, s->target, s->queues, s->depth, s->read_only, s->force_share,
-		s->direct, (unsigned long long)s->size, (unsigned long long)s->flags, s->image);
+		s->direct, (unsigned long long)s->size, (unsigned long long)s->flags);
+	if (s->discard != UBLK_DISCARD_AUTO)
+		fprintf(f, "discard=%s\n", s->discard == UBLK_DISCARD_UNMAP ? "unmap" : "ignore");
+	fprintf(f, "image=%s\n", s->image);
 	if (fclose(f) != 0 || rename(tmp, path) < 0) {
 		ret = -errno;
 		log_error("%s: %s", path, strerror(errno));
@@ -216,6 +224,9 @@ int ublk_state_read(int dev_id, struct ublk_state *s)
 			s->size = strtoull(v, NULL, 10);
 		else if (!strcmp(line, "flags"))
 			s->flags = strtoull(v, NULL, 10);
+		else if (!strcmp(line, "discard"))
+			s->discard = !strcmp(v, "unmap") ? UBLK_DISCARD_UNMAP :
+				     !strcmp(v, "ignore") ? UBLK_DISCARD_IGNORE : UBLK_DISCARD_AUTO;
 		else if (!strcmp(line, "image"))
 			snprintf(s->image, sizeof(s->image), "%s", v);
 	}
@@ -961,11 +972,18 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 		.force_share = o->force_share, .direct = o->direct, .nr_queues = o->nr_queues,
 	};
 	struct ublk_state st = { 0 };
+	enum ublk_discard discard = o->discard;
 	char path[64];
 	sigset_t mask;
 	int sfd = -1, ret, how = SERVE_STOP;
 
 	d->opts = *o;
+	/* A device that can give space back does, unless told to ignore
+	 * discards; a recovered one keeps what it was created with (its
+	 * parameters are the kernel's), or this for an older state file. */
+	if (discard == UBLK_DISCARD_AUTO)
+		discard = o->file && !o->read_only ? UBLK_DISCARD_UNMAP : UBLK_DISCARD_IGNORE;
+	to.no_unmap = discard == UBLK_DISCARD_IGNORE;
 	/* Signals are taken through a signalfd; block them before any queue
 	 * thread exists so that all threads inherit the mask. */
 	sigemptyset(&mask);
@@ -1012,6 +1030,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	if (ret < 0)
 		goto out;
 	d->tgt_open = true;
+	d->tgt.unmap = discard == UBLK_DISCARD_UNMAP && !d->tgt.read_only;
 	if (o->nr_queues > 1 && !d->tgt.can_multiqueue) {
 		log_error("--queues > 1 with %s: not yet", o->type);
 		ret = -EINVAL;
@@ -1042,6 +1061,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	st.direct = o->direct;
 	st.size = o->size;
 	st.flags = d->info.flags;
+	st.discard = discard;
 	if (ublk_state_write(&st) < 0)
 		log_warn("ublk%u: no state file: 'qublk list' will not show the image",
 			 d->info.dev_id);
@@ -1053,11 +1073,11 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	 * stdout and stderr must not stay open behind it. */
 	if (report_fd >= 0)
 		redirect_stdio(d->info.dev_id, o->mode != UBLK_RUN_ADD);
-	log_info("%s: %s, %s %s, %u queue(s) of depth %u, %llu bytes%s, flags 0x%llx", path,
-		 o->mode == UBLK_RUN_ADD ? "live" : o->mode == UBLK_RUN_RECOVER ? "recovered"
+	log_info("%s: %s, %s %s, %u queue(s) of depth %u, %llu bytes%s, discard %s, flags 0x%llx",
+		 path, o->mode == UBLK_RUN_ADD ? "live" : o->mode == UBLK_RUN_RECOVER ? "recovered"
 		 : "taken over", o->type, st.image, d->nr_queues, d->info.queue_depth,
 		 (unsigned long long)d->tgt.size, d->tgt.read_only ? ", read-only" : "",
-		 (unsigned long long)d->info.flags);
+		 d->tgt.unmap ? "unmap" : "ignore", (unsigned long long)d->info.flags);
 	{
 		char msg[80];
 		snprintf(msg, sizeof(msg), "%s\n", path);

@@ -41,6 +41,8 @@ static int engine_open(struct ublk_tgt *t, const struct ublk_tgt_opts *o, const 
 		bo.flags |= BDRV_O_DIRECT;
 	if (o->crash_safe)
 		bo.flags |= BDRV_O_CRASH_SAFE;
+	if (o->no_unmap)
+		bo.flags |= BDRV_O_NO_UNMAP;
 	bo.adopt = o->adopt;
 	bo.adopt_fd = o->adopt_fd;
 	ret = bdrv_open(o->file, &bo, &bs);

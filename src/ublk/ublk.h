@@ -111,6 +111,7 @@ struct ublk_tgt_opts {
 	unsigned nr_queues;
 	bool crash_safe;        /* BDRV_O_CRASH_SAFE: a recoverable device's daemon
 	                         * may die; what it acknowledged must be in the file */
+	bool no_unmap;          /* --discard ignore: BDRV_O_NO_UNMAP */
 	bool adopt;             /* adopt_fd is the image's descriptor, handed over */
 	int adopt_fd;           /* by the previous daemon (owned by open from then on) */
 };
@@ -160,6 +161,8 @@ struct ublk_tgt {
 	unsigned cluster_size;  /* allocation unit, 0 = none */
 	bool read_only;
 	bool can_multiqueue;    /* safe to call from several queue threads */
+	bool unmap;             /* set by the device, not the target: discard is
+	                         * advertised and passed on (--discard unmap) */
 };
 
 const struct ublk_tgt_ops *ublk_tgt_find(const char *name);
@@ -195,6 +198,16 @@ struct ublk_queue {
 	uint64_t nr_ios, nr_errors;
 };
 
+/* add --discard, as qublk nbd's (qemu-nbd's names).  AUTO: unmap for a
+ * writable image (qcow2 frees clusters and punches them out of the file,
+ * raw punches holes), ignore for read-only devices and the null target. */
+enum ublk_discard {
+	UBLK_DISCARD_AUTO,
+	UBLK_DISCARD_UNMAP,     /* discard advertised; freed space goes back */
+	UBLK_DISCARD_IGNORE,    /* no discard advertised; write-zeroes never
+	                         * deallocates (BDRV_O_NO_UNMAP) */
+};
+
 enum ublk_run_mode {
 	UBLK_RUN_ADD,           /* a new device */
 	UBLK_RUN_RECOVER,       /* take over device dev_id whose daemon died */
@@ -215,6 +228,7 @@ struct ublk_dev_opts {
 	uint64_t size;          /* null target */
 	bool no_recovery;       /* ADD: without UBLK_F_USER_RECOVERY */
 	bool unprivileged;      /* ADD: UBLK_F_UNPRIVILEGED_DEV */
+	enum ublk_discard discard;
 };
 
 struct ublk_dev {
@@ -250,7 +264,9 @@ void ublk_queue_join(struct ublk_queue *q);
 int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 		   uint32_t max_io, bool read_only, uint64_t *off, uint32_t *len);
 
-/* Build the SET_PARAMS block for a target (dev.c; exported for tests). */
+/* Build the SET_PARAMS block for a target (dev.c; exported for tests):
+ * discard only where t->unmap, write-zeroes wherever the target has it;
+ * neither for a read-only device. */
 void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 		       unsigned max_io, bool read_only);
 
@@ -275,6 +291,7 @@ struct ublk_state {
 	bool direct;
 	uint64_t size;          /* null target */
 	uint64_t flags;         /* UBLK_F_* the device was created with */
+	enum ublk_discard discard;   /* as resolved at add (AUTO: an older file) */
 };
 const char *ublk_run_dir(void);
 int ublk_state_write(const struct ublk_state *s);
