@@ -9,7 +9,8 @@
 # what the device read.  `list` shows the dead daemon's device as quiesced.
 # `qublk add --recover-on-restart -n ID` run again after a kill takes the
 # device back (and refuses a live daemon or another image).
-# RECOVER_KILLS (default 3) kills per fio run; 4 runs + the ext4 case.
+# RECOVER_KILLS (default 3) kills per fio run (the first 0.2..0.8 s in,
+# so that a fast machine gets one too); 4 runs + the ext4 case.
 
 W=/tmp/ublk-recover
 mkdir -p "$W"
@@ -61,8 +62,10 @@ recover_case() {
         >"$W/fio.out" 2>&1 &
     fio_pid=$!
     for ((k = 0; k < KILLS; k++)); do
-        # A random moment: 0.5..4 s after the previous recovery.
-        t=$((5 + RANDOM % 35))
+        # A random moment: the first 0.2..0.8 s into fio (which runs for
+        # seconds even on a fast idle machine, so there is always one),
+        # the others 0.5..3 s after the previous recovery.
+        if [ "$k" = 0 ]; then t=$((2 + RANDOM % 7)); else t=$((5 + RANDOM % 26)); fi
         sleep "$((t / 10)).$((t % 10))"
         kill -0 "$fio_pid" 2>/dev/null || break
         echo "kill $((k + 1)) after ${t}00 ms"
@@ -111,10 +114,13 @@ t_recover_ext4() {
     pid=$!
     : >"$W/sums"
     for ((k = 0; k < KILLS; k++)); do
-        sleep "$((1 + RANDOM % 3))"
+        # The first kill early (the writer runs for seconds), then 1..3 s apart.
+        if [ "$k" = 0 ]; then sleep "0.$((3 + RANDOM % 6))"; else sleep "$((1 + RANDOM % 3))"; fi
         kill -0 "$pid" 2>/dev/null || break
         kill_recover "$id"
     done
+    echo "$k kills"
+    [ "$k" -ge 1 ] || fail "the writer ended before the first kill"
     rc=0; wait "$pid" || rc=$?
     [ "$rc" = 0 ] || fail "writer exit $rc (I/O error on the file system?)"
     sync
@@ -144,7 +150,8 @@ t_recover_restart() {
         --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
         --output-format=terse --terse-version=3 >"$W/fio.out" 2>&1 &
     fio_pid=$!
-    sleep 2
+    sleep 0.5
+    kill -0 "$fio_pid" 2>/dev/null || fail "fio ended before the kill"
     pid=$(daemon_pid 7)
     kill -KILL "$pid"
     for _ in $(seq 1 100); do [ -d "/proc/$pid" ] || break; sleep 0.1; done

@@ -10,7 +10,8 @@
 # stops its queues and the kernel requeues what they held.  A hand-over
 # that hangs or fails prints both daemons' threads (kernel stacks) and
 # the device's log (ublk_dump).
-# UPGRADES (default 3) hand-overs per fio run, 0.5..3 s apart;
+# UPGRADES (default 3) hand-overs per fio run, the first 0.2..0.8 s in,
+# then 0.5..3 s apart;
 # UPGRADE_FIO_SIZE (default 32M) per fio job; UPGRADE_ONLY="q2 q2 ..."
 # runs only those cases (repeats allowed: a stress run).
 
@@ -66,7 +67,9 @@ upgrade_case() {
         >"$W/fio.out" 2>&1 &
     fio_pid=$!
     for ((k = 0; k < ${UPGRADES:-3}; k++)); do
-        t=$((5 + RANDOM % 25))
+        # The first hand-over 0.2..0.8 s into fio (always one, even on a
+        # fast machine), the others 0.5..3 s after the previous one.
+        if [ "$k" = 0 ]; then t=$((2 + RANDOM % 7)); else t=$((5 + RANDOM % 26)); fi
         sleep "$((t / 10)).$((t % 10))"
         kill -0 "$fio_pid" 2>/dev/null || break
         old=$(daemon_pid "$id")
