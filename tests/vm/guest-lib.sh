@@ -13,7 +13,10 @@
 #         VMTEST-BEGIN NAME
 #         VMTEST NAME PASS|FAIL|SKIP [reason]
 #     Exit 0 passes, 77 (see `skip`) skips, anything else fails.  A test also
-#     fails if the kernel logged a WARNING/BUG/Oops/hung task while it ran.
+#     fails if the kernel logged a WARNING/BUG/Oops/hung task while it ran,
+#     or if a sanitizer wrote a report into $VMTEST_SAN_DIR meanwhile (the
+#     host passes ASAN_OPTIONS/UBSAN_OPTIONS with log_path there for a
+#     sanitizer build: daemons' reports would otherwise sit in their logs).
 #     The host (tests/vm/run.sh) reprints a failed test's section at the end.
 #     Output is not piped, so a daemon a test leaves behind cannot hold the
 #     harness open.
@@ -121,11 +124,18 @@ kmsg_since() { dmesg | tail -n +"$(($1 + 1))"; }
 
 _vmtest_uptime() { cut -d' ' -f1 /proc/uptime; }
 
+# Sanitizer reports (files log_path.PID) in $VMTEST_SAN_DIR, if set.
+_vmtest_san_reports() {
+    [ -n "${VMTEST_SAN_DIR:-}" ] || return 0
+    find "$VMTEST_SAN_DIR" -type f 2>/dev/null | sort
+}
+
 vmtest() {
     local name=$1; shift
     [ $# -ge 1 ] || { echo "vmtest $name: no test function" >&2; return 1; }
-    local rc=0 t0 t1 mark bad verdict reason='' errexit=0
+    local rc=0 t0 t1 mark bad verdict reason='' errexit=0 san0 san f
     mark=$(kmsg_mark)
+    san0=$(_vmtest_san_reports)
     t0=$(_vmtest_uptime)
     echo "VMTEST-BEGIN $name"
     # The subshell must not run in a conditional context (`( ) || rc=$?`),
@@ -151,6 +161,12 @@ vmtest() {
         if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
         reason="(kernel warning)"
     fi
+    san=$(_vmtest_san_reports | grep -vxF -f <(echo "$san0") | grep . || true)
+    if [ -n "$san" ]; then
+        for f in $san; do echo "sanitizer report $f:"; cat "$f"; done
+        if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
+        reason="(sanitizer report)"
+    fi
     case $rc in
         0) verdict=PASS ;;
         77) verdict=SKIP ;;
@@ -164,6 +180,10 @@ vmtest() {
 vmtest_main() {
     local script=$1 rc=0 p f s
     : >"$VMTEST_RESULTS"
+    if [ -n "${VMTEST_SAN_DIR:-}" ]; then
+        mkdir -p "$VMTEST_SAN_DIR"
+        chmod 1777 "$VMTEST_SAN_DIR"   # reports of users' processes too
+    fi
     if [ -n "${QUBLK:-}" ]; then
         export QUBLK
     fi
