@@ -31,7 +31,10 @@ LIB_OBJ := $(LIB_SRC:%.c=$(O)/%.o)
 CLI_OBJ := $(CLI_SRC:%.c=$(O)/%.o)
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(O)/tests/%)
 
-all: $(O)/qublk $(UNIT_BIN)
+# Test tools that are not unit tests (tests/run.sh runs every $(O)/tests/*).
+TOOL_BIN := $(O)/ublk-race
+
+all: $(O)/qublk $(UNIT_BIN) $(TOOL_BIN)
 
 $(O)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -51,6 +54,10 @@ $(O)/qublk: $(CLI_OBJ) $(O)/libqublk.a
 $(O)/tests/%: $(O)/tests/unit/%.o $(O)/libqublk.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $< $(O)/libqublk.a $(LDLIBS)
+
+# ublk-race runs inside the test VM against a ublk device (tests/vm/guest/ublk-race.sh).
+$(O)/ublk-race: $(O)/tests/vm/tools/ublk-race.o
+	$(CC) $(LDFLAGS) -o $@ $< -luring -lpthread
 
 asan:
 	$(MAKE) O=build-asan SAN=1 all

@@ -121,9 +121,10 @@ for b in $BUILDS; do
     for t in "$b"/tests/*; do
         if [ ! -f "$t" ] || [ ! -x "$t" ]; then continue; fi
         # The crash-state simulator runs two qemu-img per state, a
-        # thousand states: CPU-bound, so slow on a busy machine.
+        # thousand states, and test_snapshot a qemu-img per step:
+        # CPU-bound, so slow on a busy machine.
         case $(basename "$t") in
-            test_powercut) ttmo=$((utmo * 3)) ;;
+            test_powercut|test_snapshot) ttmo=$((utmo * 3)) ;;
             *) ttmo=$utmo ;;
         esac
         run_one "$t" "$(basename "$t")" "$ttmo" "${envs[@]}" -- "$t"

@@ -61,8 +61,16 @@ grep -q "    3 leaked clusters" "$TMPD/out" || fail "-r leaks: count"
 qcheck "$TMPD/b.qcow2"
 
 # ---- the corpus ----
+# Under the sanitizers, every kind of damage at the two configurations
+# that also exercise -r leaks and QEMU's repair (64 KiB clusters with
+# 16-bit refcounts, 512 B with 64-bit): the other three configurations
+# run the same code with other constants, on the plain build (CI time).
+configs=${QUBLK_CHECK_CONFIGS:-}
+case $QUBLK in
+    *asan*) [ -n "$configs" ] || configs='^(c64k-r16|c512-r64)$' ;;
+esac
 "$PYTHON" "$TESTS_DIR/check-corpus.py" "$QUBLK" "$TMPD" "${QUBLK_CHECK_KINDS:-}" \
-    "${QUBLK_CHECK_CONFIGS:-}" | tee "$TMPD/corpus.log"
+    "$configs" | tee "$TMPD/corpus.log"
 tail -n 1 "$TMPD/corpus.log" | grep -qE '^[0-9]+ passed, 0 failed$' || fail "corpus: $(tail -n 1 "$TMPD/corpus.log")"
 n=$(grep -c '^ok ' "$TMPD/corpus.log")
 kinds=$(grep '^ok ' "$TMPD/corpus.log" | awk '{print $2}' | cut -d/ -f2 | sort -u | wc -l)

@@ -2,9 +2,10 @@
 # SPDX-License-Identifier: MIT
 # Randomized differential test of the NBD server against QEMU.
 # For each image configuration: create a qcow2 image with qemu-img, serve it
-# with `qublk nbd`, run random writes / write-zeroes / discards / flushes
-# (tests/gen-ops.py) through qemu-io over NBD, and the equivalent script on
-# a raw reference file.  After each segment the export must read back equal
+# with `qublk nbd`, run random writes / write-zeroes / discards / flushes /
+# reads, some in concurrent batches on disjoint ranges that share clusters
+# (tests/gen-ops.py), through qemu-io over NBD, and the equivalent script
+# on a raw reference file.  After each segment the export must read back equal
 # to the reference; after the server stops (exit 0) qemu-img compare must
 # find the image identical to the reference and qemu-img check clean.
 # Every configuration runs with --cache writeback and --cache none.
@@ -60,9 +61,8 @@ run_config() {
     local segments=2 ops=$OPS
     case $name in grow-*) segments=1; ops=$((OPS * 2)) ;; esac
 
-    "$PYTHON" "$TESTS_DIR/gen-ops.py" --seed "$seed" --size "$size" \
-        --cluster-size "$cs" --compat "$compat" --ops "$ops" \
-        --segments "$segments" "${gen[@]}" "$dir" || fail "gen-ops.py failed"
+    gen_ops --seed "$seed" --size "$size" --cluster-size "$cs" \
+        --compat "$compat" --ops "$ops" --segments "$segments" "${gen[@]}" "$dir"
 
     local img=$dir/img.qcow2 ref=$dir/ref.raw
     mkimg -f qcow2 -o "$opts" "$img" "$size"
@@ -73,6 +73,9 @@ run_config() {
     for ((s = 0; s < segments; s++)); do
         qio "$NBD_URI" raw <"$dir/img.$s.io"
         qio "$ref" raw <"$dir/ref.$s.io"
+        # The reads were chosen from the generator's model of the content:
+        # it must agree with what qemu-io made of the reference.
+        qio "$ref" raw <"$dir/model.$s.io"
         nbd_read_all "$dir/readback.raw"
         cmp "$dir/readback.raw" "$ref" >&2 \
             || fail "segment $s: export reads back different from the reference"

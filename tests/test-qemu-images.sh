@@ -85,9 +85,12 @@ write_both() {
     cs=$(qemu-img info --output=json "$img" | "$PYTHON" -c \
         'import json,sys; print(json.load(sys.stdin)["cluster-size"])')
     mkdir -p "$D/$name.ops"
+    # The images hold data the generator does not know: no reads.  And
+    # qemu-io runs the same script on copy B: QEMU 7.2 gets a write-zeroes
+    # next to a concurrent write in one cluster wrong, so none of those.
     "$PYTHON" "$TESTS_DIR/gen-ops.py" --seed $((SEED + seedofs)) --size "$SIZE" \
-        --cluster-size "$cs" --ops 150 --segments 1 "$D/$name.ops" \
-        || fail "gen-ops.py"
+        --cluster-size "$cs" --ops 150 --segments 1 --no-reads --zeroes-apart \
+        "$D/$name.ops" || fail "gen-ops.py"
     # Targeted partial writes: mid-cluster, across a cluster boundary, and
     # single bytes, on clusters that are compressed/backing/snapshotted.
     {

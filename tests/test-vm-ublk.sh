@@ -21,6 +21,8 @@
 #   6.12  what differs on Debian 12's kernel: features, kill -9 without
 #         recovery (qcow2), recover (two cases, one kill each), upgrade
 #         without QUIESCE_DEV, resize refused (no UPDATE_SIZE).
+#   Both: concurrent requests on disjoint ranges that share clusters
+#         through two queues (ublk-race; QUBLK_SEED=N replays it).
 # The ASan/UBSan build: 7.3 only, a smoke of the daemon paths the
 # sanitizers watch (--recover-on-restart after a kill under fio, a busy
 # del and --force, one hand-over with 2 queues under fio); the guest
@@ -38,6 +40,37 @@ VM=$TESTS_DIR/vm
 read -r -a kernels <<<"${QUBLK_VM_KERNELS:-7.3 6.12}"
 asan=0
 [[ $(basename "$(dirname "$QUBLK")") != *asan* ]] || asan=1
+
+requires qemu-img qemu-io
+
+SEED=${QUBLK_SEED:-$(( ($(date +%s) * 1000 + RANDOM) % 1000000000 ))}
+echo "seed $SEED (replay: QUBLK_SEED=$SEED ${QUBLK_VM_GUEST:+QUBLK_VM_GUEST=$QUBLK_VM_GUEST }$0)"
+
+# race_files DIR: what guest/ublk-race.sh needs besides the script:
+# ublk-race from the same build as $QUBLK, and per cluster size the
+# starting content of the compressed and backing-file cases (init-CS.raw,
+# patterned data from gen-ops.py --init) and its compressed image
+# (compressed-CS.qcow2).  Made here because qemu-img convert -c takes
+# minutes under TCG.  Sizes match img_size in the guest script.
+race_files() {
+    local dir=$1 cs size
+    local race
+    race=$(dirname "$QUBLK")/ublk-race
+    [ -x "$race" ] || fail "$race not built (make)"
+    mkdir -p "$dir/race"
+    cp "$race" "$dir/ublk-race"
+    for cs in 512:2M 4k:4M 64k:8M 2M:16M; do
+        size=${cs#*:} cs=${cs%:*}
+        gen_ops --seed "$SEED" --size "$size" --cluster-size "$cs" --init \
+            --segments 0 "$dir/race"
+        mkimg -f raw "$dir/race/init-$cs.raw" "$size"
+        qio "$dir/race/init-$cs.raw" raw <"$dir/race/init.io"
+        qemu-img convert -c -f raw -O qcow2 -o "cluster_size=$cs" \
+            "$dir/race/init-$cs.raw" "$dir/race/compressed-$cs.qcow2" \
+            || fail "qemu-img convert -c failed"
+    done
+    rm -f "$dir/race/init.io"
+}
 
 rc=0 total=0
 for k in "${kernels[@]}"; do
@@ -61,7 +94,8 @@ for k in "${kernels[@]}"; do
                            --env "RECOVER_ONLY=q1 q2-backing ext4 restart del") ;;
             # Here a killed daemon's requests wait for timeouts: one kill
             # case, one kill per recover case.
-            6.12) set_=(ublk-features.sh ublk-kill.sh ublk-recover.sh ublk-resize.sh ublk-upgrade.sh)
+            6.12) set_=(ublk-features.sh ublk-kill.sh ublk-race.sh ublk-recover.sh ublk-resize.sh
+                        ublk-upgrade.sh)
                   envs=(--env KILL_ONLY=qcow2 --env "RECOVER_ONLY=q2-backing ext4"
                         --env RECOVER_KILLS=1 --env UPGRADES=2 --env "UPGRADE_ONLY=q2 refusals") ;;
             *) fail "unknown kernel $k" ;;
@@ -72,13 +106,18 @@ for k in "${kernels[@]}"; do
     files=("$VM/smoke.guest.sh")
     for s in "${set_[@]}"; do
         # shellcheck disable=SC2053 # (a glob on purpose)
-        [[ $s == ublk-${QUBLK_VM_GUEST:-*}.sh ]] && files+=("$VM/guest/$s")
+        [[ $s == ublk-${QUBLK_VM_GUEST:-*}.sh ]] || continue
+        files+=("$VM/guest/$s")
+        if [ "$s" = ublk-race.sh ]; then
+            [ -d "$TMPD/files/race" ] || race_files "$TMPD/files"
+            files+=("$TMPD/files/ublk-race" "$TMPD/files/race")
+        fi
     done
     require_vm_kernel "$k"
     echo "== kernel $k: ${files[*]##*/}"
     t0=$SECONDS
     vm_run "$k" --timeout "${QUBLK_VM_TIMEOUT:-1800}" --log "$TMPD/console-$k.log" "${envs[@]}" \
-        "$VM/multi.guest.sh" "${files[@]}" || { echo "guest tests failed on kernel $k"; rc=1; }
+        --env "QUBLK_SEED=$SEED" "$VM/multi.guest.sh" "${files[@]}" || { echo "guest tests failed on kernel $k"; rc=1; }
     sed -n 's/^VMTEST-SCRIPT-END \([^ ]*\) rc=\([0-9]*\) secs=\(.*\)/TIMING kernel '"$k"': \1: \3 s (rc \2)/p' \
         "$TMPD/console-$k.log"
     echo "TIMING kernel $k: $((SECONDS - t0)) s wall (boot, initramfs and all)"
