@@ -16,7 +16,11 @@
 #     fails if the kernel logged a WARNING/BUG/Oops/hung task while it ran,
 #     or if a sanitizer wrote a report into $VMTEST_SAN_DIR meanwhile (the
 #     host passes ASAN_OPTIONS/UBSAN_OPTIONS with log_path there for a
-#     sanitizer build: daemons' reports would otherwise sit in their logs).
+#     sanitizer build: daemons' reports would otherwise sit in their logs),
+#     or if it left a /dev/ublk* that is not a device node: a program that
+#     opened a device path after the device was gone created a regular
+#     file there (in devtmpfs), wrote to it instead, and would shadow the
+#     next device of that name; such files are removed.
 #     The host (tests/vm/run.sh) reprints a failed test's section at the end.
 #     Output is not piped, so a daemon a test leaves behind cannot hold the
 #     harness open.
@@ -124,6 +128,15 @@ kmsg_since() { dmesg | tail -n +"$(($1 + 1))"; }
 
 _vmtest_uptime() { cut -d' ' -f1 /proc/uptime; }
 
+# /dev/ublk* entries that are not device nodes.
+_vmtest_dev_impostors() {
+    local f
+    for f in /dev/ublk*; do
+        [ -e "$f" ] || [ -L "$f" ] || continue
+        [ -b "$f" ] || [ -c "$f" ] || echo "$f"
+    done
+}
+
 # Sanitizer reports (files log_path.PID) in $VMTEST_SAN_DIR, if set.
 _vmtest_san_reports() {
     [ -n "${VMTEST_SAN_DIR:-}" ] || return 0
@@ -160,6 +173,14 @@ vmtest() {
         kmsg_since "$mark" | tail -n 80
         if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
         reason="(kernel warning)"
+    fi
+    bad=$(_vmtest_dev_impostors)
+    if [ -n "$bad" ]; then
+        echo "not device nodes, removed:" $bad
+        ls -l $bad
+        rm -f $bad
+        if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
+        reason="(a file in place of a device node)"
     fi
     san=$(_vmtest_san_reports | grep -vxF -f <(echo "$san0") | grep . || true)
     if [ -n "$san" ]; then

@@ -50,7 +50,7 @@ t_raw_fio_verify() {
     id=$(dev_id /tmp/add.out)
     [ -n "$id" ] || fail "qublk add printed no /dev/ublkbN"
     wait_for "/dev/ublkb$id"
-    fio --name=smoke --filename="/dev/ublkb$id" --rw=randwrite --bs=4k \
+    fio --allow_file_create=0 --name=smoke --filename="/dev/ublkb$id" --rw=randwrite --bs=4k \
         --size=64M --verify=crc32c --ioengine=libaio --direct=1 --iodepth=16 \
         --verify_fatal=1
     # The data went to the file: what the device reads equals the file.

@@ -23,7 +23,7 @@ kill_case() {
     dev=$(qublk add --no-recovery -t "$fmt" "$img")
     qublk list --output json | grep -q '"recoverable": false'
     pid=$(qublk list --output json | sed -n 's/.*"pid": \([0-9]*\).*/\1/p' | head -n 1)
-    fio --name=load --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    fio --allow_file_create=0 --name=load --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/50 --iodepth=64 --size=100M --time_based --runtime=60 \
         >"$W/fio.out" 2>&1 &
     fio_pid=$!
@@ -72,7 +72,7 @@ t_kill_lazy() {
     dd if="$W/flushed.bin" of="$dev" bs=1M oflag=direct conv=fsync status=none
     [ "$(dirty_bit "$img")" = 1 ] || fail "no dirty bit after allocating writes with lazy refcounts"
     # Load elsewhere (allocations with refcounts only in memory), then kill.
-    fio --name=load --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    fio --allow_file_create=0 --name=load --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --offset=64M --size=64M --bssplit=4k/50:64k/50 --iodepth=32 --time_based \
         --runtime=60 >"$W/fio.out" 2>&1 &
     fio_pid=$!

@@ -55,7 +55,7 @@ recover_case() {
     fi
     dev=$(qublk add -q "$queues" "$img")
     id=$(devnum "$dev")
-    fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size=32M \
         --offset_increment=48M --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --randrepeat=0 --group_reporting --output-format=terse --terse-version=3 \
@@ -145,7 +145,7 @@ t_recover_restart() {
     [ "$dev" = /dev/ublkb7 ]
     if qublk add --recover-on-restart -n 7 "$img" 2>"$W/err"; then fail "taken from a live daemon"; fi
     grep -q 'its daemon (pid [0-9]*) is running' "$W/err"
-    fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/50 --iodepth=32 --numjobs=2 --size=24M --offset_increment=48M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting \
         --output-format=terse --terse-version=3 >"$W/fio.out" 2>&1 &
@@ -179,7 +179,7 @@ t_recover_del() {
     truncate -s 64M "$img"
     dev=$(qublk add "$img")
     id=$(devnum "$dev")
-    fio --name=l --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \
+    fio --allow_file_create=0 --name=l --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k \
         --iodepth=16 --size=32M --time_based --runtime=30 >"$W/fio.out" 2>&1 &
     fio_pid=$!
     sleep 2

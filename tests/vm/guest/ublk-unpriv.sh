@@ -72,7 +72,7 @@ t_unpriv() {
     if as_user 1001 dd if="$dev" of=/dev/null bs=4k count=1 2>"$W/err"; then
         fail "another user read $dev"
     fi
-    as_user "$U" fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    as_user "$U" fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/40:512k/10 --iodepth=32 --numjobs=2 --size=24M \
         --offset_increment=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --group_reporting >"$W/fio.out" 2>&1 || { cat "$W/fio.out"; fail "fio as uid $U"; }

@@ -60,7 +60,7 @@ upgrade_case() {
     qemu-img create -q -f qcow2 "$img" 128M
     dev=$(qublk add -q "$queues" "$img")
     id=$(devnum "$dev")
-    fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+    fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size="${UPGRADE_FIO_SIZE:-32M}" \
         --offset_increment=48M --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --randrepeat=0 --group_reporting --output-format=terse --terse-version=3 \
