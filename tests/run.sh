@@ -15,9 +15,13 @@
 #   QUBLK_TEST_SERVER   qemu-nbd: run the NBD tests against qemu-nbd
 #   CI=true             a skipped test is a failure unless listed in
 #                       ALLOWED_SKIPS below (or in $QUBLK_ALLOWED_SKIPS)
+# A test's output lines that start with "TIMING " (the VM tests' per-script
+# times) are shown under its PASS line.
 # Exit 77 from a test means "skipped".  A test script with the header line
 # "# run.sh: plain build only" runs for the plain build alone.  The last line of output is exactly
 # "N passed, N failed, N skipped"; the exit status is 1 if any test failed.
+# A script's header line "# run.sh: timeout SECONDS" replaces
+# QUBLK_TEST_TIMEOUT for it (the VM tests: one boot runs many scripts).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -77,7 +81,8 @@ run_one() {
         verdict=FAIL
     fi
     case $verdict in
-        PASS) passed=$((passed + 1)); printf 'PASS %-40s %4d s\n' "$name" "$dt" ;;
+        PASS) passed=$((passed + 1)); printf 'PASS %-40s %4d s\n' "$name" "$dt"
+              grep '^TIMING ' "$log" | sed 's/^TIMING /     /' ;;
         SKIP) skipped=$((skipped + 1))
               printf 'SKIP %-40s %4d s  (%s)\n' "$name" "$dt" \
                   "$(grep -m1 -E 'SKIP' "$log" | cut -c1-100)" ;;
@@ -135,7 +140,15 @@ for b in $BUILDS; do
                         continue
                     fi ;;
         esac
-        run_one "$b/$short" "$short" "$tmo" "${envs[@]}" -- "$t"
+        # "# run.sh: timeout SECONDS": its own timeout for the plain build
+        # (doubled for the sanitizer build, as every timeout is).
+        stmo=$(head -n 20 "$t" | sed -n 's/^# run.sh: timeout \([0-9][0-9]*\)$/\1/p' | head -n 1)
+        if [ -n "$stmo" ]; then
+            case $b in *asan*) stmo=$((stmo * 2)) ;; esac
+        else
+            stmo=$tmo
+        fi
+        run_one "$b/$short" "$short" "$stmo" "${envs[@]}" -- "$t"
     done
 done
 

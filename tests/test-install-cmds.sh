@@ -94,8 +94,8 @@ conf full '# a comment\n\n  image = /var/lib/my vm.qcow2  \ntarget=qcow2\nqueues
     || fail "show full: $(show full)"
 conf min 'image=/srv/a.img\n'
 [ "$(show min)" = "qublk add --foreground /srv/a.img" ] || fail "show min: $(show min)"
-conf rw 'image=/srv/it'"'"'s.img\nread-only=off\ncache=none\ntarget=raw\n'
-[ "$(show rw)" = "qublk add --foreground -t raw --cache none '/srv/it'\\''s.img'" ] || fail "show rw: $(show rw)"
+conf rw 'image=/srv/it'"'"'s.img\nread-only=off\ncache=none\ntarget=raw\ndiscard=ignore\n'
+[ "$(show rw)" = "qublk add --foreground -t raw --cache none --discard ignore '/srv/it'\\''s.img'" ] || fail "show rw: $(show rw)"
 # What show prints is a command line a shell runs as such.
 eval "set -- $(show full)"
 [ "$#" = 15 ] && [ "${15}" = "/var/lib/my vm.qcow2" ] || fail "show full does not parse back"
@@ -117,6 +117,7 @@ bad qx 'image=/a\nqueues=2x\n' "qx.conf:2: queues '2x'"
 bad d0 'image=/a\ndepth=0\n' "d0.conf:2: depth '0'"
 bad ro 'image=/a\nread-only=maybe\n' "ro.conf:2: read-only 'maybe'"
 bad cache 'image=/a\ncache=unsafe\n' "cache.conf:2: cache 'unsafe'"
+bad discard 'image=/a\ndiscard=on\n' "discard.conf:2: discard 'on'"
 bad tgt 'image=/a\ntarget=null\n' "tgt.conf:2: target 'null'"
 bad num 'image=/a\nnumber=-1\n' "num.conf:2: number '-1'"
 bad long "image=/$(printf 'a%.0s' {1..5000})\n" "long.conf:1: line too long"

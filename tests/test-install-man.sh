@@ -10,9 +10,9 @@
 #  - every option a page lists is one the binary accepts (probed with a
 #    bogus option after it, so that nothing runs);
 #  - every page renders without a groff warning (lintian's check).
-# --help texts that do not name an option the binary accepts are listed
-# in HELP_GAPS below (their files are being changed elsewhere); the page
-# documents those options all the same.
+# --help texts that do not name an option the binary accepts may be listed
+# in HELP_GAPS below while their files are being changed elsewhere (none
+# now); the page documents those options all the same.
 . "$(dirname "$0")/lib.sh"
 [ -x "$QUBLK" ] || skip "$QUBLK not built"
 requires scdoc man "$PYTHON"
@@ -31,8 +31,8 @@ import re, subprocess, sys
 qublk, mandir = sys.argv[1], sys.argv[2]
 OPT = r'(?<![\w-])(--?[A-Za-z0-9][-A-Za-z0-9]*)'
 # Options the binary accepts that these --help texts do not name yet
-# (src/cli/ublk.c); their pages document them.
-HELP_GAPS = {'list': {'-o'}, 'del': {'--number', '-a'}}
+# ({'CMD': {'--opt'}}); their pages document them.
+HELP_GAPS = {}
 errors = []
 
 def run(*args):

@@ -90,7 +90,7 @@ prog=$(sed -n 's/^IMPORT{program}="\(.*\)"$/\1/p' "$rules")
 [ -n "$prog" ] || fail "no IMPORT{program} in $rules"
 grep -q 'SYMLINK+="disk/by-id/ublk-qublk-$env{ID_SERIAL}"' "$rules" || fail "no by-id link rule"
 grep -q 'SYMLINK+="disk/by-id/ublk-qublk-$env{ID_SERIAL}-part%n"' "$rules" || fail "no partition link rule"
-grep -q 'OWNER="$env{QUBLK_OWNER_UID}", GROUP="$env{QUBLK_OWNER_GID}"' "$rules" || fail "no owner rule"
+grep -q 'OWNER="$env{QUBLK_OWNER_UID}", GROUP="$env{QUBLK_OWNER_GID}", MODE="0600"' "$rules" || fail "no owner rule"
 if [ ! -e /dev/ublk-control ]; then
     export QUBLK_RUN_DIR=$TMPD/run
     mkdir -p "$QUBLK_RUN_DIR"

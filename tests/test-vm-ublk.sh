@@ -1,27 +1,45 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
+# run.sh: timeout 1500
 # The ublk acceptance tests against the real kernel driver, in the VM
-# (tests/vm/), on both guest kernels:
+# (tests/vm/), one boot per kernel (tests/vm/multi.guest.sh runs a
+# kernel's scripts in it).  Every boot starts with the harness's smoke
+# (tests/vm/smoke.guest.sh: the driver is there, qublk runs, a null
+# device comes and goes; its fio run is left to the scripts after it).
+# The plain build:
 #   7.3   the full set, tests/vm/guest/ublk-*.sh: fio --verify over raw,
 #         qcow2 and qcow2-with-backing devices with 1 and 2 queues,
 #         whole-device reads vs qemu-img convert, qemu-img check after del,
 #         discard/write-zeroes vs qemu-io, read-only devices, ext4 across
 #         del/add, kill -9 under load, image locks, `qublk features`,
-#         kill -9 + `qublk recover` at random moments under fio verify and
-#         ext4, `qublk upgrade` under fio verify;
-#   6.12  what differs between the kernels (Debian 12's): features,
-#         kill -9 without recovery, recover (fewer kills), upgrade without
-#         QUIESCE_DEV.
-# Both: concurrent requests on disjoint ranges that share clusters through
-# two queues (ublk-race).  QUBLK_SEED=N replays the random parts.
-# QUBLK_VM_KERNELS limits the kernels ("7.3", "6.12"); QUBLK_VM_GUEST limits
-# the guest scripts (a glob: ublk-$QUBLK_VM_GUEST.sh).
+#         kill -9 + `qublk recover` under fio verify and ext4, add
+#         --recover-on-restart, `qublk upgrade` under fio verify (with
+#         QUIESCE_DEV), safe stop, online resize under ext4, unprivileged
+#         devices, thin provisioning (fstrim vs QEMU, --discard ignore);
+#         with trimmed fio sizes and recover's matrix cut to its corners
+#         (QUBLK_VM_FULL=1: everything, full size);
+#   6.12  what differs on Debian 12's kernel: features, kill -9 without
+#         recovery (qcow2), recover (two cases, one kill each), upgrade
+#         without QUIESCE_DEV, resize refused (no UPDATE_SIZE).
+#   Both: concurrent requests on disjoint ranges that share clusters
+#         through two queues (ublk-race; QUBLK_SEED=N replays it).
+# The ASan/UBSan build: 7.3 only, a smoke of the daemon paths the
+# sanitizers watch (--recover-on-restart after a kill under fio, a busy
+# del and --force, one hand-over with 2 queues under fio); the guest
+# processes write sanitizer reports to a directory the harness checks
+# after every test (tests/vm/guest-lib.sh).
+# Prints each guest script's time (guest uptime) and each boot's wall
+# time as TIMING lines (tests/run.sh shows them).  QUBLK_VM_KERNELS
+# limits the kernels ("7.3", "6.12"); QUBLK_VM_GUEST limits the guest
+# scripts (a glob: ublk-$QUBLK_VM_GUEST.sh; the smoke always runs).
 . "$(dirname "$0")/lib.sh"
 . "$TESTS_DIR/vm/host-lib.sh"
 
 require_vm
 VM=$TESTS_DIR/vm
 read -r -a kernels <<<"${QUBLK_VM_KERNELS:-7.3 6.12}"
+asan=0
+[[ $(basename "$(dirname "$QUBLK")") != *asan* ]] || asan=1
 
 requires qemu-img qemu-io
 
@@ -54,32 +72,56 @@ race_files() {
     rm -f "$dir/race/init.io"
 }
 
-rc=0
+rc=0 total=0
 for k in "${kernels[@]}"; do
-    require_vm_kernel "$k"
     envs=()
-    case $k in
-        7.3) set_=(); for g in "$VM"/guest/ublk-*.sh; do set_+=("${g##*/}"); done ;;
-        6.12) set_=(ublk-features.sh ublk-kill.sh ublk-recover.sh ublk-upgrade.sh ublk-race.sh)
-              envs=(--env "RECOVER_ONLY=q2-backing ext4" --env RECOVER_KILLS=2) ;;
-        *) fail "unknown kernel $k" ;;
-    esac
-    for s in "${set_[@]}"; do
-        g=$VM/guest/$s
-        # shellcheck disable=SC2053 # (a glob on purpose)
-        [[ ${g##*/} == ublk-${QUBLK_VM_GUEST:-*}.sh ]] || continue
-        echo "== kernel $k: $g"
-        files=()
-        case $g in
-            */ublk-race.sh)
-                [ -d "$TMPD/files/race" ] || race_files "$TMPD/files"
-                files=("$TMPD/files/ublk-race" "$TMPD/files/race") ;;
+    if [ "$asan" = 1 ]; then
+        [ "$k" = 7.3 ] || { echo "== kernel $k: not for the ASan build (7.3 smoke only)"; continue; }
+        set_=(ublk-recover.sh ublk-stop.sh ublk-upgrade.sh)
+        envs=(--env "RECOVER_ONLY=restart" --env "UPGRADE_ONLY=q2" --env UPGRADES=1
+              --env VMTEST_SAN_DIR=/tmp/vmtest-san
+              --env "ASAN_OPTIONS=log_path=/tmp/vmtest-san/asan:detect_leaks=1"
+              --env "UBSAN_OPTIONS=log_path=/tmp/vmtest-san/ubsan:print_stacktrace=1:halt_on_error=1")
+    else
+        case $k in
+            7.3) set_=(); for g in "$VM"/guest/ublk-*.sh; do set_+=("${g##*/}"); done
+                 # The CI budget: smaller fio runs, of recover's fio
+                 # matrix (q1/q2 x backing) the corners, two hand-overs
+                 # per upgrade run; QUBLK_VM_FULL=1 runs all of it at
+                 # full size.
+                 [ "${QUBLK_VM_FULL:-0}" = 1 ] ||
+                     envs=(--env UBLK_TEST_FIO_SIZE=24M --env RECOVER_KILLS=2 --env UPGRADES=2
+                           --env "RECOVER_ONLY=q1 q2-backing ext4 restart del") ;;
+            # Here a killed daemon's requests wait for timeouts: one kill
+            # case, one kill per recover case.
+            6.12) set_=(ublk-features.sh ublk-kill.sh ublk-race.sh ublk-recover.sh ublk-resize.sh
+                        ublk-upgrade.sh)
+                  envs=(--env KILL_ONLY=qcow2 --env "RECOVER_ONLY=q2-backing ext4"
+                        --env RECOVER_KILLS=1 --env UPGRADES=2 --env "UPGRADE_ONLY=q2 refusals") ;;
+            *) fail "unknown kernel $k" ;;
         esac
-        t0=$SECONDS
-        vm_run "$k" --timeout "${QUBLK_VM_TIMEOUT:-1500}" "${envs[@]}" \
-            --env "QUBLK_SEED=$SEED" "$g" "${files[@]}" || {
-            echo "guest script $g failed on kernel $k"; rc=1; }
-        echo "== kernel $k: ${g##*/}: $((SECONDS - t0)) s"
+    fi
+    # The smoke's own fio run is left out: the scripts after it run fio.
+    envs+=(--env SMOKE_QUICK=1)
+    files=("$VM/smoke.guest.sh")
+    for s in "${set_[@]}"; do
+        # shellcheck disable=SC2053 # (a glob on purpose)
+        [[ $s == ublk-${QUBLK_VM_GUEST:-*}.sh ]] || continue
+        files+=("$VM/guest/$s")
+        if [ "$s" = ublk-race.sh ]; then
+            [ -d "$TMPD/files/race" ] || race_files "$TMPD/files"
+            files+=("$TMPD/files/ublk-race" "$TMPD/files/race")
+        fi
     done
+    require_vm_kernel "$k"
+    echo "== kernel $k: ${files[*]##*/}"
+    t0=$SECONDS
+    vm_run "$k" --timeout "${QUBLK_VM_TIMEOUT:-1800}" --log "$TMPD/console-$k.log" "${envs[@]}" \
+        --env "QUBLK_SEED=$SEED" "$VM/multi.guest.sh" "${files[@]}" || { echo "guest tests failed on kernel $k"; rc=1; }
+    sed -n 's/^VMTEST-SCRIPT-END \([^ ]*\) rc=\([0-9]*\) secs=\(.*\)/TIMING kernel '"$k"': \1: \3 s (rc \2)/p' \
+        "$TMPD/console-$k.log"
+    echo "TIMING kernel $k: $((SECONDS - t0)) s wall (boot, initramfs and all)"
+    total=$((total + SECONDS - t0))
 done
+echo "TIMING VM total: $total s wall"
 [ $rc = 0 ] || fail "ublk guest tests failed"

@@ -121,6 +121,25 @@ struct bdrv_driver {
 	 * unallocated, and never reaches into the backing driver's state. */
 	int (*co_block_status)(struct bdrv *bs, uint64_t off, uint64_t len,
 			       uint64_t *pnum, unsigned *depth);
+	/* Optional (NULL: bdrv_truncate fails with -ENOTSUP, naming the
+	 * format).  Change the virtual size to @size.  Coroutine context,
+	 * on any thread that issues requests, while requests inside the old
+	 * size may run on other threads (a live device grows under I/O).
+	 * The block layer has checked: the image is writable, @size is a
+	 * multiple of 512 and differs from bs->size, and a shrink was asked
+	 * for (BDRV_TRUNC_SHRINK) over a tail with no data in this image.
+	 * Growing: [old size, @size) reads as zeros afterwards, whatever a
+	 * backing file holds there.  A driver may refuse a shrink (or a
+	 * resize it cannot do, e.g. with internal snapshots) with -ENOTSUP,
+	 * logged with the reason.  On return the new size and the metadata
+	 * that maps it are in the file (a flush makes them durable); a crash
+	 * at any point leaves an image of the old or the new size in which
+	 * `qemu-img check` finds no corruption (leaks allowed).  On failure
+	 * the virtual size is unchanged.  The driver updates its own state;
+	 * the block layer sets bs->size once the call succeeded, so no
+	 * request reaches the new range before.  Returns -errno, logged
+	 * naming the file. */
+	int (*co_truncate)(struct bdrv *bs, uint64_t size);
 	/* Optional (without it bdrv_co_pwritev_compressed returns -ENOTSUP).
 	 * Coroutine context.  Write one whole cluster (@off cluster aligned,
 	 * @len the cluster size, or less for the last cluster of an image
@@ -135,7 +154,8 @@ struct bdrv {
 	void *opaque;              /* driver state */
 	struct io_file *file;      /* the image file */
 	char *filename;            /* as opened */
-	uint64_t size;             /* virtual size in bytes */
+	uint64_t size;             /* virtual size in bytes (bdrv_truncate changes it
+	                            * while other threads read it: atomic access) */
 	bool read_only;
 	unsigned open_flags;       /* BDRV_O_* */
 	unsigned cluster_size;     /* allocation unit for io_min/io_opt, 0 = none */
@@ -182,6 +202,17 @@ int bdrv_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned flags);
 int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int bdrv_co_flush(struct bdrv *bs);
+/* Change the virtual size of @bs to @size bytes (a multiple of 512).
+ * Growing: the new range reads as zeros.  Shrinking needs
+ * BDRV_TRUNC_SHRINK and a tail [@size, old size) that holds no data in
+ * this image (qemu-img's --shrink, minus its data loss).  In a coroutine
+ * or outside one (then it runs one on this thread).  Errors are logged
+ * naming the file: -EROFS, -EINVAL (size), -EPERM (a shrink not asked
+ * for, or over data), -ENOTSUP (the format cannot resize).  bs->size is
+ * read by other threads' requests: it changes only once the driver is
+ * done.  Returns -errno. */
+enum { BDRV_TRUNC_SHRINK = 1 << 0 };
+int bdrv_truncate(struct bdrv *bs, uint64_t size, unsigned flags);
 /* Status of the run at @off (see bdrv_driver.co_block_status): flags >= 0
  * with *pnum and *depth set, or -errno. */
 int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,

@@ -19,6 +19,8 @@
 #include <unistd.h>
 
 #include "block/lock.h"
+#include "common/aio.h"
+#include "common/coro.h"
 #include "common/util.h"
 
 #define BDRV_MAX_BACKING_DEPTH 32
@@ -268,7 +270,7 @@ int bdrv_close(struct bdrv *bs)
 static inline int check_range(struct bdrv *bs, uint64_t off, uint64_t len)
 {
 	uint64_t end;
-	if (!len || ckd_add(&end, off, len) || end > bs->size)
+	if (!len || ckd_add(&end, off, len) || end > __atomic_load_n(&bs->size, __ATOMIC_ACQUIRE))
 		return -EINVAL;
 	return 0;
 }
@@ -391,4 +393,93 @@ int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
 		return -EIO;
 	}
 	return ret;
+}
+
+/* ---------------------------------------------------------- truncate */
+
+struct truncate_req {
+	struct bdrv *bs;
+	uint64_t size;
+	unsigned flags;
+	int ret;
+};
+
+/* A shrink drops the tail: refuse it if this image holds data there. */
+static int tail_has_data(struct bdrv *bs, uint64_t from, uint64_t to)
+{
+	while (from < to) {
+		uint64_t pnum;
+		unsigned depth;
+		int st = bdrv_co_block_status(bs, from, to - from, &pnum, &depth);
+		if (st < 0)
+			return st;
+		if ((st & BDRV_BLOCK_DATA) && !(st & BDRV_BLOCK_ZERO) && depth == 1)
+			return 1;
+		from += pnum;
+	}
+	return 0;
+}
+
+static void co_truncate_entry(void *opaque)
+{
+	struct truncate_req *r = opaque;
+	struct bdrv *bs = r->bs;
+	uint64_t old = __atomic_load_n(&bs->size, __ATOMIC_ACQUIRE);
+	int ret;
+
+	if (r->size < old) {
+		if (!(r->flags & BDRV_TRUNC_SHRINK)) {
+			log_error("%s: %llu bytes is smaller than the image (%llu): shrinking "
+				  "drops its end; use --shrink", bs->filename,
+				  (unsigned long long)r->size, (unsigned long long)old);
+			r->ret = -EPERM;
+			return;
+		}
+		ret = tail_has_data(bs, r->size, old);
+		if (ret != 0) {
+			if (ret > 0)
+				log_error("%s: the range [%llu, %llu) that a shrink to %llu bytes would "
+					  "drop holds data: refused", bs->filename,
+					  (unsigned long long)r->size, (unsigned long long)old,
+					  (unsigned long long)r->size);
+			else
+				log_error("%s: block status of the tail: %s", bs->filename,
+					  strerror(-ret));
+			r->ret = ret > 0 ? -EPERM : ret;
+			return;
+		}
+	}
+	ret = bs->drv->co_truncate(bs, r->size);
+	if (ret == 0)
+		__atomic_store_n(&bs->size, r->size, __ATOMIC_RELEASE);
+	r->ret = ret;
+}
+
+int bdrv_truncate(struct bdrv *bs, uint64_t size, unsigned flags)
+{
+	struct truncate_req r = { .bs = bs, .size = size, .flags = flags, .ret = 0 };
+	int ret;
+
+	if (bs->read_only) {
+		log_error("%s: read-only: cannot resize", bs->filename);
+		return -EROFS;
+	}
+	if (size == 0 || size % 512) {
+		log_error("%s: %llu bytes: the size must be a positive multiple of 512",
+			  bs->filename, (unsigned long long)size);
+		return -EINVAL;
+	}
+	if (size == __atomic_load_n(&bs->size, __ATOMIC_ACQUIRE))
+		return 0;
+	if (!bs->drv->co_truncate) {
+		log_error("%s: resizing %s images is not supported yet", bs->filename,
+			  bs->drv->name);
+		return -ENOTSUP;
+	}
+	if (coro_self()) {
+		co_truncate_entry(&r);
+		return r.ret;
+	}
+	ret = aio_run_coroutine(co_truncate_entry, &r);
+	return ret < 0 ? ret : r.ret;
 }

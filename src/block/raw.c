@@ -2,7 +2,8 @@
 /*
  * The raw driver: the image file (or block device) is the disk.
  * Discard punches holes; write-zeroes uses fallocate where the file
- * system can, else writes zeros from a shared zero buffer.  Block status
+ * system can, else writes zeros from a shared zero buffer.  Resizing is
+ * ftruncate (regular files only).  Block status
  * comes from the file system's holes (SEEK_DATA/SEEK_HOLE): a hole reads
  * as zeros, everything else is data.
  */
@@ -11,6 +12,7 @@
 #include <linux/falloc.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "block/bdrv.h"
@@ -164,6 +166,23 @@ static int raw_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
 	return BDRV_BLOCK_DATA;
 }
 
+/* The file's size is the disk's: growing leaves a hole (zeros). */
+static int raw_truncate(struct bdrv *bs, uint64_t size)
+{
+	struct stat st;
+	int ret;
+
+	if (bs->file->fd >= 0 && fstat(bs->file->fd, &st) == 0 && !S_ISREG(st.st_mode)) {
+		log_error("%s: not a regular file: cannot resize", bs->filename);
+		return -ENOTSUP;
+	}
+	ret = io_truncate(bs->file, size);
+	if (ret < 0)
+		log_error("%s: truncate to %llu bytes: %s", bs->filename,
+			  (unsigned long long)size, strerror(-ret));
+	return ret;
+}
+
 const struct bdrv_driver bdrv_raw = {
 	.name = "raw",
 	.process_crash_safe = true,   /* no metadata: writes go straight to the file */
@@ -176,4 +195,5 @@ const struct bdrv_driver bdrv_raw = {
 	.co_discard = raw_discard,
 	.co_flush = raw_flush,
 	.co_block_status = raw_block_status,
+	.co_truncate = raw_truncate,
 };

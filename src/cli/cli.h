@@ -24,6 +24,7 @@ int cmd_del(int argc, char **argv);      /* src/cli/ublk.c */
 int cmd_features(int argc, char **argv); /* src/cli/features.c */
 int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
+int cmd_resize(int argc, char **argv);   /* src/cli/resize.c */
 int cmd_service(int argc, char **argv);  /* src/cli/service.c: systemd unit qublk@.service */
 int cmd_udev_id(int argc, char **argv);  /* src/cli/udev.c: udev rules' IMPORT{program} */
 

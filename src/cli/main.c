@@ -22,6 +22,7 @@ static const struct command {
 	{ "del",    cmd_del,    "stop and remove ublk devices" },
 	{ "recover", cmd_recover, "start a new daemon for a device whose daemon died" },
 	{ "upgrade", cmd_upgrade, "hand a live device over to a new daemon (this binary)" },
+	{ "resize", cmd_resize, "change an image's size, or grow a live device's (UPDATE_SIZE)" },
 	{ "features", cmd_features, "what this kernel's ublk driver supports, and what qublk uses" },
 	{ "nbd",    cmd_nbd,    "serve an image over NBD (unix socket or TCP)" },
 	{ "bench",  cmd_bench,  "run I/O against an image through the engine, print IOPS" },

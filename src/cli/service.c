@@ -46,6 +46,7 @@ struct svc_conf {
 	bool have_queues, have_depth, have_number;
 	bool read_only;
 	const char *cache;      /* NULL: add's default */
+	const char *discard;    /* NULL: add's default */
 };
 
 static void service_usage(FILE *out)
@@ -54,7 +55,7 @@ static void service_usage(FILE *out)
 		"Usage: qublk service start|stop|show [-C DIR] NAME\n\n"
 		"The commands of the systemd unit qublk@NAME.service, which serves the image\n"
 		"described by %s/NAME.conf (image=, target=, queues=, depth=,\n"
-		"read-only=, cache=, number=; see qublk.conf(5)) as /dev/ublkbN.\n\n"
+		"read-only=, cache=, discard=, number=; see qublk.conf(5)) as /dev/ublkbN.\n\n"
 		"  start    serve it in the foreground (ExecStart): if a device of this image\n"
 		"           is waiting for a new daemon (its daemon died), recover it;\n"
 		"           otherwise add a device.  Sends READY=1 to $NOTIFY_SOCKET once\n"
@@ -100,7 +101,7 @@ static int conf_set(struct svc_conf *c, const char *file, int line, const char *
 		    const char *v, unsigned *seen)
 {
 	static const char *keys[] = { "image", "target", "queues", "depth", "read-only", "cache",
-				      "number" };
+				      "number", "discard" };
 	size_t k;
 
 	for (k = 0; k < ARRAY_SIZE(keys); k++)
@@ -108,7 +109,7 @@ static int conf_set(struct svc_conf *c, const char *file, int line, const char *
 			break;
 	if (k == ARRAY_SIZE(keys)) {
 		log_error("%s:%d: unknown key '%s' (image, target, queues, depth, read-only, "
-			  "cache, number)", file, line, key);
+			  "cache, discard, number)", file, line, key);
 		return -EINVAL;
 	}
 	if (*seen & (1u << k)) {
@@ -158,6 +159,13 @@ static int conf_set(struct svc_conf *c, const char *file, int line, const char *
 			return -EINVAL;
 		}
 		c->cache = !strcmp(v, "none") ? "none" : "writeback";
+		return 0;
+	case 7:
+		if (strcmp(v, "unmap") && strcmp(v, "ignore")) {
+			log_error("%s:%d: discard '%s': expected unmap or ignore", file, line, v);
+			return -EINVAL;
+		}
+		c->discard = !strcmp(v, "unmap") ? "unmap" : "ignore";
 		return 0;
 	default:
 		if (cli_parse_uint(v, 0, INT_MAX, &c->number) < 0) {
@@ -255,6 +263,10 @@ static void add_argv_build(const struct svc_conf *c, struct add_argv *a)
 	if (c->cache) {
 		a->argv[a->argc++] = "--cache";
 		a->argv[a->argc++] = (char *)c->cache;
+	}
+	if (c->discard) {
+		a->argv[a->argc++] = "--discard";
+		a->argv[a->argc++] = (char *)c->discard;
 	}
 	a->argv[a->argc++] = (char *)c->image;
 	a->argv[a->argc] = NULL;
@@ -358,7 +370,7 @@ static int service_start(const struct svc_conf *c)
 		/* Created without user_recovery: its I/O fails; start afresh. */
 		log_info("ublk%d: %s was served by a daemon that died, without recovery: "
 			 "deleting it", id, c->image);
-		if (ublk_dev_delete(&ctrl, id, SERVICE_DEL_TIMEOUT_MS) < 0) {
+		if (ublk_dev_delete(&ctrl, id, SERVICE_DEL_TIMEOUT_MS, true) < 0) {
 			ublk_ctrl_close(&ctrl);
 			return EXIT_FAIL;
 		}
@@ -404,7 +416,10 @@ static int service_stop(const char *name)
 			continue;
 		if (ublk_ctrl_open(&ctrl) < 0)
 			return EXIT_FAIL;
-		ret = ublk_dev_delete(&ctrl, ids[i], SERVICE_DEL_TIMEOUT_MS);
+		/* Forced, as the SIGTERM systemd sends after a failed
+		 * ExecStop would stop it anyway: a unit stop is not refused
+		 * for a mounted device (order the mount before the unit). */
+		ret = ublk_dev_delete(&ctrl, ids[i], SERVICE_DEL_TIMEOUT_MS, true);
 		ublk_ctrl_close(&ctrl);
 		return ret < 0 ? EXIT_FAIL : EXIT_OK;
 	}

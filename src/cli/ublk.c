@@ -31,11 +31,17 @@
 
 /* ---------------------------------------------------------------- add */
 
+static bool pid_alive(int pid)
+{
+	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
+}
+
 static void add_usage(FILE *out)
 {
 	fprintf(out,
 		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
+		"                 [--discard unmap|ignore] [--unprivileged] [--recover-on-restart]\n"
 		"                 [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
@@ -54,8 +60,24 @@ static void add_usage(FILE *out)
 		"  -n, --number ID      device number (default: first free)\n"
 		"  -s, --size SIZE      null target: device size (K/M/G/T suffixes)\n"
 		"      --cache MODE     none (O_DIRECT, default) or writeback\n"
+		"      --discard MODE   unmap: the device takes discards (fstrim, blkdiscard)\n"
+		"                       and the space goes back to the host file system\n"
+		"                       (default for writable images); ignore: the device\n"
+		"                       offers no discard and write-zeroes never deallocate\n"
+		"                       (default for read-only devices and the null target),\n"
+		"                       as qublk nbd's and qemu-nbd's --discard\n"
 		"      --no-recovery    without user_recovery: if the daemon dies, the device\n"
 		"                       fails its I/O instead of waiting for 'qublk recover'\n"
+		"      --unprivileged   an unprivileged device (UBLK_F_UNPRIVILEGED_DEV), which\n"
+		"                       only its owner can use: the default when not root.\n"
+		"                       Needs qublk's udev rules (60-qublk.rules: members of\n"
+		"                       group disk may create them); such a device has no\n"
+		"                       recovery (the kernel's rule)\n"
+		"      --recover-on-restart  with -n ID: if device ID is there already and its\n"
+		"                       daemon died, take it over (as 'qublk recover') instead\n"
+		"                       of failing, provided it serves this FILE: a service\n"
+		"                       manager that runs the same command again after a crash\n"
+		"                       gets the device back, its I/O and mounts intact\n"
 		"  -f, --foreground     do not daemonise; print the path, run until SIGTERM\n\n"
 		"Exit codes: 0 device live, 1 failure, 2 usage error.\n",
 		UBLK_DEF_QUEUES, UBLK_DEF_DEPTH, UBLK_MAX_QUEUE_DEPTH);
@@ -87,6 +109,65 @@ static const char *probe_type(const char *file)
 	if (n == 4 && magic[0] == 'Q' && magic[1] == 'F' && magic[2] == 'I' && magic[3] == 0xfb)
 		return "qcow2";
 	return "raw";
+}
+
+/*
+ * --recover-on-restart: device o->dev_id exists already.  If its daemon
+ * died and it serves the same image (target, file, read-only), turn @o
+ * into a recovery of it: returns 1.  Returns 0 if there is no such
+ * device (add it), -1 on a refusal (logged).
+ */
+static int restart_check(struct ublk_dev_opts *o)
+{
+	struct ublksrv_ctrl_dev_info info;
+	struct ublk_state st;
+	struct ublk_ctrl ctrl;
+	unsigned id = (unsigned)o->dev_id;
+	int ret;
+
+	if (ublk_ctrl_open(&ctrl) < 0)
+		return -1;
+	ret = ublk_ctrl_get_info(&ctrl, id, &info);
+	ublk_ctrl_close(&ctrl);
+	if (ret == -ENODEV)
+		return 0;
+	if (ret < 0) {
+		log_error("ublk%u: GET_DEV_INFO: %s", id, strerror(-ret));
+		return -1;
+	}
+	if (!(info.flags & UBLK_F_USER_RECOVERY)) {
+		log_error("ublk%u exists and was created without user_recovery: it cannot be "
+			  "taken back ('qublk del -n %u' first)", id, id);
+		return -1;
+	}
+	if (pid_alive(info.ublksrv_pid) && info.state == UBLK_S_DEV_LIVE) {
+		log_error("ublk%u exists and its daemon (pid %d) is running", id, info.ublksrv_pid);
+		return -1;
+	}
+	ret = ublk_state_read((int)id, &st);
+	if (ret < 0) {
+		log_error("ublk%u: no state file in %s (%s): cannot tell what it serves", id,
+			  ublk_run_dir(), strerror(-ret));
+		return -1;
+	}
+	if (strcmp(st.target, o->type) || strcmp(st.image, o->file ? o->file : "-") ||
+	    st.read_only != o->read_only) {
+		log_error("ublk%u serves %s %s%s, not %s %s%s: not taking it over", id, st.target,
+			  st.image, st.read_only ? " read-only" : "", o->type,
+			  o->file ? o->file : "-", o->read_only ? " read-only" : "");
+		return -1;
+	}
+	/* The device's geometry and options are what it was created with. */
+	o->mode = UBLK_RUN_RECOVER;
+	o->nr_queues = info.nr_hw_queues;
+	o->depth = info.queue_depth;
+	o->force_share = st.force_share;
+	o->direct = st.direct;
+	o->size = st.size;
+	o->discard = st.discard;
+	log_info("ublk%u: its daemon (pid %d) is gone: recovering it", id,
+		 info.ublksrv_pid > 0 ? info.ublksrv_pid : st.pid);
+	return 1;
 }
 
 /* Fork the daemon and wait for its report.  Returns the exit code. */
@@ -153,15 +234,20 @@ int cmd_add(int argc, char **argv)
 		{ "cache", required_argument, NULL, 'c' },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-recovery", no_argument, NULL, 'R' },
+		{ "unprivileged", no_argument, NULL, 'u' },
+		{ "recover-on-restart", no_argument, NULL, 'X' },
+		{ "discard", required_argument, NULL, 'D' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ublk_dev_opts o = {
 		.type = NULL, .dev_id = -1, .nr_queues = UBLK_DEF_QUEUES,
 		.depth = UBLK_DEF_DEPTH, .max_io = UBLK_DEF_MAX_IO, .direct = true,
+		/* Only root may create other devices. */
+		.unprivileged = geteuid() != 0,
 	};
 	char abspath[PATH_MAX];
-	bool foreground = false, have_size = false;
+	bool foreground = false, have_size = false, restart = false;
 	unsigned id;
 	int c;
 
@@ -223,6 +309,22 @@ int cmd_add(int argc, char **argv)
 		case 'R':
 			o.no_recovery = true;
 			break;
+		case 'u':
+			o.unprivileged = true;
+			break;
+		case 'X':
+			restart = true;
+			break;
+		case 'D':
+			if (!strcmp(optarg, "unmap")) {
+				o.discard = UBLK_DISCARD_UNMAP;
+			} else if (!strcmp(optarg, "ignore")) {
+				o.discard = UBLK_DISCARD_IGNORE;
+			} else {
+				log_error("--discard '%s': expected unmap or ignore", optarg);
+				return EXIT_USAGE;
+			}
+			break;
 		case 'h':
 			add_usage(stdout);
 			return EXIT_OK;
@@ -238,6 +340,10 @@ int cmd_add(int argc, char **argv)
 	}
 	if (o.force_share && !o.read_only) {
 		log_error("--force-share is only allowed with --read-only");
+		return EXIT_USAGE;
+	}
+	if (o.read_only && o.discard == UBLK_DISCARD_UNMAP) {
+		log_error("--discard unmap: a read-only device cannot discard");
 		return EXIT_USAGE;
 	}
 	if (optind < argc) {
@@ -275,17 +381,20 @@ int cmd_add(int argc, char **argv)
 		log_error("--size is for the null target only");
 		return EXIT_USAGE;
 	}
+	if (restart) {
+		if (o.dev_id < 0) {
+			log_error("--recover-on-restart needs -n ID (the device to take back)");
+			return EXIT_USAGE;
+		}
+		if (restart_check(&o) < 0)
+			return EXIT_FAIL;
+	}
 	if (foreground)
 		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
 	return daemonise(&o);
 }
 
 /* ---------------------------------------------------- recover / upgrade */
-
-static bool pid_alive(int pid)
-{
-	return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM);
-}
 
 static void takeover_usage(FILE *out, bool upgrade)
 {
@@ -400,6 +509,7 @@ static int takeover(int argc, char **argv, bool upgrade)
 	o.force_share = st.force_share;
 	o.direct = st.direct;
 	o.size = st.size;
+	o.discard = st.discard;
 	if (foreground)
 		return ublk_dev_run(&o, -1) < 0 ? EXIT_FAIL : EXIT_OK;
 	return daemonise(&o);
@@ -490,7 +600,8 @@ int cmd_list(int argc, char **argv)
 			       "States: live; quiesced (no daemon: its daemon died or handed over, the\n"
 			       "kernel queues the I/O until 'qublk recover -n ID' or 'qublk del'); recovering\n"
 			       "(a new daemon is taking over); quiescing (the daemon died a moment ago);\n"
-			       "fail-io; dead (not started).  A '!' after the pid: that daemon is gone.\n"
+			       "fail-io; dead (not started).  A '!' after the pid: that daemon is gone.\n\n"
+			       "  -o, --output FMT   human (a table, the default) or json\n\n"
 			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
 			return EXIT_OK;
 		default:
@@ -565,12 +676,13 @@ int cmd_del(int argc, char **argv)
 		{ "number", required_argument, NULL, 'n' },
 		{ "all", no_argument, NULL, 'a' },
 		{ "timeout", required_argument, NULL, 'T' },
+		{ "force", no_argument, NULL, 'F' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct ublk_ctrl ctrl;
 	unsigned id = 0, timeout_s = 120;
-	bool all = false, have_id = false;
+	bool all = false, have_id = false, force = false;
 	int c, rc = EXIT_OK;
 
 	optind = 1;
@@ -592,12 +704,22 @@ int cmd_del(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
+		case 'F':
+			force = true;
+			break;
 		case 'h':
-			printf("Usage: qublk del -n ID | --all [--timeout SECONDS]\n\n"
+			printf("Usage: qublk del -n ID | --all [--force] [--timeout SECONDS]\n\n"
 			       "Stop a ublk device, flush and close its image, and remove it.  A device\n"
 			       "whose daemon died is stopped and removed directly.\n"
-			       "  --timeout  how long to wait for the daemon (default 120 s)\n\n"
-			       "Exit codes: 0 success, 1 failure, 2 usage error.\n");
+			       "Where the kernel offers safe_stop_dev (TRY_STOP_DEV, Linux 6.19+), a\n"
+			       "device whose block device is open or mounted is left alone: del fails\n"
+			       "naming it as busy.  Elsewhere, and with --force, it is stopped anyway\n"
+			       "(its users then get I/O errors).\n"
+			       "  -n, --number ID       the device\n"
+			       "  -a, --all             every ublk device\n"
+			       "      --force           stop the device even if it is open or mounted\n"
+			       "      --timeout SECONDS how long to wait for the daemon (default 120)\n\n"
+			       "Exit codes: 0 success, 1 failure (a busy device included), 2 usage error.\n");
 			return EXIT_OK;
 		default:
 			return EXIT_USAGE;
@@ -618,10 +740,10 @@ int cmd_del(int argc, char **argv)
 				ublk_state_remove(ids[i]);   /* stale */
 				continue;
 			}
-			if (ublk_dev_delete(&ctrl, ids[i], (int)timeout_s * 1000) < 0)
+			if (ublk_dev_delete(&ctrl, ids[i], (int)timeout_s * 1000, force) < 0)
 				rc = EXIT_FAIL;
 		}
-	} else if (ublk_dev_delete(&ctrl, (int)id, (int)timeout_s * 1000) < 0) {
+	} else if (ublk_dev_delete(&ctrl, (int)id, (int)timeout_s * 1000, force) < 0) {
 		rc = EXIT_FAIL;
 	}
 	ublk_ctrl_close(&ctrl);

@@ -248,7 +248,8 @@ int ublk_ctrl_open(struct ublk_ctrl *c)
 	if (c->fd < 0) {
 		ret = -errno;
 		log_error("%s: cannot open: %s%s", UBLK_CONTROL_PATH, strerror(errno),
-			  errno == ENOENT ? " (is the ublk_drv module loaded?)" : "");
+			  errno == ENOENT ? " (is the ublk_drv module loaded?)" :
+			  errno == EACCES ? " (qublk's udev rules, 60-qublk.rules, let group disk use it)" : "");
 		return ret;
 	}
 	ret = io_uring_queue_init(4, &c->ring, IORING_SETUP_SQE128);
@@ -311,7 +312,17 @@ int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id)
 
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id)
 {
-	int ret = dev_cmd(c, UBLK_CMD_DEL_DEV, dev_id, NULL, 0, 0);
+	int ret = -EOPNOTSUPP;
+
+	/* DEL_DEV waits for the last opener of /dev/ublkbN: a device stopped
+	 * under a mounted file system (del --force, a dead daemon) would hang
+	 * us until the unmount.  DEL_DEV_ASYNC (6.9+, encoded only) removes
+	 * it and lets the kernel free it then; with no opener left the two
+	 * are the same (the number is free on return). */
+	if (c->have_features)
+		ret = dev_cmd(c, QUBLK_CMD_DEL_DEV_ASYNC, dev_id, NULL, 0, 0);
+	if (ret == -EOPNOTSUPP || ret == -EINVAL)
+		ret = dev_cmd(c, UBLK_CMD_DEL_DEV, dev_id, NULL, 0, 0);
 
 	if (ret >= 0 && c->known_id == (int)dev_id)
 		c->known_id = -1;

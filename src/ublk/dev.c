@@ -10,7 +10,9 @@
  *   /dev/ublkcN -> DEL_DEV -> remove state file.
  *
  * DEL_DEV waits for the last reference to the device, so /dev/ublkcN and
- * every queue ring must be closed before it.  A daemon killed with -9
+ * every queue ring must be closed before it (DEL_DEV_ASYNC, used where
+ * the driver has it, does not wait: a device stopped under a mounted file
+ * system goes when it is unmounted).  A daemon killed with -9
  * leaves a device whose queues the kernel has cancelled; ublk_dev_delete
  * (qublk del) stops and deletes it.
  *
@@ -53,6 +55,9 @@
 #endif
 
 #define UBLK_MAX_DISCARD_SECTORS (64u << 11)   /* 64 MiB per request */
+/* How long an unprivileged device's daemon waits for udev to hand it
+ * the device's nodes. */
+#define UBLK_UDEV_TIMEOUT_MS 20000
 
 /* ------------------------------------------------------------ params */
 
@@ -79,11 +84,16 @@ void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 	p->basic.max_sectors = max_io >> 9;
 	p->basic.chunk_sectors = 0;
 	p->basic.dev_sectors = t->size >> 9;
-	if (t->ops->discard || t->ops->write_zeroes) {
+	/* Discard as the user chose (t->unmap: --discard unmap); without it
+	 * the kernel says "not supported" to fstrim and blkdiscard.
+	 * Write-zeroes either way (with ignore it never deallocates). */
+	bool discard = !read_only && t->unmap && t->ops->discard;
+	bool zeroes = !read_only && t->ops->write_zeroes;
+	if (discard || zeroes) {
 		p->types |= UBLK_PARAM_TYPE_DISCARD;
 		p->discard.discard_granularity = 1u << shift;
-		p->discard.max_discard_sectors = t->ops->discard ? UBLK_MAX_DISCARD_SECTORS : 0;
-		p->discard.max_write_zeroes_sectors = t->ops->write_zeroes ? UBLK_MAX_DISCARD_SECTORS : 0;
+		p->discard.max_discard_sectors = discard ? UBLK_MAX_DISCARD_SECTORS : 0;
+		p->discard.max_write_zeroes_sectors = zeroes ? UBLK_MAX_DISCARD_SECTORS : 0;
 		p->discard.max_discard_segments = 1;
 	}
 	/* Send only what we set: older kernels have a shorter struct. */
@@ -94,9 +104,48 @@ void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 
 const char *ublk_run_dir(void)
 {
-	const char *d = getenv("QUBLK_RUN_DIR");
+	static char dir[PATH_MAX];
+	const char *d = getenv("QUBLK_RUN_DIR"), *x;
 
-	return d && *d ? d : UBLK_RUN_DIR_DEFAULT;
+	if (d && *d)
+		return d;
+	if (geteuid() == 0)
+		return UBLK_RUN_DIR_DEFAULT;
+	/* A user's devices: their own directory (a shared one would let one
+	 * user's state files pose as another's). */
+	if (!dir[0]) {
+		x = getenv("XDG_RUNTIME_DIR");
+		if (x && x[0] == '/')
+			snprintf(dir, sizeof(dir), "%s/qublk", x);
+		else
+			snprintf(dir, sizeof(dir), "/tmp/qublk-%u", (unsigned)geteuid());
+	}
+	return dir;
+}
+
+/* Create the run directory if needed; it must be ours and writable by
+ * nobody else (under /tmp anyone could have made it first). */
+static int ensure_run_dir(void)
+{
+	const char *dir = ublk_run_dir();
+	struct stat st;
+
+	if (mkdir(dir, geteuid() == 0 ? 0755 : 0700) < 0 && errno != EEXIST) {
+		int ret = -errno;
+		log_error("%s: mkdir: %s", dir, strerror(errno));
+		return ret;
+	}
+	if (lstat(dir, &st) < 0) {
+		int ret = -errno;
+		log_error("%s: %s", dir, strerror(errno));
+		return ret;
+	}
+	if (!S_ISDIR(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 022)) {
+		log_error("%s: not a directory of uid %u writable only by it: not keeping state "
+			  "there (set QUBLK_RUN_DIR)", dir, (unsigned)geteuid());
+		return -EPERM;
+	}
+	return 0;
 }
 
 static void state_path(int dev_id, char *buf, size_t len)
@@ -110,11 +159,9 @@ int ublk_state_write(const struct ublk_state *s)
 	FILE *f;
 	int ret = 0;
 
-	if (mkdir(ublk_run_dir(), 0755) < 0 && errno != EEXIST) {
-		ret = -errno;
-		log_error("%s: mkdir: %s", ublk_run_dir(), strerror(errno));
+	ret = ensure_run_dir();
+	if (ret < 0)
 		return ret;
-	}
 	state_path(s->dev_id, path, sizeof(path));
 	snprintf(tmp, sizeof(tmp), "%s.tmp", path);
 	f = fopen(tmp, "w");
@@ -124,9 +171,12 @@ int ublk_state_write(const struct ublk_state *s)
 		return ret;
 	}
 	fprintf(f, "id=%d\npid=%d\ntarget=%s\nqueues=%u\ndepth=%u\nread_only=%d\n"
-		"force_share=%d\ndirect=%d\nsize=%llu\nflags=%llu\nimage=%s\n",
+		"force_share=%d\ndirect=%d\nsize=%llu\nflags=%llu\n",
 		s->dev_id, s->pid, s->target, s->queues, s->depth, s->read_only, s->force_share,
-		s->direct, (unsigned long long)s->size, (unsigned long long)s->flags, s->image);
+		s->direct, (unsigned long long)s->size, (unsigned long long)s->flags);
+	if (s->discard != UBLK_DISCARD_AUTO)
+		fprintf(f, "discard=%s\n", s->discard == UBLK_DISCARD_UNMAP ? "unmap" : "ignore");
+	fprintf(f, "image=%s\n", s->image);
 	if (fclose(f) != 0 || rename(tmp, path) < 0) {
 		ret = -errno;
 		log_error("%s: %s", path, strerror(errno));
@@ -174,6 +224,9 @@ int ublk_state_read(int dev_id, struct ublk_state *s)
 			s->size = strtoull(v, NULL, 10);
 		else if (!strcmp(line, "flags"))
 			s->flags = strtoull(v, NULL, 10);
+		else if (!strcmp(line, "discard"))
+			s->discard = !strcmp(v, "unmap") ? UBLK_DISCARD_UNMAP :
+				     !strcmp(v, "ignore") ? UBLK_DISCARD_IGNORE : UBLK_DISCARD_AUTO;
 		else if (!strcmp(line, "image"))
 			snprintf(s->image, sizeof(s->image), "%s", v);
 	}
@@ -204,8 +257,30 @@ static int wait_for_path(const char *path, int timeout_ms)
 	}
 }
 
+/* Wait until we may open @path with @mode (R_OK|W_OK): for an
+ * unprivileged device, until udev (udev/60-qublk.rules) has given its
+ * node to us.  Returns 0 or -errno (-ETIMEDOUT). */
+static int wait_for_access(const char *path, int mode, int timeout_ms)
+{
+	for (int waited = 0; ; waited += 10) {
+		if (faccessat(AT_FDCWD, path, mode, AT_EACCESS) == 0)
+			return 0;
+		if (errno != ENOENT && errno != EACCES && errno != EPERM)
+			return -errno;
+		if (waited >= timeout_ms)
+			return -ETIMEDOUT;
+		usleep(10 * 1000);
+	}
+}
+
 static void lock_memory(void)
 {
+	/* A user's RLIMIT_MEMLOCK (8 MiB) is far below the tag buffers, and
+	 * MCL_FUTURE would then make every later mmap fail. */
+	if (geteuid() != 0) {
+		log_debug("not root: memory not locked");
+		return;
+	}
 	/* ONFAULT: lock what we touch (buffers are touched up front) without
 	 * populating every reserved mapping. */
 	if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) < 0 &&
@@ -357,19 +432,25 @@ static int report(int report_fd, const char *msg)
 /* ---------------------------------------------------------- hand-over */
 
 /*
- * Hand-over protocol on <run dir>/ublkN.sock (SOCK_SEQPACKET, mode 0600,
- * peers of our uid or root only): the next daemon sends "handover"; we
- * quiesce the device (QUIESCE_DEV where the device has UBLK_F_QUIESCE:
- * the requests in flight complete, the FETCHes are aborted; otherwise the
- * queues stop once no request is inside the target, and closing their
- * rings makes the kernel requeue what they held), close /dev/ublkcN,
- * write the image back and close it keeping one descriptor (and so the
- * image locks), and send that descriptor with "ok".  From then on the
- * next daemon owns the image and recovers the device; we exit without
+ * The daemon's socket, <run dir>/ublkN.sock (SOCK_SEQPACKET, mode 0600,
+ * peers of our uid or root only): one request per connection, one reply
+ * ("ok" or "error: REASON"), served on the main thread between signals.
+ *
+ * "resize BYTES" (qublk resize -n): see handle_resize.
+ *
+ * "handover" (qublk upgrade, from the next daemon): we quiesce the device
+ * (QUIESCE_DEV where the device has UBLK_F_QUIESCE: the requests in
+ * flight complete, the FETCHes are aborted), stop the queue threads once
+ * no request is inside the target (the kernel requeues what they had not
+ * started when they exit: stop_queues), close /dev/ublkcN, write the
+ * image back and close it keeping one descriptor (and so the image
+ * locks), and send that descriptor with "ok".  From then on the next
+ * daemon owns the image and recovers the device; we exit without
  * stopping it.  Never two writers (we closed the image before sending),
  * never an unlocked moment (the descriptor holds the locks throughout).
  */
 #define HANDOVER_REQ "handover"
+#define RESIZE_REQ "resize"
 
 void ublk_sock_path(int dev_id, char *buf, size_t len)
 {
@@ -430,12 +511,19 @@ static int send_reply(int cfd, const char *msg, int fd)
 	return sendmsg(cfd, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0;
 }
 
-/* Stop the queue threads: they leave once no request is inside the
- * target, and their rings and mappings close with them. */
+/* Stop the queue threads for a hand-over: each leaves once no request
+ * is inside the target, before its ring is closed (keep_ring).  The
+ * kernel then cancels their commands and requeues what they had not
+ * started as it does when a daemon dies (REISSUE), the path recovery
+ * relies on.  A ring closed by a thread that still runs races with the
+ * kernel's delivery of a request to it: on 6.12 such a request was lost
+ * to both daemons and the device never quiesced. */
 static void stop_queues(struct ublk_dev *d)
 {
-	for (unsigned i = 0; i < d->nr_queues; i++)
+	for (unsigned i = 0; i < d->nr_queues; i++) {
+		d->queues[i].keep_ring = true;
 		ublk_queue_stop(&d->queues[i]);
+	}
 	for (unsigned i = 0; i < d->nr_queues; i++)
 		ublk_queue_join(&d->queues[i]);
 }
@@ -494,6 +582,68 @@ static int handover(struct ublk_dev *d, int cfd)
 	return 1;
 }
 
+/* "resize BYTES": grow the image, publish the size to the queues, then
+ * the kernel's (UPDATE_SIZE).  A failed UPDATE_SIZE leaves the image
+ * larger than the device: harmless, and a retry completes it (the image
+ * is already that size).  Replies "ok" or "error: REASON". */
+static void handle_resize(struct ublk_dev *d, int cfd, const char *arg)
+{
+	unsigned id = d->info.dev_id;
+	uint64_t old = d->tgt.size, size;
+	char msg[256], *end;
+	int ret;
+
+	errno = 0;
+	size = strtoull(arg, &end, 10);
+	if (errno || end == arg || *end || size == 0 || size % 512) {
+		send_reply(cfd, "error: the size must be a positive multiple of 512 bytes", -1);
+		return;
+	}
+	if (!(d->info.flags & UBLK_F_UPDATE_SIZE)) {
+		send_reply(cfd, "error: the device was created without update_size (UPDATE_SIZE)", -1);
+		return;
+	}
+	if (d->tgt.read_only) {
+		send_reply(cfd, "error: the device is read-only", -1);
+		return;
+	}
+	if (size < old) {
+		send_reply(cfd, "error: a live device cannot shrink (its users may have data "
+			   "there): 'qublk del', 'qublk resize --shrink FILE SIZE', 'qublk add'", -1);
+		return;
+	}
+	if (size > old) {
+		if (!d->tgt.ops->resize) {
+			snprintf(msg, sizeof(msg), "error: the %s target cannot be resized", d->tgt.ops->name);
+			send_reply(cfd, msg, -1);
+			return;
+		}
+		ret = d->tgt.ops->resize(&d->tgt, size);
+		if (ret < 0) {
+			snprintf(msg, sizeof(msg), "error: growing the image: %s%s (%s/ublk%u.log)",
+				 strerror(-ret), ret == -ENOTSUP ? ": its format cannot be resized yet" : "",
+				 ublk_run_dir(), id);
+			send_reply(cfd, msg, -1);
+			return;
+		}
+		/* Requests up to the new size pass the queues' check from here. */
+		__atomic_store_n(&d->tgt.size, size, __ATOMIC_RELEASE);
+	}
+	ret = ublk_ctrl_update_size(&d->ctrl, id, size);
+	if (ret < 0) {
+		log_error("ublk%u: UPDATE_SIZE to %llu bytes: %s (the image has the new size, the "
+			  "device not)", id, (unsigned long long)size, strerror(-ret));
+		snprintf(msg, sizeof(msg), "error: UPDATE_SIZE: %s", strerror(-ret));
+		send_reply(cfd, msg, -1);
+		return;
+	}
+	d->params.basic.dev_sectors = size >> 9;
+	log_info("ublk%u: resized from %llu to %llu bytes", id, (unsigned long long)old,
+		 (unsigned long long)size);
+	send_reply(cfd, "ok", -1);
+}
+
+/* One request from a peer on the socket.  Returns as handover does. */
 static int handle_client(struct ublk_dev *d, int cfd)
 {
 	struct ucred cr;
@@ -503,8 +653,7 @@ static int handle_client(struct ublk_dev *d, int cfd)
 
 	if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0 ||
 	    (cr.uid != 0 && cr.uid != geteuid())) {
-		log_warn("ublk%u: hand-over request from uid %u refused", d->info.dev_id,
-			 (unsigned)cr.uid);
+		log_warn("ublk%u: request from uid %u refused", d->info.dev_id, (unsigned)cr.uid);
 		return 0;
 	}
 	do
@@ -513,39 +662,48 @@ static int handle_client(struct ublk_dev *d, int cfd)
 	if (n <= 0)
 		return 0;
 	req[n] = 0;
-	if (strcmp(req, HANDOVER_REQ)) {
-		send_reply(cfd, "error: unknown request", -1);
+	if (!strcmp(req, HANDOVER_REQ)) {
+		log_info("ublk%u: hand-over requested by pid %d", d->info.dev_id, (int)cr.pid);
+		return handover(d, cfd);
+	}
+	if (!strncmp(req, RESIZE_REQ " ", strlen(RESIZE_REQ) + 1)) {
+		log_info("ublk%u: resize to %s bytes requested by pid %d", d->info.dev_id,
+			 req + strlen(RESIZE_REQ) + 1, (int)cr.pid);
+		handle_resize(d, cfd, req + strlen(RESIZE_REQ) + 1);
 		return 0;
 	}
-	log_info("ublk%u: hand-over requested by pid %d", d->info.dev_id, (int)cr.pid);
-	return handover(d, cfd);
+	send_reply(cfd, "error: unknown request", -1);
+	return 0;
 }
 
-/* The next daemon's side: ask the daemon of @dev_id for the image.
- * Returns the descriptor, or -1 with no file (null target), or -errno. */
-static int handover_receive(int dev_id, int *out_fd)
+/* Send @req to the daemon of @dev_id and wait up to @timeout_s for its
+ * answer: the text in @buf, a descriptor passed with it in *@out_fd (-1:
+ * none; NULL: closed).  Returns the answer's length or -errno (logged). */
+static int sock_request(int dev_id, const char *req, char *buf, size_t buflen, int *out_fd,
+			int timeout_s)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct timeval tv = { .tv_sec = 120 };
-	char buf[256], cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov = { buf, sizeof(buf) - 1 };
+	struct timeval tv = { .tv_sec = timeout_s };
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, buflen - 1 };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
 			     .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
 	struct cmsghdr *cm;
 	ssize_t n;
-	int fd, ret;
+	int fd, rfd = -1, ret;
 
-	*out_fd = -1;
+	if (out_fd)
+		*out_fd = -1;
 	ublk_sock_path(dev_id, sa.sun_path, sizeof(sa.sun_path));
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return -errno;
 	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
 	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
-	    send(fd, HANDOVER_REQ, strlen(HANDOVER_REQ), MSG_NOSIGNAL) < 0) {
+	    send(fd, req, strlen(req), MSG_NOSIGNAL) < 0) {
 		ret = -errno;
-		log_error("ublk%d: %s: %s (is its daemon a qublk that can hand over?)", dev_id,
-			  sa.sun_path, strerror(errno));
+		log_error("ublk%d: %s: %s (is its daemon a running qublk?)", dev_id, sa.sun_path,
+			  strerror(errno));
 		close(fd);
 		return ret;
 	}
@@ -555,7 +713,8 @@ static int handover_receive(int dev_id, int *out_fd)
 	ret = n < 0 ? -errno : 0;
 	close(fd);
 	if (n <= 0) {
-		log_error("ublk%d: no answer from the daemon: %s", dev_id,
+		log_error("ublk%d: no answer from the daemon%s: %s", dev_id,
+			  n < 0 && (ret == -EAGAIN || ret == -EWOULDBLOCK) ? " within the time" : "",
 			  n < 0 ? strerror(-ret) : "it closed the connection");
 		return n < 0 ? ret : -EPIPE;
 	}
@@ -563,13 +722,46 @@ static int handover_receive(int dev_id, int *out_fd)
 	for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
 		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
 		    cm->cmsg_len == CMSG_LEN(sizeof(int)))
-			memcpy(out_fd, CMSG_DATA(cm), sizeof(int));
+			memcpy(&rfd, CMSG_DATA(cm), sizeof(int));
+	if (out_fd)
+		*out_fd = rfd;
+	else if (rfd >= 0)
+		close(rfd);
+	return (int)n;
+}
+
+/* The next daemon's side: ask the daemon of @dev_id for the image.
+ * *out_fd: the descriptor, or -1 with no file (null target).  Returns
+ * -errno (logged). */
+static int handover_receive(int dev_id, int *out_fd)
+{
+	char buf[256];
+	int ret = sock_request(dev_id, HANDOVER_REQ, buf, sizeof(buf), out_fd, 120);
+
+	if (ret < 0)
+		return ret;
 	if (strcmp(buf, "ok")) {
 		if (*out_fd >= 0)
 			close(*out_fd);
 		*out_fd = -1;
 		log_error("ublk%d: the daemon refused to hand over: %s", dev_id, buf);
 		return -EBUSY;
+	}
+	return 0;
+}
+
+int ublk_dev_resize(int dev_id, uint64_t size)
+{
+	char req[64], buf[512];
+	int ret;
+
+	snprintf(req, sizeof(req), RESIZE_REQ " %llu", (unsigned long long)size);
+	ret = sock_request(dev_id, req, buf, sizeof(buf), NULL, 120);
+	if (ret < 0)
+		return ret;
+	if (strcmp(buf, "ok")) {
+		log_error("ublk%d: %s", dev_id, strncmp(buf, "error: ", 7) ? buf : buf + 7);
+		return -EIO;
 	}
 	return 0;
 }
@@ -655,6 +847,19 @@ static int dev_create(struct ublk_dev *d)
 	}
 	d->added = true;
 	log_debug("ublk%u: flags 0x%llx", d->info.dev_id, (unsigned long long)d->info.flags);
+	if (d->info.flags & UBLK_F_UNPRIVILEGED_DEV) {
+		/* The driver checks each command on the device against our
+		 * access to /dev/ublkcN, which udev hands to us. */
+		char cpath[64];
+		snprintf(cpath, sizeof(cpath), "/dev/ublkc%u", d->info.dev_id);
+		ret = wait_for_access(cpath, R_OK | W_OK, UBLK_UDEV_TIMEOUT_MS);
+		if (ret < 0) {
+			log_error("%s: %s: are qublk's udev rules installed (60-qublk.rules)? "
+				  "They give an unprivileged device's nodes to its owner", cpath,
+				  ret == -ETIMEDOUT ? "still not ours after a while" : strerror(-ret));
+			return ret;
+		}
+	}
 	if (d->info.nr_hw_queues != o->nr_queues)
 		log_warn("ublk%u: the driver gave %u queues (asked %u)", d->info.dev_id,
 			 d->info.nr_hw_queues, o->nr_queues);
@@ -767,11 +972,18 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 		.force_share = o->force_share, .direct = o->direct, .nr_queues = o->nr_queues,
 	};
 	struct ublk_state st = { 0 };
+	enum ublk_discard discard = o->discard;
 	char path[64];
 	sigset_t mask;
 	int sfd = -1, ret, how = SERVE_STOP;
 
 	d->opts = *o;
+	/* A device that can give space back does, unless told to ignore
+	 * discards; a recovered one keeps what it was created with (its
+	 * parameters are the kernel's), or this for an older state file. */
+	if (discard == UBLK_DISCARD_AUTO)
+		discard = o->file && !o->read_only ? UBLK_DISCARD_UNMAP : UBLK_DISCARD_IGNORE;
+	to.no_unmap = discard == UBLK_DISCARD_IGNORE;
 	/* Signals are taken through a signalfd; block them before any queue
 	 * thread exists so that all threads inherit the mask. */
 	sigemptyset(&mask);
@@ -818,6 +1030,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	if (ret < 0)
 		goto out;
 	d->tgt_open = true;
+	d->tgt.unmap = discard == UBLK_DISCARD_UNMAP && !d->tgt.read_only;
 	if (o->nr_queues > 1 && !d->tgt.can_multiqueue) {
 		log_error("--queues > 1 with %s: not yet", o->type);
 		ret = -EINVAL;
@@ -831,6 +1044,11 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	snprintf(path, sizeof(path), "/dev/ublkb%u", d->info.dev_id);
 	if (wait_for_path(path, 5000) < 0)
 		log_warn("%s did not appear (no devtmpfs or udev?)", path);
+	else if ((d->info.flags & UBLK_F_UNPRIVILEGED_DEV) &&
+		 wait_for_access(path, d->tgt.read_only ? R_OK : R_OK | W_OK,
+				 UBLK_UDEV_TIMEOUT_MS) < 0)
+		log_warn("%s is not ours (is qublk's udev rule installed?): only root can open it",
+			 path);
 
 	st.dev_id = (int)d->info.dev_id;
 	st.pid = getpid();
@@ -843,6 +1061,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	st.direct = o->direct;
 	st.size = o->size;
 	st.flags = d->info.flags;
+	st.discard = discard;
 	if (ublk_state_write(&st) < 0)
 		log_warn("ublk%u: no state file: 'qublk list' will not show the image",
 			 d->info.dev_id);
@@ -854,11 +1073,11 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	 * stdout and stderr must not stay open behind it. */
 	if (report_fd >= 0)
 		redirect_stdio(d->info.dev_id, o->mode != UBLK_RUN_ADD);
-	log_info("%s: %s, %s %s, %u queue(s) of depth %u, %llu bytes%s, flags 0x%llx", path,
-		 o->mode == UBLK_RUN_ADD ? "live" : o->mode == UBLK_RUN_RECOVER ? "recovered"
+	log_info("%s: %s, %s %s, %u queue(s) of depth %u, %llu bytes%s, discard %s, flags 0x%llx",
+		 path, o->mode == UBLK_RUN_ADD ? "live" : o->mode == UBLK_RUN_RECOVER ? "recovered"
 		 : "taken over", o->type, st.image, d->nr_queues, d->info.queue_depth,
 		 (unsigned long long)d->tgt.size, d->tgt.read_only ? ", read-only" : "",
-		 (unsigned long long)d->info.flags);
+		 d->tgt.unmap ? "unmap" : "ignore", (unsigned long long)d->info.flags);
 	{
 		char msg[80];
 		snprintf(msg, sizeof(msg), "%s\n", path);
@@ -940,7 +1159,7 @@ static int wait_pid_exit(int pid, int timeout_ms)
 	return -ETIMEDOUT;
 }
 
-int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms)
+int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms, bool force)
 {
 	struct ublksrv_ctrl_dev_info info;
 	struct ublk_state st;
@@ -954,6 +1173,23 @@ int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms)
 		else
 			log_error("ublk%d: GET_DEV_INFO: %s", dev_id, strerror(-ret));
 		return ret;
+	}
+	/* Safe stop: the kernel stops the device only if nobody has the
+	 * block device open (a mount counts), atomically with the check.
+	 * The daemon then sees its queues aborted and shuts down as after
+	 * STOP_DEV; the SIGTERM below finds it leaving. */
+	if (!force && (info.flags & UBLK_F_SAFE_STOP_DEV)) {
+		ret = ublk_ctrl_try_stop_dev(c, (unsigned)dev_id);
+		if (ret == -EBUSY) {
+			log_error("ublk%d is busy: /dev/ublkb%d is open or mounted (unmount it and "
+				  "close it, or 'qublk del --force' to stop it anyway)", dev_id, dev_id);
+			return ret;
+		}
+		if (ret < 0 && ret != -ENODEV) {
+			log_error("ublk%d: TRY_STOP_DEV: %s (not stopped; 'qublk del --force' stops it "
+				  "whether or not it is in use)", dev_id, strerror(-ret));
+			return ret;
+		}
 	}
 	pid = info.ublksrv_pid;
 	if (pid <= 0 && ublk_state_read(dev_id, &st) == 0)

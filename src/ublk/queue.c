@@ -91,7 +91,8 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf)
 
 	/* Read the shared descriptor once: checks and use see one copy. */
 	memcpy(&iod, (const void *)&q->iods[tag], sizeof(iod));
-	op = ublk_check_iod(&iod, t->size, d->opts.max_io, t->read_only, &off, &len);
+	op = ublk_check_iod(&iod, __atomic_load_n(&t->size, __ATOMIC_ACQUIRE), d->opts.max_io,
+			    t->read_only, &off, &len);
 	if (op < 0) {
 		log_debug("queue %u tag %u: refused op 0x%x sector %llu+%u: %s",
 			  q->q_id, tag, iod.op_flags, (unsigned long long)iod.start_sector,
@@ -144,6 +145,11 @@ static void tag_main(void *opaque)
 					  strerror(-res));
 			break;
 		}
+		/* Asked to leave: a request that comes now is not started
+		 * (the target may already be going).  The kernel requeues it
+		 * when this thread exits (see ublk_queue_stop). */
+		if (q->stop_now)
+			break;
 		q->busy_tags++;
 		result = handle_request(q, io->tag, buf);
 		q->busy_tags--;
@@ -187,6 +193,7 @@ static int queue_setup(struct ublk_queue *q)
 		log_error("queue %u: io_uring_queue_init: %s", q->q_id, strerror(-ret));
 		return ret;
 	}
+	q->ring_open = true;
 	aio_ctx_set_current(&q->aio);
 
 	/* The kernel places queue i's descriptors at i * stride. */
@@ -250,8 +257,10 @@ static void queue_teardown(struct ublk_queue *q)
 		q->ios = NULL;
 	}
 	/* Closing the ring cancels any uring_cmd still queued. */
-	if (aio_ctx_current() == &q->aio)
+	if (q->ring_open) {
 		aio_ctx_deinit(&q->aio);
+		q->ring_open = false;
+	}
 	if (q->iods) {
 		munmap(q->iods, q->iods_len);
 		q->iods = NULL;
@@ -270,6 +279,29 @@ static void __attribute__((noreturn)) queue_die(struct ublk_queue *q)
 	log_error("queue %u: %u requests in flight cannot complete; aborting", q->q_id,
 		  q->busy_tags);
 	abort();
+}
+
+/*
+ * Submit what the last completions queued before the ring goes.  Those
+ * completions ran tag coroutines to their end (aio_run_once reaps after
+ * it submits), and a request that ends queues its COMMIT and, when it
+ * releases a lock or a cluster another queue's request waits for, the
+ * MSG_RING that wakes that request on its own thread.  Dropped with the
+ * ring, the wake-up never comes: the other queue keeps a request inside
+ * the target forever and never leaves (a hand-over, or del, then hangs).
+ * Only submit: reaping could start new requests.
+ */
+static void flush_sqes(struct ublk_queue *q)
+{
+	for (int tries = 0; io_uring_sq_ready(&q->aio.ring) && tries < 100; tries++) {
+		int ret = io_uring_submit(&q->aio.ring);
+		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
+			log_error("queue %u: io_uring_submit on exit: %s", q->q_id, strerror(-ret));
+			return;
+		}
+		if (ret <= 0)
+			usleep(1000);
+	}
 }
 
 static void *queue_thread(void *opaque)
@@ -312,9 +344,14 @@ static void *queue_thread(void *opaque)
 			break;
 		}
 	}
+	flush_sqes(q);
 	log_debug("queue %u: exit after %llu requests (%llu errors)", q->q_id,
 		  (unsigned long long)q->nr_ios, (unsigned long long)q->nr_errors);
-	queue_teardown(q);
+	/* Hand-over: the ring outlives this thread (ublk_queue_join closes
+	 * it), so the kernel cancels our commands as it does for a thread
+	 * that dies, and requeues what reaches us from here on. */
+	if (!q->keep_ring)
+		queue_teardown(q);
 out:
 	if (write(d->exit_efd, &one, sizeof(one)) < 0)
 		log_debug("queue %u: eventfd write: %s", q->q_id, strerror(errno));
@@ -361,6 +398,8 @@ void ublk_queue_join(struct ublk_queue *q)
 		pthread_join(q->thread, NULL);
 		q->thread_started = false;
 		sem_destroy(&q->ready);
+		if (q->keep_ring)
+			queue_teardown(q);
 	}
 	if (q->stop_efd >= 0) {
 		close(q->stop_efd);

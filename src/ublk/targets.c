@@ -41,6 +41,8 @@ static int engine_open(struct ublk_tgt *t, const struct ublk_tgt_opts *o, const 
 		bo.flags |= BDRV_O_DIRECT;
 	if (o->crash_safe)
 		bo.flags |= BDRV_O_CRASH_SAFE;
+	if (o->no_unmap)
+		bo.flags |= BDRV_O_NO_UNMAP;
 	bo.adopt = o->adopt;
 	bo.adopt_fd = o->adopt_fd;
 	ret = bdrv_open(o->file, &bo, &bs);
@@ -114,6 +116,11 @@ static int engine_write_zeroes(struct ublk_tgt *t, uint64_t off, uint32_t len, u
 	return bdrv_co_pwrite_zeroes(t->priv, off, len, flags);
 }
 
+static int engine_resize(struct ublk_tgt *t, uint64_t size)
+{
+	return bdrv_truncate(t->priv, size, 0);
+}
+
 static const struct ublk_tgt_ops tgt_qcow2 = {
 	.name = "qcow2",
 	.open = qcow2_open,
@@ -124,6 +131,7 @@ static const struct ublk_tgt_ops tgt_qcow2 = {
 	.flush = engine_flush,
 	.discard = engine_discard,
 	.write_zeroes = engine_write_zeroes,
+	.resize = engine_resize,
 };
 
 static const struct ublk_tgt_ops tgt_raw = {
@@ -136,6 +144,7 @@ static const struct ublk_tgt_ops tgt_raw = {
 	.flush = engine_flush,
 	.discard = engine_discard,
 	.write_zeroes = engine_write_zeroes,
+	.resize = engine_resize,
 };
 
 /* --------------------------------------------------------------- null */
@@ -162,6 +171,7 @@ static int null_flush(struct ublk_tgt *t) { return 0; }
 static int null_discard(struct ublk_tgt *t, uint64_t off, uint32_t len) { return 0; }
 static int null_write_zeroes(struct ublk_tgt *t, uint64_t off, uint32_t len, unsigned flags)
 { return 0; }
+static int null_resize(struct ublk_tgt *t, uint64_t size) { return 0; }
 
 static const struct ublk_tgt_ops tgt_null = {
 	.name = "null",
@@ -173,6 +183,7 @@ static const struct ublk_tgt_ops tgt_null = {
 	.flush = null_flush,
 	.discard = null_discard,
 	.write_zeroes = null_write_zeroes,
+	.resize = null_resize,
 };
 
 static const struct ublk_tgt_ops *const targets[] = { &tgt_qcow2, &tgt_raw, &tgt_null };

@@ -15,7 +15,8 @@
  * system's version is renamed away on include and ours (basic, discard,
  * devt, zoned: the 6.12 layout) is always the one used.  The same goes
  * for struct ublksrv_ctrl_cmd: 6.1 has data[2] where 6.5+ split the second
- * word into dev_path_len (unprivileged devices), so ours is the new one.
+ * word into dev_path_len (unprivileged devices), so ours is the new one,
+ * and for struct ublksrv_ctrl_dev_info (owner_uid/owner_gid, 6.5+).
  *
  * The layouts are ABI: checked below with _Static_assert against the
  * sizes documented in the kernel header.
@@ -32,16 +33,16 @@
 #if __has_include(<linux/ublk_cmd.h>)
 #define ublk_params qublk_sys_ublk_params
 #define ublksrv_ctrl_cmd qublk_sys_ublksrv_ctrl_cmd
+#define ublksrv_ctrl_dev_info qublk_sys_ublksrv_ctrl_dev_info
 #include <linux/ublk_cmd.h>
 #undef ublk_params
 #undef ublksrv_ctrl_cmd
+#undef ublksrv_ctrl_dev_info
 #endif
 #endif
 
-/* ---- structs present since the first ublk header (6.0) ---- */
-#ifndef USER_BLK_DRV_CMD_INC_H
-#define USER_BLK_DRV_CMD_INC_H
-
+/* Always ours: 6.1 has reserved0 where 6.5+ has owner_uid/owner_gid
+ * (the owner of an unprivileged device). */
 struct ublksrv_ctrl_dev_info {
 	__u16 nr_hw_queues;
 	__u16 queue_depth;
@@ -58,6 +59,10 @@ struct ublksrv_ctrl_dev_info {
 	__u64 reserved1;
 	__u64 reserved2;
 };
+
+/* ---- structs present since the first ublk header (6.0) ---- */
+#ifndef USER_BLK_DRV_CMD_INC_H
+#define USER_BLK_DRV_CMD_INC_H
 
 /* One per tag, in the read-only array mmap'd from /dev/ublkcN. */
 struct ublksrv_io_desc {
@@ -350,6 +355,7 @@ _Static_assert(sizeof(struct ublksrv_ctrl_cmd) == 32, "ublksrv_ctrl_cmd");
 _Static_assert(offsetof(struct ublksrv_ctrl_cmd, dev_path_len) == 24, "ctrl_cmd.dev_path_len");
 _Static_assert(sizeof(struct ublksrv_ctrl_dev_info) == 64, "ublksrv_ctrl_dev_info");
 _Static_assert(offsetof(struct ublksrv_ctrl_dev_info, flags) == 24, "dev_info.flags");
+_Static_assert(offsetof(struct ublksrv_ctrl_dev_info, owner_uid) == 40, "dev_info.owner_uid");
 _Static_assert(sizeof(struct ublksrv_io_desc) == 24, "ublksrv_io_desc");
 _Static_assert(sizeof(struct ublksrv_io_cmd) == 16, "ublksrv_io_cmd");
 _Static_assert(sizeof(struct ublk_param_basic) == 32, "ublk_param_basic");

@@ -61,6 +61,8 @@ int ublk_ctrl_set_params(struct ublk_ctrl *c, unsigned dev_id, const struct ublk
 int ublk_ctrl_get_params(struct ublk_ctrl *c, unsigned dev_id, struct ublk_params *p);
 int ublk_ctrl_start_dev(struct ublk_ctrl *c, unsigned dev_id, int pid);
 int ublk_ctrl_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
+/* DEL_DEV_ASYNC where the driver has it, else DEL_DEV (which waits for
+ * the last opener of /dev/ublkbN). */
 int ublk_ctrl_del_dev(struct ublk_ctrl *c, unsigned dev_id);
 int ublk_ctrl_get_info(struct ublk_ctrl *c, unsigned dev_id, struct ublksrv_ctrl_dev_info *info);
 /* Recovery: START before the new daemon's FETCHes, END once they are in. */
@@ -109,6 +111,7 @@ struct ublk_tgt_opts {
 	unsigned nr_queues;
 	bool crash_safe;        /* BDRV_O_CRASH_SAFE: a recoverable device's daemon
 	                         * may die; what it acknowledged must be in the file */
+	bool no_unmap;          /* --discard ignore: BDRV_O_NO_UNMAP */
 	bool adopt;             /* adopt_fd is the image's descriptor, handed over */
 	int adopt_fd;           /* by the previous daemon (owned by open from then on) */
 };
@@ -143,15 +146,23 @@ struct ublk_tgt_ops {
 	int (*discard)(struct ublk_tgt *t, uint64_t off, uint32_t len);
 	/* Optional.  flags: BDRV_REQ_MAY_UNMAP. */
 	int (*write_zeroes)(struct ublk_tgt *t, uint64_t off, uint32_t len, unsigned flags);
+	/* Optional (NULL: the device cannot be resized).  Main thread, while
+	 * the queues serve requests: grow the storage to @size bytes (larger
+	 * than t->size, a multiple of 512).  The caller then publishes the
+	 * new t->size and tells the kernel.  Returns -errno (logged). */
+	int (*resize)(struct ublk_tgt *t, uint64_t size);
 };
 
 struct ublk_tgt {
 	const struct ublk_tgt_ops *ops;
 	void *priv;
-	uint64_t size;          /* bytes, multiple of 512 */
+	uint64_t size;          /* bytes, multiple of 512; queue threads read it
+	                         * while a resize changes it: atomic access */
 	unsigned cluster_size;  /* allocation unit, 0 = none */
 	bool read_only;
 	bool can_multiqueue;    /* safe to call from several queue threads */
+	bool unmap;             /* set by the device, not the target: discard is
+	                         * advertised and passed on (--discard unmap) */
 };
 
 const struct ublk_tgt_ops *ublk_tgt_find(const char *name);
@@ -169,6 +180,10 @@ struct ublk_queue {
 	uint8_t *bufs;                /* depth * max_io bytes */
 	struct ublk_io *ios;          /* per tag */
 	struct aio_ctx aio;
+	bool ring_open;
+	/* Set by main before ublk_queue_stop for a hand-over: the thread
+	 * exits leaving its ring open, ublk_queue_join closes it. */
+	bool keep_ring;
 	unsigned live_tags;           /* tag coroutines not yet finished */
 	unsigned busy_tags;           /* tags inside a target op */
 	pthread_t thread;
@@ -181,6 +196,16 @@ struct ublk_queue {
 	bool stop_now;
 	/* counters, read after the thread is joined */
 	uint64_t nr_ios, nr_errors;
+};
+
+/* add --discard, as qublk nbd's (qemu-nbd's names).  AUTO: unmap for a
+ * writable image (qcow2 frees clusters and punches them out of the file,
+ * raw punches holes), ignore for read-only devices and the null target. */
+enum ublk_discard {
+	UBLK_DISCARD_AUTO,
+	UBLK_DISCARD_UNMAP,     /* discard advertised; freed space goes back */
+	UBLK_DISCARD_IGNORE,    /* no discard advertised; write-zeroes never
+	                         * deallocates (BDRV_O_NO_UNMAP) */
 };
 
 enum ublk_run_mode {
@@ -203,6 +228,7 @@ struct ublk_dev_opts {
 	uint64_t size;          /* null target */
 	bool no_recovery;       /* ADD: without UBLK_F_USER_RECOVERY */
 	bool unprivileged;      /* ADD: UBLK_F_UNPRIVILEGED_DEV */
+	enum ublk_discard discard;
 };
 
 struct ublk_dev {
@@ -226,14 +252,21 @@ struct ublk_dev {
 /* Queue thread lifecycle (queue.c).  start returns once the thread has
  * submitted its FETCH commands (or failed: -errno). */
 int ublk_queue_start(struct ublk_queue *q);
-void ublk_queue_stop(struct ublk_queue *q);   /* ask it to leave, any time */
+/* Ask the thread to leave, any time: it starts no new request, finishes
+ * those inside the target, commits them and exits.  Requests the kernel
+ * hands it meanwhile stay unstarted: STOP_DEV has aborted them already,
+ * or (hand-over) the kernel requeues them once the thread has exited. */
+void ublk_queue_stop(struct ublk_queue *q);
+/* Wait for the thread; then its ring, mappings and stacks are gone. */
 void ublk_queue_join(struct ublk_queue *q);
 /* Request boundary check, exported for the unit test.  Returns the op
  * (UBLK_IO_OP_*) with the byte range in *off and *len, or -EINVAL/-EOPNOTSUPP/-EROFS. */
 int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 		   uint32_t max_io, bool read_only, uint64_t *off, uint32_t *len);
 
-/* Build the SET_PARAMS block for a target (dev.c; exported for tests). */
+/* Build the SET_PARAMS block for a target (dev.c; exported for tests):
+ * discard only where t->unmap, write-zeroes wherever the target has it;
+ * neither for a read-only device. */
 void ublk_build_params(struct ublk_params *p, const struct ublk_tgt *t,
 		       unsigned max_io, bool read_only);
 
@@ -258,6 +291,7 @@ struct ublk_state {
 	bool direct;
 	uint64_t size;          /* null target */
 	uint64_t flags;         /* UBLK_F_* the device was created with */
+	enum ublk_discard discard;   /* as resolved at add (AUTO: an older file) */
 };
 const char *ublk_run_dir(void);
 int ublk_state_write(const struct ublk_state *s);
@@ -266,10 +300,17 @@ void ublk_state_remove(int dev_id);
 
 /* Stop and delete device @dev_id: SIGTERM its daemon and wait up to
  * @timeout_ms for it; if the device is still there (dead daemon), stop
- * and delete it here.  Returns -errno (logged). */
-int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms);
+ * and delete it here.  Unless @force, a device created with
+ * UBLK_F_SAFE_STOP_DEV is first stopped with TRY_STOP_DEV, which fails
+ * (-EBUSY, nothing done) while /dev/ublkbN is open or mounted; without
+ * the feature (Linux < 6.19) the device is stopped whatever uses it.
+ * Returns -errno (logged). */
+int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms, bool force);
 
-/* <run dir>/ublkN.sock, the daemon's hand-over socket. */
+/* <run dir>/ublkN.sock, the daemon's socket (hand-over, resize). */
 void ublk_sock_path(int dev_id, char *buf, size_t len);
+/* Ask the daemon of device @dev_id to grow the image and the device to
+ * @size bytes (UPDATE_SIZE).  Returns -errno (the reason logged). */
+int ublk_dev_resize(int dev_id, uint64_t size);
 
 #endif

@@ -120,7 +120,7 @@ static void test_check_iod(void)
 static void test_params(void)
 {
 	struct ublk_tgt t = { .ops = ublk_tgt_find("qcow2"), .size = 10ull << 30,
-			      .cluster_size = 65536 };
+			      .cluster_size = 65536, .unmap = true };
 	struct ublk_params p;
 
 	CHECK(t.ops != NULL);
@@ -138,12 +138,25 @@ static void test_params(void)
 	CHECK(p.discard.max_discard_sectors > 0 && p.discard.max_write_zeroes_sectors > 0);
 	CHECK(p.discard.discard_alignment == 0);
 
-	/* small clusters: never below the physical block; read-only */
+	/* --discard ignore: write-zeroes only (fstrim: "not supported") */
+	t.unmap = false;
+	ublk_build_params(&p, &t, 512 * 1024, false);
+	CHECK(p.types == (UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD));
+	CHECK(p.discard.max_discard_sectors == 0 && p.discard.max_write_zeroes_sectors > 0);
+	CHECK(p.discard.discard_granularity == 65536);
+	t.unmap = true;
+
+	/* small clusters: never below the physical block; read-only: no
+	 * discard and no write-zeroes */
 	t.cluster_size = 512;
 	ublk_build_params(&p, &t, 1 << 20, true);
-	CHECK(p.basic.io_min_shift == 12 && p.discard.discard_granularity == 4096);
+	CHECK(p.basic.io_min_shift == 12);
 	CHECK(p.basic.attrs & UBLK_ATTR_READ_ONLY);
+	CHECK(p.types == UBLK_PARAM_TYPE_BASIC);
+	CHECK(p.discard.max_discard_sectors == 0 && p.discard.max_write_zeroes_sectors == 0);
 	CHECK(p.basic.max_sectors == 2048);
+	ublk_build_params(&p, &t, 1 << 20, false);
+	CHECK(p.discard.discard_granularity == 4096);
 
 	/* raw: no cluster size */
 	t.ops = ublk_tgt_find("raw");
@@ -197,6 +210,10 @@ static void test_features(void)
 	CHECK(ublk_features_used() == (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				       UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
 				       UBLK_F_UPDATE_SIZE | UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV));
+	/* 'qublk features' says "uses" for exactly the bits a device may be
+	 * created with (each has its command: add, recover, upgrade,
+	 * resize, del, add --unprivileged). */
+	CHECK(ublk_features_used() == (ublk_dev_flags(~0ULL, false) | ublk_dev_flags(~0ULL, true)));
 
 	/* Device flags: only what is offered; recovery never for
 	 * unprivileged devices; quiesce and reissue only with recovery. */
@@ -217,7 +234,8 @@ static void test_state(void)
 	char dir[] = "/dev/shm/qublk-test-ublk-XXXXXX";
 	struct ublk_state s = { .dev_id = 3, .pid = 4242, .queues = 2, .depth = 64,
 				.read_only = true, .direct = true, .size = 1ULL << 40,
-				.flags = UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE }, r;
+				.flags = UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE,
+				.discard = UBLK_DISCARD_IGNORE }, r;
 
 	if (!mkdtemp(dir)) {
 		perror("mkdtemp");
@@ -233,6 +251,14 @@ static void test_state(void)
 	CHECK(r.direct && !r.force_share && r.size == 1ULL << 40 &&
 	      r.flags == (UBLK_F_USER_RECOVERY | UBLK_F_QUIESCE));
 	CHECK(!strcmp(r.target, "raw") && !strcmp(r.image, "/images/a b=c.img"));
+	CHECK(r.discard == UBLK_DISCARD_IGNORE);
+	s.discard = UBLK_DISCARD_UNMAP;
+	CHECK(ublk_state_write(&s) == 0 && ublk_state_read(3, &r) == 0);
+	CHECK(r.discard == UBLK_DISCARD_UNMAP);
+	/* a state file from before --discard: AUTO, resolved as add would */
+	s.discard = UBLK_DISCARD_AUTO;
+	CHECK(ublk_state_write(&s) == 0 && ublk_state_read(3, &r) == 0);
+	CHECK(r.discard == UBLK_DISCARD_AUTO);
 	ublk_state_remove(3);
 	CHECK(ublk_state_read(3, &r) == -ENOENT);
 	rmdir(dir);

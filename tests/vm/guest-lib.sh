@@ -13,7 +13,14 @@
 #         VMTEST-BEGIN NAME
 #         VMTEST NAME PASS|FAIL|SKIP [reason]
 #     Exit 0 passes, 77 (see `skip`) skips, anything else fails.  A test also
-#     fails if the kernel logged a WARNING/BUG/Oops/hung task while it ran.
+#     fails if the kernel logged a WARNING/BUG/Oops/hung task while it ran,
+#     or if a sanitizer wrote a report into $VMTEST_SAN_DIR meanwhile (the
+#     host passes ASAN_OPTIONS/UBSAN_OPTIONS with log_path there for a
+#     sanitizer build: daemons' reports would otherwise sit in their logs),
+#     or if it left a /dev/ublk* that is not a device node: a program that
+#     opened a device path after the device was gone created a regular
+#     file there (in devtmpfs), wrote to it instead, and would shadow the
+#     next device of that name; such files are removed.
 #     The host (tests/vm/run.sh) reprints a failed test's section at the end.
 #     Output is not piped, so a daemon a test leaves behind cannot hold the
 #     harness open.
@@ -26,6 +33,12 @@
 #                            base name) after the VM exits.  The file is
 #                            hard-linked (or copied) now and written out when
 #                            the script ends, so export it in its final state.
+# ublk_has FEATURE           the ublk driver offers FEATURE (a name from
+#                            `qublk features`, e.g. safe_stop_dev)
+# ublk_dump ID [PID...]      what a stuck ublk daemon is doing: its log
+#                            (<run dir>/ublkID.log), the kernel stacks and
+#                            wait channels of every thread of each PID,
+#                            `qublk list` and the kernel log's tail
 # Environment in the guest: QUBLK (the binary under test, also on $PATH as
 # qublk), VMTEST_SCRIPT, VMTEST_DIR=/vmtest (script and extra files), and
 # whatever the host passed with run.sh --env.  Scratch space: /tmp (tmpfs,
@@ -85,16 +98,57 @@ _vmtest_export_flush() {
     echo "VMTEST-EXPORT $(find "$VMTEST_EXPORT_STAGE" -type f | wc -l) files"
 }
 
+ublk_has() {
+    { local -; set +x; } 2>/dev/null
+    qublk features --output json | grep -q "{\"name\": \"$1\", \"bit\": [0-9]*, \"supported\": true"
+}
+
+ublk_dump() {
+    { local -; set +x; } 2>/dev/null
+    local id=$1 pid t; shift
+    echo "---- ublk_dump ublk$id ----"
+    qublk list 2>&1 || true
+    for pid in "$@"; do
+        [ -d "/proc/$pid" ] || { echo "pid $pid: gone"; continue; }
+        for t in /proc/"$pid"/task/*; do
+            echo "pid $pid thread ${t##*/} ($(cat "$t/comm" 2>/dev/null)):" \
+                "state $(awk '{print $3}' "$t/stat" 2>/dev/null) wchan $(cat "$t/wchan" 2>/dev/null)"
+            sed 's/^/    /' "$t/stack" 2>/dev/null || true
+        done
+    done
+    echo "---- /run/qublk/ublk$id.log ----"
+    cat "/run/qublk/ublk$id.log" 2>&1 || true
+    echo "---- dmesg (tail) ----"
+    dmesg | tail -n 30
+    echo "---- end of ublk_dump ----"
+}
+
 kmsg_mark() { dmesg | wc -l; }
 kmsg_since() { dmesg | tail -n +"$(($1 + 1))"; }
 
 _vmtest_uptime() { cut -d' ' -f1 /proc/uptime; }
 
+# /dev/ublk* entries that are not device nodes.
+_vmtest_dev_impostors() {
+    local f
+    for f in /dev/ublk*; do
+        [ -e "$f" ] || [ -L "$f" ] || continue
+        [ -b "$f" ] || [ -c "$f" ] || echo "$f"
+    done
+}
+
+# Sanitizer reports (files log_path.PID) in $VMTEST_SAN_DIR, if set.
+_vmtest_san_reports() {
+    [ -n "${VMTEST_SAN_DIR:-}" ] || return 0
+    find "$VMTEST_SAN_DIR" -type f 2>/dev/null | sort
+}
+
 vmtest() {
     local name=$1; shift
     [ $# -ge 1 ] || { echo "vmtest $name: no test function" >&2; return 1; }
-    local rc=0 t0 t1 mark bad verdict reason='' errexit=0
+    local rc=0 t0 t1 mark bad verdict reason='' errexit=0 san0 san f
     mark=$(kmsg_mark)
+    san0=$(_vmtest_san_reports)
     t0=$(_vmtest_uptime)
     echo "VMTEST-BEGIN $name"
     # The subshell must not run in a conditional context (`( ) || rc=$?`),
@@ -120,6 +174,20 @@ vmtest() {
         if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
         reason="(kernel warning)"
     fi
+    bad=$(_vmtest_dev_impostors)
+    if [ -n "$bad" ]; then
+        echo "not device nodes, removed:" $bad
+        ls -l $bad
+        rm -f $bad
+        if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
+        reason="(a file in place of a device node)"
+    fi
+    san=$(_vmtest_san_reports | grep -vxF -f <(echo "$san0") | grep . || true)
+    if [ -n "$san" ]; then
+        for f in $san; do echo "sanitizer report $f:"; cat "$f"; done
+        if [ "$rc" -eq 0 ] || [ "$rc" -eq 77 ]; then rc=1; fi
+        reason="(sanitizer report)"
+    fi
     case $rc in
         0) verdict=PASS ;;
         77) verdict=SKIP ;;
@@ -133,6 +201,10 @@ vmtest() {
 vmtest_main() {
     local script=$1 rc=0 p f s
     : >"$VMTEST_RESULTS"
+    if [ -n "${VMTEST_SAN_DIR:-}" ]; then
+        mkdir -p "$VMTEST_SAN_DIR"
+        chmod 1777 "$VMTEST_SAN_DIR"   # reports of users' processes too
+    fi
     if [ -n "${QUBLK:-}" ]; then
         export QUBLK
     fi

@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: MIT
 # shellcheck shell=bash
-# tests/vm/smoke.guest.sh: guest half of tests/test-vm-smoke.sh (runs inside
-# the VM through tests/vm/run.sh; see tests/vm/README.md).  Checks that the
-# real ublk driver is there, that the qublk binary runs in the guest, and,
-# once `qublk add` exists, a raw image served over ublk passes fio --verify.
+# tests/vm/smoke.guest.sh: the harness's smoke (runs inside the VM through
+# tests/vm/run.sh, alone or first in each boot of tests/test-vm-ublk.sh;
+# see tests/vm/README.md).  Checks that the real ublk driver is there,
+# that the qublk binary runs in the guest, that a null device comes and
+# goes, and a raw image served over ublk passes fio --verify (skipped
+# with SMOKE_QUICK=1, where other scripts run fio anyway).
 
 t_ublk_control() {
     grep -qw ublk_drv /proc/modules || fail "ublk_drv is not loaded"
@@ -48,7 +50,7 @@ t_raw_fio_verify() {
     id=$(dev_id /tmp/add.out)
     [ -n "$id" ] || fail "qublk add printed no /dev/ublkbN"
     wait_for "/dev/ublkb$id"
-    fio --name=smoke --filename="/dev/ublkb$id" --rw=randwrite --bs=4k \
+    fio --allow_file_create=0 --name=smoke --filename="/dev/ublkb$id" --rw=randwrite --bs=4k \
         --size=64M --verify=crc32c --ioengine=libaio --direct=1 --iodepth=16 \
         --verify_fatal=1
     # The data went to the file: what the device reads equals the file.

@@ -24,7 +24,7 @@ devnum() { echo "${1#/dev/ublkb}"; }
 # more than one hardware queue sees requests.
 fio_verify() {
     local dev=$1 jobs=$2
-    fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio \
+    fio --allow_file_create=0 --name=verify --filename="$dev" --direct=1 --ioengine=libaio \
         --rw=randwrite --bssplit=512/10:4k/40:64k/20:256k/15:1m/15 \
         --iodepth=64 --size="$FIO_SIZE" --numjobs="$jobs" --offset_increment=48M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=1 \
@@ -87,7 +87,7 @@ t_fio_qcow2_q2() {
 t_fio_null_q2() {
     local dev
     dev=$(qublk add -t null -q 2 --size 256M)
-    fio --name=null --filename="$dev" --direct=1 --ioengine=libaio --rw=randrw \
+    fio --allow_file_create=0 --name=null --filename="$dev" --direct=1 --ioengine=libaio --rw=randrw \
         --bs=4k --iodepth=64 --size=64M --numjobs=2 --group_reporting >/dev/null
     qublk del -n "$(devnum "$dev")"
 }

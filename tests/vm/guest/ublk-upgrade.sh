@@ -7,7 +7,13 @@
 # throughout (it is passed open, with its locks), and after del qemu-img
 # check must be clean (a hand-over is not a crash: no leaks) and QEMU must
 # read what the device read.  On 6.12 (no QUIESCE_DEV) the old daemon
-# stops its queues and the kernel requeues what they held.
+# stops its queues and the kernel requeues what they held.  A hand-over
+# that hangs or fails prints both daemons' threads (kernel stacks) and
+# the device's log (ublk_dump).
+# UPGRADES (default 3) hand-overs per fio run, the first 0.2..0.8 s in,
+# then 0.5..3 s apart;
+# UPGRADE_FIO_SIZE (default 32M) per fio job; UPGRADE_ONLY="q2 q2 ..."
+# runs only those cases (repeats allowed: a stress run).
 
 W=/tmp/ublk-upgrade
 mkdir -p "$W"
@@ -16,22 +22,58 @@ RANDOM=${SEED:-$$}
 devnum() { echo "${1#/dev/ublkb}"; }
 daemon_pid() { sed -n 's/^pid=//p' "/run/qublk/ublk$1"; }
 
+# children PID: the processes whose parent is PID.
+children() {
+    local st
+    for st in /proc/[0-9]*/stat; do
+        awk -v p="$1" '$4 == p { print $1 }' "$st" 2>/dev/null
+    done
+}
+
+# run_upgrade ID OLD_PID: qublk upgrade -n ID; a hand-over that takes more
+# than 60 s, or fails, dumps what the old and the new daemon are doing.
+run_upgrade() {
+    local id=$1 old=$2 up_pid i rc=0 dumped=0
+    qublk upgrade -n "$id" >"$W/up.out" 2>"$W/up.err" &
+    up_pid=$!
+    { local -; set +x; } 2>/dev/null
+    for ((i = 0; i < 1800; i++)); do
+        kill -0 "$up_pid" 2>/dev/null || break
+        if [ "$i" = 600 ]; then
+            echo "qublk upgrade still running after 60 s"
+            # shellcheck disable=SC2046 # (one pid per word)
+            ublk_dump "$id" "$old" $(children "$up_pid")
+            dumped=1
+        fi
+        sleep 0.1
+    done
+    wait "$up_pid" || rc=$?
+    cat "$W/up.err"
+    if [ "$rc" != 0 ]; then
+        [ "$dumped" = 1 ] || ublk_dump "$id" "$old"
+        fail "qublk upgrade -n $id: exit $rc"
+    fi
+}
+
 upgrade_case() {
-    local queues=$1 img=$W/img.qcow2 dev id fio_pid rc k old new
+    local queues=$1 img=$W/img.qcow2 dev id fio_pid rc k t old new
     qemu-img create -q -f qcow2 "$img" 128M
     dev=$(qublk add -q "$queues" "$img")
     id=$(devnum "$dev")
-    fio --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
-        --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size=32M \
+    fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
+        --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size="${UPGRADE_FIO_SIZE:-32M}" \
         --offset_increment=48M --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --randrepeat=0 --group_reporting --output-format=terse --terse-version=3 \
         >"$W/fio.out" 2>&1 &
     fio_pid=$!
-    for ((k = 0; k < 3; k++)); do
-        sleep "$((1 + RANDOM % 3))"
+    for ((k = 0; k < ${UPGRADES:-3}; k++)); do
+        # The first hand-over 0.2..0.8 s into fio (always one, even on a
+        # fast machine), the others 0.5..3 s after the previous one.
+        if [ "$k" = 0 ]; then t=$((2 + RANDOM % 7)); else t=$((5 + RANDOM % 26)); fi
+        sleep "$((t / 10)).$((t % 10))"
         kill -0 "$fio_pid" 2>/dev/null || break
         old=$(daemon_pid "$id")
-        qublk upgrade -n "$id" >"$W/up.out"
+        run_upgrade "$id" "$old"
         grep -qx "$dev" "$W/up.out" || fail "upgrade printed $(cat "$W/up.out")"
         new=$(daemon_pid "$id")
         [ "$new" != "$old" ] || fail "the daemon did not change"
@@ -79,6 +121,10 @@ t_upgrade_refusals() {
 }
 
 need qublk fio qemu-img qemu-io
+if [ -n "${UPGRADE_ONLY:-}" ]; then
+    for t in $UPGRADE_ONLY; do vmtest "ublk-upgrade-$t" "t_upgrade_${t//-/_}"; done
+    return 0
+fi
 vmtest ublk-upgrade-q1 t_upgrade_q1
 vmtest ublk-upgrade-q2 t_upgrade_q2
 vmtest ublk-upgrade-refusals t_upgrade_refusals
