@@ -34,7 +34,7 @@ OPT_EXPORT_NAME, OPT_INFO, OPT_GO, OPT_SR, OPT_LIST_META, OPT_SET_META, OPT_EXT 
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, ZEROES, BLOCK_STATUS = range(8)
 FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO, PAYLOAD_LEN = 1, 2, 4, 8, 16, 32
 T_NONE, T_DATA, T_HOLE, T_BS, T_BS_EXT, T_ERROR = 0, 1, 2, 5, 6, 0x8001
-EINVAL, ENOSPC = 22, 28
+EINVAL, ENOSPC, ENOTSUP = 22, 28, 95
 K, M, G = 1 << 10, 1 << 20, 1 << 30
 MAX_PAYLOAD = 32 * M
 
@@ -303,7 +303,9 @@ expect(s, ZEROES, 2 * G, 4 * G + 4096, 0, flags=NO_HOLE,
        what="write-zeroes of 4 GiB + 4 KiB")
 expect(s, 42, 0, 512, EINVAL, what="unknown command")
 expect(s, CACHE, 0, 4096, EINVAL, what="cache (not advertised)")
-expect(s, ZEROES, 0, 4096, EINVAL, flags=FAST_ZERO, what="write-zeroes with FAST_ZERO")
+expect(s, ZEROES, 4096, 512, ENOTSUP, flags=FAST_ZERO,
+       what="FAST_ZERO inside a data cluster (would write zeros)")
+expect(s, ZEROES, 2 * G, 4 * G, 0, flags=FAST_ZERO, what="FAST_ZERO of 4 GiB, cluster aligned")
 
 # Payloads: skipped and refused on anything but a write; the next request
 # is read from the right place.

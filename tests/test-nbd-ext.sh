@@ -12,8 +12,11 @@
 #      compare over the extended connection), `qemu-img map` over NBD
 #      equal to the image's own map, and the map's block status requests
 #      longer than 4 GiB answered with BLOCK_STATUS_EXT chunks.
-#   3. One write-zeroes of 5 GiB + 8 KiB (tests/nbd_ext_proto.py zero5g;
-#      QEMU's client splits its own at 2 GiB) compared the same way.
+#      QEMU 10's fast zeroes (NBD_CMD_FLAG_FAST_ZERO) of 5 GiB go as one
+#      request, compared the same way.
+#   3. One write-zeroes of 5 GiB + 8 KiB, unaligned, without FAST_ZERO
+#      (tests/nbd_ext_proto.py zero5g; QEMU's client splits those at
+#      2 GiB) compared the same way.
 #   4. Clients that do not ask for extended headers are served as before:
 #      QEMU 7.2's qemu-io and qemu-img, and libnbd's nbdinfo.
 # QEMU 10 is required (tests/setup-qemu10.sh).  With
@@ -111,6 +114,17 @@ grep -q "Received option reply 11 (extended headers), type 1 (ack)" "$TMPD/trace
 log_says "extended headers"
 echo "$SCRIPT" | qio "$NBD_URI" raw -d unmap
 echo "$SCRIPT" | qio "$REF" qcow2 -d unmap
+check_export "$IMG" "$REF"
+# QEMU sends a write-zeroes over 2 GiB only as a fast zero (-n), in one
+# request: 5 GiB here, over data, cluster aligned.
+qemu-io -f raw --trace nbd_send_request -c 'write -z -n -u 1G 5G' -c 'write -z -n 7G 1M' \
+    "$NBD_URI" >"$TMPD/zerotrace.out" 2>&1 || { cat "$TMPD/zerotrace.out" >&2; fail "qemu-io write -z -n"; }
+grep -q "\.len = 5368709120, [^}]*\.type = 6 (write zeroes)" "$TMPD/zerotrace.out" \
+    || { cat "$TMPD/zerotrace.out" >&2; fail "no 5 GiB write-zeroes request from QEMU 10"; }
+qio "$REF" qcow2 -d unmap <<'EOF'
+write -z -n -u 1G 5G
+write -z -n 7G 1M
+EOF
 check_export "$IMG" "$REF"
 # The map's block status requests span more than 4 GiB: only extended
 # headers can ask that, and they are answered with 64-bit extents.

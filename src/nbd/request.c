@@ -239,7 +239,7 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 		break;
 	case NBD_CMD_WRITE_ZEROES: {
 		unsigned fl = 0;
-		if (r->flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE))
+		if (r->flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO))
 			return EINVAL;
 		if (bs->read_only)
 			return EPERM;
@@ -249,6 +249,11 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 			fl |= BDRV_REQ_MAY_UNMAP;
 		if (fua)
 			fl |= BDRV_REQ_FUA;
+		/* FAST_ZERO: ENOTSUP where zeroing would mean writing zeros
+		 * (an unaligned qcow2 head or tail over data, a raw file system
+		 * without fallocate), and the client writes them itself. */
+		if (r->flags & NBD_CMD_FLAG_FAST_ZERO)
+			fl |= BDRV_REQ_NO_FALLBACK;
 		ret = bdrv_co_pwrite_zeroes(bs, r->off, r->len, fl);
 		break;
 	}
