@@ -61,6 +61,10 @@ enum {
 enum {
 	BDRV_REQ_FUA       = 1 << 0,  /* write: data and metadata durable on return */
 	BDRV_REQ_MAY_UNMAP = 1 << 1,  /* write_zeroes: may deallocate */
+	/* write_zeroes: fail with -ENOTSUP (perhaps after zeroing part of the
+	 * range) rather than write zeros, where the driver cannot zero
+	 * without writing them (NBD's NBD_CMD_FLAG_FAST_ZERO) */
+	BDRV_REQ_NO_FALLBACK = 1 << 2,
 };
 
 struct bdrv_opts {

@@ -341,7 +341,7 @@ int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned 
 	if (bs->read_only)
 		return -EROFS;
 	int ret = check_range(bs, off, len);
-	if (!ret && (flags & ~(BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP)))
+	if (!ret && (flags & ~(BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK)))
 		ret = -EINVAL;
 	if (ret)
 		return ret;

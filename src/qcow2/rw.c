@@ -926,7 +926,7 @@ int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned
 			ret = zero_partial(s, off, piece_end - off, flags);
 		else
 			ret = zeroize(s, off, piece_end - off, flags);
-		if (ret == -ENOTSUP)
+		if (ret == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK))
 			ret = write_zero_buffers(bs, off, piece_end - off);
 		if (ret < 0)
 			return ret;
