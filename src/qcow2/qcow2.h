@@ -220,6 +220,13 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int qcow2_co_flush(struct bdrv *bs);
 int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 				const struct iovec *iov, int iovcnt);
+/* Lock held, the guest clusters of [off, end) owned.  Make them read as
+ * zeros with zero clusters (v3; zero subclusters with extended L2), for
+ * an image whose size is @img_end (a resize sets up its new range before
+ * bs->size changes).  @off and @end are cluster (subcluster) aligned or
+ * @end is @img_end.  Returns -errno. */
+int qcow2_zero_clusters_locked(struct qcow2_state *s, uint64_t off, uint64_t end,
+			       uint64_t img_end);
 int qcow2_bounce_init(struct qcow2_state *s);
 void qcow2_bounce_deinit(struct qcow2_state *s);
 
