@@ -55,10 +55,13 @@
  * makes resizes one at a time.  s->lock owns the L1 table, on disk and
  * in memory: every reader of s->l1 holds it, and each step holds it from
  * its decision to its last write, so the table is replaced between two
- * holders and nobody sees it half-switched.  The dropped range of a
- * shrink is owned (ranges.c) while it is emptied.  Requests reach a new
- * range only once bs->size has changed, which the block layer does after
- * this returns.
+ * holders and nobody sees it half-switched.  Requests reach a new range
+ * only once bs->size has changed, which the block layer does after this
+ * returns.  A shrink owns the dropped range (ranges.c) while it empties
+ * it, so requests in flight there finish first; one that reached it
+ * after, before bs->size changed, could map clusters there again, past
+ * the new end (leaked, never corrupt).  Only offline resizes shrink
+ * (a live device refuses to: src/ublk/dev.c), so none does.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -483,7 +486,12 @@ int qcow2_co_truncate(struct bdrv *bs, uint64_t size)
 	co_mutex_lock(&s->lock);
 	/* After the wait: the size as the file has it now. */
 	old = s->meta.h.size;
-	ret = s->corrupt ? -EIO : refuse(s);
+	if (s->corrupt) {
+		log_error("%s: the image is marked corrupt: not resized", bs->filename);
+		ret = -EIO;
+	} else {
+		ret = refuse(s);
+	}
 	co_mutex_unlock(&s->lock);
 	if (ret == 0 && size > old)
 		ret = grow(s, old, size);
