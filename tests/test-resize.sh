@@ -15,9 +15,9 @@
 #   blocks for it, and a larger refcount table); v2; extended L2; an
 #   internal snapshot (v3: still intact after grow and shrink, and
 #   `qublk snapshot -a` goes back to its size as qemu-img does); external
-#   data files, plain and raw; shrink of a tail written then discarded or
-#   zeroed; a backing file larger than the image (its data must not show
-#   through the grown range);
+#   data files, plain and raw (with and without extended L2); shrink of a
+#   tail written then discarded or zeroed; a backing file larger than the
+#   image (its data must not show through the grown range);
 #   refusals as qemu-img's: v2 with snapshots, shrinking without
 #   --shrink; and ours: shrinking over data, v2 over a larger backing file
 #   (qemu-img fails half-way there), persistent bitmaps (qemu-img resizes
@@ -296,12 +296,15 @@ qcheck "$M"
 # External data files, plain and raw (the raw one gets its new clusters
 # mapped, as QEMU preallocates them).  Absolute names: QEMU 7.2 opens a
 # relative one from its working directory.
-for mode in plain raw; do
+for mode in plain raw raw-xl2; do
     for side in a b; do
         d=$TMPD/df-$mode-$side
         mkdir -p "$d"
         o="data_file=$d/data.raw"
-        [ "$mode" = raw ] && o+=",data_file_raw=on"
+        case $mode in
+            raw) o+=",data_file_raw=on" ;;
+            raw-xl2) o+=",data_file_raw=on,extended_l2=on" ;;
+        esac
         qemu-img create -q -f qcow2 -o "$o" "$d/img.qcow2" 4M
         qemu-io -f qcow2 -c 'write -P 0x51 0 1M' -c 'write -P 0x52 3M 64k' -c 'discard 3M 1M' \
             "$d/img.qcow2" >/dev/null
@@ -309,8 +312,9 @@ for mode in plain raw; do
     a=$TMPD/df-$mode-a b=$TMPD/df-$mode-b
     steps=("12M" "5M --shrink" "9M")
     # data_file_raw: every cluster is mapped to the data file, so the
-    # range a shrink drops always holds data: refused (qemu-img drops it).
-    [ "$mode" = raw ] && steps=("12M" "16M")
+    # range a shrink drops holds data: refused (qemu-img drops it).  Not
+    # with extended L2, where QEMU maps them with unallocated subclusters.
+    [ "$mode" != raw ] || steps=("12M" "16M")
     for step in "${steps[@]}"; do
         read -r sz flag <<<"$step"
         # shellcheck disable=SC2086
@@ -322,6 +326,9 @@ for mode in plain raw; do
         [ "$(stat -c %s "$a/data.raw")" = "$(stat -c %s "$b/data.raw")" ] ||
             fail "data file ($mode): $(stat -c %s "$a/data.raw") bytes, qemu-img's $(stat -c %s "$b/data.raw")"
         qemu-img compare -q "$a/img.qcow2" "$b/img.qcow2" || fail "data file ($mode): differs after $sz"
+        # Guest cluster X is data file cluster X: the maps agree exactly.
+        cmp -s <(qemu-img map --output=json "$a/img.qcow2") <(qemu-img map --output=json "$b/img.qcow2") ||
+            fail "data file ($mode): qemu-img map differs after $sz"
         qcheck "$a/img.qcow2"
     done
     if [ "$mode" = raw ]; then
@@ -332,7 +339,7 @@ for mode in plain raw; do
     else
         grown "$a/img.qcow2" $((5 << 20)) $((9 << 20))
     fi
-    if [ "$mode" = raw ]; then
+    if [ "$mode" != plain ]; then
         qemu-img compare -q -f raw -F qcow2 "$a/data.raw" "$a/img.qcow2" ||
             fail "data_file_raw: the data file does not read as the disk"
     fi

@@ -173,10 +173,12 @@ out:
 
 /* Lock held.  Map guest clusters [start, end) of a raw external data
  * file to themselves (QEMU's metadata preallocation for data_file_raw):
- * the data file holds the guest's bytes there already. */
+ * the data file holds the guest's bytes there already.  With extended
+ * L2 the subclusters stay unallocated, as QEMU's preallocation leaves
+ * them (they read as zeros, and so does the data file there). */
 static int map_raw(struct qcow2_state *s, uint64_t start, uint64_t end)
 {
-	uint64_t cs = s->cluster_size, all = qcow2_sc_alloc_range(0, QCOW2_SUBCLUSTERS);
+	uint64_t cs = s->cluster_size;
 	int ret = 0;
 
 	for (uint64_t off = ALIGN_UP(start, cs); off < end && ret == 0;) {
@@ -191,8 +193,7 @@ static int map_raw(struct qcow2_state *s, uint64_t start, uint64_t end)
 			break;
 		for (; off < end && off < slice_end; off += cs, idx++)
 			if (!qcow2_l2_get(s, ents, idx))
-				qcow2_l2_set(s, ents, idx, off | QCOW2_OFLAG_COPIED,
-					     s->ext_l2 ? all : 0);
+				qcow2_l2_set(s, ents, idx, off | QCOW2_OFLAG_COPIED, 0);
 		qcow2_cache_mark_dirty(&s->l2c, slot);
 		qcow2_cache_put(&s->l2c, slot);
 	}
