@@ -168,6 +168,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	s->file = bs->file;
 	s->read_only = ro;
 	s->lock = (struct co_mutex)CO_MUTEX_INIT;
+	s->resize_lock = (struct co_mutex)CO_MUTEX_INIT;
 	ret = io_get_size(s->file, &file_size);
 	if (ret < 0) {
 		log_error("%s: cannot get the file size: %s", fn, strerror(-ret));
@@ -374,4 +375,5 @@ const struct bdrv_driver bdrv_qcow2 = {
 	.co_flush = qcow2_co_flush,
 	.co_pwritev_compressed = qcow2_co_pwritev_compressed,
 	.co_block_status = qcow2_co_block_status,
+	.co_truncate = qcow2_co_truncate,
 };
