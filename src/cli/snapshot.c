@@ -153,13 +153,13 @@ int cmd_snapshot(int argc, char **argv)
 		break;
 	}
 	case 'c':
-		ret = qcow2_snapshot_create(f, name, err, sizeof(err));
+		ret = qcow2_snapshot_create(f, name, 0, err, sizeof(err));
 		break;
 	case 'a':
-		ret = qcow2_snapshot_apply(f, name, err, sizeof(err));
+		ret = qcow2_snapshot_apply(f, name, 0, err, sizeof(err));
 		break;
 	default:
-		ret = qcow2_snapshot_delete(f, name, err, sizeof(err));
+		ret = qcow2_snapshot_delete(f, name, 0, err, sizeof(err));
 		break;
 	}
 	io_file_close(f);
