@@ -624,7 +624,7 @@ int bdrv_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, c
 			snprintf(err, errlen, "%s", strerror(-ret));
 	}
 	if (ret < 0)
-		log_error("%s: could not %s snapshot '%s': %s", bs->filename,
+		log_error("%s: could not %s snapshot '%.64s': %s", bs->filename,
 			  op == BDRV_SNAPSHOT_DELETE ? "delete" : "create", name,
 			  errlen ? err : strerror(-ret));
 	return ret;

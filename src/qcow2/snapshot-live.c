@@ -153,7 +153,7 @@ int qcow2_co_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *nam
 		}
 	}
 	if (ret == 0)
-		log_info("%s: snapshot '%s' %s", fn, name,
+		log_info("%s: snapshot '%.64s' %s", fn, name,
 			 op == BDRV_SNAPSHOT_DELETE ? "deleted" : "created");
 out:
 	co_mutex_unlock(&s->lock);

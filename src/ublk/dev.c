@@ -740,8 +740,6 @@ static void handle_snapshot(struct ublk_dev *d, int cfd, const char *req)
 		send_reply(cfd, msg, -1);
 		return;
 	}
-	log_info("ublk%u: snapshot '%.64s' %s", d->info.dev_id, name,
-		 op == BDRV_SNAPSHOT_DELETE ? "deleted" : "created");
 	send_reply(cfd, "ok", -1);
 }
 
