@@ -10,7 +10,8 @@
 #         kill -9 + `qublk recover` under fio verify and ext4, add
 #         --recover-on-restart, `qublk upgrade` under fio verify (with
 #         QUIESCE_DEV), safe stop, online resize under ext4, unprivileged
-#         devices;
+#         devices, live internal snapshots under fio --verify and kill -9
+#         during one;
 #   6.12  what differs on Debian 12's kernel: features, kill -9 without
 #         recovery, recover (fewer cases and kills), upgrade without
 #         QUIESCE_DEV, resize refused (no UPDATE_SIZE).
