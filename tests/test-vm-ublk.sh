@@ -15,7 +15,8 @@
 #         kill -9 + `qublk recover` under fio verify and ext4, add
 #         --recover-on-restart, `qublk upgrade` under fio verify (with
 #         QUIESCE_DEV), safe stop, online resize under ext4, unprivileged
-#         devices, thin provisioning (fstrim vs QEMU, --discard ignore);
+#         devices, thin provisioning (fstrim vs QEMU, --discard ignore),
+#         live internal snapshots under fio --verify and kill -9 during one;
 #         with trimmed fio sizes and recover's matrix cut to its corners
 #         (QUBLK_VM_FULL=1: everything, full size);
 #   6.12  what differs on Debian 12's kernel: features, kill -9 without

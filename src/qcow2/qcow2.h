@@ -4,6 +4,8 @@
  * driver's files.
  *
  *   driver.c   open/close, feature checks, the bdrv_qcow2 ops table
+ *   snapshot-live.c  internal snapshots of the open image (the work is
+ *              snapshot-write.c's, shared with the offline tool)
  *   ranges.c   the range authority: metadata map and overlap checks,
  *              allocation reservations, host I/O epochs, guest cluster
  *              owners, corruption signalling
@@ -117,6 +119,10 @@ void qcow2_cache_synced(struct qcow2_cache *c, bool ok);
 
 int qcow2_refcount_open(struct qcow2_state *s);
 void qcow2_refcount_close(struct qcow2_state *s);
+/* Read and validate the refcount table at s->reftable_offset
+ * (s->reftable_clusters) into a new array: *n entries, host order.
+ * Returns -errno (logged). */
+int qcow2_read_reftable(struct qcow2_state *s, uint64_t **out, uint32_t *n);
 /* Lock held.  Refcount of host cluster @cluster (0 if not covered). */
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc);
 /* Lock held.  Allocate @n contiguous clusters (refcount 0 -> 1, in the
@@ -206,6 +212,21 @@ int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest);
  * table is not allocated. */
 int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slice,
 			    uint64_t **entries, unsigned *index);
+
+/* ---- driver.c ---------------------------------------------------------- */
+
+/* Read and validate the active L1 table (s->l1_offset, s->l1_size) into
+ * a new array, host order.  Returns -errno (logged). */
+int qcow2_read_l1(struct qcow2_state *s, uint64_t **out);
+
+/* ---- snapshot-live.c --------------------------------------------------- */
+
+/* The co_snapshot and co_snapshot_list ops (bdrv.h).  Coroutine
+ * context; they take the lock. */
+int qcow2_co_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, char *err,
+		      size_t errlen);
+int qcow2_co_snapshot_list(struct bdrv *bs, struct qcow2_snapshot **out, uint32_t *n, char *err,
+			   size_t errlen);
 
 /* ---- status.c --------------------------------------------------------- */
 
