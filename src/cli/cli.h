@@ -20,6 +20,7 @@ int cmd_del(int argc, char **argv);      /* src/cli/ublk.c */
 int cmd_features(int argc, char **argv); /* src/cli/features.c */
 int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
+int cmd_map(int argc, char **argv);      /* src/cli/map.c */
 
 /* Helpers shared by the command files (src/cli/ublk.c). */
 #include <stdio.h>
@@ -27,5 +28,24 @@ int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
 int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out);
 /* s as a JSON string literal, quotes included. */
 void cli_json_string(FILE *out, const char *s);
+
+/* An image's backing chain as its headers name it (src/cli/chain.c), top
+ * first: what each block-status depth (1 = l[0]) stands for. */
+#include <stdint.h>
+#include <sys/types.h>
+struct chain_layer {
+	char *path;               /* as bdrv_open_backing() resolves it */
+	const char *format;       /* "qcow2" or "raw" */
+	uint64_t size;            /* virtual size */
+	dev_t dev;
+	ino_t ino;
+};
+struct chain {
+	struct chain_layer *l;
+	unsigned n;
+};
+/* @format: the top image's, or NULL to probe.  Logs and returns -errno. */
+int chain_read(const char *path, const char *format, struct chain *c);
+void chain_free(struct chain *c);
 
 #endif

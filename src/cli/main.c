@@ -16,6 +16,7 @@ static const struct command {
 	{ "create", cmd_create, "create a qcow2 or raw image" },
 	{ "info",   cmd_info,   "show an image's format, features, backing chain, snapshots" },
 	{ "check",  cmd_check,  "check an image's consistency (qemu-img check), repair with -r" },
+	{ "map",    cmd_map,    "show how an image maps onto its backing chain (qemu-img map)" },
 	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
 	{ "list",   cmd_list,   "list ublk devices" },
 	{ "del",    cmd_del,    "stop and remove ublk devices" },
