@@ -21,6 +21,7 @@ int cmd_features(int argc, char **argv); /* src/cli/features.c */
 int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_map(int argc, char **argv);      /* src/cli/map.c */
+int cmd_convert(int argc, char **argv);  /* src/cli/convert.c */
 
 /* Helpers shared by the command files (src/cli/ublk.c). */
 #include <stdio.h>

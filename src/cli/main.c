@@ -17,6 +17,7 @@ static const struct command {
 	{ "info",   cmd_info,   "show an image's format, features, backing chain, snapshots" },
 	{ "check",  cmd_check,  "check an image's consistency (qemu-img check), repair with -r" },
 	{ "map",    cmd_map,    "show how an image maps onto its backing chain (qemu-img map)" },
+	{ "convert", cmd_convert, "copy an image (or chain) into a new raw or qcow2 image, sparse" },
 	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
 	{ "list",   cmd_list,   "list ublk devices" },
 	{ "del",    cmd_del,    "stop and remove ublk devices" },

@@ -1,0 +1,509 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * qublk convert: copy an image (or a backing chain, read through its top)
+ * into a new raw image, sparse.
+ *
+ * Streaming: the source is cut into chunks (CHUNK bytes, a multiple of
+ * the output's unit) that worker coroutines claim in turn, -m of them in
+ * flight.  For its chunk a worker asks the source's block status (no
+ * data read) and classifies each unit of the output (4 KiB for raw):
+ * a unit the source reads as zeros from metadata alone is skipped; the
+ * others are read, and those whose data is all zeros are skipped too;
+ * the rest is written, neighbours in one request.  The output is new,
+ * so whatever is skipped reads as zeros.
+ *
+ * The output never appears half written: it is created under a
+ * temporary name in the destination's directory and renamed into place
+ * once it is complete and flushed; on failure (or SIGINT/SIGTERM) the
+ * temporary file is removed.  An existing destination is first opened
+ * and locked read-write, as an image about to be written: if another
+ * process (qublk, qemu-nbd, a VM, this convert's own source) uses it,
+ * convert refuses before writing anything, and the lock is held until
+ * the rename replaced the file.
+ *
+ * Threads: one, with its io_uring (aio_run_coroutine drives the
+ * workers).  Exit codes: 0 done, 1 failed (nothing left behind), 2 bad
+ * command line.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "block/bdrv.h"
+#include "block/lock.h"
+#include "cli/cli.h"
+#include "common/aio.h"
+#include "common/coro.h"
+#include "common/io.h"
+#include "common/util.h"
+
+#define CHUNK       (2u << 20)     /* bytes a worker claims */
+#define RAW_UNIT    4096u          /* sparse granularity of a raw output (qemu-img's -S) */
+#define MAX_WORKERS 64
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+	(void)sig;
+	interrupted = 1;
+}
+
+struct conv {
+	struct bdrv *src, *dst;
+	uint64_t size;             /* bytes to convert: the source's size */
+	uint64_t unit;             /* the output's allocation unit */
+	uint64_t next;             /* next chunk to claim */
+	uint64_t done;             /* bytes finished, for the progress line */
+	unsigned running;          /* workers not finished */
+	int error;                 /* first error, -errno */
+	bool progress;
+	int last_pct;
+};
+
+struct worker {
+	struct conv *cv;
+	uint8_t *buf;              /* CHUNK bytes: the source's data */
+	uint8_t *cls;              /* per unit of the chunk: UNIT_* */
+	struct coro *co;
+};
+
+/* What a unit of the chunk needs, from block status alone. */
+enum { UNIT_ZERO = 0, UNIT_DATA = 1 };
+
+static void set_error(struct conv *cv, int err, const char *what, uint64_t off)
+{
+	if (cv->error)
+		return;
+	cv->error = err;
+	if (err != -EINTR)
+		log_error("%s at offset %" PRIu64 ": %s", what, off, strerror(-err));
+}
+
+static void show_progress(struct conv *cv)
+{
+	int pct;
+
+	if (!cv->progress)
+		return;
+	pct = cv->size ? (int)(cv->done * 10000 / cv->size) : 10000;
+	if (pct == cv->last_pct)
+		return;
+	cv->last_pct = pct;
+	printf("    (%d.%02d/100%%)\r", pct / 100, pct % 100);
+	fflush(stdout);
+}
+
+/* Classify the units of [a, b) from the source's block status. */
+static int classify(struct worker *w, uint64_t a, uint64_t b)
+{
+	struct conv *cv = w->cv;
+	uint64_t pos = a, n, unit = cv->unit;
+	unsigned depth;
+
+	memset(w->cls, UNIT_ZERO, DIV_ROUND_UP(b - a, unit));
+	while (pos < b) {
+		int st = bdrv_co_block_status(cv->src, pos, b - pos, &n, &depth);
+		if (st < 0) {
+			set_error(cv, st, "block status of the source", pos);
+			return st;
+		}
+		if (st & BDRV_BLOCK_DATA)
+			memset(w->cls + (pos - a) / unit, UNIT_DATA,
+			       (pos + n - 1 - a) / unit - (pos - a) / unit + 1);
+		pos += n;
+	}
+	return 0;
+}
+
+/* Write the units of [a, b) (read into w->buf at a - @base) that are not
+ * all zeros, neighbours together. */
+static int write_data(struct worker *w, uint64_t base, uint64_t a, uint64_t b)
+{
+	struct conv *cv = w->cv;
+	uint64_t u = a, run = a;
+	int ret;
+
+	while (u < b) {
+		uint64_t ue = MIN(u + cv->unit, b);
+		bool zero = buf_is_zero(w->buf + (u - base), ue - u);
+		if (zero && run < u) {
+			ret = bdrv_co_pwrite(cv->dst, run, u - run, w->buf + (run - base), 0);
+			if (ret < 0) {
+				set_error(cv, ret, "writing the output", run);
+				return ret;
+			}
+		}
+		u = ue;
+		if (zero)
+			run = u;
+	}
+	if (run < b) {
+		ret = bdrv_co_pwrite(cv->dst, run, b - run, w->buf + (run - base), 0);
+		if (ret < 0)
+			set_error(cv, ret, "writing the output", run);
+		return ret;
+	}
+	return 0;
+}
+
+static int convert_chunk(struct worker *w, uint64_t a, uint64_t b)
+{
+	struct conv *cv = w->cv;
+	uint64_t unit = cv->unit, g0 = a;
+	int ret = classify(w, a, b);
+
+	while (!ret && g0 < b) {
+		/* A group of units of one class. */
+		uint8_t c = w->cls[(g0 - a) / unit];
+		uint64_t g1 = MIN(ALIGN_DOWN(g0, unit) + unit, b);
+		while (g1 < b && w->cls[(g1 - a) / unit] == c)
+			g1 = MIN(g1 + unit, b);
+		if (c == UNIT_DATA) {
+			ret = bdrv_co_pread(cv->src, g0, g1 - g0, w->buf + (g0 - a));
+			if (ret < 0)
+				set_error(cv, ret, "reading the source", g0);
+			else
+				ret = write_data(w, a, g0, g1);
+		}
+		g0 = g1;
+	}
+	return ret;
+}
+
+static void worker_fn(void *opaque)
+{
+	struct worker *w = opaque;
+	struct conv *cv = w->cv;
+
+	while (!cv->error && cv->next < cv->size) {
+		uint64_t a = cv->next, b = MIN(a + CHUNK, cv->size);
+		cv->next = b;
+		if (interrupted) {
+			set_error(cv, -EINTR, "interrupted", a);
+			break;
+		}
+		if (convert_chunk(w, a, b) < 0)
+			break;
+		cv->done += b - a;
+		show_progress(cv);
+	}
+	if (--cv->running == 0 && !cv->error) {
+		int ret = bdrv_co_flush(cv->dst);
+		if (ret < 0)
+			set_error(cv, ret, "flushing the output", 0);
+	}
+}
+
+static int run(struct conv *cv, unsigned nworkers)
+{
+	struct worker *w = calloc(nworkers, sizeof(*w));
+	struct aio_ctx ctx;
+	int ret;
+
+	if (!w)
+		return -ENOMEM;
+	ret = aio_ctx_init(&ctx, 2 * nworkers < 64 ? 64 : 2 * nworkers);
+	if (ret < 0) {
+		log_error("io_uring_queue_init: %s", strerror(-ret));
+		free(w);
+		return ret;
+	}
+	aio_ctx_set_current(&ctx);
+	for (unsigned i = 0; i < nworkers && !ret; i++) {
+		w[i].cv = cv;
+		w[i].buf = io_alloc(CHUNK);
+		w[i].cls = malloc(CHUNK / 512);
+		w[i].co = coro_new(worker_fn, &w[i], 0);
+		if (!w[i].buf || !w[i].cls || !w[i].co)
+			ret = -ENOMEM;
+	}
+	if (ret == 0) {
+		cv->running = nworkers;
+		for (unsigned i = 0; i < nworkers; i++)
+			aio_schedule(w[i].co);
+		while (cv->running || ctx.inflight || ctx.ready_head) {
+			ret = aio_run_once(&ctx, true);
+			if (ret < 0) {
+				log_error("io_uring: %s", strerror(-ret));
+				break;
+			}
+		}
+	} else {
+		log_error("out of memory");
+	}
+	for (unsigned i = 0; i < nworkers; i++) {
+		if (w[i].co)
+			coro_free(w[i].co);
+		io_free(w[i].buf);
+		free(w[i].cls);
+	}
+	free(w);
+	aio_ctx_set_current(NULL);
+	aio_ctx_deinit(&ctx);
+	return ret < 0 ? ret : cv->error;
+}
+
+/* ---- the output file ---------------------------------------------------- */
+
+struct output {
+	char *path;        /* the destination (symlinks resolved) */
+	char *tmp;         /* the temporary file it is built as, or NULL */
+	struct io_file *old;   /* the existing destination, locked, or NULL */
+};
+
+/* Resolve the destination, lock an existing one, reserve a temporary
+ * name beside it.  Returns -errno (logged). */
+static int output_prepare(const char *dst, struct output *o)
+{
+	char dir[PATH_MAX], *d;
+	struct stat st;
+	mode_t mask;
+	int fd, ret;
+
+	memset(o, 0, sizeof(*o));
+	if (stat(dst, &st) == 0) {
+		unsigned perm, shared;
+		if (!S_ISREG(st.st_mode)) {
+			log_error("%s: not a regular file", dst);
+			return -EINVAL;
+		}
+		o->path = realpath(dst, NULL);
+		if (!o->path)
+			return -errno;
+		ret = io_file_open(o->path, 0, &o->old);
+		if (ret < 0) {
+			log_error("%s: cannot open: %s", dst, strerror(-ret));
+			return ret;
+		}
+		lock_perms(false, false, &perm, &shared);
+		ret = lock_take(o->old->fd, dst, perm, shared);
+		if (ret < 0)
+			return ret;    /* logged, names the holder */
+	} else if (errno == ENOENT) {
+		o->path = strdup(dst);
+		if (!o->path)
+			return -ENOMEM;
+	} else {
+		ret = -errno;
+		log_error("%s: %s", dst, strerror(-ret));
+		return ret;
+	}
+	snprintf(dir, sizeof(dir), "%s", o->path);
+	d = dirname(dir);
+	if (asprintf(&o->tmp, "%s/.%s.qublk-XXXXXX", d, basename(o->path)) < 0) {
+		o->tmp = NULL;
+		return -ENOMEM;
+	}
+	fd = mkostemp(o->tmp, O_CLOEXEC);
+	if (fd < 0) {
+		ret = -errno;
+		log_error("%s: cannot create a file in %s: %s", dst, d, strerror(-ret));
+		free(o->tmp);
+		o->tmp = NULL;
+		return ret;
+	}
+	mask = umask(0);
+	umask(mask);
+	ret = fchmod(fd, 0666 & ~mask) < 0 ? -errno : 0;
+	close(fd);
+	return ret;
+}
+
+/* Give the temporary file the destination's name.  Returns -errno. */
+static int output_commit(struct output *o)
+{
+	char dir[PATH_MAX];
+	int ret = 0, fd;
+
+	if (o->old) {
+		if (rename(o->tmp, o->path) < 0)
+			ret = -errno;
+	} else if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->path, RENAME_NOREPLACE) < 0) {
+		ret = -errno;
+		if (ret == -EINVAL && rename(o->tmp, o->path) == 0)
+			ret = 0;    /* a file system without RENAME_NOREPLACE */
+	}
+	if (ret < 0) {
+		log_error("%s: cannot rename %s into place: %s", o->path, o->tmp, strerror(-ret));
+		return ret;
+	}
+	free(o->tmp);
+	o->tmp = NULL;
+	/* The rename is durable once the directory is. */
+	snprintf(dir, sizeof(dir), "%s", o->path);
+	fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd >= 0) {
+		if (fsync(fd) < 0)
+			ret = -errno;
+		close(fd);
+	}
+	if (ret < 0)
+		log_error("%s: syncing its directory: %s", o->path, strerror(-ret));
+	return ret;
+}
+
+/* Remove what a failed convert made; release the destination's lock. */
+static void output_cleanup(struct output *o)
+{
+	if (o->tmp)
+		unlink(o->tmp);
+	free(o->tmp);
+	free(o->path);
+	io_file_close(o->old);
+	memset(o, 0, sizeof(*o));
+}
+
+static int create_raw(const char *path, uint64_t size)
+{
+	int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+	int ret = 0;
+
+	if (fd < 0)
+		return -errno;
+	if (ftruncate(fd, (off_t)size) < 0)
+		ret = -errno;
+	if (close(fd) < 0 && !ret)
+		ret = -errno;
+	return ret;
+}
+
+/* ---- command line ------------------------------------------------------- */
+
+static void usage(FILE *out)
+{
+	fprintf(out,
+		"Usage: qublk convert [-f FMT] [-O raw] [-U] [-p] [-q] [-m N] SRC DST\n"
+		"\n"
+		"Copy the image SRC (read through its backing chain) into DST, a new\n"
+		"image.  Sparse: ranges SRC reads as zeros are not written (found from\n"
+		"its metadata, and in the data it reads, by 4 KiB units).  DST appears\n"
+		"only once complete; an existing DST is replaced, unless it is in use.\n"
+		"\n"
+		"  -f FMT         SRC's format: qcow2 or raw (default: probe)\n"
+		"  -O FMT         DST's format: raw (default)\n"
+		"  -U, --force-share  read SRC even if another process writes it\n"
+		"  -p             show progress on a terminal\n"
+		"  -q             quiet (no progress)\n"
+		"  -m N           requests in flight (1..%d, default 8)\n"
+		"  -h, --help     show this help\n"
+		"\n"
+		"Exit status: 0 success, 1 failure (DST is left as it was), 2 usage error.\n",
+		MAX_WORKERS);
+}
+
+int cmd_convert(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "force-share", no_argument, NULL, 'U' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct bdrv_opts sopts = { .flags = BDRV_O_RDONLY }, dopts = { 0 };
+	const char *out_fmt = "raw";
+	struct conv cv = { .last_pct = -1, .unit = RAW_UNIT };
+	struct output out = { 0 };
+	bool progress = false, quiet = false;
+	unsigned nworkers = 8;
+	struct sigaction sa = { .sa_handler = on_signal }, old_int, old_term;
+	int c, ret;
+
+	optind = 1;
+	while ((c = getopt_long(argc, argv, "f:O:Upqm:h", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+			if (strcmp(optarg, "qcow2") && strcmp(optarg, "raw")) {
+				log_error("unknown format '%s' (qcow2 or raw)", optarg);
+				return EXIT_USAGE;
+			}
+			sopts.format = optarg;
+			break;
+		case 'O':
+			if (strcmp(optarg, "raw")) {
+				log_error("unknown output format '%s' (raw)", optarg);
+				return EXIT_USAGE;
+			}
+			out_fmt = optarg;
+			break;
+		case 'U':
+			sopts.flags |= BDRV_O_FORCE_SHARE;
+			break;
+		case 'p':
+			progress = true;
+			break;
+		case 'q':
+			quiet = true;
+			break;
+		case 'm':
+			if (cli_parse_uint(optarg, 1, MAX_WORKERS, &nworkers) < 0) {
+				log_error("-m must be 1..%d", MAX_WORKERS);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'h':
+			usage(stdout);
+			return EXIT_OK;
+		default:
+			usage(stderr);
+			return EXIT_USAGE;
+		}
+	}
+	if (argc - optind != 2) {
+		log_error(argc - optind < 2 ? "missing SRC or DST" : "too many arguments");
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	const char *src = argv[optind], *dst = argv[optind + 1];
+	cv.progress = progress && !quiet && isatty(STDOUT_FILENO);
+
+	if (bdrv_open(src, &sopts, &cv.src) < 0)
+		return EXIT_FAIL;
+	cv.size = cv.src->size;
+	/* Before the temporary file exists: a signal must not leave it. */
+	sigaction(SIGINT, &sa, &old_int);
+	sigaction(SIGTERM, &sa, &old_term);
+	ret = output_prepare(dst, &out);
+	if (ret < 0)
+		goto out_sig;
+	ret = create_raw(out.tmp, cv.size);
+	if (ret < 0) {
+		log_error("%s: creating: %s", dst, strerror(-ret));
+		goto out_sig;
+	}
+	dopts.format = out_fmt;
+	ret = bdrv_open(out.tmp, &dopts, &cv.dst);
+	if (ret < 0)
+		goto out_sig;
+	show_progress(&cv);
+	ret = run(&cv, nworkers);
+	if (bdrv_close(cv.dst) < 0 && !ret)
+		ret = -EIO;
+	cv.dst = NULL;
+	if (!ret && interrupted)
+		ret = -EINTR;
+	if (!ret)
+		ret = output_commit(&out);
+	if (cv.progress) {
+		if (!ret)
+			printf("    (100.00/100%%)\n");
+		else
+			putchar('\n');
+	}
+out_sig:
+	output_cleanup(&out);
+	sigaction(SIGINT, &old_int, NULL);
+	sigaction(SIGTERM, &old_term, NULL);
+	bdrv_close(cv.src);
+	if (ret == -EINTR)
+		log_error("interrupted: %s left as it was", dst);
+	return ret < 0 ? EXIT_FAIL : EXIT_OK;
+}

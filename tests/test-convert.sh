@@ -1,0 +1,200 @@
+#!/bin/bash
+# SPDX-License-Identifier: MIT
+# qublk convert against QEMU:
+#   1. Every kind of source QEMU writes (qcow2 v2 and v3 at 512 B, 64 KiB
+#      and 2 MiB clusters with data, zero clusters, discards, zeros
+#      written as data and zlib/zstd compressed clusters; extended L2
+#      over a backing file; a qcow2 -> qcow2 -> short raw chain; raw files
+#      with holes) converted to raw: `qemu-img compare` finds the output
+#      equal to the source, and its allocated size (du) is within 5% (plus
+#      64 KiB for tiny images) of what `qemu-img convert` allocates for
+#      the same job.
+#   2. The destination: an existing one is replaced, one in use (qemu-io
+#      holds it, or it is the source itself) is refused and left as it
+#      was; a convert that fails (unreadable source, SIGINT) leaves no
+#      destination and no temporary file; -p prints progress on a
+#      terminal only; usage errors exit 2.
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+requires qemu-img qemu-io "$PYTHON"
+[ -x "$QUBLK" ] || skip "$QUBLK not built"
+QUBLK=$(realpath "$QUBLK")
+export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}exitcode=99"
+export UBSAN_OPTIONS="${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}exitcode=98:halt_on_error=1"
+
+S=$TMPD/src O=$TMPD/out
+mkdir -p "$S" "$O"
+K=1024
+
+alloc() { du -B1 "$1" | cut -f1; }
+
+# near A B WHAT: allocated sizes A (ours) and B (QEMU's) within 5% + 64 KiB.
+near() {
+    local a=$1 b=$2
+    [ $((a > b ? a - b : b - a)) -le $((b / 20 + 64 * K)) ] \
+        || fail "$3: qublk allocated $a bytes, qemu-img $b"
+}
+
+# ---- the sources ----
+# qemu-io script shared by the one-layer qcow2 sources (64 MiB).
+LAYOUT='write -P 1 0 3M
+write -z 4M 2M
+write -P 2 8M 4M
+write -z 9M 1M
+discard 11M 1M
+write -P 0 14M 2M
+write -c -P 3 16M 2M
+write -c -P 0 20M 2M
+write -P 4 30M 100k
+write -P 5 63M 1M
+write -z -u 40M 4M'
+src_qcow2() {   # NAME CREATE-OPTIONS
+    mkimg -f qcow2 -o "$2" "$S/$1.qcow2" 64M
+    qemu-io -f qcow2 "$S/$1.qcow2" <<<"$LAYOUT" >/dev/null || fail "qemu-io on $1"
+}
+src_qcow2 v3-64k cluster_size=64k
+src_qcow2 v2-64k cluster_size=64k,compat=0.10
+src_qcow2 v3-512 cluster_size=512
+src_qcow2 v3-2M cluster_size=2M
+src_qcow2 zstd cluster_size=64k,compression_type=zstd
+
+# extended L2 over a qcow2 backing file.
+mkimg -f qcow2 "$S/xl2-base.qcow2" 16M
+qemu-io -f qcow2 -c 'write -P 7 0 8M' "$S/xl2-base.qcow2" >/dev/null || fail "qemu-io xl2-base"
+mkimg -f qcow2 -o cluster_size=64k,extended_l2=on -b xl2-base.qcow2 -F qcow2 "$S/xl2.qcow2"
+qemu-io -f qcow2 "$S/xl2.qcow2" >/dev/null <<'EOF' || fail "qemu-io xl2"
+write -P 8 4k 8k
+write -z 64k 6k
+write -z 4M 64k
+write -P 9 9M 2k
+discard 9M 2k
+write -P 10 12M 40k
+EOF
+
+# A qcow2 -> qcow2 -> short raw chain.
+truncate -s 24M "$S/base.raw"
+qemu-io -f raw "$S/base.raw" -c 'write -P 7 0 2M' -c 'write -P 8 12M 64k' \
+    -c 'write -P 0 20M 1M' >/dev/null || fail "qemu-io base.raw"
+mkimg -f qcow2 -b base.raw -F raw "$S/mid.qcow2" 48M
+qemu-io -f qcow2 "$S/mid.qcow2" -c 'write -P 9 1M 2M' -c 'write -z 12M 64k' \
+    -c 'write -P 10 30M 1M' -c 'write -c -P 11 32M 64k' >/dev/null || fail "qemu-io mid"
+mkimg -f qcow2 -b mid.qcow2 -F qcow2 "$S/top.qcow2" 64M
+qemu-io -f qcow2 "$S/top.qcow2" -c 'write -P 11 1536k 64k' -c 'write -z 30M 512k' \
+    -c 'write -P 12 50M 1M' >/dev/null || fail "qemu-io top"
+
+# Raw: random, text-like and zero data, and holes (size not a multiple of 4 KiB).
+"$PYTHON" - "$S/mixed.raw" <<'PYEOF'
+import os, random, sys
+r = random.Random(7)
+words = [b"qcow2", b"cluster", b"refcount", b"the", b"of", b"ublk", b"io_uring", b"\n"]
+with open(sys.argv[1], "wb") as f:
+    for i in range(24):
+        kind = i % 4
+        if kind == 0:
+            f.write(os.urandom(512 * 1024))
+        elif kind == 1:
+            f.write(b" ".join(r.choice(words) for _ in range(100000))[:512 * 1024])
+        elif kind == 2:
+            f.write(bytes(512 * 1024))          # zeros written as data
+        else:
+            f.seek(512 * 1024, 1)               # a hole
+    f.write(b"tail")
+    f.truncate(f.tell() + 3 * 512)
+PYEOF
+
+SOURCES="v3-64k.qcow2 v2-64k.qcow2 v3-512.qcow2 v3-2M.qcow2 zstd.qcow2 xl2.qcow2 top.qcow2 mid.qcow2 base.raw mixed.raw"
+
+# ---- 1. every source to raw ----
+for s in $SOURCES; do
+    FAIL_CONTEXT="convert -O raw $s"
+    "$QUBLK" convert -O raw "$S/$s" "$O/u.raw" || fail "qublk convert -O raw $s"
+    qemu-img convert -O raw "$S/$s" "$O/q.raw" || fail "qemu-img convert -O raw $s"
+    qcompare "$S/$s" "$O/u.raw"
+    near "$(alloc "$O/u.raw")" "$(alloc "$O/q.raw")" "$s to raw"
+    echo "  raw ok: $s ($(alloc "$O/u.raw") bytes allocated, qemu-img $(alloc "$O/q.raw"))"
+done
+FAIL_CONTEXT=
+
+# ---- 2. the destination ----
+leftovers() {   # no temporary files in the output directory
+    local t
+    t=$(find "$O" -name '.*qublk-*')
+    [ -z "$t" ] || fail "temporary files left behind: $t"
+}
+# An existing destination is replaced.
+"$QUBLK" convert "$S/v3-64k.qcow2" "$O/u.raw" || fail "convert over an existing file"
+qcompare "$S/v3-64k.qcow2" "$O/u.raw"
+# In use by qemu-io: refused, left as it was.
+cp "$S/v3-64k.qcow2" "$O/held.qcow2"
+sum0=$(md5sum <"$O/held.qcow2")
+qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 2000' >/dev/null 2>&1 &
+holder=$!
+for _ in $(seq 100); do     # until qemu-io holds it: then readers are refused
+    qemu-io -f qcow2 -r -c 'read 0 512' "$O/held.qcow2" >/dev/null 2>&1 || break
+    sleep 0.05
+done
+rc=0
+"$QUBLK" convert "$S/top.qcow2" "$O/held.qcow2" 2>"$TMPD/err" || rc=$?
+[ "$rc" = 1 ] || fail "convert onto an image qemu-io holds: exit $rc, want 1"
+grep -q 'Failed to get .*"write" lock' "$TMPD/err" || fail "no lock message: $(cat "$TMPD/err")"
+wait "$holder" || fail "qemu-io holder"
+[ "$(md5sum <"$O/held.qcow2")" = "$sum0" ] || fail "the image in use was changed"
+leftovers
+# Onto its own source: refused.
+cp "$S/v3-64k.qcow2" "$O/self.qcow2"
+sum0=$(md5sum <"$O/self.qcow2")
+rc=0
+"$QUBLK" convert "$O/self.qcow2" "$O/self.qcow2" 2>"$TMPD/err" || rc=$?
+[ "$rc" = 1 ] || fail "convert onto its own source: exit $rc, want 1"
+[ "$(md5sum <"$O/self.qcow2")" = "$sum0" ] || fail "the source was changed"
+leftovers
+# A source that cannot be read to the end: no destination, no temporary.
+mkimg -f qcow2 "$S/cut.qcow2" 16M
+qemu-io -f qcow2 -c 'write -P 1 0 16M' "$S/cut.qcow2" >/dev/null || fail "qemu-io cut"
+truncate -s 8M "$S/cut.qcow2"
+rc=0
+"$QUBLK" convert "$S/cut.qcow2" "$O/cut.raw" 2>"$TMPD/err" || rc=$?
+[ "$rc" = 1 ] || fail "convert of a truncated image: exit $rc, want 1"
+[ ! -e "$O/cut.raw" ] || fail "a failed convert left its destination"
+leftovers
+# Interrupted: a 64 GiB image whose clusters are all mapped (metadata
+# preallocation, reads zeros) keeps convert busy for seconds.
+mkimg -f qcow2 -o preallocation=metadata "$S/big.qcow2" 64G
+"$QUBLK" convert "$S/big.qcow2" "$O/big.raw" 2>"$TMPD/err" &
+pid=$!
+for _ in $(seq 200); do     # its temporary file exists: it is converting
+    [ -z "$(find "$O" -name '.big.raw.qublk-*')" ] || break
+    sleep 0.05
+done
+sleep 0.2
+kill -INT "$pid"
+rc=0
+wait "$pid" || rc=$?
+[ "$rc" = 1 ] || fail "interrupted convert: exit $rc, want 1"
+[ ! -e "$O/big.raw" ] || fail "an interrupted convert left its destination"
+leftovers
+# Progress: nothing on a pipe; on a terminal, qemu-img's progress line.
+out=$("$QUBLK" convert -p "$S/v3-64k.qcow2" "$O/p.raw") || fail "convert -p"
+[ -z "$out" ] || fail "convert -p printed to a pipe: $out"
+if command -v script >/dev/null; then
+    script -qec "$QUBLK convert -p $S/v3-64k.qcow2 $O/p.raw" /dev/null >"$TMPD/tty" \
+        || fail "convert -p on a terminal"
+    grep -q '(100.00/100%)' "$TMPD/tty" || fail "no progress on a terminal: $(cat -v "$TMPD/tty")"
+fi
+# Usage errors.
+expect_rc() {   # RC ARGS...
+    local want=$1 rc=0; shift
+    "$QUBLK" convert "$@" >"$TMPD/rc.out" 2>&1 || rc=$?
+    [ "$rc" = "$want" ] || { cat "$TMPD/rc.out" >&2; fail "qublk convert $*: exit $rc, want $want"; }
+}
+expect_rc 2 "$S/v3-64k.qcow2"
+expect_rc 2 -O vmdk "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 -f vmdk "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 -m 0 "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 --bogus "$S/v3-64k.qcow2" "$O/x"
+expect_rc 0 --help
+expect_rc 1 "$S/missing.qcow2" "$O/x"
+[ ! -e "$O/x" ] || fail "a failed convert left its destination"
+leftovers
+echo PASS
