@@ -5,10 +5,12 @@
 #      and 2 MiB clusters with data, zero clusters, discards, zeros
 #      written as data and zlib/zstd compressed clusters; extended L2
 #      over a backing file; a qcow2 -> qcow2 -> short raw chain; raw files
-#      with holes) converted to raw: `qemu-img compare` finds the output
-#      equal to the source, and its allocated size (du) is within 5% (plus
-#      64 KiB for tiny images) of what `qemu-img convert` allocates for
-#      the same job.
+#      with holes) converted to raw and to qcow2 (and with qcow2 output
+#      options: cluster sizes, v2, refcount widths, lazy refcounts,
+#      metadata preallocation): `qemu-img compare` finds the output equal
+#      to the source, `qemu-img check` clean, and its allocated size (du)
+#      is within 5% (plus 64 KiB for tiny images) of what `qemu-img
+#      convert` allocates for the same job.
 #   2. The destination: an existing one is replaced, one in use (qemu-io
 #      holds it, or it is the source itself) is refused and left as it
 #      was; a convert that fails (unreadable source, SIGINT) leaves no
@@ -114,6 +116,36 @@ for s in $SOURCES; do
     near "$(alloc "$O/u.raw")" "$(alloc "$O/q.raw")" "$s to raw"
     echo "  raw ok: $s ($(alloc "$O/u.raw") bytes allocated, qemu-img $(alloc "$O/q.raw"))"
 done
+
+# ---- every source to qcow2, and qcow2 output options ----
+# to_qcow2 SRC OPTIONS: convert with both tools, compare, check, sizes.
+to_qcow2() {
+    local s=$1 opts=$2
+    FAIL_CONTEXT="convert -O qcow2 -o $opts $s"
+    "$QUBLK" convert -O qcow2 -o "$opts" "$S/$s" "$O/u.qcow2" || fail "qublk convert"
+    qemu-img convert -O qcow2 -o "$opts" "$S/$s" "$O/q.qcow2" || fail "qemu-img convert"
+    qcompare "$S/$s" "$O/u.qcow2"
+    qcheck "$O/u.qcow2"
+    near "$(alloc "$O/u.qcow2")" "$(alloc "$O/q.qcow2")" "$s to qcow2 ($opts)"
+    echo "  qcow2 ok: $s -o $opts ($(alloc "$O/u.qcow2") bytes allocated, qemu-img $(alloc "$O/q.qcow2"))"
+}
+for s in $SOURCES; do
+    to_qcow2 "$s" cluster_size=64k
+done
+to_qcow2 v3-64k.qcow2 cluster_size=512,refcount_bits=1
+to_qcow2 top.qcow2 cluster_size=2M,lazy_refcounts=on
+to_qcow2 mixed.raw compat=0.10,cluster_size=4k
+to_qcow2 v3-2M.qcow2 cluster_size=4k,refcount_bits=64
+to_qcow2 xl2.qcow2 preallocation=metadata
+# The created image's properties are what -o asked for.
+"$QUBLK" convert -O qcow2 -o compat=0.10,cluster_size=128k "$S/v3-64k.qcow2" "$O/u.qcow2" \
+    || fail "convert -o compat=0.10"
+qemu-img info "$O/u.qcow2" | grep -q 'compat: 0.10' || fail "-o compat=0.10 not applied"
+qemu-img info "$O/u.qcow2" | grep -q 'cluster_size: 131072' || fail "-o cluster_size not applied"
+"$QUBLK" convert -O raw -o preallocation=falloc "$S/top.qcow2" "$O/u.raw" || fail "convert -O raw -o prealloc"
+qcompare "$S/top.qcow2" "$O/u.raw"
+[ "$(alloc "$O/u.raw")" -ge $((64 * 1024 * K)) ] || fail "preallocation=falloc: not allocated"
+
 FAIL_CONTEXT=
 
 # ---- 2. the destination ----
@@ -192,6 +224,9 @@ expect_rc 2 "$S/v3-64k.qcow2"
 expect_rc 2 -O vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -f vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -m 0 "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 -O raw -o cluster_size=4k "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 -O qcow2 -o bogus=1 "$S/v3-64k.qcow2" "$O/x"
+expect_rc 1 -O qcow2 -o cluster_size=3k "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 --bogus "$S/v3-64k.qcow2" "$O/x"
 expect_rc 0 --help
 expect_rc 1 "$S/missing.qcow2" "$O/x"

@@ -30,6 +30,16 @@ int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out);
 /* s as a JSON string literal, quotes included. */
 void cli_json_string(FILE *out, const char *s);
 
+/* Apply qemu-img's -o OPTIONS list for a new image (src/cli/options.c:
+ * cluster_size, compat, lazy_refcounts, refcount_bits, preallocation,
+ * compression_type, backing_file, backing_fmt, extended_l2) to @q.
+ * @list is modified and must outlive @q (values point into it).
+ * *@raw_bad is set to the last key given that the raw format does not
+ * take (everything but preallocation) and left alone otherwise.  Returns
+ * 0, or -EINVAL with a message logged. */
+struct qcow2_create_opts;
+int cli_parse_create_options(char *list, struct qcow2_create_opts *q, const char **raw_bad);
+
 /* An image's backing chain as its headers name it (src/cli/chain.c), top
  * first: what each block-status depth (1 = l[0]) stands for. */
 #include <stdint.h>

@@ -1,12 +1,13 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * qublk convert: copy an image (or a backing chain, read through its top)
- * into a new raw image, sparse.
+ * into a new raw or qcow2 image, sparse.
  *
  * Streaming: the source is cut into chunks (CHUNK bytes, a multiple of
  * the output's unit) that worker coroutines claim in turn, -m of them in
  * flight.  For its chunk a worker asks the source's block status (no
- * data read) and classifies each unit of the output (4 KiB for raw):
+ * data read) and classifies each unit of the output (4 KiB for raw, the
+ * cluster for qcow2: a cluster is allocated whole or not at all):
  * a unit the source reads as zeros from metadata alone is skipped; the
  * others are read, and those whose data is all zeros are skipped too;
  * the rest is written, neighbours in one request.  The output is new,
@@ -45,6 +46,7 @@
 #include "common/coro.h"
 #include "common/io.h"
 #include "common/util.h"
+#include "qcow2/format.h"
 
 #define CHUNK       (2u << 20)     /* bytes a worker claims */
 #define RAW_UNIT    4096u          /* sparse granularity of a raw output (qemu-img's -S) */
@@ -363,7 +365,9 @@ static void output_cleanup(struct output *o)
 	memset(o, 0, sizeof(*o));
 }
 
-static int create_raw(const char *path, uint64_t size)
+/* Size the (empty) raw file at @path: qemu-img create's preallocation
+ * modes.  Returns -errno. */
+static int create_raw(const char *path, uint64_t size, int prealloc)
 {
 	int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
 	int ret = 0;
@@ -372,8 +376,38 @@ static int create_raw(const char *path, uint64_t size)
 		return -errno;
 	if (ftruncate(fd, (off_t)size) < 0)
 		ret = -errno;
+	if (!ret && prealloc != QCOW2_PREALLOC_OFF && size &&
+	    fallocate(fd, 0, 0, (off_t)size) < 0)
+		ret = -errno;
+	if (!ret && prealloc == QCOW2_PREALLOC_FULL) {
+		static const uint8_t zero[65536];
+		for (uint64_t off = 0; !ret && off < size; off += sizeof(zero)) {
+			size_t n = (size_t)MIN(size - off, (uint64_t)sizeof(zero));
+			if (pwrite(fd, zero, n, (off_t)off) != (ssize_t)n)
+				ret = -EIO;
+		}
+	}
 	if (close(fd) < 0 && !ret)
 		ret = -errno;
+	return ret;
+}
+
+/* Make the output image at @path for @size bytes of source.  Returns
+ * -errno (logged, naming @dst). */
+static int create_output(const char *path, const char *dst, const char *fmt,
+			 struct qcow2_create_opts *q, uint64_t size)
+{
+	char err[512] = "";
+	int ret;
+
+	if (!strcmp(fmt, "raw")) {
+		ret = create_raw(path, size, q->prealloc);
+	} else {
+		q->size = size;
+		ret = qcow2_create(path, q, err, sizeof(err));
+	}
+	if (ret < 0)
+		log_error("%s: %s", dst, err[0] ? err : strerror(-ret));
 	return ret;
 }
 
@@ -382,15 +416,19 @@ static int create_raw(const char *path, uint64_t size)
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk convert [-f FMT] [-O raw] [-U] [-p] [-q] [-m N] SRC DST\n"
+		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-U] [-p] [-q] [-m N]\n"
+		"                     SRC DST\n"
 		"\n"
 		"Copy the image SRC (read through its backing chain) into DST, a new\n"
 		"image.  Sparse: ranges SRC reads as zeros are not written (found from\n"
-		"its metadata, and in the data it reads, by 4 KiB units).  DST appears\n"
-		"only once complete; an existing DST is replaced, unless it is in use.\n"
+		"its metadata, and in the data it reads, by 4 KiB units for raw, by\n"
+		"cluster for qcow2).  DST appears only once complete; an existing DST is\n"
+		"replaced, unless it is in use.\n"
 		"\n"
 		"  -f FMT         SRC's format: qcow2 or raw (default: probe)\n"
-		"  -O FMT         DST's format: raw (default)\n"
+		"  -O FMT         DST's format: raw (default) or qcow2\n"
+		"  -o OPTIONS     DST's creation options, as for 'qublk create' (raw:\n"
+		"                 preallocation only)\n"
 		"  -U, --force-share  read SRC even if another process writes it\n"
 		"  -p             show progress on a terminal\n"
 		"  -q             quiet (no progress)\n"
@@ -409,7 +447,8 @@ int cmd_convert(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct bdrv_opts sopts = { .flags = BDRV_O_RDONLY }, dopts = { 0 };
-	const char *out_fmt = "raw";
+	const char *out_fmt = "raw", *raw_bad = NULL;
+	struct qcow2_create_opts q = { 0 };
 	struct conv cv = { .last_pct = -1, .unit = RAW_UNIT };
 	struct output out = { 0 };
 	bool progress = false, quiet = false;
@@ -418,7 +457,7 @@ int cmd_convert(int argc, char **argv)
 	int c, ret;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "f:O:Upqm:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "f:O:o:Upqm:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (strcmp(optarg, "qcow2") && strcmp(optarg, "raw")) {
@@ -428,11 +467,15 @@ int cmd_convert(int argc, char **argv)
 			sopts.format = optarg;
 			break;
 		case 'O':
-			if (strcmp(optarg, "raw")) {
-				log_error("unknown output format '%s' (raw)", optarg);
+			if (strcmp(optarg, "raw") && strcmp(optarg, "qcow2")) {
+				log_error("unknown output format '%s' (raw or qcow2)", optarg);
 				return EXIT_USAGE;
 			}
 			out_fmt = optarg;
+			break;
+		case 'o':
+			if (cli_parse_create_options(optarg, &q, &raw_bad) < 0)
+				return EXIT_USAGE;
 			break;
 		case 'U':
 			sopts.flags |= BDRV_O_FORCE_SHARE;
@@ -463,6 +506,15 @@ int cmd_convert(int argc, char **argv)
 		return EXIT_USAGE;
 	}
 	const char *src = argv[optind], *dst = argv[optind + 1];
+	if (!strcmp(out_fmt, "raw") && (raw_bad || q.prealloc == QCOW2_PREALLOC_METADATA)) {
+		log_error("option '%s' is not valid for the raw format",
+			  raw_bad ? raw_bad : "preallocation=metadata");
+		return EXIT_USAGE;
+	}
+	if (q.backing_file) {
+		log_error("a backing file for the output is not supported yet");
+		return EXIT_USAGE;
+	}
 	cv.progress = progress && !quiet && isatty(STDOUT_FILENO);
 
 	if (bdrv_open(src, &sopts, &cv.src) < 0)
@@ -474,15 +526,15 @@ int cmd_convert(int argc, char **argv)
 	ret = output_prepare(dst, &out);
 	if (ret < 0)
 		goto out_sig;
-	ret = create_raw(out.tmp, cv.size);
-	if (ret < 0) {
-		log_error("%s: creating: %s", dst, strerror(-ret));
+	ret = create_output(out.tmp, dst, out_fmt, &q, cv.size);
+	if (ret < 0)
 		goto out_sig;
-	}
 	dopts.format = out_fmt;
 	ret = bdrv_open(out.tmp, &dopts, &cv.dst);
 	if (ret < 0)
 		goto out_sig;
+	if (cv.dst->cluster_size && !strcmp(out_fmt, "qcow2"))
+		cv.unit = cv.dst->cluster_size;
 	show_progress(&cv);
 	ret = run(&cv, nworkers);
 	if (bdrv_close(cv.dst) < 0 && !ret)
