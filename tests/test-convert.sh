@@ -11,6 +11,10 @@
 #      to the source, `qemu-img check` clean, and its allocated size (du)
 #      is within 5% (plus 64 KiB for tiny images) of what `qemu-img
 #      convert` allocates for the same job.
+#      Compressed (-c, zlib and zstd, 512 B to 2 MiB clusters, v2): the
+#      same, and the same clusters compressed as by `qemu-img convert -c`
+#      (those that shrink); QEMU's -c output converted back by qublk
+#      equals the source.
 #   2. The destination: an existing one is replaced, one in use (qemu-io
 #      holds it, or it is the source itself) is refused and left as it
 #      was; a convert that fails (unreadable source, SIGINT) leaves no
@@ -111,10 +115,10 @@ SOURCES="v3-64k.qcow2 v2-64k.qcow2 v3-512.qcow2 v3-2M.qcow2 zstd.qcow2 xl2.qcow2
 for s in $SOURCES; do
     FAIL_CONTEXT="convert -O raw $s"
     "$QUBLK" convert -O raw "$S/$s" "$O/u.raw" || fail "qublk convert -O raw $s"
-    qemu-img convert -O raw "$S/$s" "$O/q.raw" || fail "qemu-img convert -O raw $s"
+    qemu-img convert -O raw "$S/$s" "$O/ref-$s.raw" || fail "qemu-img convert -O raw $s"
     qcompare "$S/$s" "$O/u.raw"
-    near "$(alloc "$O/u.raw")" "$(alloc "$O/q.raw")" "$s to raw"
-    echo "  raw ok: $s ($(alloc "$O/u.raw") bytes allocated, qemu-img $(alloc "$O/q.raw"))"
+    near "$(alloc "$O/u.raw")" "$(alloc "$O/ref-$s.raw")" "$s to raw"
+    echo "  raw ok: $s ($(alloc "$O/u.raw") bytes allocated, qemu-img $(alloc "$O/ref-$s.raw"))"
 done
 
 # ---- every source to qcow2, and qcow2 output options ----
@@ -146,6 +150,40 @@ qemu-img info "$O/u.qcow2" | grep -q 'cluster_size: 131072' || fail "-o cluster_
 qcompare "$S/top.qcow2" "$O/u.raw"
 [ "$(alloc "$O/u.raw")" -ge $((64 * 1024 * K)) ] || fail "preallocation=falloc: not allocated"
 
+# ---- compressed output ----
+# compressed-clusters as qemu-img check counts them.
+ncompressed() {
+    qemu-img check --output=json "$1" \
+        | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin).get("compressed-clusters", 0))'
+}
+# to_compressed SRC OPTIONS: qublk convert -c is read by QEMU equal to the
+# source, checks clean, compresses the same clusters as qemu-img convert
+# -c (the ones that shrink) into about as much space; QEMU's convert -c
+# is read by qublk (convert to raw) equal to the source.
+to_compressed() {
+    local s=$1 opts=$2 nu nq
+    FAIL_CONTEXT="convert -c -O qcow2 -o $opts $s"
+    "$QUBLK" convert -c -O qcow2 -o "$opts" "$S/$s" "$O/u.qcow2" || fail "qublk convert -c"
+    qemu-img convert -c -O qcow2 -o "$opts" "$S/$s" "$O/q.qcow2" || fail "qemu-img convert -c"
+    qcompare "$S/$s" "$O/u.qcow2"
+    qcheck "$O/u.qcow2"
+    nu=$(ncompressed "$O/u.qcow2") nq=$(ncompressed "$O/q.qcow2")
+    [ "$nu" = "$nq" ] || fail "$nu clusters compressed, qemu-img compressed $nq"
+    [ "$nu" -gt 0 ] || fail "nothing compressed"
+    near "$(alloc "$O/u.qcow2")" "$(alloc "$O/q.qcow2")" "$s to qcow2 -c ($opts)"
+    # (The reference: qemu-img convert -O raw of the source, from part 1.)
+    "$QUBLK" convert -O raw "$O/q.qcow2" "$O/u.raw" || fail "qublk convert of qemu-img's -c output"
+    cmp -n "$(stat -c %s "$O/ref-$s.raw")" "$O/ref-$s.raw" "$O/u.raw" \
+        || fail "qemu-img's convert -c output read by qublk differs from the source"
+    echo "  -c ok: $s -o $opts ($nu compressed clusters; $(alloc "$O/u.qcow2") bytes allocated, qemu-img $(alloc "$O/q.qcow2"))"
+}
+to_compressed mixed.raw compression_type=zlib
+to_compressed mixed.raw compression_type=zstd
+to_compressed v3-64k.qcow2 compression_type=zstd
+to_compressed zstd.qcow2 compat=0.10
+to_compressed top.qcow2 compression_type=zlib,cluster_size=4k
+to_compressed v3-512.qcow2 cluster_size=512
+to_compressed mixed.raw cluster_size=2M,compression_type=zstd
 FAIL_CONTEXT=
 
 # ---- 2. the destination ----
@@ -225,6 +263,7 @@ expect_rc 2 -O vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -f vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -m 0 "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -O raw -o cluster_size=4k "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 -c -O raw "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -O qcow2 -o bogus=1 "$S/v3-64k.qcow2" "$O/x"
 expect_rc 1 -O qcow2 -o cluster_size=3k "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 --bogus "$S/v3-64k.qcow2" "$O/x"

@@ -64,6 +64,7 @@ struct conv {
 	struct bdrv *src, *dst;
 	uint64_t size;             /* bytes to convert: the source's size */
 	uint64_t unit;             /* the output's allocation unit */
+	bool compress;             /* -c: write data clusters compressed */
 	uint64_t next;             /* next chunk to claim */
 	uint64_t done;             /* bytes finished, for the progress line */
 	unsigned running;          /* workers not finished */
@@ -127,8 +128,26 @@ static int classify(struct worker *w, uint64_t a, uint64_t b)
 	return 0;
 }
 
+/* Write one unit (a whole cluster) at @u compressed.  The last cluster
+ * of the output may reach past the source's end (qcow2 rounds the size
+ * up to 512 bytes): that tail reads as zeros. */
+static int write_compressed(struct worker *w, uint64_t base, uint64_t u, uint64_t b)
+{
+	struct conv *cv = w->cv;
+	uint64_t len = MIN(cv->unit, cv->dst->size - u);
+	struct iovec v = { w->buf + (u - base), len };
+	int ret;
+
+	if (u + len > b)
+		memset(w->buf + (b - base), 0, u + len - b);
+	ret = bdrv_co_pwritev_compressed(cv->dst, u, len, &v, 1);
+	if (ret < 0)
+		set_error(cv, ret, "writing the output (compressed)", u);
+	return ret;
+}
+
 /* Write the units of [a, b) (read into w->buf at a - @base) that are not
- * all zeros, neighbours together. */
+ * all zeros: neighbours together, or each compressed. */
 static int write_data(struct worker *w, uint64_t base, uint64_t a, uint64_t b)
 {
 	struct conv *cv = w->cv;
@@ -138,6 +157,13 @@ static int write_data(struct worker *w, uint64_t base, uint64_t a, uint64_t b)
 	while (u < b) {
 		uint64_t ue = MIN(u + cv->unit, b);
 		bool zero = buf_is_zero(w->buf + (u - base), ue - u);
+		if (cv->compress) {
+			ret = zero ? 0 : write_compressed(w, base, u, b);
+			if (ret < 0)
+				return ret;
+			u = run = ue;
+			continue;
+		}
 		if (zero && run < u) {
 			ret = bdrv_co_pwrite(cv->dst, run, u - run, w->buf + (run - base), 0);
 			if (ret < 0) {
@@ -416,8 +442,8 @@ static int create_output(const char *path, const char *dst, const char *fmt,
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-U] [-p] [-q] [-m N]\n"
-		"                     SRC DST\n"
+		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTIONS] [-U] [-p] [-q]\n"
+		"                     [-m N] SRC DST\n"
 		"\n"
 		"Copy the image SRC (read through its backing chain) into DST, a new\n"
 		"image.  Sparse: ranges SRC reads as zeros are not written (found from\n"
@@ -427,6 +453,9 @@ static void usage(FILE *out)
 		"\n"
 		"  -f FMT         SRC's format: qcow2 or raw (default: probe)\n"
 		"  -O FMT         DST's format: raw (default) or qcow2\n"
+		"  -c             compress DST's data clusters (qcow2; -o compression_type=\n"
+		"                 zlib (default) or zstd); a cluster that does not shrink is\n"
+		"                 written plainly\n"
 		"  -o OPTIONS     DST's creation options, as for 'qublk create' (raw:\n"
 		"                 preallocation only)\n"
 		"  -U, --force-share  read SRC even if another process writes it\n"
@@ -457,7 +486,7 @@ int cmd_convert(int argc, char **argv)
 	int c, ret;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "f:O:o:Upqm:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "f:O:o:cUpqm:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (strcmp(optarg, "qcow2") && strcmp(optarg, "raw")) {
@@ -476,6 +505,9 @@ int cmd_convert(int argc, char **argv)
 		case 'o':
 			if (cli_parse_create_options(optarg, &q, &raw_bad) < 0)
 				return EXIT_USAGE;
+			break;
+		case 'c':
+			cv.compress = true;
 			break;
 		case 'U':
 			sopts.flags |= BDRV_O_FORCE_SHARE;
@@ -509,6 +541,10 @@ int cmd_convert(int argc, char **argv)
 	if (!strcmp(out_fmt, "raw") && (raw_bad || q.prealloc == QCOW2_PREALLOC_METADATA)) {
 		log_error("option '%s' is not valid for the raw format",
 			  raw_bad ? raw_bad : "preallocation=metadata");
+		return EXIT_USAGE;
+	}
+	if (cv.compress && strcmp(out_fmt, "qcow2")) {
+		log_error("compression (-c) needs the qcow2 output format");
 		return EXIT_USAGE;
 	}
 	if (q.backing_file) {
