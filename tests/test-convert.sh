@@ -15,6 +15,11 @@
 #      same, and the same clusters compressed as by `qemu-img convert -c`
 #      (those that shrink); QEMU's -c output converted back by qublk
 #      equals the source.
+#      -B BACKING (v2, v3, compressed; BACKING the source's own backing
+#      file, a deeper one, or one unrelated to it): the output names
+#      BACKING, reads equal to the source (`qemu-img compare`), checks
+#      clean and allocates no more than `qemu-img convert -B`; what the
+#      source and BACKING take from the same file is not read.
 #   2. The destination: an existing one is replaced, one in use (qemu-io
 #      holds it, or it is the source itself) is refused and left as it
 #      was; a convert that fails (unreadable source, SIGINT) leaves no
@@ -184,6 +189,72 @@ to_compressed zstd.qcow2 compat=0.10
 to_compressed top.qcow2 compression_type=zlib,cluster_size=4k
 to_compressed v3-512.qcow2 cluster_size=512
 to_compressed mixed.raw cluster_size=2M,compression_type=zstd
+
+# ---- -B: a new backing file ----
+# backed SRC BACKING OPTIONS [-F FMT]: qublk's output with BACKING reads as SRC,
+# checks clean, and allocates no more than qemu-img convert -B (QEMU
+# writes what the source has above its own backing file and assumes the
+# new one reads the same; qublk writes only what differs from BACKING),
+# or where QEMU's output is then not a copy of the source, no more than a
+# copy without a backing file.
+backed() {
+    local s=$1 bk=$2 opts=$3
+    FAIL_CONTEXT="convert -O qcow2 -B $bk -o $opts $s"
+    "$QUBLK" convert -O qcow2 -B "$bk" "${@:4}" -o "$opts" "$S/$s" "$S/new.qcow2" \
+        || fail "qublk convert -B"
+    [ "$(qemu-img info --output=json "$S/new.qcow2" | "$PYTHON" -c \
+        'import json,sys; print(json.load(sys.stdin)["backing-filename"])')" = "$bk" ] \
+        || fail "backing file not $bk"
+    qcompare "$S/$s" "$S/new.qcow2"
+    qcheck "$S/new.qcow2"
+    qemu-img convert -O qcow2 -B "$bk" -F "$(img_format "$S/$bk")" -o "$opts" "$S/$s" "$S/qnew.qcow2" \
+        || fail "qemu-img convert -B"
+    local u q note=""
+    u=$(alloc "$S/new.qcow2") q=$(alloc "$S/qnew.qcow2")
+    if ! qemu-img compare "$S/$s" "$S/qnew.qcow2" >/dev/null 2>&1; then
+        # QEMU's is not a copy: bound ours by a copy without a backing file.
+        note=", QEMU's output differs from the source"
+        qemu-img convert -O qcow2 -o "$opts" "$S/$s" "$S/qnew.qcow2" || fail "qemu-img convert"
+        q=$(alloc "$S/qnew.qcow2")
+    fi
+    [ "$u" -le $((q + q / 20 + 64 * K)) ] || fail "-B: qublk allocated $u bytes, qemu-img $q$note"
+    echo "  -B ok: $s -B $bk -o $opts ($u bytes allocated, qemu-img $q$note)"
+}
+# Rebasing onto the source's own backing file (or its backing's).
+backed top.qcow2 mid.qcow2 compat=1.1 -F qcow2
+backed top.qcow2 mid.qcow2 compat=0.10
+backed top.qcow2 base.raw compression_type=zstd -F raw
+# Onto a backing file that is not the source's: still equal (QEMU's is not).
+backed top.qcow2 v3-64k.qcow2 cluster_size=4k
+backed v3-64k.qcow2 zstd.qcow2 compat=1.1
+backed mixed.raw base.raw cluster_size=64k
+# Compressed, over a backing file.
+"$QUBLK" convert -c -O qcow2 -B mid.qcow2 "$S/top.qcow2" "$S/new.qcow2" || fail "convert -c -B"
+qcompare "$S/top.qcow2" "$S/new.qcow2"
+qcheck "$S/new.qcow2"
+[ "$(ncompressed "$S/new.qcow2")" -gt 0 ] || fail "convert -c -B compressed nothing"
+# What both chains take from the same file is not read: a backing file
+# whose compressed cluster is damaged (block status fine, reads EIO)
+# converts with -B itself, but not without.
+mkimg -f qcow2 "$S/cb.qcow2" 4M
+qemu-io -f qcow2 -c 'write -P 1 0 1M' -c 'write -c -P 2 1M 64k' "$S/cb.qcow2" >/dev/null || fail "qemu-io cb"
+"$PYTHON" - "$S/cb.qcow2" <<'PYEOF'
+import os, sys
+size = os.path.getsize(sys.argv[1])
+start = (size - 1) // 65536 * 65536     # the compressed data, at the end
+with open(sys.argv[1], "r+b") as f:
+    f.seek(start)
+    f.write(b"\xff" * (size - start))
+PYEOF
+mkimg -f qcow2 -b cb.qcow2 -F qcow2 "$S/ct.qcow2"
+qemu-io -f qcow2 -c 'write -P 3 2M 64k' "$S/ct.qcow2" >/dev/null || fail "qemu-io ct"
+! "$QUBLK" convert "$S/ct.qcow2" "$O/ct.raw" 2>/dev/null || fail "the damaged cluster reads"
+"$QUBLK" convert -O qcow2 -B cb.qcow2 "$S/ct.qcow2" "$S/new.qcow2" || fail "convert -B read the shared backing"
+qemu-io -f qcow2 -c 'read -P 3 2M 64k' -c 'read -P 1 0 1M' -c 'read -P 0 3M 1M' "$S/new.qcow2" \
+    >"$TMPD/io.out" || fail "convert -B: wrong data"
+! grep -q -i 'fail\|mismatch' "$TMPD/io.out" || fail "convert -B: $(cat "$TMPD/io.out")"
+[ "$(qemu-img map --output=json "$S/new.qcow2" | grep -c '"depth": 0')" = 1 ] \
+    || fail "convert -B wrote more than the source's own cluster"
 FAIL_CONTEXT=
 
 # ---- 2. the destination ----
@@ -264,6 +335,13 @@ expect_rc 2 -f vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -m 0 "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -O raw -o cluster_size=4k "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -c -O raw "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 -B "$S/mid.qcow2" "$S/top.qcow2" "$O/x"
+expect_rc 2 -O qcow2 -F raw "$S/top.qcow2" "$O/x"
+expect_rc 1 -O qcow2 -B missing.qcow2 "$S/top.qcow2" "$O/x"
+# DST cannot become its own backing file.
+cp "$S/mid.qcow2" "$S/own.qcow2"
+expect_rc 1 -O qcow2 -B own.qcow2 "$S/top.qcow2" "$S/own.qcow2"
+cmp "$S/mid.qcow2" "$S/own.qcow2" || fail "DST changed"
 expect_rc 2 -O qcow2 -o bogus=1 "$S/v3-64k.qcow2" "$O/x"
 expect_rc 1 -O qcow2 -o cluster_size=3k "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 --bogus "$S/v3-64k.qcow2" "$O/x"

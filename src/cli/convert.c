@@ -1,17 +1,30 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * qublk convert: copy an image (or a backing chain, read through its top)
- * into a new raw or qcow2 image, sparse.
+ * into a new raw or qcow2 image, sparse, optionally compressed, optionally
+ * over a backing file.
  *
  * Streaming: the source is cut into chunks (CHUNK bytes, a multiple of
- * the output's unit) that worker coroutines claim in turn, -m of them in
- * flight.  For its chunk a worker asks the source's block status (no
- * data read) and classifies each unit of the output (4 KiB for raw, the
- * cluster for qcow2: a cluster is allocated whole or not at all):
- * a unit the source reads as zeros from metadata alone is skipped; the
- * others are read, and those whose data is all zeros are skipped too;
- * the rest is written, neighbours in one request.  The output is new,
- * so whatever is skipped reads as zeros.
+ * the output's unit: 4 KiB for raw, the cluster for qcow2, which is
+ * allocated whole or not at all) that worker coroutines claim in turn,
+ * -m of them in flight.  For its chunk a worker asks block status (no
+ * data read) and classifies each unit:
+ *   - the source reads zeros and so does the output: skipped;
+ *   - with -B, both read the same bytes of the same file (the source's
+ *     chain and the new backing file share it): skipped, not even read;
+ *   - the source reads zeros, the output (its backing file) does not:
+ *     zeros written (zero clusters in v3);
+ *   - otherwise the unit is read (with -B, what the output reads there
+ *     too) and written only if it differs: an all-zero unit is not
+ *     written (or written as zeros over a backing file that differs);
+ *     the rest is written, neighbours in one request, or each cluster
+ *     compressed with -c.
+ * A new output without a backing file reads zeros wherever nothing is
+ * written.  With -B, that is exactly "what differs from BACKING": the
+ * output reads as the source whatever BACKING holds (qemu-img convert -B
+ * instead writes what the source has above its own backing file and
+ * trusts BACKING to read like it).  Which file a block-status depth
+ * stands for comes from the chains' headers (chain.c).
  *
  * The output never appears half written: it is created under a
  * temporary name in the destination's directory and renamed into place
@@ -22,9 +35,8 @@
  * convert refuses before writing anything, and the lock is held until
  * the rename replaced the file.
  *
- * Threads: one, with its io_uring (aio_run_coroutine drives the
- * workers).  Exit codes: 0 done, 1 failed (nothing left behind), 2 bad
- * command line.
+ * Threads: one, with its io_uring; the workers are coroutines on it.
+ * Exit codes: 0 done, 1 failed (nothing left behind), 2 bad command line.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -65,6 +77,11 @@ struct conv {
 	uint64_t size;             /* bytes to convert: the source's size */
 	uint64_t unit;             /* the output's allocation unit */
 	bool compress;             /* -c: write data clusters compressed */
+	/* -B: the output reads its backing file where nothing is written, so
+	 * it is compared with the source; these name the files behind each
+	 * block-status depth (chain.c). */
+	bool backed;
+	struct chain src_chain, dst_chain;
 	uint64_t next;             /* next chunk to claim */
 	uint64_t done;             /* bytes finished, for the progress line */
 	unsigned running;          /* workers not finished */
@@ -73,15 +90,37 @@ struct conv {
 	int last_pct;
 };
 
+/* A run of the output's block status (-B), up to @end. */
+struct drun {
+	uint64_t end;
+	bool zero;
+	unsigned depth;
+};
+
 struct worker {
 	struct conv *cv;
 	uint8_t *buf;              /* CHUNK bytes: the source's data */
-	uint8_t *cls;              /* per unit of the chunk: UNIT_* */
+	uint8_t *cmp;              /* -B: CHUNK bytes, what the output reads now */
+	uint8_t *seen;             /* per unit of the chunk: SEEN_* bits */
+	struct drun *druns;        /* -B: the output's runs over the chunk */
+	size_t ndruns, cap;
 	struct coro *co;
 };
 
-/* What a unit of the chunk needs, from block status alone. */
-enum { UNIT_ZERO = 0, UNIT_DATA = 1 };
+/* What block status says of the pieces of a unit: source and output
+ * read zeros (SAME_Z), or the same bytes of the same file (SAME_D); the
+ * source reads zeros, the output not (ZERO); anything else (DATA). */
+enum { SEEN_SAME_Z = 1, SEEN_SAME_D = 2, SEEN_ZERO = 4, SEEN_DATA = 8 };
+/* What a unit needs: nothing, zeros written, its data compared and
+ * written where it differs. */
+enum { UNIT_SKIP, UNIT_ZERO, UNIT_DATA };
+
+static int unit_class(uint8_t seen)
+{
+	if ((seen & SEEN_DATA) || ((seen & SEEN_ZERO) && (seen & SEEN_SAME_D)))
+		return UNIT_DATA;
+	return seen & SEEN_ZERO ? UNIT_ZERO : UNIT_SKIP;
+}
 
 static void set_error(struct conv *cv, int err, const char *what, uint64_t off)
 {
@@ -106,23 +145,98 @@ static void show_progress(struct conv *cv)
 	fflush(stdout);
 }
 
-/* Classify the units of [a, b) from the source's block status. */
+/* The output's block status over [a, b) into w->druns.  Without -B the
+ * output is new and reads zeros everywhere. */
+static int output_runs(struct worker *w, uint64_t a, uint64_t b)
+{
+	struct conv *cv = w->cv;
+	uint64_t pos = a, n;
+	unsigned depth;
+
+	w->ndruns = 0;
+	while (pos < b) {
+		int st = 0;
+		depth = 0;
+		n = b - pos;
+		if (cv->backed)
+			st = bdrv_co_block_status(cv->dst, pos, b - pos, &n, &depth);
+		if (st < 0) {
+			set_error(cv, st, "block status of the output", pos);
+			return st;
+		}
+		if (w->ndruns == w->cap) {
+			size_t cap = w->cap ? 2 * w->cap : 64;
+			struct drun *r = realloc(w->druns, cap * sizeof(*r));
+			if (!r) {
+				set_error(cv, -ENOMEM, "block status of the output", pos);
+				return -ENOMEM;
+			}
+			w->druns = r;
+			w->cap = cap;
+		}
+		pos += n;
+		w->druns[w->ndruns++] = (struct drun){ pos, !(st & BDRV_BLOCK_DATA), depth };
+	}
+	return 0;
+}
+
+/* Do source depth @d and output depth @e stand for the same file (read
+ * the same way)?  The output's own layer (1) is new: never. */
+static bool same_layer(const struct conv *cv, unsigned d, unsigned e)
+{
+	const struct chain_layer *s, *t;
+
+	if (d < 1 || d > cv->src_chain.n || e < 2 || e > cv->dst_chain.n)
+		return false;
+	s = &cv->src_chain.l[d - 1];
+	t = &cv->dst_chain.l[e - 1];
+	return s->dev == t->dev && s->ino == t->ino && !strcmp(s->format, t->format);
+}
+
+/* Mark the units of the chunk at @a that [p, q) touches with @bit. */
+static void mark(struct worker *w, uint64_t a, uint64_t p, uint64_t q, uint8_t bit)
+{
+	uint64_t unit = w->cv->unit;
+
+	for (uint64_t u = (p - a) / unit; u <= (q - 1 - a) / unit; u++)
+		w->seen[u] |= bit;
+}
+
+/* Classify the units of [a, b) from block status alone: the source's,
+ * against the output's. */
 static int classify(struct worker *w, uint64_t a, uint64_t b)
 {
 	struct conv *cv = w->cv;
-	uint64_t pos = a, n, unit = cv->unit;
+	uint64_t pos = a, n, start = a;
+	size_t r = 0;
 	unsigned depth;
+	int ret = output_runs(w, a, b);
 
-	memset(w->cls, UNIT_ZERO, DIV_ROUND_UP(b - a, unit));
+	if (ret < 0)
+		return ret;
+	memset(w->seen, 0, DIV_ROUND_UP(b - a, cv->unit));
 	while (pos < b) {
 		int st = bdrv_co_block_status(cv->src, pos, b - pos, &n, &depth);
 		if (st < 0) {
 			set_error(cv, st, "block status of the source", pos);
 			return st;
 		}
-		if (st & BDRV_BLOCK_DATA)
-			memset(w->cls + (pos - a) / unit, UNIT_DATA,
-			       (pos + n - 1 - a) / unit - (pos - a) / unit + 1);
+		bool zs = !(st & BDRV_BLOCK_DATA);
+		/* Each piece where one source run meets one output run. */
+		for (uint64_t p = pos; p < pos + n; p = MIN(pos + n, w->druns[r].end)) {
+			while (w->druns[r].end <= p)
+				r++;
+			const struct drun *d = &w->druns[r];
+			uint64_t q = MIN(pos + n, d->end);
+			uint8_t bit;
+			if (zs && d->zero)
+				bit = SEEN_SAME_Z;
+			else if (!zs && !d->zero && same_layer(cv, depth, d->depth))
+				bit = SEEN_SAME_D;
+			else
+				bit = zs ? SEEN_ZERO : SEEN_DATA;
+			mark(w, start, p, q, bit);
+		}
 		pos += n;
 	}
 	return 0;
@@ -146,40 +260,50 @@ static int write_compressed(struct worker *w, uint64_t base, uint64_t u, uint64_
 	return ret;
 }
 
-/* Write the units of [a, b) (read into w->buf at a - @base) that are not
- * all zeros: neighbours together, or each compressed. */
+/* Write what the output needs over [a, b), the units the source's data
+ * was read for (into w->buf at a - @base; with -B what the output reads
+ * now is in w->cmp): a unit equal to what the output reads is skipped,
+ * an all-zero one becomes zeros (-B: the output reads something else
+ * there), the rest is written, neighbours together or each compressed. */
 static int write_data(struct worker *w, uint64_t base, uint64_t a, uint64_t b)
 {
 	struct conv *cv = w->cv;
 	uint64_t u = a, run = a;
-	int ret;
+	int ret = 0, run_kind = UNIT_SKIP;
 
-	while (u < b) {
+	while (u <= b) {
 		uint64_t ue = MIN(u + cv->unit, b);
-		bool zero = buf_is_zero(w->buf + (u - base), ue - u);
-		if (cv->compress) {
-			ret = zero ? 0 : write_compressed(w, base, u, b);
+		int kind = UNIT_SKIP;
+		if (u < b) {
+			const uint8_t *p = w->buf + (u - base);
+			bool zero = buf_is_zero(p, ue - u);
+			if (cv->backed && memcmp(p, w->cmp + (u - base), ue - u))
+				kind = zero ? UNIT_ZERO : UNIT_DATA;
+			else if (!cv->backed && !zero)
+				kind = UNIT_DATA;
+		}
+		/* Flush the run of one kind that ends here. */
+		if (run < u && (kind != run_kind || u == b || (cv->compress && run_kind == UNIT_DATA))) {
+			if (run_kind == UNIT_ZERO) {
+				ret = bdrv_co_pwrite_zeroes(cv->dst, run, u - run, 0);
+				if (ret < 0)
+					set_error(cv, ret, "writing zeros to the output", run);
+			} else if (run_kind == UNIT_DATA && cv->compress) {
+				ret = write_compressed(w, base, run, b);
+			} else if (run_kind == UNIT_DATA) {
+				ret = bdrv_co_pwrite(cv->dst, run, u - run, w->buf + (run - base), 0);
+				if (ret < 0)
+					set_error(cv, ret, "writing the output", run);
+			}
 			if (ret < 0)
 				return ret;
-			u = run = ue;
-			continue;
-		}
-		if (zero && run < u) {
-			ret = bdrv_co_pwrite(cv->dst, run, u - run, w->buf + (run - base), 0);
-			if (ret < 0) {
-				set_error(cv, ret, "writing the output", run);
-				return ret;
-			}
-		}
-		u = ue;
-		if (zero)
 			run = u;
-	}
-	if (run < b) {
-		ret = bdrv_co_pwrite(cv->dst, run, b - run, w->buf + (run - base), 0);
-		if (ret < 0)
-			set_error(cv, ret, "writing the output", run);
-		return ret;
+		}
+		if (u == b)
+			break;
+		if (run == u)
+			run_kind = kind;
+		u = ue;
 	}
 	return 0;
 }
@@ -192,20 +316,50 @@ static int convert_chunk(struct worker *w, uint64_t a, uint64_t b)
 
 	while (!ret && g0 < b) {
 		/* A group of units of one class. */
-		uint8_t c = w->cls[(g0 - a) / unit];
-		uint64_t g1 = MIN(ALIGN_DOWN(g0, unit) + unit, b);
-		while (g1 < b && w->cls[(g1 - a) / unit] == c)
+		int c = unit_class(w->seen[(g0 - a) / unit]);
+		uint64_t g1 = MIN(g0 + unit, b);
+		while (g1 < b && unit_class(w->seen[(g1 - a) / unit]) == c)
 			g1 = MIN(g1 + unit, b);
-		if (c == UNIT_DATA) {
+		if (c == UNIT_ZERO) {
+			ret = bdrv_co_pwrite_zeroes(cv->dst, g0, g1 - g0, 0);
+			if (ret < 0)
+				set_error(cv, ret, "writing zeros to the output", g0);
+		} else if (c == UNIT_DATA) {
 			ret = bdrv_co_pread(cv->src, g0, g1 - g0, w->buf + (g0 - a));
 			if (ret < 0)
 				set_error(cv, ret, "reading the source", g0);
-			else
+			if (!ret && cv->backed) {
+				ret = bdrv_co_pread(cv->dst, g0, g1 - g0, w->cmp + (g0 - a));
+				if (ret < 0)
+					set_error(cv, ret, "reading the output", g0);
+			}
+			if (!ret)
 				ret = write_data(w, a, g0, g1);
 		}
 		g0 = g1;
 	}
 	return ret;
+}
+
+/* A qcow2 output is a multiple of 512 bytes: past the end of a source
+ * that is not, it must read zeros, which over a backing file (-B) it
+ * may not do yet.  After every chunk is written (the tail shares their
+ * last cluster). */
+static int zero_tail(struct conv *cv)
+{
+	uint64_t end = cv->dst->size, n;
+	unsigned depth;
+	int st;
+
+	if (!cv->backed || cv->size >= end)
+		return 0;
+	st = bdrv_co_block_status(cv->dst, cv->size, end - cv->size, &n, &depth);
+	if (st >= 0 && (st & BDRV_BLOCK_ZERO) && n == end - cv->size)
+		return 0;
+	st = bdrv_co_pwrite_zeroes(cv->dst, cv->size, end - cv->size, 0);
+	if (st < 0)
+		set_error(cv, st, "writing zeros to the output", cv->size);
+	return st;
 }
 
 static void worker_fn(void *opaque)
@@ -226,7 +380,9 @@ static void worker_fn(void *opaque)
 		show_progress(cv);
 	}
 	if (--cv->running == 0 && !cv->error) {
-		int ret = bdrv_co_flush(cv->dst);
+		int ret = zero_tail(cv);
+		if (ret == 0)
+			ret = bdrv_co_flush(cv->dst);
 		if (ret < 0)
 			set_error(cv, ret, "flushing the output", 0);
 	}
@@ -250,9 +406,10 @@ static int run(struct conv *cv, unsigned nworkers)
 	for (unsigned i = 0; i < nworkers && !ret; i++) {
 		w[i].cv = cv;
 		w[i].buf = io_alloc(CHUNK);
-		w[i].cls = malloc(CHUNK / 512);
+		w[i].seen = malloc(CHUNK / 512);
+		w[i].cmp = cv->backed ? io_alloc(CHUNK) : NULL;
 		w[i].co = coro_new(worker_fn, &w[i], 0);
-		if (!w[i].buf || !w[i].cls || !w[i].co)
+		if (!w[i].buf || !w[i].seen || (cv->backed && !w[i].cmp) || !w[i].co)
 			ret = -ENOMEM;
 	}
 	if (ret == 0) {
@@ -273,7 +430,9 @@ static int run(struct conv *cv, unsigned nworkers)
 		if (w[i].co)
 			coro_free(w[i].co);
 		io_free(w[i].buf);
-		free(w[i].cls);
+		io_free(w[i].cmp);
+		free(w[i].seen);
+		free(w[i].druns);
 	}
 	free(w);
 	aio_ctx_set_current(NULL);
@@ -437,13 +596,45 @@ static int create_output(const char *path, const char *dst, const char *fmt,
 	return ret;
 }
 
+static bool same_file(const struct chain_layer *l, const struct bdrv *bs)
+{
+	return l->dev == bs->dev && l->ino == bs->ino;
+}
+
+/* -B: read the chains behind the source's and the output's block-status
+ * depths.  The output must not be its own backing file.  Returns -errno
+ * (logged). */
+static int backing_chains(struct conv *cv, const struct output *o, const char *src,
+			  const char *src_fmt)
+{
+	struct stat st;
+	int ret;
+
+	ret = chain_read(src, src_fmt, &cv->src_chain);
+	if (ret == 0)
+		ret = chain_read(o->tmp, "qcow2", &cv->dst_chain);
+	if (ret < 0)
+		return ret;
+	if (!same_file(&cv->src_chain.l[0], cv->src)) {
+		log_error("%s: changed while it was opened", src);
+		return -ESTALE;
+	}
+	if (o->old && fstat(o->old->fd, &st) == 0)
+		for (unsigned i = 1; i < cv->dst_chain.n; i++)
+			if (cv->dst_chain.l[i].dev == st.st_dev && cv->dst_chain.l[i].ino == st.st_ino) {
+				log_error("%s: cannot be its own backing file", o->path);
+				return -EINVAL;
+			}
+	return 0;
+}
+
 /* ---- command line ------------------------------------------------------- */
 
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-c] [-o OPTIONS] [-U] [-p] [-q]\n"
-		"                     [-m N] SRC DST\n"
+		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-B BACKING [-F FMT]] [-c]\n"
+		"                     [-o OPTIONS] [-U] [-p] [-q] [-m N] SRC DST\n"
 		"\n"
 		"Copy the image SRC (read through its backing chain) into DST, a new\n"
 		"image.  Sparse: ranges SRC reads as zeros are not written (found from\n"
@@ -453,6 +644,10 @@ static void usage(FILE *out)
 		"\n"
 		"  -f FMT         SRC's format: qcow2 or raw (default: probe)\n"
 		"  -O FMT         DST's format: raw (default) or qcow2\n"
+		"  -B BACKING     DST (qcow2) gets the backing file BACKING (stored as given:\n"
+		"                 relative to DST's directory) and holds only what differs\n"
+		"                 from it\n"
+		"  -F FMT         BACKING's format: qcow2 or raw (default: probe)\n"
 		"  -c             compress DST's data clusters (qcow2; -o compression_type=\n"
 		"                 zlib (default) or zstd); a cluster that does not shrink is\n"
 		"                 written plainly\n"
@@ -486,7 +681,7 @@ int cmd_convert(int argc, char **argv)
 	int c, ret;
 
 	optind = 1;
-	while ((c = getopt_long(argc, argv, "f:O:o:cUpqm:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, "f:O:o:cB:F:Upqm:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (strcmp(optarg, "qcow2") && strcmp(optarg, "raw")) {
@@ -508,6 +703,14 @@ int cmd_convert(int argc, char **argv)
 			break;
 		case 'c':
 			cv.compress = true;
+			break;
+		case 'B':
+			q.backing_file = optarg;
+			raw_bad = "-B";
+			break;
+		case 'F':
+			q.backing_format = optarg;
+			raw_bad = "-F";
 			break;
 		case 'U':
 			sopts.flags |= BDRV_O_FORCE_SHARE;
@@ -547,10 +750,11 @@ int cmd_convert(int argc, char **argv)
 		log_error("compression (-c) needs the qcow2 output format");
 		return EXIT_USAGE;
 	}
-	if (q.backing_file) {
-		log_error("a backing file for the output is not supported yet");
+	if (q.backing_format && !q.backing_file) {
+		log_error("a backing format (-F) needs a backing file (-B)");
 		return EXIT_USAGE;
 	}
+	cv.backed = q.backing_file != NULL;
 	cv.progress = progress && !quiet && isatty(STDOUT_FILENO);
 
 	if (bdrv_open(src, &sopts, &cv.src) < 0)
@@ -565,10 +769,20 @@ int cmd_convert(int argc, char **argv)
 	ret = create_output(out.tmp, dst, out_fmt, &q, cv.size);
 	if (ret < 0)
 		goto out_sig;
+	if (cv.backed) {
+		ret = backing_chains(&cv, &out, src, sopts.format);
+		if (ret < 0)
+			goto out_sig;
+	}
 	dopts.format = out_fmt;
 	ret = bdrv_open(out.tmp, &dopts, &cv.dst);
 	if (ret < 0)
 		goto out_sig;
+	if (cv.backed && !same_file(&cv.dst_chain.l[0], cv.dst)) {
+		log_error("%s: changed while it was opened", out.tmp);
+		ret = -ESTALE;
+		goto out_sig;
+	}
 	if (cv.dst->cluster_size && !strcmp(out_fmt, "qcow2"))
 		cv.unit = cv.dst->cluster_size;
 	show_progress(&cv);
@@ -587,7 +801,10 @@ int cmd_convert(int argc, char **argv)
 			putchar('\n');
 	}
 out_sig:
+	bdrv_close(cv.dst);
 	output_cleanup(&out);
+	chain_free(&cv.src_chain);
+	chain_free(&cv.dst_chain);
 	sigaction(SIGINT, &old_int, NULL);
 	sigaction(SIGTERM, &old_term, NULL);
 	bdrv_close(cv.src);
