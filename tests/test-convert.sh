@@ -117,9 +117,13 @@ PYEOF
 SOURCES="v3-64k.qcow2 v2-64k.qcow2 v3-512.qcow2 v3-2M.qcow2 zstd.qcow2 xl2.qcow2 top.qcow2 mid.qcow2 base.raw mixed.raw"
 
 # ---- 1. every source to raw ----
+# (Requests spread over 1, 2 or 3 threads, 1 to 16 of them in flight.)
+i=0
 for s in $SOURCES; do
-    FAIL_CONTEXT="convert -O raw $s"
-    "$QUBLK" convert -O raw "$S/$s" "$O/u.raw" || fail "qublk convert -O raw $s"
+    i=$((i + 1))
+    FAIL_CONTEXT="convert -O raw --threads $((i % 3 + 1)) -m $((i * 3 % 16 + 1)) $s"
+    "$QUBLK" convert -O raw --threads $((i % 3 + 1)) -m $((i * 3 % 16 + 1)) "$S/$s" "$O/u.raw" \
+        || fail "qublk convert -O raw $s"
     qemu-img convert -O raw "$S/$s" "$O/ref-$s.raw" || fail "qemu-img convert -O raw $s"
     qcompare "$S/$s" "$O/u.raw"
     near "$(alloc "$O/u.raw")" "$(alloc "$O/ref-$s.raw")" "$s to raw"
@@ -168,7 +172,7 @@ ncompressed() {
 to_compressed() {
     local s=$1 opts=$2 nu nq
     FAIL_CONTEXT="convert -c -O qcow2 -o $opts $s"
-    "$QUBLK" convert -c -O qcow2 -o "$opts" "$S/$s" "$O/u.qcow2" || fail "qublk convert -c"
+    "$QUBLK" convert -c -O qcow2 --threads 3 -o "$opts" "$S/$s" "$O/u.qcow2" || fail "qublk convert -c"
     qemu-img convert -c -O qcow2 -o "$opts" "$S/$s" "$O/q.qcow2" || fail "qemu-img convert -c"
     qcompare "$S/$s" "$O/u.qcow2"
     qcheck "$O/u.qcow2"
@@ -333,6 +337,7 @@ expect_rc 2 "$S/v3-64k.qcow2"
 expect_rc 2 -O vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -f vmdk "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -m 0 "$S/v3-64k.qcow2" "$O/x"
+expect_rc 2 --threads 0 "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -O raw -o cluster_size=4k "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -c -O raw "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -B "$S/mid.qcow2" "$S/top.qcow2" "$O/x"

@@ -35,7 +35,12 @@
  * convert refuses before writing anything, and the lock is held until
  * the rename replaced the file.
  *
- * Threads: one, with its io_uring; the workers are coroutines on it.
+ * Threads: --threads of them (default one per CPU, at most 4), each
+ * with its io_uring and its share of the workers; compression runs in
+ * the writing coroutine, so this is what spreads it over the CPUs.  The
+ * drivers serialise their own metadata across threads (bdrv.h); chunks
+ * are claimed, errors and progress kept with atomics; the last worker
+ * to finish, on whichever thread, writes the tail and flushes.
  * Exit codes: 0 done, 1 failed (nothing left behind), 2 bad command line.
  */
 #include <errno.h>
@@ -44,6 +49,7 @@
 #include <inttypes.h>
 #include <libgen.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +69,8 @@
 #define CHUNK       (2u << 20)     /* bytes a worker claims */
 #define RAW_UNIT    4096u          /* sparse granularity of a raw output (qemu-img's -S) */
 #define MAX_WORKERS 64
+#define MAX_THREADS 64
+#define DEFAULT_MAX_THREADS 4      /* default: one per CPU, at most this */
 
 static volatile sig_atomic_t interrupted;
 
@@ -82,12 +90,13 @@ struct conv {
 	 * block-status depth (chain.c). */
 	bool backed;
 	struct chain src_chain, dst_chain;
+	/* Shared by the threads (atomics). */
 	uint64_t next;             /* next chunk to claim */
 	uint64_t done;             /* bytes finished, for the progress line */
 	unsigned running;          /* workers not finished */
 	int error;                 /* first error, -errno */
+	int last_pct;              /* progress shown, hundredths of a percent */
 	bool progress;
-	int last_pct;
 };
 
 /* A run of the output's block status (-B), up to @end. */
@@ -97,14 +106,26 @@ struct drun {
 	unsigned depth;
 };
 
+struct thread;
+
 struct worker {
 	struct conv *cv;
+	struct thread *thr;
 	uint8_t *buf;              /* CHUNK bytes: the source's data */
 	uint8_t *cmp;              /* -B: CHUNK bytes, what the output reads now */
 	uint8_t *seen;             /* per unit of the chunk: SEEN_* bits */
 	struct drun *druns;        /* -B: the output's runs over the chunk */
 	size_t ndruns, cap;
 	struct coro *co;
+};
+
+/* A thread: its loop runs its workers. */
+struct thread {
+	struct conv *cv;
+	struct worker *w;
+	unsigned n;                /* workers */
+	unsigned running;          /* of them, not finished (this thread only) */
+	pthread_t tid;
 };
 
 /* What block status says of the pieces of a unit: source and output
@@ -122,25 +143,36 @@ static int unit_class(uint8_t seen)
 	return seen & SEEN_ZERO ? UNIT_ZERO : UNIT_SKIP;
 }
 
+/* The first error wins, from any thread; later ones are not logged. */
 static void set_error(struct conv *cv, int err, const char *what, uint64_t off)
 {
-	if (cv->error)
+	int none = 0;
+
+	if (!__atomic_compare_exchange_n(&cv->error, &none, err, false, __ATOMIC_ACQ_REL,
+					 __ATOMIC_ACQUIRE))
 		return;
-	cv->error = err;
 	if (err != -EINTR)
 		log_error("%s at offset %" PRIu64 ": %s", what, off, strerror(-err));
 }
 
+static bool failed(struct conv *cv)
+{
+	return __atomic_load_n(&cv->error, __ATOMIC_ACQUIRE) != 0;
+}
+
+/* qemu-img's progress line; any thread, each percentage shown once. */
 static void show_progress(struct conv *cv)
 {
-	int pct;
+	int pct, last;
 
 	if (!cv->progress)
 		return;
-	pct = cv->size ? (int)(cv->done * 10000 / cv->size) : 10000;
-	if (pct == cv->last_pct)
+	pct = cv->size ? (int)(__atomic_load_n(&cv->done, __ATOMIC_RELAXED) * 10000 / cv->size)
+		       : 10000;
+	last = __atomic_load_n(&cv->last_pct, __ATOMIC_RELAXED);
+	if (pct <= last || !__atomic_compare_exchange_n(&cv->last_pct, &last, pct, false,
+							__ATOMIC_RELAXED, __ATOMIC_RELAXED))
 		return;
-	cv->last_pct = pct;
 	printf("    (%d.%02d/100%%)\r", pct / 100, pct % 100);
 	fflush(stdout);
 }
@@ -367,19 +399,23 @@ static void worker_fn(void *opaque)
 	struct worker *w = opaque;
 	struct conv *cv = w->cv;
 
-	while (!cv->error && cv->next < cv->size) {
-		uint64_t a = cv->next, b = MIN(a + CHUNK, cv->size);
-		cv->next = b;
+	while (!failed(cv)) {
+		uint64_t a = __atomic_fetch_add(&cv->next, CHUNK, __ATOMIC_RELAXED);
+		if (a >= cv->size)
+			break;
+		uint64_t b = MIN(a + CHUNK, cv->size);
 		if (interrupted) {
 			set_error(cv, -EINTR, "interrupted", a);
 			break;
 		}
 		if (convert_chunk(w, a, b) < 0)
 			break;
-		cv->done += b - a;
+		__atomic_add_fetch(&cv->done, b - a, __ATOMIC_RELAXED);
 		show_progress(cv);
 	}
-	if (--cv->running == 0 && !cv->error) {
+	w->thr->running--;
+	/* The last worker of all, on whichever thread: every chunk is in. */
+	if (__atomic_sub_fetch(&cv->running, 1, __ATOMIC_ACQ_REL) == 0 && !failed(cv)) {
 		int ret = zero_tail(cv);
 		if (ret == 0)
 			ret = bdrv_co_flush(cv->dst);
@@ -388,23 +424,26 @@ static void worker_fn(void *opaque)
 	}
 }
 
-static int run(struct conv *cv, unsigned nworkers)
+/* One thread's workers on its own loop (thread 0 is the caller's). */
+static void *thread_main(void *opaque)
 {
-	struct worker *w = calloc(nworkers, sizeof(*w));
+	struct thread *t = opaque;
+	struct conv *cv = t->cv;
+	struct worker *w = t->w;
 	struct aio_ctx ctx;
 	int ret;
 
-	if (!w)
-		return -ENOMEM;
-	ret = aio_ctx_init(&ctx, 2 * nworkers < 64 ? 64 : 2 * nworkers);
+	ret = aio_ctx_init(&ctx, 2 * t->n < 64 ? 64 : 2 * t->n);
 	if (ret < 0) {
 		log_error("io_uring_queue_init: %s", strerror(-ret));
-		free(w);
-		return ret;
+		set_error(cv, ret, "starting", 0);
+		__atomic_sub_fetch(&cv->running, t->n, __ATOMIC_ACQ_REL);
+		return NULL;
 	}
 	aio_ctx_set_current(&ctx);
-	for (unsigned i = 0; i < nworkers && !ret; i++) {
+	for (unsigned i = 0; i < t->n && !ret; i++) {
 		w[i].cv = cv;
+		w[i].thr = t;
 		w[i].buf = io_alloc(CHUNK);
 		w[i].seen = malloc(CHUNK / 512);
 		w[i].cmp = cv->backed ? io_alloc(CHUNK) : NULL;
@@ -413,20 +452,22 @@ static int run(struct conv *cv, unsigned nworkers)
 			ret = -ENOMEM;
 	}
 	if (ret == 0) {
-		cv->running = nworkers;
-		for (unsigned i = 0; i < nworkers; i++)
+		t->running = t->n;
+		for (unsigned i = 0; i < t->n; i++)
 			aio_schedule(w[i].co);
-		while (cv->running || ctx.inflight || ctx.ready_head) {
+		while (t->running || ctx.inflight || ctx.ready_head) {
 			ret = aio_run_once(&ctx, true);
 			if (ret < 0) {
 				log_error("io_uring: %s", strerror(-ret));
+				set_error(cv, ret, "io_uring", 0);
 				break;
 			}
 		}
 	} else {
-		log_error("out of memory");
+		set_error(cv, ret, "starting", 0);
+		__atomic_sub_fetch(&cv->running, t->n, __ATOMIC_ACQ_REL);
 	}
-	for (unsigned i = 0; i < nworkers; i++) {
+	for (unsigned i = 0; i < t->n; i++) {
 		if (w[i].co)
 			coro_free(w[i].co);
 		io_free(w[i].buf);
@@ -434,10 +475,48 @@ static int run(struct conv *cv, unsigned nworkers)
 		free(w[i].seen);
 		free(w[i].druns);
 	}
-	free(w);
 	aio_ctx_set_current(NULL);
 	aio_ctx_deinit(&ctx);
-	return ret < 0 ? ret : cv->error;
+	return NULL;
+}
+
+/* @nworkers coroutines spread over @nthreads threads.  Returns -errno. */
+static int run(struct conv *cv, unsigned nworkers, unsigned nthreads)
+{
+	struct worker *w = calloc(nworkers, sizeof(*w));
+	struct thread *t = calloc(nthreads, sizeof(*t));
+	unsigned started = 1, first = 0;
+	int ret = 0;
+
+	if (!w || !t) {
+		free(w);
+		free(t);
+		log_error("out of memory");
+		return -ENOMEM;
+	}
+	cv->running = nworkers;
+	for (unsigned i = 0; i < nthreads; i++) {
+		t[i].cv = cv;
+		t[i].w = w + first;
+		t[i].n = nworkers / nthreads + (i < nworkers % nthreads);
+		first += t[i].n;
+	}
+	for (; started < nthreads; started++) {
+		ret = -pthread_create(&t[started].tid, NULL, thread_main, &t[started]);
+		if (ret < 0) {
+			log_error("pthread_create: %s", strerror(-ret));
+			set_error(cv, ret, "starting", 0);
+			for (unsigned i = started; i < nthreads; i++)
+				__atomic_sub_fetch(&cv->running, t[i].n, __ATOMIC_ACQ_REL);
+			break;
+		}
+	}
+	thread_main(&t[0]);
+	for (unsigned i = 1; i < started; i++)
+		pthread_join(t[i].tid, NULL);
+	free(w);
+	free(t);
+	return cv->error;
 }
 
 /* ---- the output file ---------------------------------------------------- */
@@ -657,16 +736,20 @@ static void usage(FILE *out)
 		"  -p             show progress on a terminal\n"
 		"  -q             quiet (no progress)\n"
 		"  -m N           requests in flight (1..%d, default 8)\n"
+		"  --threads N    threads the requests are spread over, each with its\n"
+		"                 io_uring (default: one per CPU, at most %d)\n"
 		"  -h, --help     show this help\n"
 		"\n"
 		"Exit status: 0 success, 1 failure (DST is left as it was), 2 usage error.\n",
-		MAX_WORKERS);
+		MAX_WORKERS, DEFAULT_MAX_THREADS);
 }
 
 int cmd_convert(int argc, char **argv)
 {
+	enum { OPT_THREADS = 256 };
 	static const struct option longopts[] = {
 		{ "force-share", no_argument, NULL, 'U' },
+		{ "threads", required_argument, NULL, OPT_THREADS },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -676,7 +759,7 @@ int cmd_convert(int argc, char **argv)
 	struct conv cv = { .last_pct = -1, .unit = RAW_UNIT };
 	struct output out = { 0 };
 	bool progress = false, quiet = false;
-	unsigned nworkers = 8;
+	unsigned nworkers = 8, nthreads = 0;
 	struct sigaction sa = { .sa_handler = on_signal }, old_int, old_term;
 	int c, ret;
 
@@ -727,6 +810,12 @@ int cmd_convert(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
+		case OPT_THREADS:
+			if (cli_parse_uint(optarg, 1, MAX_THREADS, &nthreads) < 0) {
+				log_error("--threads must be 1..%d", MAX_THREADS);
+				return EXIT_USAGE;
+			}
+			break;
 		case 'h':
 			usage(stdout);
 			return EXIT_OK;
@@ -755,6 +844,11 @@ int cmd_convert(int argc, char **argv)
 		return EXIT_USAGE;
 	}
 	cv.backed = q.backing_file != NULL;
+	if (!nthreads) {
+		long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+		nthreads = ncpu < 1 ? 1 : (unsigned)MIN(ncpu, (long)DEFAULT_MAX_THREADS);
+	}
+	nthreads = MIN(nthreads, nworkers);
 	cv.progress = progress && !quiet && isatty(STDOUT_FILENO);
 
 	if (bdrv_open(src, &sopts, &cv.src) < 0)
@@ -786,7 +880,7 @@ int cmd_convert(int argc, char **argv)
 	if (cv.dst->cluster_size && !strcmp(out_fmt, "qcow2"))
 		cv.unit = cv.dst->cluster_size;
 	show_progress(&cv);
-	ret = run(&cv, nworkers);
+	ret = run(&cv, nworkers, nthreads);
 	if (bdrv_close(cv.dst) < 0 && !ret)
 		ret = -EIO;
 	cv.dst = NULL;
