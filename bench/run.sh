@@ -3,7 +3,7 @@
 # Not part of `make check`: numbers, not pass/fail.  Prints a markdown
 # table of IOPS and the qublk/QEMU ratio per row.
 #
-#   bench/run.sh [--quick] [--only engine|nbd]
+#   bench/run.sh [--quick] [--only engine|nbd|convert]
 #
 # Rows:
 #  engine: `qublk bench` vs `qemu-img bench` (same count, depth, size,
@@ -12,6 +12,10 @@
 #  nbd:    fio's nbd engine against `qublk nbd` and `qemu-nbd`
 #          (--cache=none --aio=io_uring) serving the same image, 4k
 #          random read/write, plus `qublk nbd` on raw as the ceiling.
+#  convert: seconds for `qemu-img convert` (NBD -> sparse raw on tmpfs) of
+#          a 4 GiB qcow2 image with 10% allocated (1 MiB in every 10 MiB),
+#          served by `qublk nbd` and by `qemu-nbd`, same cache options;
+#          its own table (seconds, and qemu-nbd's time / qublk's).
 # Images: 1 GiB qcow2 (64k clusters), preallocated (preallocation=falloc)
 # and empty; a 1 GiB raw file.  All in /dev/shm.
 set -euo pipefail
@@ -25,7 +29,7 @@ while [ $# -gt 0 ]; do
 	case $1 in
 	--quick) QUICK=1 ;;
 	--only) ONLY=$2; shift ;;
-	*) echo "usage: $0 [--quick] [--only engine|nbd]" >&2; exit 2 ;;
+	*) echo "usage: $0 [--quick] [--only engine|nbd|convert]" >&2; exit 2 ;;
 	esac
 	shift
 done
@@ -108,4 +112,26 @@ for kind in prealloc empty; do
 done
 done
 done
+fi
+
+if [ -z "$ONLY" ] || [ "$ONLY" = convert ]; then
+	qemu-img create -q -f qcow2 "$DIR/c.qcow2" 4G
+	for i in $(seq 0 409); do echo "write -P $((i % 250 + 1)) $((i * 10))M 1M"; done |
+		qemu-io -f qcow2 "$DIR/c.qcow2" >/dev/null
+	conv_secs() { # sock
+		local t0 t1
+		rm -f "$DIR/out.raw"
+		t0=$(date +%s.%N)
+		qemu-img convert -f raw -O raw "nbd+unix:///?socket=$1" "$DIR/out.raw"
+		t1=$(date +%s.%N)
+		awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }'
+	}
+	serve_qublk qcow2 "$DIR/c.qcow2" "$DIR/s4"; q=$(conv_secs "$DIR/s4"); stop_server
+	rm -f "$DIR/s4"
+	serve_qemu "$DIR/c.qcow2" "$DIR/s5"; e=$(conv_secs "$DIR/s5"); stop_server
+	rm -f "$DIR/s5"
+	echo
+	echo "| workload | qublk s | qemu-nbd s | ratio (qemu-nbd / qublk) |"
+	echo "|---|---|---|---|"
+	echo "| qemu-img convert 4 GiB, 10% allocated | $q | $e | $(ratio "$e" "$q") |"
 fi

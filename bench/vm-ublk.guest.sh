@@ -102,7 +102,7 @@ run_fio() {
     read -r s0 w0 < <(ticks $srvpids)
     read -r f0 _ < <(ticks $fiopids)
     read -r b0 t0 < <(busy)
-    sleep "$(awk -v t="$RUNTIME" 'BEGIN { print t > 1.5 ? t - 1 : 0.5 }')"
+    sleep "$(awk -v t="$RUNTIME" 'BEGIN { print (t > 1.5 ? t - 1 : 0.5) }')"
     read -r s1 w1 < <(ticks $srvpids)
     read -r f1 _ < <(ticks $fiopids)
     read -r b1 t1 < <(busy)

@@ -17,6 +17,12 @@
 #   qio FILE-OR-URI FMT [qemu-io args]   run a qemu-io script from stdin,
 #                             fail on any failed command (aio ones included)
 #   nbd_read_all OUT          copy the whole served export to raw file OUT
+#   qemu_versions             the QEMU versions to use as oracles: 7 (the
+#                             system's tools) and 10 (tests/setup-qemu10.sh;
+#                             required with CI=true, else used when set up)
+#   use_qemu V                from now on qemu-img, qemu-io and qemu-nbd (and
+#                             the helpers here) are QEMU V's: 7 or 10
+#   qemu10 TOOL ARGS...       run one QEMU 10 tool (QEMU10_BIN: its wrappers)
 # The server under test is $QUBLK (default build/qublk).  With
 # QUBLK_TEST_SERVER=qemu-nbd the same tests run against qemu-nbd instead,
 # which validates the tests themselves against QEMU's own implementation.
@@ -228,6 +234,53 @@ qio() {
 nbd_read_all() {
     qemu-img convert -f raw "$NBD_URI" -O raw "$1" \
         || fail "qemu-img convert from $NBD_URI failed"
+}
+
+# QEMU 10 next to the system's 7.2 (tests/setup-qemu10.sh unpacks it into a
+# private tree; the wrappers in $QEMU10_BIN set its library path).
+QEMU10_BIN=${QUBLK_QEMU10_CACHE:-$TESTS_DIR/.cache/qemu10}/bin
+_QEMU_BASE_PATH=$PATH
+_QEMU10_OK=
+
+have_qemu10() {
+    if [ -z "$_QEMU10_OK" ]; then
+        _QEMU10_OK=no
+        if [ -x "$QEMU10_BIN/qemu-img" ] && [ -x "$QEMU10_BIN/qemu-io" ] &&
+           "$QEMU10_BIN/qemu-img" --version 2>/dev/null | grep -q ' 10\.[0-9]'; then
+            _QEMU10_OK=yes
+        fi
+    fi
+    [ "$_QEMU10_OK" = yes ]
+}
+
+qemu_versions() {
+    echo 7
+    if have_qemu10; then
+        echo 10
+    elif [ "${CI:-}" = true ]; then
+        fail "QEMU 10 is not set up ($QEMU10_BIN): run tests/setup-qemu10.sh"
+    else
+        echo "warning: QEMU 10 not set up (tests/setup-qemu10.sh): QEMU 7.2 only" >&2
+    fi
+}
+
+use_qemu() {
+    case $1 in
+        7) PATH=$_QEMU_BASE_PATH ;;
+        10) have_qemu10 || fail "use_qemu 10: QEMU 10 is not set up"
+            PATH=$QEMU10_BIN:$_QEMU_BASE_PATH ;;
+        *) fail "use_qemu: unknown version $1" ;;
+    esac
+    hash -r
+    QEMU_VER=$1
+}
+QEMU_VER=7    # the oracle in use, for messages
+export QEMU_VER
+
+qemu10() {
+    have_qemu10 || fail "qemu10: QEMU 10 is not set up"
+    local t=$1; shift
+    "$QEMU10_BIN/$t" "$@"
 }
 
 # qemu-img: quiet image creation that fails the test on error.

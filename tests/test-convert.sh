@@ -195,7 +195,7 @@ to_compressed v3-512.qcow2 cluster_size=512
 to_compressed mixed.raw cluster_size=2M,compression_type=zstd
 
 # ---- -B: a new backing file ----
-# backed SRC BACKING OPTIONS [-F FMT]: qublk's output with BACKING reads as SRC,
+# backed SRC BACKING OPTIONS: qublk's output with BACKING reads as SRC,
 # checks clean, and allocates no more than qemu-img convert -B (QEMU
 # writes what the source has above its own backing file and assumes the
 # new one reads the same; qublk writes only what differs from BACKING),
@@ -204,7 +204,7 @@ to_compressed mixed.raw cluster_size=2M,compression_type=zstd
 backed() {
     local s=$1 bk=$2 opts=$3
     FAIL_CONTEXT="convert -O qcow2 -B $bk -o $opts $s"
-    "$QUBLK" convert -O qcow2 -B "$bk" "${@:4}" -o "$opts" "$S/$s" "$S/new.qcow2" \
+    "$QUBLK" convert -O qcow2 -B "$bk" -F "$(img_format "$S/$bk")" -o "$opts" "$S/$s" "$S/new.qcow2" \
         || fail "qublk convert -B"
     [ "$(qemu-img info --output=json "$S/new.qcow2" | "$PYTHON" -c \
         'import json,sys; print(json.load(sys.stdin)["backing-filename"])')" = "$bk" ] \
@@ -225,15 +225,15 @@ backed() {
     echo "  -B ok: $s -B $bk -o $opts ($u bytes allocated, qemu-img $q$note)"
 }
 # Rebasing onto the source's own backing file (or its backing's).
-backed top.qcow2 mid.qcow2 compat=1.1 -F qcow2
+backed top.qcow2 mid.qcow2 compat=1.1
 backed top.qcow2 mid.qcow2 compat=0.10
-backed top.qcow2 base.raw compression_type=zstd -F raw
+backed top.qcow2 base.raw compression_type=zstd
 # Onto a backing file that is not the source's: still equal (QEMU's is not).
 backed top.qcow2 v3-64k.qcow2 cluster_size=4k
 backed v3-64k.qcow2 zstd.qcow2 compat=1.1
 backed mixed.raw base.raw cluster_size=64k
 # Compressed, over a backing file.
-"$QUBLK" convert -c -O qcow2 -B mid.qcow2 "$S/top.qcow2" "$S/new.qcow2" || fail "convert -c -B"
+"$QUBLK" convert -c -O qcow2 -B mid.qcow2 -F qcow2 "$S/top.qcow2" "$S/new.qcow2" || fail "convert -c -B"
 qcompare "$S/top.qcow2" "$S/new.qcow2"
 qcheck "$S/new.qcow2"
 [ "$(ncompressed "$S/new.qcow2")" -gt 0 ] || fail "convert -c -B compressed nothing"
@@ -253,7 +253,7 @@ PYEOF
 mkimg -f qcow2 -b cb.qcow2 -F qcow2 "$S/ct.qcow2"
 qemu-io -f qcow2 -c 'write -P 3 2M 64k' "$S/ct.qcow2" >/dev/null || fail "qemu-io ct"
 ! "$QUBLK" convert "$S/ct.qcow2" "$O/ct.raw" 2>/dev/null || fail "the damaged cluster reads"
-"$QUBLK" convert -O qcow2 -B cb.qcow2 "$S/ct.qcow2" "$S/new.qcow2" || fail "convert -B read the shared backing"
+"$QUBLK" convert -O qcow2 -B cb.qcow2 -F qcow2 "$S/ct.qcow2" "$S/new.qcow2" || fail "convert -B read the shared backing"
 qemu-io -f qcow2 -c 'read -P 3 2M 64k' -c 'read -P 1 0 1M' -c 'read -P 0 3M 1M' "$S/new.qcow2" \
     >"$TMPD/io.out" || fail "convert -B: wrong data"
 ! grep -q -i 'fail\|mismatch' "$TMPD/io.out" || fail "convert -B: $(cat "$TMPD/io.out")"
@@ -342,10 +342,16 @@ expect_rc 2 -O raw -o cluster_size=4k "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -c -O raw "$S/v3-64k.qcow2" "$O/x"
 expect_rc 2 -B "$S/mid.qcow2" "$S/top.qcow2" "$O/x"
 expect_rc 2 -O qcow2 -F raw "$S/top.qcow2" "$O/x"
-expect_rc 1 -O qcow2 -B missing.qcow2 "$S/top.qcow2" "$O/x"
+# -B without -F: refused, as qemu-img refuses it (a format is never probed
+# into an image).
+! qemu-img convert -O qcow2 -B mid.qcow2 "$S/top.qcow2" "$O/x" 2>/dev/null \
+    || fail "qemu-img convert -B without -F succeeded"
+rm -f "$O/x"
+expect_rc 2 -O qcow2 -B mid.qcow2 "$S/top.qcow2" "$O/x"
+expect_rc 1 -O qcow2 -B missing.qcow2 -F qcow2 "$S/top.qcow2" "$O/x"
 # DST cannot become its own backing file.
 cp "$S/mid.qcow2" "$S/own.qcow2"
-expect_rc 1 -O qcow2 -B own.qcow2 "$S/top.qcow2" "$S/own.qcow2"
+expect_rc 1 -O qcow2 -B own.qcow2 -F qcow2 "$S/top.qcow2" "$S/own.qcow2"
 cmp "$S/mid.qcow2" "$S/own.qcow2" || fail "DST changed"
 expect_rc 2 -O qcow2 -o bogus=1 "$S/v3-64k.qcow2" "$O/x"
 expect_rc 1 -O qcow2 -o cluster_size=3k "$S/v3-64k.qcow2" "$O/x"

@@ -1,6 +1,7 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
-# qublk create / info against the oracle, qemu-img:
+# qublk create / info against the oracle, qemu-img (QEMU 7.2, and QEMU 10
+# when tests/setup-qemu10.sh has unpacked it: each case runs against both):
 #  - for a matrix of create options, `qublk create` and `qemu-img create`
 #    must give the same `qemu-img info` properties, and `qemu-img check`
 #    must find no errors and no leaks in ours;
@@ -10,28 +11,23 @@
 #    files, ...) make `qublk info` exit 1 with a message, never crash.
 # Exit: 0 pass, 1 fail, 77 skip (a tool is missing).
 # shellcheck disable=SC2015  # "check && ok || bad": ok cannot fail
-set -u
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+set +e +o pipefail       # this test counts its failures itself
 
-QUBLK=${QUBLK:-build/qublk}
-for tool in qemu-img python3; do
-	if ! command -v "$tool" >/dev/null 2>&1; then
-		echo "SKIP: $tool not found"
-		exit 77
-	fi
-done
-if [ ! -x "$QUBLK" ]; then
-	echo "SKIP: $QUBLK not built"
-	exit 77
-fi
+requires qemu-img python3
+[ -x "$QUBLK" ] || skip "$QUBLK not built"
 QUBLK=$(realpath "$QUBLK")   # some steps run in another directory
 # Sanitizer reports must not pass for the expected "exit 1" of bad images.
 export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}exitcode=99"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}exitcode=98:halt_on_error=1"
-
-base=/tmp
-[ -d /dev/shm ] && [ -w /dev/shm ] && base=/dev/shm
-T=$(mktemp -d "$base/qublk-create-info.XXXXXX") || exit 1
-trap 'rm -rf "$T"' EXIT
+T=$TMPD
+VERSIONS=$(qemu_versions) || exit 1
+# qimg V ARGS...: qemu-img of QEMU V.
+qimg() {
+	local v=$1; shift
+	if [ "$v" = 10 ]; then qemu10 qemu-img "$@"; else command qemu-img "$@"; fi
+}
 
 pass=0
 fail=0
@@ -51,20 +47,23 @@ for k in ("compat", "lazy-refcounts", "refcount-bits", "compression-type", "exte
 '
 }
 
-# check_clean IMAGE: qemu-img check exits 0 and reports no leaks/errors.
+# check_clean IMAGE: every QEMU's qemu-img check exits 0 and reports no
+# leaks/errors.
 check_clean() {
-	local out rc
-	out=$(qemu-img check --output=json "$1" 2>&1)
-	rc=$?
-	if [ $rc -ne 0 ]; then
-		echo "$out"
-		return 1
-	fi
-	echo "$out" | python3 -c '
+	local out rc v
+	for v in $VERSIONS; do
+		out=$(qimg "$v" check --output=json "$1" 2>&1)
+		rc=$?
+		if [ $rc -ne 0 ]; then
+			echo "QEMU $v: $out"
+			return 1
+		fi
+		echo "$out" | python3 -c '
 import json, sys
 j = json.load(sys.stdin)
 bad = {k: j.get(k, 0) for k in ("leaks", "corruptions", "check-errors")}
-sys.exit(1 if any(bad.values()) else 0)' || { echo "$out"; return 1; }
+sys.exit(1 if any(bad.values()) else 0)' || { echo "QEMU $v: $out"; return 1; }
+	done
 }
 
 # Compare the properties that matter in four info reports and one check
@@ -93,35 +92,40 @@ print("\n".join(errs))
 sys.exit(1 if errs else 0)
 '
 
-# compare NAME SIZE [create options...]: both tools, same options.
+# compare NAME SIZE [create options...]: both tools, same options, with
+# each QEMU version: its qemu-img creates "theirs" and judges both images.
 compare() {
 	local name=$1 size=$2
 	shift 2
-	local ours="$T/ours-$name.qcow2" theirs="$T/qemu-$name.qcow2" err t0=$SECONDS
+	local ours="$T/ours-$name.qcow2" theirs err t0=$SECONDS v
 	if ! err=$("$QUBLK" create -f qcow2 "$@" "$ours" ${size:+"$size"} 2>&1); then
 		bad "$name: qublk create failed: $err"
 		return
 	fi
-	if ! err=$(qemu-img create -q -f qcow2 "$@" "$theirs" ${size:+"$size"} 2>&1); then
-		bad "$name: qemu-img create failed: $err"
-		return
-	fi
-	qemu-img info --output=json "$theirs" >"$T/q1.json" &&
-	qemu-img info --output=json "$ours" >"$T/q2.json" &&
-	"$QUBLK" info --output json "$theirs" >"$T/u1.json" &&
-	"$QUBLK" info --output json "$ours" >"$T/u2.json" || { bad "$name: info failed"; return; }
-	if ! qemu-img check --output=json "$ours" >"$T/check.json" 2>&1; then
-		bad "$name: qemu-img check exit $?: $(cat "$T/check.json")"
-		return
-	fi
-	if ! err=$(python3 -c "$COMPARE_PY" "$T/q1.json" "$T/q2.json" "$T/u1.json" "$T/u2.json" \
-			"$T/check.json" 2>&1); then
-		bad "$name: $err"
-		return
-	fi
+	"$QUBLK" info --output json "$ours" >"$T/u2.json" || { bad "$name: qublk info failed"; return; }
+	for v in $VERSIONS; do
+		theirs="$T/qemu$v-$name.qcow2"
+		if ! err=$(qimg "$v" create -q -f qcow2 "$@" "$theirs" ${size:+"$size"} 2>&1); then
+			bad "$name: qemu-img $v create failed: $err"
+			return
+		fi
+		qimg "$v" info --output=json "$theirs" >"$T/q1.json" &&
+		qimg "$v" info --output=json "$ours" >"$T/q2.json" &&
+		"$QUBLK" info --output json "$theirs" >"$T/u1.json" || { bad "$name: info failed (QEMU $v)"; return; }
+		if ! qimg "$v" check --output=json "$ours" >"$T/check.json" 2>&1; then
+			bad "$name: qemu-img $v check exit $?: $(cat "$T/check.json")"
+			return
+		fi
+		if ! err=$(python3 -c "$COMPARE_PY" "$T/q1.json" "$T/q2.json" "$T/u1.json" "$T/u2.json" \
+				"$T/check.json" 2>&1); then
+			bad "$name (QEMU $v): $err"
+			return
+		fi
+		rm -f "$theirs"
+	done
 	ok
 	[ -n "${VERBOSE:-}" ] && echo "ok $name ($((SECONDS - t0))s)"
-	rm -f "$ours" "$theirs"
+	rm -f "$ours"
 }
 
 # --- matrix: cluster sizes x compat, refcount widths, preallocation ---
@@ -156,15 +160,22 @@ qemu-img create -q -f raw "$T/base.raw" 5M
 compare backing-qcow2 "" -b "$T/base.qcow2" -F qcow2
 compare backing-raw 10M -b "$T/base.raw" -F raw
 compare backing-v2 "" -b "$T/base.qcow2" -F qcow2 -o compat=0.10
-(cd "$T" && "$QUBLK" create -b base.qcow2 rel.qcow2) || bad "relative backing create"
+(cd "$T" && "$QUBLK" create -b base.qcow2 -F qcow2 rel.qcow2) || bad "relative backing create"
 p=$(props "$T/rel.qcow2")
 if echo "$p" | grep -q "^backing-filename-format qcow2$" &&
    echo "$p" | grep -q "^virtual-size 3221225472$" &&
    echo "$p" | grep -q "^backing-filename base.qcow2$"; then ok
 else bad "probed backing format/size: $p"; fi
-"$QUBLK" create -b base.raw "$T/rel-raw.qcow2" >/dev/null 2>&1 || bad "raw backing create"
-p=$(props "$T/rel-raw.qcow2")
-echo "$p" | grep -q "^backing-filename-format raw$" && ok || bad "probed raw backing"
+# -b without -F is refused, as QEMU (7.2 and 10) refuse it, naming -F.
+for v in $VERSIONS; do
+	qimg "$v" create -q -f qcow2 -b base.raw "$T/rel-raw.qcow2" >/dev/null 2>&1 &&
+		bad "qemu-img $v accepted -b without -F" || ok
+done
+rm -f "$T/rel-raw.qcow2"
+(cd "$T" && "$QUBLK" create -b base.raw rel-raw.qcow2) >"$T/out" 2>&1
+rc=$?
+if [ $rc -eq 1 ] && grep -q -- "-F" "$T/out" && grep -q "backing format" "$T/out" &&
+   [ ! -e "$T/rel-raw.qcow2" ]; then ok; else bad "-b without -F: rc=$rc $(cat "$T/out")"; fi
 check_clean "$T/rel.qcow2" >/dev/null && ok || bad "check of image with backing"
 # chain: rel.qcow2 -> base.qcow2, shown with --backing-chain, loops refused
 out=$("$QUBLK" info --backing-chain --output json "$T/rel.qcow2")
@@ -207,10 +218,92 @@ expect_rc 2 "unknown -o key" "$QUBLK" create -o bogus=1 "$T/x.qcow2" 1G
 expect_rc 2 "unknown flag" "$QUBLK" create --bogus "$T/x.qcow2" 1G
 expect_rc 2 "bad size" "$QUBLK" create "$T/x.qcow2" 12Q
 expect_rc 1 "bad cluster size" "$QUBLK" create -o cluster_size=3000 "$T/x.qcow2" 1G
-expect_rc 1 "missing backing" "$QUBLK" create -b "$T/nonexistent" "$T/x.qcow2"
+expect_rc 1 "missing backing" "$QUBLK" create -b "$T/nonexistent" -F raw "$T/x.qcow2"
 expect_rc 0 "create --help" "$QUBLK" create --help
 expect_rc 0 "info --help" "$QUBLK" info --help
 expect_rc 2 "info bad output" "$QUBLK" info --output xml "$T/rel.qcow2"
+
+# --- small clusters with a backing file: QEMU leaves the feature name table
+# out of cluster 0 at 4 KiB and less, so the backing name fits ---
+qemu-img create -q -f raw "$T/base8.raw" 8M
+for cs in 512 4096 8192; do
+	compare "backing-raw-cs$cs" 8M -o cluster_size=$cs -b "$T/base8.raw" -F raw
+	compare "backing-raw-cs$cs-v2" 8M -o cluster_size=$cs,compat=0.10 -b "$T/base8.raw" -F raw
+done
+exts() {   # exts FILE: the header extension types of a v3 image, in order
+	python3 -c '
+import struct, sys
+d = open(sys.argv[1], "rb").read(65536)
+o = struct.unpack(">I", d[100:104])[0]
+while True:
+    t, n = struct.unpack(">II", d[o:o + 8])
+    if t == 0:
+        break
+    print("%08x" % t)
+    o += 8 + (n + 7) // 8 * 8' "$1"
+}
+for cs in 512 4096 8192 65536; do
+	"$QUBLK" create -o cluster_size=$cs -b base8.raw -F raw "$T/ext-ours.qcow2" 8M
+	for v in $VERSIONS; do
+		rm -f "$T/ext-theirs.qcow2"
+		qimg "$v" create -q -f qcow2 -o cluster_size=$cs -b base8.raw -F raw \
+			"$T/ext-theirs.qcow2" 8M
+		[ "$(exts "$T/ext-ours.qcow2")" = "$(exts "$T/ext-theirs.qcow2")" ] && ok ||
+			bad "cs $cs: extensions $(exts "$T/ext-ours.qcow2" | tr '\n' ' ') vs QEMU $v's $(exts "$T/ext-theirs.qcow2" | tr '\n' ' ')"
+	done
+done
+
+# --- a create that fails leaves nothing behind; an image in use is not replaced ---
+leftovers() { find "$T" -maxdepth 1 -name '.*qublk-*' | wc -l; }
+# A file size limit makes the writes fail (EFBIG) part way through.
+(trap '' XFSZ; ulimit -f 1024; "$QUBLK" create -o preallocation=full "$T/full.qcow2" 8M) \
+	>"$T/out" 2>&1
+rc=$?
+if [ $rc -eq 1 ] && [ ! -e "$T/full.qcow2" ] && [ "$(leftovers)" = 0 ]; then ok
+else bad "failed create: rc=$rc, left $(leftovers) temporary files: $(cat "$T/out")"; fi
+(trap '' XFSZ; ulimit -f 1024; "$QUBLK" create -f raw -o preallocation=full "$T/full.raw" 8M) \
+	>"$T/out" 2>&1
+rc=$?
+[ $rc -eq 1 ] && [ ! -e "$T/full.raw" ] && [ "$(leftovers)" = 0 ] && ok ||
+	bad "failed raw create: rc=$rc: $(cat "$T/out")"
+# An existing image survives a failed create unchanged.
+"$QUBLK" create "$T/keep.qcow2" 1M
+sum=$(md5sum <"$T/keep.qcow2")
+(trap '' XFSZ; ulimit -f 1024; "$QUBLK" create -o preallocation=full "$T/keep.qcow2" 8M) \
+	>/dev/null 2>&1
+[ "$(md5sum <"$T/keep.qcow2")" = "$sum" ] && [ "$(leftovers)" = 0 ] && ok ||
+	bad "a failed create changed the existing image"
+# Replacing an unused image keeps its mode; through a symlink, the target is replaced.
+chmod 600 "$T/keep.qcow2"
+ln -s keep.qcow2 "$T/link.qcow2"
+"$QUBLK" create "$T/link.qcow2" 2M || bad "create over a symlink"
+[ -L "$T/link.qcow2" ] && [ "$(stat -c %a "$T/keep.qcow2")" = 600 ] &&
+	[ "$(qemu-img info --output=json "$T/keep.qcow2" | python3 -c \
+	'import json,sys; print(json.load(sys.stdin)["virtual-size"])')" = 2097152 ] && ok ||
+	bad "create over a symlink: $(ls -l "$T/link.qcow2" "$T/keep.qcow2")"
+# In use by each QEMU's qemu-io (reader and writer): refused, untouched.
+sum=$(md5sum <"$T/keep.qcow2")
+for v in $VERSIONS; do
+	for mode in -r ""; do
+		if [ "$v" = 10 ]; then io=("$QEMU10_BIN/qemu-io"); else io=(qemu-io); fi
+		# shellcheck disable=SC2086  # $mode: empty or one flag
+		"${io[@]}" $mode -f qcow2 -c 'sleep 20000' "$T/keep.qcow2" >/dev/null 2>&1 &
+		pid=$!
+		for _ in $(seq 100); do
+			grep -q "$(stat -c %i "$T/keep.qcow2")" /proc/locks && break
+			sleep 0.1
+		done
+		for fmt in qcow2 raw; do
+			"$QUBLK" create -f $fmt "$T/keep.qcow2" 4M >"$T/out" 2>&1
+			rc=$?
+			[ $rc -eq 1 ] && grep -q "lock" "$T/out" && grep -q "in use" "$T/out" &&
+				[ "$(md5sum <"$T/keep.qcow2")" = "$sum" ] && [ "$(leftovers)" = 0 ] && ok ||
+				bad "create -f $fmt over an image qemu-io $v $mode holds: rc=$rc $(cat "$T/out")"
+		done
+		kill "$pid" 2>/dev/null
+		wait "$pid" 2>/dev/null
+	done
+done
 
 # --- snapshots made by qemu-img ---
 qemu-img create -q -f qcow2 "$T/snap.qcow2" 64M
@@ -272,8 +365,8 @@ mk cbits.qcow2; patch "$T/cbits.qcow2" 20 0000001f
 bad_image cbits.qcow2 "cluster_bits 31"
 mk version.qcow2; patch "$T/version.qcow2" 4 00000007
 bad_image version.qcow2 "version 7"
-mk crypt.qcow2; patch "$T/crypt.qcow2" 32 00000001
-bad_image crypt.qcow2 "encrypted"
+mk crypt.qcow2; patch "$T/crypt.qcow2" 32 00000003
+bad_image crypt.qcow2 "unknown encryption method 3"
 mk hlen.qcow2; patch "$T/hlen.qcow2" 100 00000069
 bad_image hlen.qcow2 "header_length"
 mk rorder.qcow2; patch "$T/rorder.qcow2" 96 00000007
@@ -302,6 +395,56 @@ bad_image snaptrunc.qcow2 "snapshot 0: entry extends"
 out=$("$QUBLK" info "$T/lazy.qcow2")
 echo "$out" | grep -q "lazy refcounts: true" && ok || bad "lazy in text info"
 expect_rc 1 "nonexistent file" "$QUBLK" info "$T/nope.qcow2"
+
+# --- encrypted images: described as qemu-img info describes them (the
+# LUKS header's cipher, slots and offsets; the payload is never opened);
+# refused by nbd and add with a message that says why ---
+for v in $VERSIONS; do
+	qimg "$v" create -q -f qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 \
+		--object secret,id=sec0,data=abc "$T/luks$v.qcow2" 16M || { bad "qemu-img $v create luks"; continue; }
+	qimg "$v" info --output=json "$T/luks$v.qcow2" >"$T/q.json"
+	"$QUBLK" info --output json "$T/luks$v.qcow2" >"$T/u.json" || { bad "qublk info luks ($v)"; continue; }
+	python3 -c '
+import json, sys
+q, u = (json.load(open(f)) for f in sys.argv[1:3])
+qe = q["format-specific"]["data"]["encrypt"]
+ue = u["format-specific"]["data"].get("encrypt", {})
+bad = [k for k in qe if qe[k] != ue.get(k)]
+assert qe["format"] == "luks" and len(qe["slots"]) == 8, qe
+assert not bad and u.get("encrypted") is True, (bad, qe, ue)
+' "$T/q.json" "$T/u.json" && ok || bad "LUKS info differs from QEMU $v's: $(cat "$T/u.json")"
+	"$QUBLK" info "$T/luks$v.qcow2" >"$T/out" 2>&1
+	grep -q "^encrypted: yes" "$T/out" && grep -q "format: luks" "$T/out" &&
+		grep -q "cipher alg: aes-256" "$T/out" && ok || bad "LUKS text info: $(cat "$T/out")"
+done
+qemu-img create -q -f qcow2 -o encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10,encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256 \
+	--object secret,id=s,data=x "$T/luks-cbc.qcow2" 4M
+qemu-img info --output=json "$T/luks-cbc.qcow2" >"$T/q.json"
+"$QUBLK" info --output json "$T/luks-cbc.qcow2" >"$T/u.json"
+python3 -c '
+import json, sys
+q, u = (json.load(open(f)) for f in sys.argv[1:3])
+qe = q["format-specific"]["data"]["encrypt"]
+ue = u["format-specific"]["data"]["encrypt"]
+assert qe["cipher-mode"] == "cbc" and qe["ivgen-hash-alg"] == "sha256", qe
+assert all(qe[k] == ue.get(k) for k in qe), (qe, ue)
+' "$T/q.json" "$T/u.json" && ok || bad "LUKS cbc-essiv info: $(cat "$T/u.json")"
+# the legacy AES method (crypt_method 1): no header to show, as QEMU
+mk aes.qcow2; patch "$T/aes.qcow2" 32 00000001
+"$QUBLK" info --output json "$T/aes.qcow2" | python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+assert j["encrypted"] is True and j["format-specific"]["data"]["encrypt"] == {"format": "aes"}, j
+' && ok || bad "legacy AES info"
+for img in luks7.qcow2 aes.qcow2; do
+	timeout 20 "$QUBLK" nbd --socket "$T/nbd.sock" "$T/$img" >"$T/out" 2>&1
+	rc=$?
+	[ $rc -eq 1 ] && grep -q "encrypted" "$T/out" && grep -q "cannot read or serve" "$T/out" && ok ||
+		bad "nbd on encrypted $img: rc=$rc $(cat "$T/out")"
+	timeout 20 "$QUBLK" add "$T/$img" >"$T/out" 2>&1
+	rc=$?
+	[ $rc -eq 1 ] && grep -q "encrypted" "$T/out" && ok || bad "add on encrypted $img: rc=$rc $(cat "$T/out")"
+done
 
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]

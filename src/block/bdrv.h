@@ -44,6 +44,11 @@ enum {
 	 * (bdrv_driver.process_crash_safe) get a flush after each such request
 	 * from the block layer: correct, but an fdatasync per request. */
 	BDRV_O_CRASH_SAFE = 1 << 4,
+	/* discard=ignore (qemu-nbd's name): discards do nothing and
+	 * write-zeroes never deallocates.  Without it (discard=unmap),
+	 * discards free clusters and the space goes back to the host file
+	 * system (qcow2 punches freed clusters out of the file). */
+	BDRV_O_NO_UNMAP = 1 << 5,
 };
 
 /* Block status (bdrv_co_block_status): what reads of a range return. */
@@ -150,6 +155,10 @@ int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **
  * the directory of @parent's file; depth-limited (loops refused). */
 int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out);
+/* Open the external data file @name of @parent (qcow2 "External data
+ * file name"): relative to @parent's directory, read-only and O_DIRECT as
+ * @parent, locked like it.  Returns -errno (logged). */
+int bdrv_open_data_file(struct bdrv *parent, const char *name, struct io_file **out);
 /* Returns -errno if writing the image back failed (it is closed anyway). */
 int bdrv_close(struct bdrv *bs);
 /* Write the image back and close it like bdrv_close, but first duplicate

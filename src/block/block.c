@@ -144,6 +144,60 @@ int bdrv_open(const char *filename, const struct bdrv_opts *opts, struct bdrv **
 	return open_common(filename, opts, NULL, out);
 }
 
+/* @name as a path: absolute, or relative to the directory of @parent's
+ * file as the user named it (symlinks kept, as QEMU does). */
+static int relative_to(const struct bdrv *parent, const char *name, char *path, size_t len)
+{
+	if (name[0] == '/' || !strchr(parent->filename, '/')) {
+		if (snprintf(path, len, "%s", name) >= (int)len)
+			return -ENAMETOOLONG;
+	} else {
+		char dir[PATH_MAX];
+		snprintf(dir, sizeof(dir), "%s", parent->filename);
+		if (snprintf(path, len, "%s/%s", dirname(dir), name) >= (int)len)
+			return -ENAMETOOLONG;
+	}
+	return 0;
+}
+
+int bdrv_open_data_file(struct bdrv *parent, const char *name, struct io_file **out)
+{
+	unsigned ioflags = 0, perm, shared;
+	char path[PATH_MAX];
+	struct stat st;
+	int ret;
+
+	if (!name[0]) {
+		log_error("%s: empty data file name", parent->filename);
+		return -EINVAL;
+	}
+	ret = relative_to(parent, name, path, sizeof(path));
+	if (ret < 0)
+		return ret;
+	if (parent->read_only)
+		ioflags |= IO_OPEN_RDONLY;
+	if (parent->open_flags & BDRV_O_DIRECT)
+		ioflags |= IO_OPEN_DIRECT;
+	ret = io_file_open(path, ioflags, out);
+	if (ret < 0) {
+		log_error("%s: cannot open data file %s: %s", parent->filename, path, strerror(-ret));
+		return ret;
+	}
+	if (fstat((*out)->fd, &st) == 0 && st.st_dev == parent->dev && st.st_ino == parent->ino) {
+		log_error("%s: the data file is the image itself", parent->filename);
+		ret = -ELOOP;
+	}
+	/* The data file holds the guest data: locked like the image. */
+	lock_perms(parent->read_only, parent->open_flags & BDRV_O_FORCE_SHARE, &perm, &shared);
+	if (ret == 0)
+		ret = lock_take((*out)->fd, path, perm, shared);
+	if (ret < 0) {
+		io_file_close(*out);
+		*out = NULL;
+	}
+	return ret;
+}
+
 int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		      struct bdrv **out)
 {
@@ -167,16 +221,10 @@ int bdrv_open_backing(struct bdrv *parent, const char *name, const char *format,
 		log_error("%s: empty backing file name", parent->filename);
 		return -EINVAL;
 	}
-	if (name[0] == '/' || !strchr(parent->filename, '/')) {
-		if (snprintf(path, sizeof(path), "%s", name) >= (int)sizeof(path))
-			return -ENAMETOOLONG;
-	} else {
-		char dir[PATH_MAX];
-		snprintf(dir, sizeof(dir), "%s", parent->filename);
-		if (snprintf(path, sizeof(path), "%s/%s", dirname(dir), name) >= (int)sizeof(path))
-			return -ENAMETOOLONG;
-	}
-	int ret = open_common(path, &opts, parent, out);
+	int ret = relative_to(parent, name, path, sizeof(path));
+	if (ret < 0)
+		return ret;
+	ret = open_common(path, &opts, parent, out);
 	if (ret < 0)
 		log_error("%s: cannot open backing file %s", parent->filename, path);
 	return ret;
@@ -295,6 +343,8 @@ int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned 
 		ret = -EINVAL;
 	if (ret)
 		return ret;
+	if (bs->open_flags & BDRV_O_NO_UNMAP)
+		flags &= ~BDRV_REQ_MAY_UNMAP;
 	ret = bs->drv->co_pwrite_zeroes(bs, off, len, flags);
 	if (!ret && ((flags & BDRV_REQ_FUA) || crash_flush(bs)))
 		ret = bs->drv->co_flush(bs);
@@ -306,6 +356,8 @@ int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	if (bs->read_only)
 		return -EROFS;
 	int ret = check_range(bs, off, len);
+	if (!ret && (bs->open_flags & BDRV_O_NO_UNMAP))
+		return 0;
 	if (!ret)
 		ret = bs->drv->co_discard(bs, off, len);
 	if (!ret && crash_flush(bs))

@@ -5,6 +5,9 @@
 #ifndef QUBLK_CLI_H
 #define QUBLK_CLI_H
 
+#include <stdint.h>
+#include <stdio.h>
+
 #define EXIT_OK     0   /* success */
 #define EXIT_FAIL   1   /* the operation failed (message on stderr names file and reason) */
 #define EXIT_USAGE  2   /* bad command line */
@@ -12,6 +15,7 @@
 int cmd_create(int argc, char **argv);   /* src/cli/create.c */
 int cmd_info(int argc, char **argv);     /* src/cli/info.c */
 int cmd_check(int argc, char **argv);    /* src/cli/check.c: own exit codes, see there */
+int cmd_snapshot(int argc, char **argv); /* src/cli/snapshot.c */
 int cmd_bench(int argc, char **argv);    /* src/cli/bench.c */
 int cmd_nbd(int argc, char **argv);      /* src/cli/nbd.c */
 int cmd_add(int argc, char **argv);      /* src/cli/ublk.c */
@@ -22,6 +26,8 @@ int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_map(int argc, char **argv);      /* src/cli/map.c */
 int cmd_convert(int argc, char **argv);  /* src/cli/convert.c */
+int cmd_service(int argc, char **argv);  /* src/cli/service.c: systemd unit qublk@.service */
+int cmd_udev_id(int argc, char **argv);  /* src/cli/udev.c: udev rules' IMPORT{program} */
 
 /* Helpers shared by the command files (src/cli/ublk.c). */
 #include <stdio.h>
@@ -58,5 +64,20 @@ struct chain {
 /* @format: the top image's, or NULL to probe.  Logs and returns -errno. */
 int chain_read(const char *path, const char *format, struct chain *c);
 void chain_free(struct chain *c);
+
+/* src/cli/udev.c.  "ublkbN", "ublkbNpM", "ublkcN", optionally under
+ * "/dev/": the device number.  Returns 0 or -EINVAL. */
+int udev_parse_name(const char *name, unsigned *id);
+/* An absolute @path without "//", "." and ".." (lexically, as
+ * `realpath -s`).  Returns 0, -EINVAL (relative) or -ENAMETOOLONG. */
+int udev_normalize_path(const char *path, char *out, size_t outlen);
+/* The image ID of udev's by-id link: @image normalised and escaped as
+ * `systemd-escape --path` does; "hash-<16 hex>" if that is over 200
+ * bytes.  Returns 0, -EINVAL or -ENAMETOOLONG. */
+int udev_image_id(const char *image, char *out, size_t outlen);
+
+struct qcow2_snapshot;
+/* The snapshot table as qemu-img 7.2 prints it (src/cli/info.c). */
+void print_snapshot_list(FILE *o, const struct qcow2_snapshot *snaps, uint32_t n);
 
 #endif

@@ -712,7 +712,7 @@ static int backing_chains(struct conv *cv, const struct output *o, const char *s
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-B BACKING [-F FMT]] [-c]\n"
+		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-B BACKING -F FMT] [-c]\n"
 		"                     [-o OPTIONS] [-U] [-p] [-q] [-m N] SRC DST\n"
 		"\n"
 		"Copy the image SRC (read through its backing chain) into DST, a new\n"
@@ -726,7 +726,7 @@ static void usage(FILE *out)
 		"  -B BACKING     DST (qcow2) gets the backing file BACKING (stored as given:\n"
 		"                 relative to DST's directory) and holds only what differs\n"
 		"                 from it\n"
-		"  -F FMT         BACKING's format: qcow2 or raw (default: probe)\n"
+		"  -F FMT         BACKING's format: qcow2 or raw (required with -B)\n"
 		"  -c             compress DST's data clusters (qcow2; -o compression_type=\n"
 		"                 zlib (default) or zstd); a cluster that does not shrink is\n"
 		"                 written plainly\n"
@@ -841,6 +841,11 @@ int cmd_convert(int argc, char **argv)
 	}
 	if (q.backing_format && !q.backing_file) {
 		log_error("a backing format (-F) needs a backing file (-B)");
+		return EXIT_USAGE;
+	}
+	if (q.backing_file && !q.backing_format) {
+		/* As qemu-img: a format is never probed into an image. */
+		log_error("a backing file (-B) needs its format: -F qcow2 or -F raw");
 		return EXIT_USAGE;
 	}
 	cv.backed = q.backing_file != NULL;

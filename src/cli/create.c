@@ -26,11 +26,14 @@ static void usage(FILE *out)
 		"Create FILE, a new image of SIZE bytes (suffixes K, M, G, T: binary units;\n"
 		"rounded up to a multiple of 512).  SIZE may be left out when a backing\n"
 		"file is given: the new image then takes the backing image's size.\n"
+		"The image is written under a temporary name in FILE's directory and\n"
+		"renamed into place when complete; an existing FILE is replaced only if\n"
+		"no one uses it (the image locks of qemu-img create).\n"
 		"\n"
 		"  -f FMT         image format: qcow2 (default) or raw\n"
 		"  -b BACKING     backing file name, stored as given; a relative name is\n"
 		"                 relative to FILE's directory (qcow2 only)\n"
-		"  -F FMT         backing file format, qcow2 or raw (probed if not given)\n"
+		"  -F FMT         backing file format, qcow2 or raw (required with -b)\n"
 		"  -o OPTIONS     comma-separated key=value list:\n"
 		"     cluster_size=SIZE           512 to 2M, a power of two (default 64K)\n"
 		"     compat=0.10|1.1             qcow2 version 2 or 3 (also v2, v3; default 1.1)\n"
@@ -73,27 +76,24 @@ static int write_zero_range(int fd, uint64_t size)
 
 static int create_raw(const char *path, uint64_t size, int prealloc, char *err, size_t errlen)
 {
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	int ret = 0;
+	struct create_file cf;
+	int ret = create_file_begin(path, &cf, err, errlen);
 
-	if (fd < 0) {
-		snprintf(err, errlen, "%s", strerror(errno));
-		return -errno;
-	}
-	if (ftruncate(fd, (off_t)size) < 0)
+	if (ret)
+		return ret;
+	if (ftruncate(cf.fd, (off_t)size) < 0)
 		ret = -errno;
 	if (!ret && prealloc == QCOW2_PREALLOC_FALLOC && size &&
-	    fallocate(fd, 0, 0, (off_t)size) < 0)
+	    fallocate(cf.fd, 0, 0, (off_t)size) < 0)
 		ret = -errno;
 	if (!ret && prealloc == QCOW2_PREALLOC_FULL)
-		ret = write_zero_range(fd, size);
-	if (!ret && fsync(fd) < 0)
-		ret = -errno;
-	if (close(fd) < 0 && !ret)
-		ret = -errno;
-	if (ret)
+		ret = write_zero_range(cf.fd, size);
+	if (ret) {
 		snprintf(err, errlen, "%s", strerror(-ret));
-	return ret;
+		create_file_abort(&cf);
+		return ret;
+	}
+	return create_file_commit(&cf, err, errlen);
 }
 
 int cmd_create(int argc, char **argv)
@@ -178,7 +178,9 @@ int cmd_create(int argc, char **argv)
 		return EXIT_USAGE;
 	}
 	if (ret) {
-		log_error("%s: %s", path, err[0] ? err : strerror(-ret));
+		log_error("%s: %s%s", path, err[0] ? err : strerror(-ret),
+			  a.q.backing_file && !a.q.backing_format
+				  ? "; give the backing file's format with -F (qcow2 or raw)" : "");
 		return EXIT_FAIL;
 	}
 	return EXIT_OK;

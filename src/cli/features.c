@@ -19,6 +19,7 @@ static void usage(FILE *out)
 		"Show what this kernel's ublk driver supports (UBLK_U_CMD_GET_FEATURES), by\n"
 		"name, and which of those features qublk uses and for what.  Devices are\n"
 		"created with the features qublk uses that the driver offers.\n\n"
+		"  -o, --output FMT   human (default) or json\n\n"
 		"Exit codes: 0 success, 1 no ublk driver (or it cannot be asked), 2 usage error.\n");
 }
 

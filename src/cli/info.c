@@ -11,6 +11,12 @@
  * of the image naming them and refuses loops (same device and inode
  * seen twice) and chains deeper than MAX_CHAIN.
  *
+ * Encrypted images (qcow2.rst "Header": crypt_method; "Full disk
+ * encryption header pointer") are described without opening their
+ * payload: for LUKS, the LUKS1 header the crypto header extension points
+ * at is read for its cipher, hash, key slots and offsets (cryptsetup's
+ * LUKS1 on-disk format), as qemu-img info shows them.
+ *
  * Each file is locked while it is read as QEMU's `qemu-img info -U`
  * (force-share) locks it: "consistent read" only, everything shared, so
  * info works on an image a VM or server writes (and may then show
@@ -35,6 +41,23 @@
 
 #define MAX_CHAIN 64
 
+/* LUKS1 on-disk header (big-endian), the part qemu-img info shows. */
+#define LUKS_HDR_LEN 592
+#define LUKS_SLOTS 8
+#define LUKS_SLOT_ACTIVE 0x00ac71f3u
+
+struct luks_info {
+	char cipher_alg[48], cipher_mode[32], ivgen_alg[32], ivgen_hash[32], hash_alg[32];
+	char uuid[41];
+	uint64_t payload_offset;
+	uint32_t mk_iters;
+	struct {
+		bool active;
+		uint32_t iters, stripes;
+		uint64_t key_offset;
+	} slot[LUKS_SLOTS];
+};
+
 struct layer {
 	char *path;                 /* as opened */
 	const char *format;         /* "qcow2" or "raw" */
@@ -46,6 +69,8 @@ struct layer {
 	struct qcow2_snapshot *snaps;
 	uint32_t n_snaps;
 	char *backing_path;         /* host path of the backing file, or NULL */
+	bool luks;                  /* crypt_method LUKS: @lk is filled */
+	struct luks_info lk;
 };
 
 static void layer_free(struct layer *l)
@@ -73,6 +98,90 @@ static char *resolve(const char *image, const char *name)
 		out = NULL;
 	free(copy);
 	return out;
+}
+
+/* Copy a NUL-padded string field of @len bytes, printable only. */
+static void luks_str(char *out, size_t outlen, const uint8_t *p, size_t len)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < len && p[i] && n + 1 < outlen; i++)
+		out[n++] = p[i] >= 0x20 && p[i] < 0x7f ? (char)p[i] : '?';
+	out[n] = '\0';
+}
+
+/* Read the LUKS1 header the crypto header extension of @m points at.
+ * Returns -errno with @err set. */
+static int luks_read(struct io_file *f, const struct qcow2_meta *m, uint64_t file_size,
+		     struct luks_info *lk, char *err, size_t errlen)
+{
+	const struct qcow2_ext *e = NULL;
+	uint8_t h[LUKS_HDR_LEN];
+	uint64_t off, len, end;
+	char name[32], mode[32];
+
+	for (unsigned i = 0; i < m->n_exts; i++)
+		if (m->exts[i].type == QCOW2_EXT_CRYPTO)
+			e = &m->exts[i];
+	if (!e || e->len < 16) {
+		snprintf(err, errlen, "LUKS-encrypted image without a valid crypto header extension");
+		return -EINVAL;
+	}
+	/* "Full disk encryption header pointer": offset, length (bytes) */
+	off = get_be64(e->data);
+	len = get_be64(e->data + 8);
+	if (!IS_ALIGNED(off, 1ull << m->h.cluster_bits) || off == 0 || len < LUKS_HDR_LEN ||
+	    ckd_add(&end, off, len) || end > file_size) {
+		snprintf(err, errlen, "LUKS header at 0x%llx (%llu bytes) is invalid",
+			 (unsigned long long)off, (unsigned long long)len);
+		return -EINVAL;
+	}
+	int ret = io_pread(f, h, sizeof(h), off);
+	if (ret) {
+		snprintf(err, errlen, "reading the LUKS header: %s", strerror(-ret));
+		return ret;
+	}
+	if (memcmp(h, "LUKS\xba\xbe", 6) || get_be16(h + 6) != 1) {
+		snprintf(err, errlen, "no LUKS1 header at 0x%llx", (unsigned long long)off);
+		return -EINVAL;
+	}
+	/* magic 6, version 2, cipher_name 32, cipher_mode 32, hash_spec 32,
+	 * payload_offset 4 (sectors), key_bytes 4, mk_digest 20, salt 32,
+	 * mk_digest_iter 4, uuid 40, then 8 slots of 48 bytes: active 4,
+	 * iterations 4, salt 32, key_material_offset 4 (sectors), stripes 4. */
+	luks_str(name, sizeof(name), h + 8, 32);
+	luks_str(mode, sizeof(mode), h + 40, 32);
+	luks_str(lk->hash_alg, sizeof(lk->hash_alg), h + 72, 32);
+	lk->payload_offset = (uint64_t)get_be32(h + 104) * 512;
+	uint32_t key_bytes = get_be32(h + 108);
+	lk->mk_iters = get_be32(h + 164);
+	luks_str(lk->uuid, sizeof(lk->uuid), h + 168, 40);
+	for (unsigned i = 0; i < LUKS_SLOTS; i++) {
+		const uint8_t *sl = h + 208 + 48 * i;
+		lk->slot[i].active = get_be32(sl) == LUKS_SLOT_ACTIVE;
+		lk->slot[i].iters = get_be32(sl + 4);
+		lk->slot[i].key_offset = (uint64_t)get_be32(sl + 40) * 512;
+		lk->slot[i].stripes = get_be32(sl + 44);
+	}
+	/* cipher_mode is "MODE-IVGEN[:HASH]"; XTS splits the key in two. */
+	char *dash = strchr(mode, '-'), *colon;
+	lk->ivgen_alg[0] = lk->ivgen_hash[0] = '\0';
+	if (dash) {
+		*dash = '\0';
+		colon = strchr(dash + 1, ':');
+		if (colon) {
+			*colon = '\0';
+			snprintf(lk->ivgen_hash, sizeof(lk->ivgen_hash), "%s", colon + 1);
+		}
+		snprintf(lk->ivgen_alg, sizeof(lk->ivgen_alg), "%s", dash + 1);
+	}
+	snprintf(lk->cipher_mode, sizeof(lk->cipher_mode), "%s", mode);
+	uint32_t bits = key_bytes * 8 / (!strcmp(mode, "xts") ? 2 : 1);
+	if (!strcmp(name, "sm4"))
+		snprintf(lk->cipher_alg, sizeof(lk->cipher_alg), "sm4");
+	else
+		snprintf(lk->cipher_alg, sizeof(lk->cipher_alg), "%s-%u", name, bits);
+	return 0;
 }
 
 /* Open and parse one image.  @fmt: "qcow2", "raw" or NULL to probe by
@@ -128,10 +237,19 @@ static int layer_open(const char *path, const char *fmt, struct layer *l)
 	}
 	l->format = "qcow2";
 	l->is_qcow2 = true;
-	ret = qcow2_meta_read(f, l->file_size, &l->m, err, sizeof(err));
+	ret = qcow2_meta_read_flags(f, l->file_size, QCOW2_META_ALLOW_CRYPT, &l->m, err,
+				    sizeof(err));
 	if (ret) {
 		log_error("%s: %s", path, err[0] ? err : strerror(-ret));
 		goto out;
+	}
+	if (l->m.h.crypt_method == QCOW2_CRYPT_LUKS) {
+		ret = luks_read(f, &l->m, l->file_size, &l->lk, err, sizeof(err));
+		if (ret) {
+			log_error("%s: %s", path, err);
+			goto out;
+		}
+		l->luks = true;
 	}
 	uint64_t unknown = l->m.h.incompat & ~QCOW2_INCOMPAT_KNOWN;
 	if (unknown) {
@@ -210,6 +328,35 @@ static const char *human_size(uint64_t v, char *buf, size_t len)
 	return buf;
 }
 
+/* The snapshot table in qemu-img 7.2's columns (also `qublk snapshot -l`). */
+void print_snapshot_list(FILE *o, const struct qcow2_snapshot *snaps, uint32_t n)
+{
+	char b1[64];
+
+	fprintf(o, "%-10s%-17s%8s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+		"ICOUNT");
+	for (uint32_t i = 0; i < n; i++) {
+		const struct qcow2_snapshot *s = &snaps[i];
+		char date[32] = "", icount[24] = "";
+		time_t t = (time_t)s->date_sec;
+		struct tm tm;
+		if (localtime_r(&t, &tm))
+			strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
+		uint64_t secs = s->vm_clock_nsec / 1000000000ull;
+		char id[64], name[256];
+		sanitize(id, sizeof(id), s->id);
+		sanitize(name, sizeof(name), s->name);
+		if (s->icount != UINT64_MAX)
+			snprintf(icount, sizeof(icount), "%lld", (long long)s->icount);
+		fprintf(o, "%-9s %-16s ", id, name);
+		fprintf(o, "%8s %19s %02llu:%02llu:%02llu.%03llu %10s\n",
+			human_size(s->vm_state_size, b1, sizeof(b1)), date,
+			(unsigned long long)(secs / 3600), (unsigned long long)(secs / 60 % 60),
+			(unsigned long long)(secs % 60),
+			(unsigned long long)(s->vm_clock_nsec / 1000000 % 1000), icount);
+	}
+}
+
 static const char *compat_str(const struct qcow2_header *h)
 {
 	return h->version == 2 ? "0.10" : "1.1";
@@ -218,6 +365,83 @@ static const char *compat_str(const struct qcow2_header *h)
 static const char *compression_str(const struct qcow2_header *h)
 {
 	return h->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib";
+}
+
+static void print_encrypt_text(FILE *o, const struct layer *l)
+{
+	const struct luks_info *k = &l->lk;
+
+	fprintf(o, "    encrypt:\n");
+	if (!l->luks) {
+		fprintf(o, "        format: aes\n");
+		return;
+	}
+	if (k->ivgen_alg[0])
+		fprintf(o, "        ivgen alg: %s\n", k->ivgen_alg);
+	if (k->ivgen_hash[0])
+		fprintf(o, "        ivgen hash alg: %s\n", k->ivgen_hash);
+	fprintf(o, "        hash alg: %s\n        cipher alg: %s\n        uuid: %s\n"
+		   "        format: luks\n        cipher mode: %s\n        slots:\n",
+		k->hash_alg, k->cipher_alg, k->uuid, k->cipher_mode);
+	for (unsigned i = 0; i < LUKS_SLOTS; i++) {
+		fprintf(o, "            [%u]:\n                active: %s\n", i,
+			k->slot[i].active ? "true" : "false");
+		if (k->slot[i].active)
+			fprintf(o, "                iters: %u\n", k->slot[i].iters);
+		fprintf(o, "                key offset: %llu\n",
+			(unsigned long long)k->slot[i].key_offset);
+		if (k->slot[i].active)
+			fprintf(o, "                stripes: %u\n", k->slot[i].stripes);
+	}
+	fprintf(o, "        payload offset: %llu\n        master key iters: %u\n",
+		(unsigned long long)k->payload_offset, k->mk_iters);
+}
+
+static void print_encrypt_json(FILE *o, const struct layer *l, const char *ind)
+{
+	const struct luks_info *k = &l->lk;
+
+	fprintf(o, "%s            \"encrypt\": {\n", ind);
+	if (!l->luks) {
+		fprintf(o, "%s                \"format\": \"aes\"\n%s            },\n", ind, ind);
+		return;
+	}
+	if (k->ivgen_alg[0]) {
+		fprintf(o, "%s                \"ivgen-alg\": ", ind);
+		json_str(o, k->ivgen_alg);
+		fprintf(o, ",\n");
+	}
+	if (k->ivgen_hash[0]) {
+		fprintf(o, "%s                \"ivgen-hash-alg\": ", ind);
+		json_str(o, k->ivgen_hash);
+		fprintf(o, ",\n");
+	}
+	fprintf(o, "%s                \"detached-header\": false,\n", ind);
+	fprintf(o, "%s                \"hash-alg\": ", ind);
+	json_str(o, k->hash_alg);
+	fprintf(o, ",\n%s                \"cipher-alg\": ", ind);
+	json_str(o, k->cipher_alg);
+	fprintf(o, ",\n%s                \"uuid\": ", ind);
+	json_str(o, k->uuid);
+	fprintf(o, ",\n%s                \"format\": \"luks\",\n", ind);
+	fprintf(o, "%s                \"cipher-mode\": ", ind);
+	json_str(o, k->cipher_mode);
+	fprintf(o, ",\n%s                \"slots\": [", ind);
+	for (unsigned i = 0; i < LUKS_SLOTS; i++) {
+		fprintf(o, "%s\n%s                    {\"active\": %s", i ? "," : "", ind,
+			k->slot[i].active ? "true" : "false");
+		if (k->slot[i].active)
+			fprintf(o, ", \"iters\": %u", k->slot[i].iters);
+		fprintf(o, ", \"key-offset\": %llu", (unsigned long long)k->slot[i].key_offset);
+		if (k->slot[i].active)
+			fprintf(o, ", \"stripes\": %u", k->slot[i].stripes);
+		fprintf(o, "}");
+	}
+	fprintf(o, "\n%s                ],\n", ind);
+	fprintf(o, "%s                \"payload-offset\": %llu,\n", ind,
+		(unsigned long long)k->payload_offset);
+	fprintf(o, "%s                \"master-key-iters\": %u\n%s            },\n", ind, k->mk_iters,
+		ind);
 }
 
 static void print_text(FILE *o, const struct layer *l)
@@ -233,6 +457,8 @@ static void print_text(FILE *o, const struct layer *l)
 	fprintf(o, "disk size: %s\n", human_size(l->disk_size, b1, sizeof(b1)));
 	if (!l->is_qcow2)
 		return;
+	if (h->crypt_method)
+		fprintf(o, "encrypted: yes\n");
 	fprintf(o, "cluster_size: %u\n", 1u << h->cluster_bits);
 	if (l->m.backing_file) {
 		fprintf(o, "backing file: ");
@@ -250,26 +476,8 @@ static void print_text(FILE *o, const struct layer *l)
 		}
 	}
 	if (l->n_snaps) {
-		fprintf(o, "Snapshot list:\n%-10s%-17s%8s%20s%13s\n", "ID", "TAG", "VM SIZE", "DATE",
-			"VM CLOCK");
-		for (uint32_t i = 0; i < l->n_snaps; i++) {
-			const struct qcow2_snapshot *s = &l->snaps[i];
-			char date[32] = "";
-			time_t t = (time_t)s->date_sec;
-			struct tm tm;
-			if (localtime_r(&t, &tm))
-				strftime(date, sizeof(date), "%Y-%m-%d %H:%M:%S", &tm);
-			uint64_t secs = s->vm_clock_nsec / 1000000000ull;
-			char id[64], name[256];
-			sanitize(id, sizeof(id), s->id);
-			sanitize(name, sizeof(name), s->name);
-			fprintf(o, "%-9s %-16s ", id, name);
-			fprintf(o, "%8s %19s %02llu:%02llu:%02llu.%03llu\n",
-				human_size(s->vm_state_size, b1, sizeof(b1)), date,
-				(unsigned long long)(secs / 3600), (unsigned long long)(secs / 60 % 60),
-				(unsigned long long)(secs % 60),
-				(unsigned long long)(s->vm_clock_nsec / 1000000 % 1000));
-		}
+		fprintf(o, "Snapshot list:\n");
+		print_snapshot_list(o, l->snaps, l->n_snaps);
 	}
 	fprintf(o, "Format specific information:\n");
 	fprintf(o, "    compat: %s\n", compat_str(h));
@@ -278,6 +486,8 @@ static void print_text(FILE *o, const struct layer *l)
 		fprintf(o, "    lazy refcounts: %s\n",
 			h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS ? "true" : "false");
 	fprintf(o, "    refcount bits: %u\n", 1u << h->refcount_order);
+	if (h->crypt_method)
+		print_encrypt_text(o, l);
 	if (h->version >= 3) {
 		fprintf(o, "    corrupt: %s\n", h->incompat & QCOW2_INCOMPAT_CORRUPT ? "true" : "false");
 		fprintf(o, "    dirty: %s\n", h->incompat & QCOW2_INCOMPAT_DIRTY ? "true" : "false");
@@ -318,6 +528,8 @@ static void print_json(FILE *o, const struct layer *l, const char *ind)
 		return;
 	}
 	fprintf(o, ",\n%s    \"cluster-size\": %u,\n", ind, 1u << h->cluster_bits);
+	if (h->crypt_method)
+		fprintf(o, "%s    \"encrypted\": true,\n", ind);
 	fprintf(o, "%s    \"dirty-flag\": %s", ind, h->incompat & QCOW2_INCOMPAT_DIRTY ? "true" : "false");
 	if (l->m.backing_file) {
 		fprintf(o, ",\n%s    \"backing-filename\": ", ind);
@@ -340,11 +552,14 @@ static void print_json(FILE *o, const struct layer *l, const char *ind)
 			fprintf(o, ", \"name\": ");
 			json_str(o, s->name);
 			fprintf(o, ", \"vm-state-size\": %llu, \"date-sec\": %u, \"date-nsec\": %u, "
-				   "\"vm-clock-sec\": %llu, \"vm-clock-nsec\": %llu, \"disk-size\": %llu}",
+				   "\"vm-clock-sec\": %llu, \"vm-clock-nsec\": %llu, \"disk-size\": %llu",
 				(unsigned long long)s->vm_state_size, s->date_sec, s->date_nsec,
 				(unsigned long long)(s->vm_clock_nsec / 1000000000ull),
 				(unsigned long long)(s->vm_clock_nsec % 1000000000ull),
 				(unsigned long long)s->disk_size);
+			if (s->icount != UINT64_MAX)
+				fprintf(o, ", \"icount\": %llu", (unsigned long long)s->icount);
+			fprintf(o, "}");
 		}
 		fprintf(o, "\n%s    ]", ind);
 	}
@@ -352,6 +567,8 @@ static void print_json(FILE *o, const struct layer *l, const char *ind)
 	fprintf(o, "%s        \"data\": {\n", ind);
 	fprintf(o, "%s            \"compat\": \"%s\",\n", ind, compat_str(h));
 	fprintf(o, "%s            \"compression-type\": \"%s\",\n", ind, compression_str(h));
+	if (h->crypt_method)
+		print_encrypt_json(o, l, ind);
 	if (h->version >= 3) {
 		fprintf(o, "%s            \"lazy-refcounts\": %s,\n", ind,
 			h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS ? "true" : "false");

@@ -18,6 +18,7 @@ static const struct command {
 	{ "check",  cmd_check,  "check an image's consistency (qemu-img check), repair with -r" },
 	{ "map",    cmd_map,    "show how an image maps onto its backing chain (qemu-img map)" },
 	{ "convert", cmd_convert, "copy an image (or chain) into a new raw or qcow2 image, sparse" },
+	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots (offline)" },
 	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
 	{ "list",   cmd_list,   "list ublk devices" },
 	{ "del",    cmd_del,    "stop and remove ublk devices" },
@@ -26,6 +27,8 @@ static const struct command {
 	{ "features", cmd_features, "what this kernel's ublk driver supports, and what qublk uses" },
 	{ "nbd",    cmd_nbd,    "serve an image over NBD (unix socket or TCP)" },
 	{ "bench",  cmd_bench,  "run I/O against an image through the engine, print IOPS" },
+	{ "service", cmd_service, "the commands of the systemd unit qublk@NAME.service" },
+	{ "udev-id", cmd_udev_id, "udev properties of a ublk device (the rules' IMPORT{program})" },
 };
 
 static void usage(FILE *out)

@@ -45,11 +45,24 @@ static void usage(FILE *out)
 		"                          process writes it (reads may be inconsistent)\n"
 		"  -f, --format FMT        qcow2 or raw (default: probe the file)\n"
 		"      --cache MODE        none (O_DIRECT) or writeback (default)\n"
+		"      --discard MODE      unmap (default: discards free clusters and the\n"
+		"                          space goes back to the host file system) or\n"
+		"                          ignore (discards do nothing), as qemu-nbd's\n"
 		"  -x, --export-name NAME  export name (default \"\"; \"\" always matches)\n"
 		"      --allow-empty       serve an image of size 0 (refused by default)\n"
 		"  -e, --shared N          serve N clients at once (default 1, as qemu-nbd;\n"
 		"                          0 = no limit); more wait to be accepted.  N > 1\n"
 		"                          advertises multi-conn\n"
+		"      --tls-creds DIR     TLS with x509 certificates from DIR (QEMU's\n"
+		"                          tls-creds-x509 layout: ca-cert.pem, server-cert.pem,\n"
+		"                          server-key.pem; ca-crl.pem optional)\n"
+		"      --tls-psk FILE      TLS with pre-shared keys from FILE (psktool's\n"
+		"                          \"identity:hexkey\" lines)\n"
+		"      --tls-verify-peer   with --tls-creds: clients must present a certificate\n"
+		"                          signed by ca-cert.pem\n"
+		"      --tls MODE          require (the default with credentials: plaintext\n"
+		"                          clients are refused), on (TLS offered, plaintext\n"
+		"                          allowed) or off\n"
 		"  -h, --help              show this help\n\n"
 		"The line \"serving FILE on ADDRESS\" is printed on stderr once listening.\n"
 		"Exit status: 0 success, 1 failure, 2 usage error.\n",
@@ -66,9 +79,14 @@ int cmd_nbd(int argc, char **argv)
 		{ "force-share", no_argument, NULL, 'U' },
 		{ "format", required_argument, NULL, 'f' },
 		{ "cache", required_argument, NULL, 'C' },
+		{ "discard", required_argument, NULL, 'D' },
 		{ "export-name", required_argument, NULL, 'x' },
 		{ "allow-empty", no_argument, NULL, 'E' },
 		{ "shared", required_argument, NULL, 'e' },
+		{ "tls", required_argument, NULL, 'T' },
+		{ "tls-creds", required_argument, NULL, 'X' },
+		{ "tls-psk", required_argument, NULL, 'P' },
+		{ "tls-verify-peer", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -78,7 +96,7 @@ int cmd_nbd(int argc, char **argv)
 	struct bdrv *bs = NULL;
 	struct aio_ctx ctx;
 	struct stat st;
-	bool allow_empty = false;
+	bool allow_empty = false, tls_given = false;
 	int c, ret, rc = EXIT_FAIL;
 
 	optind = 1;
@@ -123,6 +141,15 @@ int cmd_nbd(int argc, char **argv)
 				return EXIT_USAGE;
 			}
 			break;
+		case 'D':
+			if (!strcmp(optarg, "ignore")) {
+				bopts.flags |= BDRV_O_NO_UNMAP;
+			} else if (strcmp(optarg, "unmap")) {
+				fprintf(stderr, "qublk nbd: --discard: '%s' is not ignore or unmap\n",
+					optarg);
+				return EXIT_USAGE;
+			}
+			break;
 		case 'x':
 			sopts.export_name = optarg;
 			break;
@@ -140,6 +167,28 @@ int cmd_nbd(int argc, char **argv)
 			sopts.max_conns = n;
 			break;
 		}
+		case 'T':
+			tls_given = true;
+			if (!strcmp(optarg, "require")) {
+				sopts.tls = NBD_TLS_REQUIRE;
+			} else if (!strcmp(optarg, "on")) {
+				sopts.tls = NBD_TLS_ON;
+			} else if (!strcmp(optarg, "off")) {
+				sopts.tls = NBD_TLS_OFF;
+			} else {
+				fprintf(stderr, "qublk nbd: --tls: '%s' is not require, on or off\n", optarg);
+				return EXIT_USAGE;
+			}
+			break;
+		case 'X':
+			sopts.tls_creds_dir = optarg;
+			break;
+		case 'P':
+			sopts.tls_psk_file = optarg;
+			break;
+		case 'V':
+			sopts.tls_verify_peer = true;
+			break;
 		case 'h':
 			usage(stdout);
 			return EXIT_OK;
@@ -154,6 +203,21 @@ int cmd_nbd(int argc, char **argv)
 	}
 	if ((bopts.flags & BDRV_O_FORCE_SHARE) && !(bopts.flags & BDRV_O_RDONLY)) {
 		fprintf(stderr, "qublk nbd: --force-share is only allowed with --read-only\n");
+		return EXIT_USAGE;
+	}
+	if (sopts.tls_creds_dir && sopts.tls_psk_file) {
+		fprintf(stderr, "qublk nbd: --tls-creds and --tls-psk exclude each other\n");
+		return EXIT_USAGE;
+	}
+	if (sopts.tls_verify_peer && !sopts.tls_creds_dir) {
+		fprintf(stderr, "qublk nbd: --tls-verify-peer needs --tls-creds\n");
+		return EXIT_USAGE;
+	}
+	if (!tls_given && (sopts.tls_creds_dir || sopts.tls_psk_file))
+		sopts.tls = NBD_TLS_REQUIRE;     /* as qemu-nbd --tls-creds */
+	if (sopts.tls != NBD_TLS_OFF && !sopts.tls_creds_dir && !sopts.tls_psk_file) {
+		fprintf(stderr, "qublk nbd: --tls=%s needs --tls-creds or --tls-psk\n",
+			sopts.tls == NBD_TLS_ON ? "on" : "require");
 		return EXIT_USAGE;
 	}
 	if (sopts.socket_path && (sopts.port || sopts.bind_addr)) {

@@ -75,10 +75,9 @@ void nbd_conn_free(struct nbd_conn *c)
 {
 	for (unsigned i = 0; i < NBD_CONN_DEPTH; i++) {
 		coro_free(c->reqs[i].co);
-		io_free(c->reqs[i].buf);
-		io_free(c->reqs[i].big);
 	}
 	coro_free(c->co);
+	nbd_tls_conn_free(c);
 	if (c->fd >= 0)
 		close(c->fd);
 	io_free(c->rbuf);
@@ -98,7 +97,7 @@ int nbd_conn_new(struct nbd_server *srv, int fd)
 	c->id = ++srv->next_id;
 	c->rbuf = io_alloc(NBD_RBUF_SIZE);
 	c->optbuf = malloc(NBD_OPT_MAX);
-	c->co = coro_new(conn_main, c, 0);
+	c->co = coro_new(conn_main, c, srv->tls ? NBD_READER_STACK : 0);
 	if (!c->rbuf || !c->optbuf || !c->co)
 		goto fail;
 	for (unsigned i = 0; i < NBD_CONN_DEPTH; i++) {

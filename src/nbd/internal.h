@@ -12,6 +12,8 @@
  *   negotiate.c  fixed newstyle option haggling
  *   request.c    a request: buffers, validation at the boundary, execution
  *   reply.c      replies: encoding and the per-connection send queue
+ *   pool.c       request buffers (a server-wide pool) and the memory caps
+ *   tls.c        TLS (STARTTLS) with GnuTLS over the connection's socket I/O
  *
  * Thread model: one thread, one aio_ctx (srv->ctx).  Every socket
  * operation, the signalfd read and the image's I/O are SQEs on that ring,
@@ -28,7 +30,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
+#include <sys/types.h>
 #include <sys/uio.h>
+
+#include <gnutls/gnutls.h>
 
 #include "common/aio.h"
 #include "common/coro.h"
@@ -37,9 +42,14 @@
 
 #define NBD_CONN_DEPTH   64                  /* concurrent requests per connection */
 #define NBD_RBUF_SIZE    (64 * 1024)         /* receive buffer for headers, small payloads */
-#define NBD_BUF_MIN      (64 * 1024)         /* smallest per-slot buffer */
-#define NBD_BUF_KEEP     (1024 * 1024)       /* per-slot buffers up to this are kept */
-#define NBD_BIG_BUDGET   (128u * 1024 * 1024) /* temporary big buffers per connection */
+/* Request buffers and memory caps (pool.c): buffer memory stays under
+ * NBD_SRV_MEM_MAX + connections * NBD_CONN_MEM_FLOOR + NBD_POOL_IDLE_MAX. */
+#define NBD_POOL_MIN       4096                    /* smallest buffer class */
+#define NBD_POOL_CLASSES   14                      /* 4 KiB .. 32 MiB (NBD_MAX_PAYLOAD) */
+#define NBD_POOL_IDLE_MAX  (32u * 1024 * 1024)     /* idle buffers kept for reuse */
+#define NBD_CONN_MEM_MAX   (64u * 1024 * 1024)     /* buffers one connection holds */
+#define NBD_CONN_MEM_FLOOR (1024u * 1024)          /* per connection, outside the server cap */
+#define NBD_SRV_MEM_MAX    (256u * 1024 * 1024)    /* the rest, all connections together */
 #define NBD_OPT_MAX      (NBD_MAX_STRING + 1024) /* largest option payload we read */
 #define NBD_LISTEN_BACKLOG SOMAXCONN       /* bursts of clients queue, not fail */
 #define NBD_SEND_IOV     64                  /* iovecs in one reply SENDMSG */
@@ -48,11 +58,18 @@
 #define NBD_BS_EXTENTS   1024                /* descriptors per block status chunk */
 #define NBD_BS_BUF       (2 * NBD_BS_EXTENTS * 8) /* both contexts' descriptors */
 #define NBD_STOP_GRACE_MS 1000               /* after a stop, busy connections get this long */
+#define NBD_READER_STACK (256 * 1024)        /* the reader runs GnuTLS handshakes */
 
 #define container_of(ptr, type, member) \
 	((type *)((char *)(ptr) - offsetof(type, member)))
 
 struct nbd_conn;
+
+/* Idle request buffers by class (pool.c). */
+struct nbd_pool {
+	struct pool_buf *idle[NBD_POOL_CLASSES];
+	size_t idle_bytes;
+};
 
 /* Meta contexts we serve; a context's id on the wire is its index + 1. */
 enum { NBD_META_ALLOC, NBD_META_DEPTH, NBD_META_COUNT };
@@ -79,10 +96,8 @@ struct nbd_req {
 	bool reply_done;           /* sent (or failed: the socket is dead) */
 	bool sender;               /* handed the sender role */
 	struct nbd_req *reply_next;
-	void *data;                /* payload for this request (buf or big) */
-	void *buf;                 /* kept slot buffer */
-	size_t buf_cap;
-	void *big;                 /* temporary buffer > NBD_BUF_KEEP */
+	void *data;                /* payload buffer from the pool, or NULL */
+	unsigned data_cls;         /* its pool class */
 };
 
 struct nbd_conn {
@@ -97,7 +112,7 @@ struct nbd_conn {
 	bool dead;                      /* socket broken or shut down */
 	bool idle;                      /* idle_op waits for a new message */
 	unsigned inflight;              /* dispatched requests not yet done */
-	uint64_t big_bytes;             /* bytes in big buffers */
+	uint64_t mem;                   /* bytes of request buffers held (pool.c) */
 	struct co_queue waitq;          /* the reader, waiting for a request to end */
 	bool sending;                   /* a request holds the sender role */
 	struct nbd_req *rq_head, *rq_tail;  /* replies waiting to be sent */
@@ -108,6 +123,11 @@ struct nbd_conn {
 	uint8_t *rbuf;                  /* NBD_RBUF_SIZE */
 	size_t rpos, rlen;
 	uint8_t *optbuf;                /* NBD_OPT_MAX, negotiation only */
+	gnutls_session_t tls;           /* after STARTTLS, else NULL (tls.c) */
+	struct aio_wait *tls_rop;       /* the wait GnuTLS's pull uses now */
+	bool tls_cancelled;             /* that wait was cancelled by a stop */
+	bool tls_pushing;               /* a coroutine is in GnuTLS's push */
+	struct co_queue tls_pushq;      /* others waiting to push */
 	struct nbd_req *free_reqs;
 	struct nbd_req reqs[NBD_CONN_DEPTH];
 };
@@ -117,6 +137,8 @@ struct nbd_server {
 	struct bdrv *bs;
 	char *export_name;
 	uint16_t tflags;               /* transmission flags */
+	enum nbd_tls_mode tls_mode;
+	struct nbd_tls *tls;           /* credentials (tls.c), NULL without TLS */
 	uint32_t pref_block;
 	int listen_fd, sig_fd;
 	char *unlink_path;             /* unix socket to remove on close */
@@ -131,6 +153,9 @@ struct nbd_server {
 	struct co_queue accept_wait;   /* the acceptor, at the limit */
 	struct nbd_conn *conns;        /* live connections */
 	struct nbd_conn *dead;         /* readers finished, to free from the loop */
+	struct nbd_pool pool;          /* request buffers */
+	uint64_t mem_charged;          /* buffer bytes against NBD_SRV_MEM_MAX */
+	struct co_queue mem_wait;      /* readers waiting for NBD_SRV_MEM_MAX room */
 };
 
 /* server.c */
@@ -157,6 +182,11 @@ void nbd_conn_free(struct nbd_conn *c);
  * (shut it down, cancel its pending recv and send).  In-flight requests
  * still finish; their replies fail fast. */
 void nbd_conn_kill(struct nbd_conn *c);
+/* True (and the connection killed) if the client has closed or shut
+ * down its side: checked after a long wait, so that requests still
+ * queued in the socket of a client that left are not executed.  NBD
+ * ends with NBD_CMD_DISC, never with a half-close. */
+bool nbd_conn_hung_up(struct nbd_conn *c);
 /* Read exactly @n bytes.  @idle: this starts a new message, so a stop may
  * cancel it.  Returns 0, -ECONNRESET at end of stream, -ESHUTDOWN when
  * cancelled by a stop, or -errno. */
@@ -167,6 +197,8 @@ int nbd_conn_skip(struct nbd_conn *c, uint64_t n);
  * sender role, or negotiation before any request exists).  Returns 0 or
  * -errno. */
 int nbd_conn_send(struct nbd_conn *c, struct iovec *iov, int cnt);
+/* The same on the bare socket, under TLS too (GnuTLS's push). */
+int nbd_sock_send(struct nbd_conn *c, struct iovec *iov, int cnt);
 int nbd_conn_send_buf(struct nbd_conn *c, const void *buf, size_t len);
 
 /* negotiate.c: returns 0 when transmission starts, -errno to drop the
@@ -181,6 +213,38 @@ int nbd_read_request(struct nbd_conn *c, struct nbd_req *r);
 void nbd_req_main(void *opaque);
 /* Return @r's temporary buffer and its slot. */
 void nbd_req_put(struct nbd_conn *c, struct nbd_req *r);
+
+/* pool.c */
+/* The class of a buffer of @len bytes (len <= NBD_MAX_PAYLOAD), and its size. */
+unsigned nbd_pool_class(size_t len);
+size_t nbd_pool_class_size(unsigned cls);
+/* A buffer of class @cls, or NULL when out of memory. */
+void *nbd_pool_get(struct nbd_pool *pool, unsigned cls);
+void nbd_pool_put(struct nbd_pool *pool, void *buf, unsigned cls);
+/* Free the idle buffers. */
+void nbd_pool_deinit(struct nbd_pool *pool);
+/* Reader only: wait until @c may hold @size more bytes of buffers under
+ * both caps, and count them.  Returns 0, or -ESHUTDOWN if the connection
+ * died or the server stopped meanwhile. */
+int nbd_mem_admit(struct nbd_conn *c, size_t size);
+/* Give back what nbd_mem_admit() counted; wakes readers waiting for the
+ * server cap. */
+void nbd_mem_release(struct nbd_conn *c, size_t size);
+
+/* tls.c */
+/* Load the credentials @opts name (nothing when TLS is off).  Returns
+ * -errno, logged naming the file. */
+int nbd_tls_init(struct nbd_server *srv, const struct nbd_server_opts *opts);
+void nbd_tls_deinit(struct nbd_server *srv);
+/* Reader: the server side of the handshake after STARTTLS was acked, and
+ * the client certificate check.  Returns 0, or -errno to drop. */
+int nbd_tls_handshake(struct nbd_conn *c);
+void nbd_tls_conn_free(struct nbd_conn *c);
+/* Plaintext in, waiting as @op: bytes, 0 at end of stream, -ESHUTDOWN
+ * if a stop cancelled @op or the connection died, -EPROTO. */
+ssize_t nbd_tls_recv(struct nbd_conn *c, void *buf, size_t len, struct aio_wait *op);
+/* Sender: every byte of @iov, encrypted.  Returns 0 or -EPIPE. */
+int nbd_tls_send(struct nbd_conn *c, const struct iovec *iov, int cnt);
 
 /* reply.c */
 /* Send @r's reply (error @err, a positive errno, or 0 with read data).

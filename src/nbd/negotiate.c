@@ -6,6 +6,10 @@
  * refused with ERR_TOO_BIG) before it is parsed, and every length inside
  * it is checked against what was read.
  *
+ * TLS: NBD_OPT_STARTTLS starts the handshake (tls.c).  With --tls=require
+ * every other option before it gets NBD_REP_ERR_TLS_REQD (its payload read
+ * and dropped), and NBD_OPT_EXPORT_NAME, which cannot be refused, closes.
+ *
  * Thread model: the connection's reader coroutine (internal.h).
  */
 #include <errno.h>
@@ -169,6 +173,40 @@ static int handle_info_go(struct nbd_conn *c, uint32_t opt, const uint8_t *d, ui
 	return opt == NBD_OPT_GO ? 1 : 0;
 }
 
+/* Under --tls=require, nothing but STARTTLS and ABORT before TLS. */
+static bool tls_ok(struct nbd_conn *c)
+{
+	return c->tls || c->srv->tls_mode != NBD_TLS_REQUIRE;
+}
+
+/* NBD_OPT_STARTTLS: ack, then the handshake; what was negotiated before
+ * it is forgotten (the protocol says so: a man in the middle could have
+ * chosen it).  Returns -errno to drop the connection. */
+static int starttls(struct nbd_conn *c, uint32_t len)
+{
+	int ret;
+
+	if (c->srv->tls_mode == NBD_TLS_OFF)
+		return send_opt_reply(c, NBD_OPT_STARTTLS, NBD_REP_ERR_UNSUP, NULL, 0);
+	if (len || c->tls)
+		return send_opt_reply(c, NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID, NULL, 0);
+	/* Bytes read ahead past the option would be TLS records we took as
+	 * plaintext: a client must wait for the ack. */
+	if (c->rpos < c->rlen) {
+		log_warn("connection %u: data after NBD_OPT_STARTTLS before its reply", c->id);
+		return -EPROTO;
+	}
+	ret = send_opt_reply(c, NBD_OPT_STARTTLS, NBD_REP_ACK, NULL, 0);
+	if (ret < 0)
+		return ret;
+	ret = nbd_tls_handshake(c);
+	if (ret < 0)
+		return ret;
+	c->structured = false;
+	memset(c->meta, 0, sizeof(c->meta));
+	return 0;
+}
+
 int nbd_negotiate(struct nbd_conn *c)
 {
 	struct nbd_server *srv = c->srv;
@@ -203,6 +241,11 @@ int nbd_negotiate(struct nbd_conn *c)
 
 		if (opt == NBD_OPT_EXPORT_NAME) {
 			/* No way to report an error: a bad name closes. */
+			if (!tls_ok(c)) {
+				log_warn("connection %u: NBD_OPT_EXPORT_NAME without TLS: dropping",
+					 c->id);
+				return -EACCES;
+			}
 			uint8_t tail[10 + 124] = { 0 };
 			if (len > NBD_MAX_STRING)
 				return -EPROTO;
@@ -230,7 +273,16 @@ int nbd_negotiate(struct nbd_conn *c)
 		if (ret < 0)
 			return ret;
 
+		if (!tls_ok(c) && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT) {
+			ret = send_opt_reply(c, opt, NBD_REP_ERR_TLS_REQD, NULL, 0);
+			if (ret < 0)
+				return ret;
+			continue;
+		}
 		switch (opt) {
+		case NBD_OPT_STARTTLS:
+			ret = starttls(c, len);
+			break;
 		case NBD_OPT_ABORT:
 			/* The client may already be gone: ignore send errors. */
 			send_opt_reply(c, opt, NBD_REP_ACK, NULL, 0);

@@ -100,6 +100,7 @@ void nbd_server_stop(struct nbd_server *srv)
 	srv->stopping = true;
 	aio_cancel(srv->ctx, &srv->accept_op);
 	co_queue_wake_all(&srv->accept_wait);
+	co_queue_wake_all(&srv->mem_wait);
 	for (struct nbd_conn *c = srv->conns; c; c = c->next) {
 		if (c->idle)
 			aio_cancel(srv->ctx, &c->idle_op);
@@ -276,6 +277,9 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 	    !(bs->cluster_size & (bs->cluster_size - 1)))
 		srv->pref_block = bs->cluster_size;
 
+	ret = nbd_tls_init(srv, opts);
+	if (ret < 0)
+		goto fail;
 	if (opts->handle_signals) {
 		ret = setup_signals(srv);
 		if (ret < 0)
@@ -288,8 +292,10 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 				 opts->port ? opts->port : "10809", desc, sizeof(desc));
 	if (ret < 0)
 		goto fail;
-	fprintf(stderr, "serving %s on %s%s\n", bs->filename, desc,
-		(srv->tflags & NBD_FLAG_READ_ONLY) ? " (read-only)" : "");
+	fprintf(stderr, "serving %s on %s%s%s\n", bs->filename, desc,
+		(srv->tflags & NBD_FLAG_READ_ONLY) ? " (read-only)" : "",
+		srv->tls_mode == NBD_TLS_REQUIRE ? " (TLS required)" :
+		srv->tls_mode == NBD_TLS_ON ? " (TLS offered)" : "");
 	*out = srv;
 	return 0;
 fail:
@@ -320,6 +326,8 @@ void nbd_server_close(struct nbd_server *srv)
 		close(srv->sig_fd);
 	if (srv->mask_saved)
 		sigprocmask(SIG_SETMASK, &srv->old_mask, NULL);
+	nbd_pool_deinit(&srv->pool);
+	nbd_tls_deinit(srv);
 	free(srv->export_name);
 	free(srv);
 }

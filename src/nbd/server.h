@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /*
  * The NBD server: serves one open image (struct bdrv) to any number of
- * clients over a unix socket or TCP, fixed newstyle negotiation, simple
- * replies.
+ * clients over a unix socket or TCP: fixed newstyle negotiation, simple
+ * and structured replies, block status, optional TLS.
  *
  * Thread model: everything runs on the calling thread's aio_ctx, which
  * must be current (aio_ctx_set_current) before nbd_server_open and stays
@@ -22,6 +22,12 @@ struct bdrv;
 struct aio_ctx;
 struct nbd_server;
 
+enum nbd_tls_mode {
+	NBD_TLS_OFF,               /* plaintext only; STARTTLS is unsupported */
+	NBD_TLS_ON,                /* STARTTLS offered, plaintext allowed */
+	NBD_TLS_REQUIRE,           /* every option but STARTTLS needs TLS first */
+};
+
 struct nbd_server_opts {
 	const char *socket_path;   /* unix socket; NULL for TCP */
 	const char *bind_addr;     /* TCP: host or address, NULL = 127.0.0.1 */
@@ -35,6 +41,11 @@ struct nbd_server_opts {
 	/* Block SIGINT/SIGTERM and stop on them (read from a signalfd through
 	 * the ring).  A second signal drops connections that do not drain. */
 	bool handle_signals;
+	/* TLS: with ON or REQUIRE, exactly one of the credentials. */
+	enum nbd_tls_mode tls;
+	const char *tls_creds_dir;  /* x509: ca-cert.pem, server-cert.pem, server-key.pem */
+	const char *tls_psk_file;   /* psktool's keys file */
+	bool tls_verify_peer;       /* x509: clients must present a certificate the CA signed */
 };
 
 /* Create the listening socket (a stale unix socket file is replaced, any

@@ -2,7 +2,9 @@
 /*
  * Socket I/O of one NBD connection: exact reads through a read-ahead
  * buffer (several request headers come in with one recv), skipping a
- * refused payload, and full sends of an iovec.
+ * refused payload, and full sends of an iovec.  Under TLS the same reads
+ * and sends go through GnuTLS (tls.c), whose own socket I/O comes back
+ * here (nbd_sock_send) or waits as the same operations.
  *
  * Only reads in an "idle" state (no byte of the next message consumed)
  * wait as c->idle_op, which a stop may cancel; a read inside a message
@@ -15,6 +17,7 @@
  * connection's reader coroutine) and one sender at a time.
  */
 #include <errno.h>
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -32,6 +35,22 @@ void nbd_conn_kill(struct nbd_conn *c)
 	aio_cancel(c->srv->ctx, &c->data_op);
 	aio_cancel(c->srv->ctx, &c->send_op);
 	co_queue_wake_all(&c->waitq);
+	co_queue_wake_all(&c->srv->mem_wait);   /* its reader may wait there */
+}
+
+bool nbd_conn_hung_up(struct nbd_conn *c)
+{
+	struct pollfd pfd = { .fd = c->fd, .events = POLLRDHUP };
+
+	if (c->dead)
+		return true;
+	/* A zero timeout: this never blocks the loop. */
+	if (poll(&pfd, 1, 0) == 1 && (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+		log_debug("connection %u: client hung up", c->id);
+		nbd_conn_kill(c);
+		return true;
+	}
+	return false;
 }
 
 int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle)
@@ -60,16 +79,20 @@ int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle)
 		void *buf = direct ? (void *)p : (void *)c->rbuf;
 		size_t len = direct ? n : NBD_RBUF_SIZE;
 		struct aio_wait *op = idle ? &c->idle_op : &c->data_op;
-		struct io_uring_sqe *sqe = aio_get_sqe(srv->ctx, NULL);
-		int res;
+		ssize_t res;
 
-		io_uring_prep_recv(sqe, c->fd, buf, len, 0);
 		c->idle = idle;
-		res = aio_co_wait_sqe_as(srv->ctx, op, sqe);
+		if (c->tls) {
+			res = nbd_tls_recv(c, buf, len, op);
+		} else {
+			struct io_uring_sqe *sqe = aio_get_sqe(srv->ctx, NULL);
+			io_uring_prep_recv(sqe, c->fd, buf, len, 0);
+			res = aio_co_wait_sqe_as(srv->ctx, op, sqe);
+		}
 		c->idle = false;
 		if (res == -EINTR || res == -EAGAIN)
 			continue;
-		if (res == -ECANCELED || c->dead)
+		if (res == -ECANCELED || res == -ESHUTDOWN || c->dead)
 			return -ESHUTDOWN;
 		if (res < 0)
 			return res;
@@ -111,6 +134,13 @@ int nbd_conn_skip(struct nbd_conn *c, uint64_t n)
 }
 
 int nbd_conn_send(struct nbd_conn *c, struct iovec *iov, int cnt)
+{
+	if (c->tls)
+		return c->dead ? -EPIPE : nbd_tls_send(c, iov, cnt);
+	return nbd_sock_send(c, iov, cnt);
+}
+
+int nbd_sock_send(struct nbd_conn *c, struct iovec *iov, int cnt)
 {
 	while (cnt) {
 		struct msghdr msg = { .msg_iov = iov, .msg_iovlen = cnt };

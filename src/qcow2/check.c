@@ -91,6 +91,7 @@ struct chk {
 
 	uint32_t cluster_bits, cs, l2_entries;
 	unsigned ext;                   /* extended L2: 16-byte entries */
+	bool data_file;                 /* guest data in an external data file */
 	unsigned rc_order;
 	uint64_t rc_max;
 	uint32_t rb_bits;               /* log2 refcount entries per block */
@@ -426,6 +427,13 @@ static int check_l2(struct chk *c, uint8_t *t, uint64_t l2_off, unsigned flags, 
 			continue;
 		}
 		uint64_t off = e & QCOW2_L2E_OFFSET_MASK;
+		if (c->data_file) {
+			/* Guest data is in the data file: nothing to count here
+			 * (QEMU's check does not look at it either). */
+			if ((flags & L2_FRAG) && (off || (e & QCOW2_OFLAG_COPIED)))
+				c->res->allocated_clusters++;
+			continue;
+		}
 		if (!off)
 			continue;       /* unallocated or plain zero cluster */
 		if (!IS_ALIGNED(off, c->cs)) {
@@ -754,6 +762,46 @@ static int check_refblocks(struct chk *c)
 	return 0;
 }
 
+/* The persistent dirty bitmaps' clusters (directory, tables, data) are
+ * referenced when the autoclear bit vouches for the extension, as QEMU's
+ * check counts them. */
+static int count_bitmaps(struct chk *c)
+{
+	struct qcow2_bitmap *bms = NULL;
+	uint64_t dir_off, dir_size;
+	uint32_t nb = 0, nb32;
+	char err[256] = "";
+	int ret, what;
+
+	if (!(c->m.h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) ||
+	    qcow2_bitmap_ext(&c->m, &nb32, &dir_off, &dir_size) <= 0 || !nb32)
+		return 0;
+	ret = qcow2_bitmaps_read(c->f, &c->m, c->file_size, &bms, &nb, err, sizeof(err));
+	if (ret < 0) {
+		report(c, "ERROR bitmaps: %s", err);
+		c->res->corruptions++;
+		return 0;
+	}
+	ret = inc_range(c, dir_off, dir_size, &what);
+	for (uint32_t i = 0; ret == 0 && i < nb; i++) {
+		const struct qcow2_bitmap *b = &bms[i];
+		uint64_t *t;
+
+		ret = inc_range(c, b->table_offset, (uint64_t)b->table_size * 8, &what);
+		if (ret < 0 || !b->table_size)
+			continue;
+		t = read_table(c, b->table_offset, b->table_size, &ret);
+		for (uint32_t k = 0; t && ret == 0 && k < b->table_size; k++) {
+			uint64_t off = t[k] & 0x00fffffffffffe00ull;
+			if (off)
+				ret = inc_range(c, off, c->cs, &what);
+		}
+		free(t);
+	}
+	qcow2_bitmaps_free(bms, nb);
+	return ret;
+}
+
 /* QEMU's calculate_refcounts: the expected refcount of every cluster. */
 static int calculate(struct chk *c)
 {
@@ -811,6 +859,8 @@ static int calculate(struct chk *c)
 	}
 	if (ret == 0 && c->nb_snaps)
 		ret = inc_range(c, h->snapshots_offset, c->snap_table_bytes, &what);
+	if (ret == 0)
+		ret = count_bitmaps(c);
 	if (ret == 0)
 		ret = inc_range(c, h->reftable_offset, (uint64_t)c->rt_size * 8, &what);
 	if (ret == 0 && what == REF_OVERFLOW && (c->fix & QCOW2_FIX_ERRORS))
@@ -1093,7 +1143,7 @@ static int check_copied(struct chk *c)
 			for (uint32_t n = 0; n < c->l2_entries; n++) {
 				uint64_t d = get_be64(L2E_AT(c, t, n));
 				uint64_t doff = d & QCOW2_L2E_OFFSET_MASK;
-				if ((d & QCOW2_OFLAG_COMPRESSED) || !doff)
+				if ((d & QCOW2_OFLAG_COMPRESSED) || !doff || c->data_file)
 					continue;
 				if (disk_refcount(c, doff >> c->cluster_bits, &rc) < 0)
 					continue;
@@ -1420,10 +1470,8 @@ static int setup(struct chk *c)
 		snprintf(c->errbuf, c->errlen, "unsupported qcow2 feature(s): %s", names);
 		return -ENOTSUP;
 	}
-	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || c->m.data_file) {
-		snprintf(c->errbuf, c->errlen, "external data files are not supported yet");
-		return -ENOTSUP;
-	}
+	/* External data file: its clusters have no refcounts in the image. */
+	c->data_file = (h->incompat & QCOW2_INCOMPAT_DATA_FILE) != 0;
 	if (c->fix && c->f->read_only) {
 		snprintf(c->errbuf, c->errlen, "repairing needs the image open read-write");
 		return -EROFS;

@@ -41,22 +41,29 @@ int qcow2_compressed_range(struct qcow2_state *s, uint64_t l2e, uint64_t *off, u
 int qcow2_l2_entry_type(struct qcow2_state *s, uint64_t e, enum qcow2_ctype *t)
 {
 	uint64_t off, len;
+	bool has;
 
 	if (e & QCOW2_OFLAG_COMPRESSED) {
+		/* Never with an external data file. */
+		if (s->data_file)
+			return bad_entry(s, "compressed L2", e);
 		*t = QCOW2_COMPRESSED;
 		return qcow2_compressed_range(s, e, &off, &len);
 	}
 	if (e & QCOW2_L2E_RESERVED_MASK)
 		return bad_entry(s, "L2", e);
 	off = e & QCOW2_L2E_OFFSET_MASK;
-	if (off && (!IS_ALIGNED(off, s->cluster_size) || off >= s->file_end))
+	if (off && (!IS_ALIGNED(off, s->cluster_size) || (!s->data_file && off >= s->file_end)))
 		return bad_entry(s, "L2", e);
+	/* Is there a host cluster?  In a data file, host cluster 0 is one
+	 * too ("Standard Cluster Descriptor": offset 0 with bit 63 set). */
+	has = off || (s->data_file && (e & QCOW2_OFLAG_COPIED));
 	/* "Standard Cluster Descriptor" bit 0 means nothing with extended
 	 * L2 (the bitmap says what reads as zeros): ignored, as by QEMU. */
 	if ((e & QCOW2_OFLAG_ZERO) && !s->ext_l2)
-		*t = off ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
+		*t = has ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
 	else
-		*t = off ? QCOW2_NORMAL : QCOW2_UNALLOCATED;
+		*t = has ? QCOW2_NORMAL : QCOW2_UNALLOCATED;
 	if (*t == QCOW2_UNALLOCATED && (e & QCOW2_OFLAG_COPIED))
 		return bad_entry(s, "L2", e);
 	return 0;
@@ -106,12 +113,13 @@ int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slot,
  * bitmap @b, as a mapping type ("Subcluster Allocation Bitmap"). */
 static enum qcow2_ctype sc_type(uint64_t e, enum qcow2_ctype ct, uint64_t b, unsigned sc)
 {
+	(void)e;
 	if (ct == QCOW2_COMPRESSED)
 		return QCOW2_COMPRESSED;
 	if (b & QCOW2_SC_ALLOC(sc))
 		return QCOW2_NORMAL;
 	if (b & QCOW2_SC_ZERO(sc))
-		return (e & QCOW2_L2E_OFFSET_MASK) ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
+		return ct == QCOW2_NORMAL ? QCOW2_ZERO_ALLOC : QCOW2_ZERO_PLAIN;
 	return QCOW2_UNALLOCATED;
 }
 

@@ -11,8 +11,16 @@
  * iterating to a fixed point.  With preallocation off this is exactly
  * QEMU's layout (header, reftable, one refblock, L1).
  *
- * The header is written last, so an interrupted create leaves a file
- * that no qcow2 reader accepts.
+ * The image is written to a temporary file next to its final name and
+ * renamed into place only when complete and synced (create_file_*): a
+ * failed or interrupted create leaves the old file, or no file, behind,
+ * never a partial image.  An existing image is locked as `qemu-img create`
+ * locks it (QEMU's lock bytes, src/block/lock.h) before it is replaced,
+ * so an image in use by qublk or QEMU is refused, never truncated.
+ *
+ * Like QEMU, the feature name table is written only with clusters of more
+ * than 4 KiB, where cluster 0 has room to spare: at 512 B a header with a
+ * backing file name would not fit.
  */
 #include <stddef.h>
 
@@ -28,10 +36,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "block/lock.h"
 #include "common/io.h"
 #include "common/util.h"
 
 #define FEATURE_ENTRY_LEN 48
+/* QEMU writes the feature name table only above this cluster size. */
+#define FEATURE_TABLE_MIN_CLUSTER 8192
 #define ZERO_CHUNK (1u << 20)
 
 static int cfail(char *err, size_t errlen, int ret, const char *fmt, ...)
@@ -85,6 +96,163 @@ static int cfile_pwritev(struct io_file *f, const struct iovec *iov, int cnt, ui
 static const struct io_file_ops cfile_ops = {
 	.pwritev = cfile_pwritev,
 };
+
+/* ---- the file: temporary name, lock, rename ---------------------------- */
+
+void create_file_abort(struct create_file *cf)
+{
+	if (cf->fd >= 0)
+		close(cf->fd);
+	if (cf->tmp)
+		unlink(cf->tmp);
+	if (cf->lock_fd >= 0)
+		close(cf->lock_fd);
+	free(cf->tmp);
+	free(cf->target);
+	cf->fd = cf->lock_fd = -1;
+	cf->tmp = cf->target = NULL;
+}
+
+int create_file_begin(const char *path, struct create_file *cf, char *err, size_t errlen)
+{
+	struct stat st;
+	char *copy = NULL;
+	int ret;
+
+	memset(cf, 0, sizeof(*cf));
+	cf->fd = cf->lock_fd = -1;
+	cf->lock_fd = open(path, O_RDWR | O_CLOEXEC);
+	if (cf->lock_fd < 0 && errno != ENOENT) {
+		ret = -errno;
+		return cfail(err, errlen, ret, "%s", strerror(-ret));
+	}
+	if (cf->lock_fd >= 0) {
+		/* As qemu-img create: hold write and resize, share all but
+		 * resize.  Anyone reading or writing the image conflicts. */
+		if (fstat(cf->lock_fd, &st) < 0) {
+			ret = -errno;
+			cfail(err, errlen, ret, "stat: %s", strerror(-ret));
+			goto fail;
+		}
+		if (!S_ISREG(st.st_mode)) {
+			ret = cfail(err, errlen, -EINVAL, "not a regular file");
+			goto fail;
+		}
+		ret = lock_take(cf->lock_fd, path, LOCK_PERM_WRITE | LOCK_PERM_RESIZE,
+				LOCK_PERM_ALL & ~LOCK_PERM_RESIZE);
+		if (ret) {
+			cfail(err, errlen, ret, "%s",
+			      ret == -EAGAIN ? "the image is in use; not replaced" : strerror(-ret));
+			goto fail;
+		}
+		/* A symlink is followed: its target is what gets replaced. */
+		cf->target = realpath(path, NULL);
+		cf->existed = true;
+		cf->mode = st.st_mode & 07777;
+		cf->uid = st.st_uid;
+		cf->gid = st.st_gid;
+	} else {
+		cf->target = strdup(path);
+	}
+	copy = cf->target ? strdup(cf->target) : NULL;
+	if (!copy || asprintf(&cf->tmp, "%s/.%s.qublk-XXXXXX", dirname(copy),
+			      basename(cf->target)) < 0) {
+		cf->tmp = NULL;
+		ret = cfail(err, errlen, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	cf->fd = mkostemp(cf->tmp, O_CLOEXEC);
+	if (cf->fd < 0) {
+		ret = -errno;
+		free(cf->tmp);
+		cf->tmp = NULL;
+		cfail(err, errlen, ret, "creating a temporary file next to it: %s", strerror(-ret));
+		goto fail;
+	}
+	/* The replacement keeps the old file's owner and mode; a new file
+	 * gets 0644 like QEMU's (before the umask). */
+	if (cf->existed) {
+		if (fchown(cf->fd, cf->uid, cf->gid) < 0 && errno != EPERM) {
+			ret = -errno;
+			cfail(err, errlen, ret, "fchown: %s", strerror(-ret));
+			goto fail;
+		}
+		if (fchmod(cf->fd, cf->mode) < 0) {
+			ret = -errno;
+			cfail(err, errlen, ret, "fchmod: %s", strerror(-ret));
+			goto fail;
+		}
+	} else {
+		mode_t um = umask(0);
+		umask(um);
+		if (fchmod(cf->fd, 0644 & ~um) < 0) {
+			ret = -errno;
+			cfail(err, errlen, ret, "fchmod: %s", strerror(-ret));
+			goto fail;
+		}
+	}
+	free(copy);
+	return 0;
+fail:
+	free(copy);
+	create_file_abort(cf);
+	return ret;
+}
+
+int create_file_commit(struct create_file *cf, char *err, size_t errlen)
+{
+	char *copy = NULL;
+	int ret = 0, dfd;
+
+	if (fsync(cf->fd) < 0) {
+		ret = -errno;
+		cfail(err, errlen, ret, "fsync: %s", strerror(-ret));
+		goto out;
+	}
+	if (close(cf->fd) < 0) {
+		cf->fd = -1;
+		ret = -errno;
+		cfail(err, errlen, ret, "close: %s", strerror(-ret));
+		goto out;
+	}
+	cf->fd = -1;
+	if (cf->existed) {
+		/* Still holding the old image's locks: nobody opened it since. */
+		if (rename(cf->tmp, cf->target) < 0)
+			ret = -errno;
+	} else if (renameat2(AT_FDCWD, cf->tmp, AT_FDCWD, cf->target, RENAME_NOREPLACE) < 0) {
+		ret = -errno;
+		if (ret == -EINVAL || ret == -ENOSYS)     /* no RENAME_NOREPLACE here */
+			ret = link(cf->tmp, cf->target) < 0 ? -errno : 0;
+		if (ret == -EEXIST) {
+			cfail(err, errlen, ret, "the file was created by someone else meanwhile");
+			goto out;
+		}
+	}
+	if (ret) {
+		cfail(err, errlen, ret, "renaming the new image into place: %s", strerror(-ret));
+		goto out;
+	}
+	if (!cf->existed)
+		unlink(cf->tmp);        /* after link(); a no-op after a rename */
+	free(cf->tmp);
+	cf->tmp = NULL;
+	/* Make the new name durable. */
+	copy = strdup(cf->target);
+	if (copy) {
+		dfd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (dfd >= 0) {
+			if (fsync(dfd) < 0 && errno != EINVAL)
+				ret = cfail(err, errlen, -errno, "fsync of the directory: %s",
+					    strerror(errno));
+			close(dfd);
+		}
+	}
+out:
+	free(copy);
+	create_file_abort(cf);
+	return ret;
+}
 
 /* Probe @path: format ("qcow2" if the magic matches, else "raw") and
  * virtual size.  Returns -errno with @err set. */
@@ -322,13 +490,14 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 	struct layout L = { 0 };
 	struct qcow2_meta m = { 0 };
 	struct qcow2_ext ft = { 0 };
+	struct create_file file = { .fd = -1, .lock_fd = -1 };
 	char probed_fmt[32] = "";
 	uint64_t size = o->size;
 	uint32_t cs = o->cluster_size ? o->cluster_size : 65536;
 	uint32_t version = o->version ? o->version : 3;
 	uint32_t rbits = o->refcount_bits ? o->refcount_bits : 16;
 	const char *bfmt = o->backing_format;
-	int fd = -1, ret;
+	int fd, ret;
 
 	if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
 		return cfail(err, errlen, -EINVAL,
@@ -362,7 +531,9 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 				     "backing file and preallocation cannot be used together");
 		if (bfmt && strcmp(bfmt, "qcow2") && strcmp(bfmt, "raw"))
 			return cfail(err, errlen, -EINVAL, "unknown backing format '%s'", bfmt);
-		/* Open the backing file when we need something from it. */
+		/* Open the backing file when we need something from it.  Its
+		 * format is never probed into the image: QEMU refuses that
+		 * (a raw backing file could be made to look like anything). */
 		if (!bfmt || size == 0) {
 			uint64_t bsize = 0;
 			char *host = backing_host_path(path, o->backing_file);
@@ -373,7 +544,10 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 			free(host);
 			if (ret)
 				return ret;
-			bfmt = probed_fmt;
+			if (!bfmt)
+				return cfail(err, errlen, -EINVAL,
+					     "backing file specified without backing format (it looks "
+					     "like %s)", probed_fmt);
 			if (size == 0)
 				size = bsize;
 		}
@@ -388,9 +562,10 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 	if (ret)
 		return ret;
 
-	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return cfail(err, errlen, -errno, "%s", strerror(errno));
+	ret = create_file_begin(path, &file, err, errlen);
+	if (ret)
+		return ret;
+	fd = file.fd;
 	ret = write_tables(fd, o, size, &L);
 	if (ret) {
 		cfail(err, errlen, ret, "writing metadata: %s", strerror(-ret));
@@ -412,7 +587,7 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 		m.h.compat |= QCOW2_COMPAT_LAZY_REFCOUNTS;
 	m.backing_file = (char *)o->backing_file;
 	m.backing_format = (char *)bfmt;
-	if (version == 3) {
+	if (version == 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {
 		ret = feature_table_ext(&ft);
 		if (ret) {
 			cfail(err, errlen, ret, "out of memory");
@@ -421,8 +596,8 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 		m.exts = &ft;
 		m.n_exts = 1;
 	}
-	struct io_file cf = { .ops = &cfile_ops, .fd = fd };
-	ret = qcow2_meta_write(&cf, &m);
+	struct io_file cfile = { .ops = &cfile_ops, .fd = fd };
+	ret = qcow2_meta_write(&cfile, &m);
 	if (ret) {
 		if (ret == -EFBIG)
 			cfail(err, errlen, ret, "header does not fit in one cluster");
@@ -430,15 +605,9 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 			cfail(err, errlen, ret, "writing the header: %s", strerror(-ret));
 		goto out;
 	}
-	if (fsync(fd) < 0) {
-		ret = -errno;
-		cfail(err, errlen, ret, "fsync: %s", strerror(-ret));
-	}
+	ret = create_file_commit(&file, err, errlen);
 out:
 	free(ft.data);
-	if (close(fd) < 0 && !ret) {
-		ret = -errno;
-		cfail(err, errlen, ret, "close: %s", strerror(-ret));
-	}
+	create_file_abort(&file);
 	return ret;
 }

@@ -5,15 +5,18 @@
  * and the bdrv_qcow2 ops table.  The request paths are in rw.c.
  *
  * Feature policy on open:
- *  - unknown incompatible bits, encryption, external data file: refused
- *    (named); extended L2 with clusters under 16 KiB too;
+ *  - unknown incompatible bits, encryption: refused (named); extended L2
+ *    with clusters under 16 KiB too;
+ *  - external data file (incompatible bit 2): opened next to the image
+ *    (a relative name resolves against the image's directory, like a
+ *    backing file's; QEMU 7.2 uses its working directory), locked like
+ *    it; guest cluster X is data file cluster X; data_file_raw is kept;
  *  - corrupt bit: read-only opens only;
- *  - dirty bit (lazy refcounts, refcounts may be stale): a read-write
- *    open repairs the image first (check.c), as QEMU does; read-only
- *    opens serve it as it is;
- *  - read-write opens clear every autoclear bit (we maintain none of the
- *    structures they vouch for, bitmaps included) and rewrite the header,
- *    which keeps unknown compatible bits and unknown extensions.
+ *  - dirty bit (lazy refcounts): a read-write open repairs the refcounts
+ *    first (check.c), as QEMU does;
+ *  - read-write opens clear the autoclear bits we do not maintain (the
+ *    bitmaps') and rewrite the header, which keeps unknown compatible
+ *    bits and unknown extensions.
  *
  * Thread model: open and close run outside request processing (in or out
  * of a coroutine); no request may be in flight at close.  Requests may
@@ -53,9 +56,11 @@ static void state_free(struct qcow2_state *s)
 	qcow2_cache_deinit(&s->rbc);
 	qcow2_refcount_close(s);
 	qcow2_ranges_close(s);
+	qcow2_bitmaps_close(s);
 	io_free(s->meta_buf);
 	free(s->l1);
 	bdrv_close(s->backing);
+	io_file_close(s->data_file);
 	qcow2_meta_free(&s->meta);
 	free(s);
 }
@@ -81,9 +86,10 @@ static int check_features(struct qcow2_state *s, bool ro)
 		log_error("%s: extended L2 entries need clusters of at least 16 KiB", fn);
 		return -ENOTSUP;
 	}
-	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) || s->meta.data_file) {
-		log_error("%s: external data files are not supported yet", fn);
-		return -ENOTSUP;
+	if ((h->incompat & QCOW2_INCOMPAT_DATA_FILE) && !s->meta.data_file) {
+		/* "External data file name": required with the feature bit. */
+		log_error("%s: the image has an external data file but does not name it", fn);
+		return -EINVAL;
 	}
 	if (h->compression_type != QCOW2_COMPRESSION_ZLIB &&
 	    h->compression_type != QCOW2_COMPRESSION_ZSTD) {
@@ -253,12 +259,32 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 		if (ret < 0)
 			goto fail;
 	}
+	/* Guest data: the image file, or the external data file (the name
+	 * counts only with the feature bit, as for QEMU). */
+	s->data = s->file;
+	if (h->incompat & QCOW2_INCOMPAT_DATA_FILE) {
+		ret = bdrv_open_data_file(bs, s->meta.data_file, &s->data_file);
+		if (ret < 0)
+			goto fail;
+		s->data = s->data_file;
+		s->data_raw = h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
+	}
 
-	if (!ro && h->autoclear) {
+	/* Dirty bitmaps: tracked from the first write (bitmap.c). */
+	if (!ro) {
+		ret = qcow2_bitmaps_open(s);
+		if (ret < 0)
+			goto fail;
+	}
+
+	/* Read-write opens clear the autoclear bits we do not maintain. */
+	uint64_t keep = QCOW2_AUTOCLEAR_BITMAPS |
+			(s->data_file ? QCOW2_AUTOCLEAR_DATA_FILE_RAW : 0);
+	if (!ro && (h->autoclear & ~keep)) {
 		char names[256];
-		qcow2_feature_names(&s->meta, 2, h->autoclear, names, sizeof(names));
+		qcow2_feature_names(&s->meta, 2, h->autoclear & ~keep, names, sizeof(names));
 		log_debug("%s: clearing autoclear feature(s): %s", fn, names);
-		h->autoclear = 0;
+		h->autoclear &= keep;
 		ret = qcow2_write_header(s);
 		if (ret == 0)
 			ret = io_flush(s->file);
@@ -285,6 +311,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	 * completes, and runs with lazy refcounts so that it needs no sync
 	 * for it: a crash leaves a dirty image, repaired at the next open. */
 	s->write_through = !ro && (bs->open_flags & BDRV_O_CRASH_SAFE);
+	s->punch = !ro && !(bs->open_flags & BDRV_O_NO_UNMAP);
 	s->lazy_refcounts = !ro && ((h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || s->write_through);
 
 	bs->opaque = s;
@@ -317,6 +344,11 @@ static int qcow2_close(struct bdrv *bs)
 		ret = qcow2_flush_locked(s);
 		if (ret == 0)
 			ret = qcow2_flush_locked(s);
+		if (ret == 0 && s->ndbms) {
+			ret = qcow2_bitmaps_store(s);
+			if (ret == 0)
+				ret = qcow2_flush_locked(s);
+		}
 		if (ret == 0)
 			ret = qcow2_mark_clean(s);
 		co_mutex_unlock(&s->lock);

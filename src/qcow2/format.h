@@ -51,6 +51,11 @@
 #define QCOW2_AUTOCLEAR_BITMAPS         (1ull << 0)
 #define QCOW2_AUTOCLEAR_DATA_FILE_RAW   (1ull << 1)
 
+/* crypt_method */
+#define QCOW2_CRYPT_NONE                0
+#define QCOW2_CRYPT_AES                 1
+#define QCOW2_CRYPT_LUKS                2
+
 #define QCOW2_COMPRESSION_ZLIB          0
 #define QCOW2_COMPRESSION_ZSTD          1
 
@@ -211,6 +216,9 @@ int qcow2_meta_read(struct io_file *f, uint64_t file_size, struct qcow2_meta *m,
  * opens and counts as corruption (L1/refcount tables past EOF, an empty
  * refcount table). */
 #define QCOW2_META_FOR_CHECK (1u << 0)
+/* ... and QCOW2_META_ALLOW_CRYPT accepts encrypted images (crypt_method
+ * 1 or 2), which are otherwise refused: for tools that only describe. */
+#define QCOW2_META_ALLOW_CRYPT (1u << 1)
 int qcow2_meta_read_flags(struct io_file *f, uint64_t file_size, unsigned flags,
 			  struct qcow2_meta *m, char *err, size_t errlen);
 /* Serialise @m (fixed header, extensions, backing name) into cluster 0
@@ -233,6 +241,7 @@ struct qcow2_snapshot {
 	uint64_t vm_clock_nsec;
 	uint64_t vm_state_size;
 	uint64_t disk_size;       /* virtual size at snapshot time (extra data) or header size */
+	uint64_t icount;          /* instruction count (extra data), UINT64_MAX if none */
 	uint32_t extra_size;      /* extra_data_size as on disk */
 	uint64_t entry_off;       /* byte offset of the entry in the table */
 	uint32_t entry_len;       /* bytes of the entry, padding excluded */
@@ -248,6 +257,47 @@ int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
 			       uint64_t file_size, unsigned flags, struct qcow2_snapshot **out,
 			       uint64_t *table_bytes, char *err, size_t errlen);
 void qcow2_snapshots_free(struct qcow2_snapshot *s, uint32_t n);
+
+/* "Bitmap directory" (bitmap-dir.c): persistent dirty bitmaps. */
+#define QCOW2_BME_IN_USE                (1u << 0)
+#define QCOW2_BME_AUTO                  (1u << 1)
+#define QCOW2_BME_EXTRA_DATA_COMPATIBLE (1u << 2)
+#define QCOW2_BME_TYPE_DIRTY            1
+struct qcow2_bitmap {
+	uint64_t table_offset;
+	uint32_t table_size;      /* entries (cluster offsets) */
+	uint32_t flags;           /* QCOW2_BME_* */
+	uint8_t type, granularity_bits;
+	uint32_t extra_size;
+	char *name;
+	uint64_t entry_off;       /* file offset of the directory entry */
+};
+/* The bitmaps extension of @m: 1 (and its fields), 0 if none, -EINVAL if
+ * malformed. */
+int qcow2_bitmap_ext(const struct qcow2_meta *m, uint32_t *nb, uint64_t *dir_off,
+		     uint64_t *dir_size);
+/* Read and validate the bitmap directory.  Returns 0 (none: *nout 0),
+ * -errno with @err set; *out is an array of *nout. */
+int qcow2_bitmaps_read(struct io_file *f, const struct qcow2_meta *m, uint64_t file_size,
+		       struct qcow2_bitmap **out, uint32_t *nout, char *err, size_t errlen);
+void qcow2_bitmaps_free(struct qcow2_bitmap *b, uint32_t n);
+/* Internal snapshots, offline (snapshot-write.c), with QEMU's semantics:
+ * @f is the image file, open read-write, used by no one else (the caller
+ * holds the image's write lock).  create adds a snapshot called @name of
+ * the current guest contents (no VM state; ids as QEMU assigns them:
+ * one more than the largest); apply reverts the guest contents (and
+ * virtual size) to the snapshot whose id, or else name, is @name; delete
+ * drops the snapshot whose name, or else id, is @name (qemu-img's
+ * lookups).  A power cut leaves leaked clusters at most, and possibly
+ * active entries with refcount 1 still lacking OFLAG_COPIED (see the
+ * file).  Returns -errno with @err set (-ENOENT: no such snapshot). */
+int qcow2_snapshot_create(struct io_file *f, const char *name, char *err, size_t errlen);
+int qcow2_snapshot_apply(struct io_file *f, const char *name, char *err, size_t errlen);
+int qcow2_snapshot_delete(struct io_file *f, const char *name, char *err, size_t errlen);
+/* The snapshot list of the image in @f (header and table validated).
+ * *out: *n entries, for qcow2_snapshots_free(). */
+int qcow2_snapshot_list(struct io_file *f, struct qcow2_snapshot **out, uint32_t *n, char *err,
+			size_t errlen);
 
 /* "Compressed Clusters" (compress.c): inflate raw deflate (zlib, no
  * header, windowBits -12) or a zstd frame from @src into exactly
@@ -292,7 +342,10 @@ int qcow2_check(struct io_file *f, const struct qcow2_check_opts *o,
 int qcow2_repair_dirty(struct io_file *f, const char *name, struct qcow2_meta *m,
 		       uint64_t *file_size);
 
-/* Image creation (create.c).  Writes a new image at @path (truncating). */
+/* Image creation (create.c).  Writes a new image at @path: into a
+ * temporary file renamed over @path when complete, after locking an
+ * existing @path as qemu-img create does (-EAGAIN: in use, refused).
+ * A backing file needs its format (-EINVAL otherwise, as QEMU 10). */
 struct qcow2_create_opts {
 	uint64_t size;
 	uint32_t cluster_size;        /* default 65536 */
@@ -307,5 +360,24 @@ struct qcow2_create_opts {
 };
 enum { QCOW2_PREALLOC_OFF, QCOW2_PREALLOC_METADATA, QCOW2_PREALLOC_FALLOC, QCOW2_PREALLOC_FULL };
 int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen);
+
+/* The file of a new image (create.c), for every format: begin opens a
+ * temporary file next to @path (fd) after locking an existing @path as
+ * qemu-img create does; commit syncs it and renames it over @path (an
+ * existing file keeps its owner and mode; a symlink's target is
+ * replaced); abort removes it.  commit and begin clean up on failure;
+ * abort is safe to call twice.  Returns -errno with @err set. */
+struct create_file {
+	int fd;                 /* the new image: write here */
+	int lock_fd;            /* the old image, locked, or -1 */
+	char *tmp, *target;
+	bool existed;
+	mode_t mode;
+	uid_t uid;
+	gid_t gid;
+};
+int create_file_begin(const char *path, struct create_file *cf, char *err, size_t errlen);
+int create_file_commit(struct create_file *cf, char *err, size_t errlen);
+void create_file_abort(struct create_file *cf);
 
 #endif

@@ -173,10 +173,14 @@ static int parse_fixed(const uint8_t *buf, uint64_t file_size, unsigned flags,
 				    "compression type incompatible bit not set for zstd compression");
 	}
 
-	if (h->crypt_method != 0)
+	/* "Header": crypt_method 0 none, 1 AES (legacy), 2 LUKS.  Only the
+	 * tools that describe an image accept encryption. */
+	if (h->crypt_method > QCOW2_CRYPT_LUKS)
+		return fail(err, errlen, "unknown encryption method %u", h->crypt_method);
+	if (h->crypt_method != 0 && !(flags & QCOW2_META_ALLOW_CRYPT))
 		return fail(err, errlen,
-			    "image is encrypted (crypt_method %u); encrypted images are not supported",
-			    h->crypt_method);
+			    "image is encrypted (%s); qublk cannot read or serve encrypted images",
+			    h->crypt_method == QCOW2_CRYPT_LUKS ? "LUKS" : "legacy AES");
 
 	/* "Cluster mapping": one L1 entry maps cs * (cs / 8) bytes. */
 	uint64_t span = (uint64_t)cs * (cs / 8);

@@ -56,6 +56,8 @@ enum qcow2_site {
 	QCOW2_W_REFTABLE_GROW,          /* growth: the new table */
 	QCOW2_W_HEADER,                 /* cluster 0 */
 	QCOW2_W_FLUSH,                  /* fdatasync */
+	QCOW2_W_BITMAP,                 /* dirty bitmap data and tables */
+	QCOW2_W_BITMAP_DIR,             /* a bitmap directory entry's flags */
 	QCOW2_NSITES
 };
 
@@ -221,6 +223,29 @@ int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 int qcow2_bounce_init(struct qcow2_state *s);
 void qcow2_bounce_deinit(struct qcow2_state *s);
 
+/* ---- bitmap.c ---------------------------------------------------------- */
+
+/* A persistent dirty bitmap being tracked (see bitmap.c). */
+struct qcow2_dbm {
+	uint8_t *bits;                  /* bitmap data, on-disk layout, whole chunks */
+	uint64_t nbits, nbytes;
+	unsigned gran_bits;
+	uint64_t *table;                /* bitmap table, host order */
+	uint64_t table_offset;
+	uint32_t table_size;
+	uint64_t entry_off;             /* its directory entry */
+	uint32_t flags;
+};
+/* Read-write open: load the enabled, consistent bitmaps and mark them in
+ * use on disk.  Returns -errno (logged). */
+int qcow2_bitmaps_open(struct qcow2_state *s);
+/* Any thread, no lock: guest bytes [off, off+len) are about to change. */
+void qcow2_bitmaps_dirty(struct qcow2_state *s, uint64_t off, uint64_t len);
+/* Lock held, at a clean close after the last flush: write the bitmaps
+ * back and mark them consistent.  Returns -errno. */
+int qcow2_bitmaps_store(struct qcow2_state *s);
+void qcow2_bitmaps_close(struct qcow2_state *s);
+
 /* ---- ranges.c ---------------------------------------------------------- */
 
 /* Kinds of metadata (QEMU's overlap-check categories), a bit mask. */
@@ -236,6 +261,9 @@ enum {
 	QCOW2_OL_INACTIVE_L2 = 1 << 7,
 	QCOW2_OL_BITMAP_DIR  = 1 << 8,
 	QCOW2_OL_ALL         = (1 << 9) - 1,
+	/* Newly allocated clusters of the image file (not a kind: they may
+	 * overlap none), also with an external data file. */
+	QCOW2_OL_NEW         = 1 << 15,
 };
 
 /* Zeros, for writes that need a buffer of them. */
@@ -353,9 +381,16 @@ struct qcow2_state {
 	struct io_file *file;
 	struct bdrv *backing;
 	struct qcow2_meta meta;
+	/* Guest data lives in @data: the image file itself, or the external
+	 * data file ("External data file name" extension), where guest
+	 * cluster X is host cluster X and data clusters have no refcounts. */
+	struct io_file *data;
+	struct io_file *data_file;      /* NULL without one */
+	bool data_raw;                  /* autoclear bit 1: it is a raw image too */
 	bool read_only;
 	bool lazy_refcounts;            /* compatible bit 0 (or write_through) */
 	bool write_through;             /* BDRV_O_CRASH_SAFE: see qcow2_write_through */
+	bool punch;                     /* give freed clusters back (discard=unmap) */
 
 	uint32_t cluster_bits, cluster_size;
 	unsigned ext_l2;                /* 1: extended L2 entries (16 bytes) */
@@ -394,6 +429,8 @@ struct qcow2_state {
 	struct qcow2_owner *owners;     /* requests changing guest mappings */
 	bool corrupt;                   /* overlap seen: no more writes */
 	struct qcow2_inject inject;     /* tests */
+	struct qcow2_dbm *dbms;         /* tracked dirty bitmaps (bitmap.c) */
+	unsigned ndbms;
 
 	struct qcow2_pending_free pending[QCOW2_PENDING_MAX];
 	unsigned npending;

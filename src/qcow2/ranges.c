@@ -227,7 +227,8 @@ int qcow2_check_write(struct qcow2_state *s, unsigned kind, uint64_t off, uint64
 
 	if (s->corrupt)
 		return -EIO;
-	if (!len)
+	/* Guest data in an external data file cannot hit metadata. */
+	if (!len || (kind == QCOW2_OL_DATA && s->data_file))
 		return 0;
 	c0 = off >> s->cluster_bits;
 	c1 = (off + len - 1) >> s->cluster_bits;
@@ -271,6 +272,8 @@ static const struct {
 	[QCOW2_W_REFTABLE_GROW] = { "reftable_grow", QCOW2_OL_REFTABLE, false },
 	[QCOW2_W_HEADER] = { "header_update", QCOW2_OL_HEADER, true },
 	[QCOW2_W_FLUSH] = { "flush", QCOW2_OL_DATA, true },
+	[QCOW2_W_BITMAP] = { "bitmap_write", QCOW2_OL_NEW, false },
+	[QCOW2_W_BITMAP_DIR] = { "bitmap_dir_update", QCOW2_OL_BITMAP_DIR, false },
 };
 
 static const struct { const char *name; int err; } errnos[] = {
@@ -389,12 +392,14 @@ int qcow2_pwritev_data(struct qcow2_state *s, enum qcow2_site site, const struct
 {
 	int ret = qcow2_inject(s, site);
 
-	return ret ? ret : io_pwritev(s->file, iov, iovcnt, off);
+	return ret ? ret : io_pwritev(s->data, iov, iovcnt, off);
 }
 
 int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, uint64_t len)
 {
 	unsigned kind = sites[site].kind;
+	/* Guest data lives in the data file, when there is one. */
+	struct io_file *f = kind == QCOW2_OL_DATA ? s->data : s->file;
 	struct iovec v[16];
 	int ret;
 
@@ -407,7 +412,7 @@ int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, u
 	if (ret < 0)
 		return write_failed(s, site, ret);
 	if (!s->no_zero_range) {
-		ret = io_fallocate(s->file, FALLOC_FL_ZERO_RANGE, off, len);
+		ret = io_fallocate(f, FALLOC_FL_ZERO_RANGE, off, len);
 		if (ret == 0)
 			return 0;
 		if (ret != -EOPNOTSUPP && ret != -EINVAL && ret != -ENOSYS)
@@ -423,7 +428,7 @@ int qcow2_zero_host(struct qcow2_state *s, enum qcow2_site site, uint64_t off, u
 			chunk += v[n].iov_len;
 			n++;
 		}
-		ret = io_pwritev(s->file, v, n, off);
+		ret = io_pwritev(f, v, n, off);
 		if (ret < 0)
 			return write_failed(s, site, ret);
 		off += chunk;

@@ -31,6 +31,7 @@
  * Thread model: every function here runs with s->lock held.
  */
 #include <errno.h>
+#include <linux/falloc.h>
 #include <stdlib.h>
 
 #include "common/io.h"
@@ -245,7 +246,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 			goto out;
 		}
 	}
-	ret = qcow2_check_write(s, QCOW2_OL_DATA, boff, s->cluster_size);
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, boff, s->cluster_size);
 	if (ret == 0)
 		ret = qcow2_meta_add(s, boff, s->cluster_size, QCOW2_OL_REFBLOCK);
 	if (ret < 0)
@@ -287,7 +288,17 @@ out:
 	return ret;
 }
 
+static int update_refcount_v(struct qcow2_state *s, uint64_t cluster, int addend, uint64_t *newv);
+
 static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
+{
+	uint64_t v;
+
+	return update_refcount_v(s, cluster, addend, &v);
+}
+
+/* The same, with the new refcount in *newv. */
+static int update_refcount_v(struct qcow2_state *s, uint64_t cluster, int addend, uint64_t *newv)
 {
 	uint64_t rt = cluster >> s->rb_bits, soff, idx, v;
 	void *data;
@@ -328,6 +339,7 @@ static int update_refcount(struct qcow2_state *s, uint64_t cluster, int addend)
 	qcow2_rc_set(data, idx, s->refcount_order, v);
 	qcow2_cache_mark_dirty(&s->rbc, slot);
 	qcow2_cache_put(&s->rbc, slot);
+	*newv = v;
 	if (v == 0) {
 		/* Free space now: whatever it held is gone. */
 		qcow2_meta_del(s, cluster << s->cluster_bits, s->cluster_size, QCOW2_OL_ALL);
@@ -348,7 +360,7 @@ int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off)
 	if (ret < 0)
 		return ret;
 	/* Free clusters hold no metadata, unless refcounts lie. */
-	ret = qcow2_check_write(s, QCOW2_OL_DATA, first << s->cluster_bits, n << s->cluster_bits);
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, first << s->cluster_bits, n << s->cluster_bits);
 	if (ret < 0)
 		return ret;
 	/* Nested allocations (refcount blocks, table growth) keep out. */
@@ -431,6 +443,9 @@ int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
 	switch (t) {
 	case QCOW2_NORMAL:
 	case QCOW2_ZERO_ALLOC:
+		/* Data file clusters have no refcounts. */
+		if (s->data_file)
+			return 0;
 		return qcow2_free_deferred(s, l2e & QCOW2_L2E_OFFSET_MASK, s->cluster_size);
 	case QCOW2_COMPRESSED:
 		ret = qcow2_compressed_range(s, l2e, &off, &len);
@@ -442,9 +457,42 @@ int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
 	}
 }
 
-/* Apply the deferred decrements (their references are gone on disk). */
+/* Give host clusters [first, first+n), free now, back to the host file
+ * system (thin provisioning): punch them out, or cut the file when they
+ * are its tail.  Only clusters whose last reference is gone from the
+ * disk get here (apply_pending), under the lock, so no allocation can
+ * take them in between; a crash after it leaves a leak at most.  A file
+ * system that cannot punch is left alone (the space stays allocated). */
+static void give_back(struct qcow2_state *s, uint64_t first, uint64_t n)
+{
+	uint64_t off = first << s->cluster_bits, len = n << s->cluster_bits;
+	int ret;
+
+	if (!s->punch || !n)
+		return;
+	if (off + len >= s->file_end) {
+		ret = io_truncate(s->file, off);
+		if (ret == 0) {
+			s->file_end = off;
+			return;
+		}
+	}
+	ret = io_fallocate(s->file, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+	if (ret == -EOPNOTSUPP || ret == -ENOSYS || ret == -EINVAL) {
+		log_info("%s: the file system cannot punch holes: freed clusters keep their space",
+			 s->bs->filename);
+		s->punch = false;
+	} else if (ret < 0) {
+		log_warn("%s: punching out freed clusters at %#llx: %s", s->bs->filename,
+			 (unsigned long long)off, strerror(-ret));
+	}
+}
+
+/* Apply the deferred decrements (their references are gone on disk), and
+ * give clusters that are free now back to the host file system. */
 static int apply_pending(struct qcow2_state *s)
 {
+	uint64_t run = 0, nrun = 0, v;
 	int ret = 0;
 
 	if (!s->npending)
@@ -452,9 +500,22 @@ static int apply_pending(struct qcow2_state *s)
 	/* Let data I/O that looked up the old mappings finish first. */
 	qcow2_io_drain(s);
 	/* Work on a stable count: a decrement cannot queue new frees. */
-	for (unsigned i = 0; i < s->npending && ret == 0; i++)
-		for (uint64_t c = 0; c < s->pending[i].nb && ret == 0; c++)
-			ret = update_refcount(s, s->pending[i].cluster + c, -1);
+	for (unsigned i = 0; i < s->npending && ret == 0; i++) {
+		for (uint64_t c = 0; c < s->pending[i].nb && ret == 0; c++) {
+			uint64_t cl = s->pending[i].cluster + c;
+			ret = update_refcount_v(s, cl, -1, &v);
+			if (ret < 0 || v)
+				continue;
+			if (nrun && run + nrun == cl) {
+				nrun++;
+				continue;
+			}
+			give_back(s, run, nrun);
+			run = cl;
+			nrun = 1;
+		}
+	}
+	give_back(s, run, nrun);
 	s->npending = 0;
 	if (ret < 0)
 		log_error("%s: applying deferred refcount decrements: %s (clusters leak)",
@@ -583,7 +644,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 		return -EFBIG;
 	}
 	toff = (A + nb) << s->cluster_bits;
-	ret = qcow2_check_write(s, QCOW2_OL_DATA, A << s->cluster_bits, total << s->cluster_bits);
+	ret = qcow2_check_write(s, QCOW2_OL_NEW, A << s->cluster_bits, total << s->cluster_bits);
 	if (ret < 0)
 		return ret;
 	tbl = io_zalloc(rtc * cs);

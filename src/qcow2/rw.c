@@ -183,7 +183,7 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 			break;
 		case QCOW2_NORMAL:
 			n = iov_slice(iov, iovcnt, done, m.bytes, sl, BDRV_IOV_MAX);
-			ret = n < 0 ? n : io_preadv(s->file, sl, n, m.host);
+			ret = n < 0 ? n : io_preadv(s->data, sl, n, m.host);
 			break;
 		case QCOW2_COMPRESSED:
 			b = bounce_get(s);
@@ -237,7 +237,7 @@ static int read_cow_region(struct qcow2_state *s, const struct qcow2_map *m, uin
 		memset(img + in_off, 0, len);
 		return 0;
 	case QCOW2_NORMAL:
-		return io_pread(s->file, img + in_off, len,
+		return io_pread(s->data, img + in_off, len,
 				(m->l2e & QCOW2_L2E_OFFSET_MASK) + in_off);
 	case QCOW2_COMPRESSED:
 		return read_compressed(s, m->l2e, img, cbuf);
@@ -305,6 +305,25 @@ out:
 	return ret;
 }
 
+/* Lock held.  Host clusters for guest clusters [c0, c0 + n clusters): new
+ * ones in the image file, or with an external data file the guest
+ * clusters' own (guest cluster X is data file cluster X, no refcounts). */
+static int alloc_data(struct qcow2_state *s, uint64_t c0, uint64_t n, uint64_t *host)
+{
+	if (s->data_file) {
+		*host = c0;
+		return 0;
+	}
+	return qcow2_alloc_clusters(s, n, host);
+}
+
+/* Lock held.  Undo alloc_data() after a failure. */
+static void unalloc_data(struct qcow2_state *s, uint64_t host, uint64_t len)
+{
+	if (!s->data_file)
+		qcow2_free_deferred(s, host, len);
+}
+
 /* Fill guest bytes [guest, guest+len) of @img (a cluster image starting
  * at guest offset @c0) with what a subcluster of type @t reads as:
  * the backing file or zeros. */
@@ -345,18 +364,24 @@ static int write_subclusters(struct qcow2_state *s, struct qcow2_map *m, uint64_
 	unsigned sc0, sc1, idx, e;
 	struct iovec v[BDRV_IOV_MAX + 2];
 	struct qcow2_owner o;
+	enum qcow2_ctype ct;
 	uint8_t *b = NULL;
 	int slot, n, k, ret;
 
-	if (m->type == QCOW2_COMPRESSED || (hc && !(m->l2e & QCOW2_OFLAG_COPIED)))
+	ret = qcow2_l2_entry_type(s, m->l2e, &ct);
+	if (ret < 0) {
+		co_mutex_unlock(&s->lock);
+		return ret;
+	}
+	if (ct == QCOW2_COMPRESSED || (ct == QCOW2_NORMAL && !(m->l2e & QCOW2_OFLAG_COPIED)))
 		mode = COPY;
 	else
-		mode = hc ? OWN : FRESH;
+		mode = ct == QCOW2_NORMAL ? OWN : FRESH;
 	if (mode == OWN) {
 		host = hc;
 		ret = qcow2_check_write(s, QCOW2_OL_DATA, host, cs);
 	} else {
-		ret = qcow2_alloc_clusters(s, 1, &host);
+		ret = alloc_data(s, c0, 1, &host);
 	}
 	if (ret < 0) {
 		co_mutex_unlock(&s->lock);
@@ -384,7 +409,7 @@ static int write_subclusters(struct qcow2_state *s, struct qcow2_map *m, uint64_
 		if (ret == 0 && m->type == QCOW2_COMPRESSED)
 			ret = read_compressed(s, m->l2e, b, b + 2 * cs);
 		else if (ret == 0)
-			ret = io_pread(s->file, b, cs, hc);
+			ret = io_pread(s->data, b, cs, hc);
 		/* A partial head or tail subcluster not allocated in the old
 		 * cluster reads as the backing file or zeros. */
 		if (ret == 0 && m->type != QCOW2_NORMAL && m->type != QCOW2_COMPRESSED) {
@@ -445,7 +470,7 @@ io_done:
 		if (mode == COPY)
 			ret = qcow2_free_l2_entry(s, old_e);
 	} else if (mode != OWN) {
-		qcow2_free_deferred(s, host, cs);
+		unalloc_data(s, host, cs);
 	}
 	if (ret == 0)
 		ret = qcow2_write_through(s);
@@ -518,12 +543,13 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 			goto out_unlock;
 	} else {
 		uint64_t old_end = s->file_end;
-		ret = qcow2_alloc_clusters(s, nclusters, &host);
+		ret = alloc_data(s, c0, nclusters, &host);
 		if (ret < 0)
 			goto out_unlock;
-		/* file_end only grows (allocations, never frees), so clusters
-		 * at or past it were never written since the file began. */
-		fresh = host >= old_end;
+		/* Clusters at or past the end of everything allocated in the
+		 * image file were never written (freed ones at the tail are cut
+		 * off): they read as zeros.  Not so in a data file. */
+		fresh = !s->data_file && host >= old_end;
 	}
 	/* The allocation may have yielded with the lock held, but nobody
 	 * registers an owner without the lock: ours is still the only one. */
@@ -547,7 +573,7 @@ static int write_run(struct qcow2_state *s, uint64_t guest, uint64_t max,
 		}
 		qcow2_cache_put(&s->l2c, slot);
 	} else if (!reuse) {
-		qcow2_free_deferred(s, host, nclusters * cs);
+		unalloc_data(s, host, nclusters * cs);
 	}
 	if (ret == 0)
 		ret = qcow2_write_through(s);
@@ -567,6 +593,7 @@ int qcow2_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	while (done < len) {
 		ret = write_run(s, off + done, len - done, iov, iovcnt, done, &n);
 		if (ret < 0)
@@ -633,6 +660,23 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, uint
 
 enum zop { ZOP_DISCARD, ZOP_ZERO };
 
+/* Lock held.  With an external data file: the guest range [host,
+ * host+len) of it was unmapped, or zeroed in a raw data file (whose bytes
+ * must read as the guest's).  Give the space back when discards may, and
+ * make a raw data file read zeros there either way. */
+static int data_release(struct qcow2_state *s, uint64_t host, uint64_t len, bool unmap)
+{
+	int ret = -EOPNOTSUPP;
+
+	if (!s->data_file || !(unmap || s->data_raw))
+		return 0;
+	if (s->punch && unmap)
+		ret = io_fallocate(s->data, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, host, len);
+	if (ret < 0 && s->data_raw)
+		ret = qcow2_zero_host(s, QCOW2_W_DATA, host, len);
+	return ret < 0 && !s->data_raw ? 0 : ret;
+}
+
 /* One whole cluster with extended L2: QEMU's discard_in_l2_slice
  * (full_discard=false) and zero_in_l2_slice with subclusters: every
  * subcluster reads as zeros, the host cluster dropped when unmapping. */
@@ -657,7 +701,11 @@ static int cluster_op_ext(struct qcow2_state *s, uint64_t off, const struct qcow
 	new_e = unmap ? 0 : m->l2e;
 	if (new_e == m->l2e && m->bitmap == QCOW2_BITMAP_ALL_ZERO)
 		return 0;
-	return set_entry(s, off, new_e, QCOW2_BITMAP_ALL_ZERO, unmap);
+	ret = set_entry(s, off, new_e, QCOW2_BITMAP_ALL_ZERO, unmap);
+	if (ret == 0 && has)
+		ret = data_release(s, m->l2e & QCOW2_L2E_OFFSET_MASK,
+				   MIN((uint64_t)s->cluster_size, s->bs->size - off), unmap);
+	return ret;
 }
 
 /* Subclusters [off, end) inside one cluster read as zeros from now on
@@ -675,7 +723,11 @@ static int subclusters_zero(struct qcow2_state *s, uint64_t off, uint64_t end,
 	new_b = (m->bitmap | qcow2_sc_zero_range(a, b)) & ~qcow2_sc_alloc_range(a, b);
 	if (new_b == m->bitmap)
 		return 0;
-	return set_entry(s, off, m->l2e, new_b, false);
+	int ret = set_entry(s, off, m->l2e, new_b, false);
+	if (ret == 0 && (m->bitmap & qcow2_sc_alloc_range(a, b)))
+		ret = data_release(s, (m->l2e & QCOW2_L2E_OFFSET_MASK) + (off - c0), end - off,
+				   false);
+	return ret;
 }
 
 /* Lock held; the caller owns the guest clusters of [off, end).  Whole
@@ -720,6 +772,9 @@ static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, 
 		if (new_e == m.l2e)
 			continue;
 		ret = set_entry(s, ALIGN_DOWN(piece_end - 1, cs), new_e, 0, unmap);
+		if (ret == 0 && (m.type == QCOW2_NORMAL || m.type == QCOW2_ZERO_ALLOC))
+			ret = data_release(s, m.l2e & QCOW2_L2E_OFFSET_MASK,
+					   piece_end - ALIGN_DOWN(piece_end - 1, cs), unmap);
 	}
 	return ret;
 }
@@ -849,6 +904,7 @@ int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* Split like QEMU's block layer: unaligned head and tail pieces are
 	 * tried alone and fall back to explicit zeros.  The unit is the
 	 * cluster, or the subcluster with extended L2. */
@@ -888,6 +944,7 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
 	/* v2 has no zero flag: deallocating would expose stale backing
 	 * data, so QEMU refuses (ENOTSUP, which discard callers ignore). */
 	if (s->meta.h.version < 3 && s->backing)
@@ -916,6 +973,10 @@ int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 
 	if (s->corrupt)
 		return -EIO;
+	qcow2_bitmaps_dirty(s, off, len);
+	/* No compressed clusters in an external data file. */
+	if (s->data_file)
+		return qcow2_co_pwritev(bs, off, len, iov, iovcnt, 0);
 	b = bounce_get(s);
 	if (!b)
 		return -ENOMEM;
@@ -944,7 +1005,7 @@ int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 	if (ret == 0)
 		ret = qcow2_alloc_bytes(s, (uint64_t)clen, &coff);
 	if (ret == 0)
-		ret = qcow2_check_write(s, QCOW2_OL_DATA, coff, (uint64_t)clen);
+		ret = qcow2_check_write(s, QCOW2_OL_NEW, coff, (uint64_t)clen);
 	if (ret < 0) {
 		co_mutex_unlock(&s->lock);
 		bounce_put(s, b);

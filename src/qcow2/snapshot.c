@@ -6,7 +6,8 @@
  * Entry layout: 40 fixed bytes, extra data (extra_data_size), the id
  * string, the name, then padding to 8 bytes.  Extra data holds a 64-bit
  * VM state size (offset 0) and the virtual disk size (offset 8) when long
- * enough.  Every entry is checked to lie inside the table, and every
+ * enough, and the instruction count (offset 16) as QEMU 5.0 and later
+ * write it.  Every entry is checked to lie inside the table, and every
  * snapshot L1 table to be aligned, of legal size and inside the file
  * (unless the checker asks for QCOW2_SNAP_UNCHECKED_L1: it counts bad L1
  * tables as corruptions, as qemu-img check does, instead of refusing).
@@ -138,6 +139,7 @@ int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
 		s->vm_state_size = get_be32(e + QCOW2_SNAP_VM_STATE_SIZE);
 		uint32_t extra = get_be32(e + QCOW2_SNAP_EXTRA_SIZE);
 		s->disk_size = h->size;
+		s->icount = UINT64_MAX;
 		s->extra_size = extra;
 		s->entry_off = off;
 
@@ -155,6 +157,8 @@ int qcow2_snapshots_read_flags(struct io_file *f, const struct qcow2_header *h,
 			s->vm_state_size = get_be64(x);
 		if (extra >= 16)
 			s->disk_size = get_be64(x + 8);
+		if (extra >= 24)
+			s->icount = get_be64(x + 16);
 		s->id = dup_str(x + extra, id_len);
 		s->name = dup_str(x + extra + id_len, name_len);
 		if (!s->id || !s->name) {

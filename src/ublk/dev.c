@@ -43,6 +43,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "ublk/notify.h"
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -868,6 +869,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 			report_fd = -1;
 		}
 	}
+	ublk_notify_live((int)d->info.dev_id);   /* systemd READY=1, udev change */
 
 	how = serve(d, sfd);
 	ret = 0;

@@ -793,10 +793,16 @@ static int put_piece(int fd, const struct io_fault_rec *rec, uint64_t s, uint64_
 			*size = MAX(*size, e);
 			return 0;
 		}
-		src = zeros;
-	} else {
-		src = rec->data + (s - rec->off);
+		/* Zeroed or punched: zeros, a sector at a time. */
+		for (uint64_t p = s; p < e; p += SECTOR) {
+			size_t n = (size_t)MIN((uint64_t)SECTOR, e - p);
+			if (pwrite(fd, zeros, n, p) != (ssize_t)n)
+				return -EIO;
+		}
+		*size = MAX(*size, e);
+		return 0;
 	}
+	src = rec->data + (s - rec->off);
 	if (pwrite(fd, src, e - s, s) != (ssize_t)(e - s))
 		return -EIO;
 	*size = MAX(*size, e);

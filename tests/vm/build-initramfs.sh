@@ -7,7 +7,7 @@
 #       scripts or the host tools changed.  It holds busybox (applets as
 #       symlinks in /bin), bash, the guest tools with their shared libraries
 #       and the dynamic loader (fio, mkfs.ext4/e2fsck, qemu-img/qemu-io,
-#       blkdiscard, ...), /init and guest-lib.sh.  Kernel-independent.
+#       blkdiscard, nbd-client, ...), /init and guest-lib.sh.  Kernel-independent.
 #       Uncompressed: under TCG, unpacking ~100 MB is faster than gunzip.
 #
 #   build-initramfs.sh modules KERNEL
@@ -38,7 +38,7 @@ die() { echo "build-initramfs: error: $*" >&2; exit 1; }
 # warning (guest tests check for what they use).
 TOOLS=(bash fio mkfs.ext4 mke2fs e2fsck fsck.ext4 tune2fs dumpe2fs debugfs resize2fs setpriv
        qemu-img qemu-io blkdiscard blockdev blkid losetup
-       sha256sum cmp dd xxd strace)
+       sha256sum cmp dd xxd strace nbd-client)
 # Modules loaded at boot (with their dependencies, resolved from modinfo).
 # crc32c is requested by name (crypto API) rather than as a dependency, and
 # there is no modprobe in the guest, so it is listed explicitly; "?NAME" is

@@ -1,0 +1,141 @@
+#!/bin/bash
+# SPDX-License-Identifier: MIT
+# tests/setup-qemu10.sh: QEMU 10's image tools (qemu-img, qemu-io, qemu-nbd)
+# as a second oracle next to the system's QEMU 7.2, without installing
+# anything over it.  Debian bookworm-backports' qemu-utils is fetched with
+# `apt-get download` and unpacked with `dpkg -x` into a private tree; any
+# library it needs that the system lacks is unpacked into the same tree
+# (from the package's Depends), and small wrappers run the binaries with
+# LD_LIBRARY_PATH pointing there.  Idempotent: a second run with the tree
+# present touches no network.
+#
+# The backports suite is added with the machine's own mirror URI, read from
+# /etc/apt/sources.list.d/debian.sources at run time (the same file and
+# stanza tests/vm/setup.sh writes): no host name is written into the
+# repository.
+#
+# Cache: $QUBLK_QEMU10_CACHE (default tests/.cache/qemu10).  Afterwards
+# $CACHE/bin/{qemu-img,qemu-io,qemu-nbd} run QEMU 10 (tests/lib.sh: qemu10).
+# Exit status: 0 ready, 1 failure (with the reason on stderr).
+set -euo pipefail
+
+TESTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${QUBLK_QEMU10_CACHE:-$TESTS/.cache/qemu10}
+SRC_FILE=/etc/apt/sources.list.d/qublk-backports.sources
+DEB_SOURCES=/etc/apt/sources.list.d/debian.sources
+TOOLS=(qemu-img qemu-io qemu-nbd)
+
+say() { echo "qemu10-setup: $*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Ready when every wrapper runs and reports version 10.
+ready() {
+    local t
+    for t in "${TOOLS[@]}"; do
+        [ -x "$CACHE/bin/$t" ] || return 1
+        "$CACHE/bin/$t" --version 2>/dev/null | grep -q " 10\.[0-9]" || return 1
+    done
+}
+if ready; then
+    say "cached: $("$CACHE/bin/qemu-img" --version | sed -n 1p)"
+    exit 0
+fi
+
+apt_updated=0
+apt_update() {
+    [ "$apt_updated" = 1 ] && return 0
+    say "apt-get update"
+    as_root apt-get update -qq >&2 || die "apt-get update failed"
+    apt_updated=1
+}
+
+if [ ! -f "$SRC_FILE" ]; then
+    [ -r "$DEB_SOURCES" ] || die "$DEB_SOURCES not found: cannot tell the apt mirror"
+    # URIs of the stanza that carries the plain "bookworm" suite.
+    uris=$(awk '
+        /^[[:space:]]*$/ { if (s ~ /(^| )bookworm( |$)/ && u != "") print u; u = ""; s = ""; next }
+        /^URIs:/   { sub(/^URIs:[[:space:]]*/, ""); u = $0 }
+        /^Suites:/ { sub(/^Suites:[[:space:]]*/, ""); s = $0 }
+        END { if (s ~ /(^| )bookworm( |$)/ && u != "") print u }' "$DEB_SOURCES" | head -n 1)
+    [ -n "$uris" ] || die "no URIs for suite bookworm in $DEB_SOURCES"
+    signed=$(awk '/^Signed-By:/ { print $2; exit }' "$DEB_SOURCES")
+    say "adding bookworm-backports from $DEB_SOURCES's mirror"
+    {
+        echo "# Added by qublk tests: guest kernel and QEMU 10 tools for the tests."
+        echo "Types: deb"
+        echo "URIs: $uris"
+        echo "Suites: bookworm-backports"
+        echo "Components: main"
+        [ -z "$signed" ] || echo "Signed-By: $signed"
+    } | as_root tee "$SRC_FILE" >/dev/null
+    apt_updated=0
+fi
+
+# The newest qemu-utils 10.x that apt knows (bookworm-backports).
+pick_version() {
+    apt-cache madison qemu-utils 2>/dev/null | awk -F'|' '{ gsub(/ /, "", $2); print $2 }' \
+        | grep -E '^1:10\.' | sort -rV | head -n 1
+}
+ver=$(pick_version || true)
+if [ -z "$ver" ]; then
+    apt_update
+    ver=$(pick_version || true)
+fi
+[ -n "$ver" ] || die "no qemu-utils 10.x in apt (is bookworm-backports reachable?)"
+say "qemu-utils $ver"
+
+mkdir -p "$CACHE"
+dl=$(mktemp -d "$CACHE/dl.XXXXXX")
+chmod 777 "$dl"   # apt downloads as _apt when it can write here
+trap 'rm -rf "$dl"' EXIT
+fetch() {   # fetch PKG[=VERSION]: into $dl
+    (cd "$dl" && apt-get download -q "$1" >&2) || {
+        apt_update
+        (cd "$dl" && apt-get download -q "$1" >&2) || die "apt-get download $1 failed"
+    }
+}
+tree=$CACHE/tree
+rm -rf "$tree.tmp"
+mkdir -p "$tree.tmp"
+fetch "qemu-utils=$ver"
+dpkg -x "$dl"/qemu-utils_*.deb "$tree.tmp" || die "dpkg -x qemu-utils failed"
+
+# Libraries: every dependency the system does not have installed is
+# unpacked into the tree too (its shared objects land in usr/lib/...).
+deps=$(apt-cache show --no-all-versions "qemu-utils=$ver" | sed -n 's/^Depends: //p' \
+       | tr ',' '\n' | sed 's/|.*//; s/(.*//; s/:any//; s/[[:space:]]//g' | grep -v '^$' || true)
+for p in $deps; do
+    if dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed'; then
+        continue
+    fi
+    say "unpacking dependency $p"
+    rm -f "$dl"/*.deb
+    fetch "$p"
+    dpkg -x "$dl"/*.deb "$tree.tmp" || die "dpkg -x $p failed"
+done
+
+libpath=$tree/usr/lib/x86_64-linux-gnu:$tree/lib/x86_64-linux-gnu
+mkdir -p "$tree.tmp/bin" "$tree.tmp/modules"
+for t in "${TOOLS[@]}"; do
+    [ -x "$tree.tmp/usr/bin/$t" ] || die "qemu-utils has no usr/bin/$t"
+    # QEMU_MODULE_DIR: never load the system's 7.2 block modules.
+    cat >"$tree.tmp/bin/$t" <<EOF
+#!/bin/sh
+# Generated by tests/setup-qemu10.sh: QEMU 10 $t from a private tree.
+LD_LIBRARY_PATH="$libpath\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" \\
+QEMU_MODULE_DIR="$tree/modules" exec "$tree/usr/bin/$t" "\$@"
+EOF
+    chmod 755 "$tree.tmp/bin/$t"
+done
+rm -rf "$tree"
+mv "$tree.tmp" "$tree"
+ln -sfn tree/bin "$CACHE/bin"
+missing=$(LD_LIBRARY_PATH=$libpath ldd "$tree/usr/bin/qemu-img" "$tree/usr/bin/qemu-io" \
+          "$tree/usr/bin/qemu-nbd" | grep 'not found' || true)
+[ -z "$missing" ] || die "libraries still missing: $missing"
+ready || die "the unpacked QEMU 10 tools do not run"
+say "ready: $("$CACHE/bin/qemu-img" --version | sed -n 1p)"

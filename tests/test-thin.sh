@@ -1,0 +1,94 @@
+#!/bin/bash
+# SPDX-License-Identifier: MIT
+# Thin provisioning (issue 12): space freed by discards goes back to the
+# host file system.  The same sequence of writes, discards and unmapping
+# write-zeroes goes through `qublk nbd` and through `qemu-nbd
+# --discard=unmap` (QEMU's qcow2 driver punches freed clusters out of the
+# file) on two images; afterwards the images' allocated size (du) must be
+# within 10% of each other (and far below what was written), the data
+# identical (qemu-img compare) and both clean (qemu-img check).  Covered:
+# plain and compressed clusters, a file tail cut off, 512 B and 64 KiB
+# clusters, `--cache none`.
+# shellcheck source=tests/lib.sh
+. "$(dirname "$0")/lib.sh"
+
+requires qemu-img qemu-io qemu-nbd du
+[ "$QUBLK_TEST_SERVER" = qublk ] || skip "compares qublk with qemu-nbd itself"
+requires_server
+
+# serve IMG SOCK QEMU|QUBLK [ARGS]: start a server, wait for its socket.
+serve() {
+    local img=$1 sock=$2 who=$3; shift 3
+    if [ "$who" = qemu ]; then
+        qemu-nbd -f qcow2 --discard="${DISCARD:-unmap}" --cache=writeback --persistent \
+            -k "$sock" "$@" "$img" >"$TMPD/$who.log" 2>&1 &
+    else
+        "$QUBLK" nbd -k "$sock" "$@" "$img" >"$TMPD/$who.log" 2>&1 &
+    fi
+    SERVER_PID=$!
+    local n=0
+    while [ ! -S "$sock" ]; do
+        n=$((n + 1))
+        [ "$n" -lt 200 ] || { cat "$TMPD/$who.log" >&2; fail "$who did not listen"; }
+        sleep 0.05
+    done
+}
+
+stop() {
+    local rc=0
+    kill -TERM "$SERVER_PID"
+    wait "$SERVER_PID" || rc=$?
+    [ "$rc" = 0 ] || [ "$rc" = 143 ] || { cat "$TMPD"/*.log >&2; fail "server exit $rc"; }
+    ! _has_crash_report "$TMPD/qublk.log" || { cat "$TMPD/qublk.log" >&2; fail "sanitizer report"; }
+}
+
+kib() { du -k "$1" | cut -f1; }
+
+run_case() {
+    local name=$1 opts=$2 size=$3 ops=$4; shift 4
+    local who img sock u q
+    FAIL_CONTEXT="case $name"
+    for who in qublk qemu; do
+        img=$TMPD/$who.qcow2
+        sock=$TMPD/$who.sock
+        rm -f "$img" "$sock"
+        mkimg -f qcow2 -o "$opts" "$img" "$size"
+        if [[ $name == compressed* ]]; then
+            # Start from compressed data (QEMU wrote it).
+            qemu-io -f qcow2 -c "write -c -P 0x33 0 16M" "$img" >/dev/null || fail "write -c"
+        fi
+        if [ "$who" = qublk ]; then serve "$img" "$sock" "$who" "$@"; else serve "$img" "$sock" "$who"; fi
+        qio "nbd+unix:///?socket=$sock" raw <<<"$ops"
+        stop
+    done
+    u=$(kib "$TMPD/qublk.qcow2")
+    q=$(kib "$TMPD/qemu.qcow2")
+    echo "$name: qublk $u KiB, qemu-nbd $q KiB allocated"
+    "$PYTHON" -c "import sys; u, q = $u, $q; sys.exit(0 if abs(u - q) <= max(0.1 * q, 256) else 1)" ||
+        fail "allocated sizes differ by more than 10%: qublk $u KiB, qemu-nbd $q KiB"
+    qcompare "$TMPD/qublk.qcow2" "$TMPD/qemu.qcow2"
+    qcheck "$TMPD/qublk.qcow2"
+    qcheck "$TMPD/qemu.qcow2"
+    FAIL_CONTEXT=
+}
+
+OPS=$'write -P 0x11 0 48M
+flush
+discard 0 40M
+write -z -u 44M 2M
+flush
+write -P 0x22 8M 4M
+discard 46M 2M
+flush'
+run_case c64k cluster_size=65536 64M "$OPS"
+run_case c64k-direct cluster_size=65536 64M "$OPS" --cache none
+run_case c512 cluster_size=512 64M "$OPS"
+# The freed clusters are the file's tail: the file gets shorter.
+run_case tail cluster_size=65536 64M $'write -P 0x11 0 16M\nflush\nwrite -P 0x12 16M 16M\nflush\ndiscard 16M 16M\nflush'
+len=$(stat -c %s "$TMPD/qublk.qcow2")
+[ "$len" -lt $((20 << 20)) ] || fail "the file was not cut back after freeing its tail ($len bytes)"
+run_case compressed cluster_size=65536 64M $'discard 0 12M\nwrite -P 0x44 14M 1M\nflush'
+# --discard ignore (qemu-nbd's default): nothing is freed, by either.
+DISCARD=ignore run_case ignore cluster_size=65536 64M "$OPS" --discard ignore
+[ "$(kib "$TMPD/qublk.qcow2")" -gt $((40 << 10)) ] || fail "--discard ignore freed space"
+echo "all thin-provisioning cases passed"
