@@ -29,11 +29,14 @@
  * The output never appears half written: it is created under a
  * temporary name in the destination's directory and renamed into place
  * once it is complete and flushed; on failure (or SIGINT/SIGTERM) the
- * temporary file is removed.  An existing destination is first opened
- * and locked read-write, as an image about to be written: if another
+ * temporary file is removed (create_file_*, shared with qublk create).
+ * An existing destination is first locked as qemu-img convert locks it
+ * (create's locks: write and resize held, resize not shared): if another
  * process (qublk, qemu-nbd, a VM, this convert's own source) uses it,
  * convert refuses before writing anything, and the lock is held until
- * the rename replaced the file.
+ * the rename replaced the file.  The source is locked as QEMU locks a
+ * read-only image (-U: sharing everything), the temporary file as a
+ * read-write one (block/lock.h), the same bytes qemu-img convert holds.
  *
  * Threads: --threads of them (default one per CPU, at most 4), each
  * with its io_uring and its share of the workers; compression runs in
@@ -44,11 +47,8 @@
  * Exit codes: 0 done, 1 failed (nothing left behind), 2 bad command line.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
 #include <inttypes.h>
-#include <libgen.h>
-#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -58,7 +58,6 @@
 #include <unistd.h>
 
 #include "block/bdrv.h"
-#include "block/lock.h"
 #include "cli/cli.h"
 #include "common/aio.h"
 #include "common/coro.h"
@@ -521,154 +520,20 @@ static int run(struct conv *cv, unsigned nworkers, unsigned nthreads)
 
 /* ---- the output file ---------------------------------------------------- */
 
-struct output {
-	char *path;        /* the destination (symlinks resolved) */
-	char *tmp;         /* the temporary file it is built as, or NULL */
-	struct io_file *old;   /* the existing destination, locked, or NULL */
-};
-
-/* Resolve the destination, lock an existing one, reserve a temporary
- * name beside it.  Returns -errno (logged). */
-static int output_prepare(const char *dst, struct output *o)
-{
-	char dir[PATH_MAX], *d;
-	struct stat st;
-	mode_t mask;
-	int fd, ret;
-
-	memset(o, 0, sizeof(*o));
-	if (stat(dst, &st) == 0) {
-		unsigned perm, shared;
-		if (!S_ISREG(st.st_mode)) {
-			log_error("%s: not a regular file", dst);
-			return -EINVAL;
-		}
-		o->path = realpath(dst, NULL);
-		if (!o->path)
-			return -errno;
-		ret = io_file_open(o->path, 0, &o->old);
-		if (ret < 0) {
-			log_error("%s: cannot open: %s", dst, strerror(-ret));
-			return ret;
-		}
-		lock_perms(false, false, &perm, &shared);
-		ret = lock_take(o->old->fd, dst, perm, shared);
-		if (ret < 0)
-			return ret;    /* logged, names the holder */
-	} else if (errno == ENOENT) {
-		o->path = strdup(dst);
-		if (!o->path)
-			return -ENOMEM;
-	} else {
-		ret = -errno;
-		log_error("%s: %s", dst, strerror(-ret));
-		return ret;
-	}
-	snprintf(dir, sizeof(dir), "%s", o->path);
-	d = dirname(dir);
-	if (asprintf(&o->tmp, "%s/.%s.qublk-XXXXXX", d, basename(o->path)) < 0) {
-		o->tmp = NULL;
-		return -ENOMEM;
-	}
-	fd = mkostemp(o->tmp, O_CLOEXEC);
-	if (fd < 0) {
-		ret = -errno;
-		log_error("%s: cannot create a file in %s: %s", dst, d, strerror(-ret));
-		free(o->tmp);
-		o->tmp = NULL;
-		return ret;
-	}
-	mask = umask(0);
-	umask(mask);
-	ret = fchmod(fd, 0666 & ~mask) < 0 ? -errno : 0;
-	close(fd);
-	return ret;
-}
-
-/* Give the temporary file the destination's name.  Returns -errno. */
-static int output_commit(struct output *o)
-{
-	char dir[PATH_MAX];
-	int ret = 0, fd;
-
-	if (o->old) {
-		if (rename(o->tmp, o->path) < 0)
-			ret = -errno;
-	} else if (renameat2(AT_FDCWD, o->tmp, AT_FDCWD, o->path, RENAME_NOREPLACE) < 0) {
-		ret = -errno;
-		if (ret == -EINVAL && rename(o->tmp, o->path) == 0)
-			ret = 0;    /* a file system without RENAME_NOREPLACE */
-	}
-	if (ret < 0) {
-		log_error("%s: cannot rename %s into place: %s", o->path, o->tmp, strerror(-ret));
-		return ret;
-	}
-	free(o->tmp);
-	o->tmp = NULL;
-	/* The rename is durable once the directory is. */
-	snprintf(dir, sizeof(dir), "%s", o->path);
-	fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd >= 0) {
-		if (fsync(fd) < 0)
-			ret = -errno;
-		close(fd);
-	}
-	if (ret < 0)
-		log_error("%s: syncing its directory: %s", o->path, strerror(-ret));
-	return ret;
-}
-
-/* Remove what a failed convert made; release the destination's lock. */
-static void output_cleanup(struct output *o)
-{
-	if (o->tmp)
-		unlink(o->tmp);
-	free(o->tmp);
-	free(o->path);
-	io_file_close(o->old);
-	memset(o, 0, sizeof(*o));
-}
-
-/* Size the (empty) raw file at @path: qemu-img create's preallocation
- * modes.  Returns -errno. */
-static int create_raw(const char *path, uint64_t size, int prealloc)
-{
-	int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
-	int ret = 0;
-
-	if (fd < 0)
-		return -errno;
-	if (ftruncate(fd, (off_t)size) < 0)
-		ret = -errno;
-	if (!ret && prealloc != QCOW2_PREALLOC_OFF && size &&
-	    fallocate(fd, 0, 0, (off_t)size) < 0)
-		ret = -errno;
-	if (!ret && prealloc == QCOW2_PREALLOC_FULL) {
-		static const uint8_t zero[65536];
-		for (uint64_t off = 0; !ret && off < size; off += sizeof(zero)) {
-			size_t n = (size_t)MIN(size - off, (uint64_t)sizeof(zero));
-			if (pwrite(fd, zero, n, (off_t)off) != (ssize_t)n)
-				ret = -EIO;
-		}
-	}
-	if (close(fd) < 0 && !ret)
-		ret = -errno;
-	return ret;
-}
-
-/* Make the output image at @path for @size bytes of source.  Returns
- * -errno (logged, naming @dst). */
-static int create_output(const char *path, const char *dst, const char *fmt,
+/* Make the output image for @size bytes of source in @cf (its temporary
+ * file; create_file_begin()), for the destination @dst.  Returns -errno
+ * (logged, naming @dst). */
+static int create_output(struct create_file *cf, const char *dst, const char *fmt,
 			 struct qcow2_create_opts *q, uint64_t size)
 {
 	char err[512] = "";
 	int ret;
 
 	if (!strcmp(fmt, "raw")) {
-		ret = create_raw(path, size, q->prealloc);
+		ret = cli_raw_fill(cf->fd, size, q->prealloc);
 	} else {
 		q->size = size;
-		ret = qcow2_create(path, q, err, sizeof(err));
+		ret = qcow2_create_into(cf, dst, q, err, sizeof(err));
 	}
 	if (ret < 0)
 		log_error("%s: %s", dst, err[0] ? err : strerror(-ret));
@@ -683,7 +548,7 @@ static bool same_file(const struct chain_layer *l, const struct bdrv *bs)
 /* -B: read the chains behind the source's and the output's block-status
  * depths.  The output must not be its own backing file.  Returns -errno
  * (logged). */
-static int backing_chains(struct conv *cv, const struct output *o, const char *src,
+static int backing_chains(struct conv *cv, const struct create_file *o, const char *src,
 			  const char *src_fmt)
 {
 	struct stat st;
@@ -698,10 +563,10 @@ static int backing_chains(struct conv *cv, const struct output *o, const char *s
 		log_error("%s: changed while it was opened", src);
 		return -ESTALE;
 	}
-	if (o->old && fstat(o->old->fd, &st) == 0)
+	if (o->lock_fd >= 0 && fstat(o->lock_fd, &st) == 0)
 		for (unsigned i = 1; i < cv->dst_chain.n; i++)
 			if (cv->dst_chain.l[i].dev == st.st_dev && cv->dst_chain.l[i].ino == st.st_ino) {
-				log_error("%s: cannot be its own backing file", o->path);
+				log_error("%s: cannot be its own backing file", o->target);
 				return -EINVAL;
 			}
 	return 0;
@@ -757,7 +622,8 @@ int cmd_convert(int argc, char **argv)
 	const char *out_fmt = "raw", *raw_bad = NULL;
 	struct qcow2_create_opts q = { 0 };
 	struct conv cv = { .last_pct = -1, .unit = RAW_UNIT };
-	struct output out = { 0 };
+	struct create_file out = { .fd = -1, .lock_fd = -1 };
+	char err[512] = "";
 	bool progress = false, quiet = false;
 	unsigned nworkers = 8, nthreads = 0;
 	struct sigaction sa = { .sa_handler = on_signal }, old_int, old_term;
@@ -862,10 +728,12 @@ int cmd_convert(int argc, char **argv)
 	/* Before the temporary file exists: a signal must not leave it. */
 	sigaction(SIGINT, &sa, &old_int);
 	sigaction(SIGTERM, &sa, &old_term);
-	ret = output_prepare(dst, &out);
-	if (ret < 0)
+	ret = create_file_begin(dst, &out, err, sizeof(err));
+	if (ret < 0) {
+		log_error("%s: %s", dst, err);
 		goto out_sig;
-	ret = create_output(out.tmp, dst, out_fmt, &q, cv.size);
+	}
+	ret = create_output(&out, dst, out_fmt, &q, cv.size);
 	if (ret < 0)
 		goto out_sig;
 	if (cv.backed) {
@@ -891,8 +759,11 @@ int cmd_convert(int argc, char **argv)
 	cv.dst = NULL;
 	if (!ret && interrupted)
 		ret = -EINTR;
-	if (!ret)
-		ret = output_commit(&out);
+	if (!ret) {
+		ret = create_file_commit(&out, err, sizeof(err));
+		if (ret < 0)
+			log_error("%s: %s", dst, err);
+	}
 	if (cv.progress) {
 		if (!ret)
 			printf("    (100.00/100%%)\n");
@@ -901,7 +772,7 @@ int cmd_convert(int argc, char **argv)
 	}
 out_sig:
 	bdrv_close(cv.dst);
-	output_cleanup(&out);
+	create_file_abort(&out);
 	chain_free(&cv.src_chain);
 	chain_free(&cv.dst_chain);
 	sigaction(SIGINT, &old_int, NULL);

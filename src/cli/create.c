@@ -74,6 +74,17 @@ static int write_zero_range(int fd, uint64_t size)
 	return 0;
 }
 
+int cli_raw_fill(int fd, uint64_t size, int prealloc)
+{
+	if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
+		return -errno;
+	if (prealloc == QCOW2_PREALLOC_FALLOC && size && fallocate(fd, 0, 0, (off_t)size) < 0)
+		return -errno;
+	if (prealloc == QCOW2_PREALLOC_FULL)
+		return write_zero_range(fd, size);
+	return 0;
+}
+
 static int create_raw(const char *path, uint64_t size, int prealloc, char *err, size_t errlen)
 {
 	struct create_file cf;
@@ -81,13 +92,7 @@ static int create_raw(const char *path, uint64_t size, int prealloc, char *err, 
 
 	if (ret)
 		return ret;
-	if (ftruncate(cf.fd, (off_t)size) < 0)
-		ret = -errno;
-	if (!ret && prealloc == QCOW2_PREALLOC_FALLOC && size &&
-	    fallocate(cf.fd, 0, 0, (off_t)size) < 0)
-		ret = -errno;
-	if (!ret && prealloc == QCOW2_PREALLOC_FULL)
-		ret = write_zero_range(cf.fd, size);
+	ret = cli_raw_fill(cf.fd, size, prealloc);
 	if (ret) {
 		snprintf(err, errlen, "%s", strerror(-ret));
 		create_file_abort(&cf);
