@@ -578,7 +578,7 @@ static void usage(FILE *out)
 {
 	fprintf(out,
 		"Usage: qublk convert [-f FMT] [-O raw|qcow2] [-B BACKING -F FMT] [-c]\n"
-		"                     [-o OPTIONS] [-U] [-p] [-q] [-m N] SRC DST\n"
+		"                     [-o OPTIONS] [-U] [-p] [-q] [-m N] [--threads N] SRC DST\n"
 		"\n"
 		"Copy the image SRC (read through its backing chain) into DST, a new\n"
 		"image.  Sparse: ranges SRC reads as zeros are not written (found from\n"
