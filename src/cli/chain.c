@@ -31,7 +31,8 @@
 
 #define CHAIN_MAX 64
 
-/* The path bdrv_open_backing() opens for @name named by @parent. */
+/* The path bdrv_open_backing() (or bdrv_open_data_file()) opens for @name
+ * named by @parent. */
 static char *backing_path(const char *parent, const char *name)
 {
 	char dir[PATH_MAX], *out;
@@ -44,8 +45,8 @@ static char *backing_path(const char *parent, const char *name)
 	return out;
 }
 
-/* Fill @l for the file at @l->path; *@next gets the backing file's name
- * and format (NULL if none). */
+/* Fill @l for the file at @l->path (its data file's path too); *@next
+ * gets the backing file's name and format (NULL if none). */
 static int layer_read(struct chain_layer *l, const char *format, char **next, char **next_fmt)
 {
 	struct io_file *f = NULL;
@@ -84,7 +85,9 @@ static int layer_read(struct chain_layer *l, const char *format, char **next, ch
 		if (ret < 0)
 			goto out;
 		l->size = m.h.size;
-		if (m.backing_file && !(*next = strdup(m.backing_file)))
+		if (m.data_file && !(l->data_path = backing_path(l->path, m.data_file)))
+			ret = -ENOMEM;
+		if (!ret && m.backing_file && !(*next = strdup(m.backing_file)))
 			ret = -ENOMEM;
 		if (!ret && m.backing_format && !(*next_fmt = strdup(m.backing_format)))
 			ret = -ENOMEM;
@@ -141,8 +144,10 @@ int chain_read(const char *path, const char *format, struct chain *c)
 void chain_free(struct chain *c)
 {
 	if (c->l)
-		for (unsigned i = 0; i < CHAIN_MAX; i++)
+		for (unsigned i = 0; i < CHAIN_MAX; i++) {
 			free(c->l[i].path);
+			free(c->l[i].data_path);
+		}
 	free(c->l);
 	memset(c, 0, sizeof(*c));
 }

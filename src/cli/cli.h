@@ -57,6 +57,8 @@ int cli_raw_fill(int fd, uint64_t size, int prealloc);
 #include <sys/types.h>
 struct chain_layer {
 	char *path;               /* as bdrv_open_backing() resolves it */
+	char *data_path;          /* its external data file (as bdrv_open_data_file()
+				   * resolves it), or NULL */
 	const char *format;       /* "qcow2" or "raw" */
 	uint64_t size;            /* virtual size */
 	dev_t dev;

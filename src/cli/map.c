@@ -18,14 +18,13 @@
  *   ZERO at d = 0 (no layer has it)      depth of the last layer, not
  *                                          present, zero
  *
- * "offset" is the host offset where it is known: in a raw layer it is
- * the guest offset.  In a qcow2 layer it is NOT printed yet: the
- * engine's block status does not return the host offset (it needs an
- * out-parameter for it, as QEMU's *map).  So entries of a qcow2 layer
- * never carry "offset", adjacent ones merge even where QEMU would split
- * them at a jump of the host offset, and the human table shows "-" for
- * them where qemu-img shows the host offset (qemu-img refuses the table
- * for compressed clusters; qublk cannot tell them apart yet).
+ * "offset" (and, in the table, the file) is where block status says the
+ * range is stored (BDRV_BLOCK_OFFSET_VALID): the guest offset in a raw
+ * layer; in a qcow2 layer the host offset of normal clusters and of zero
+ * clusters that keep a host cluster, in the image or its external data
+ * file; none for compressed clusters, for which the table is refused as
+ * qemu-img refuses it.  Neighbours merge as qemu-img merges them (same
+ * flags and depth, contiguous in the same file).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -56,9 +55,10 @@ struct map_job {
 	int error;
 };
 
-/* The entry for @n bytes at @off that block status described as (@st, @d). */
+/* The entry for @n bytes at @off that block status described as (@st, @d,
+ * @host). */
 static int to_entry(const struct chain *c, uint64_t off, uint64_t n, int st, unsigned d,
-		    struct map_entry *e)
+		    uint64_t host, struct map_entry *e)
 {
 	*e = (struct map_entry){ .start = off, .length = n };
 	if (d > c->n)
@@ -78,10 +78,11 @@ static int to_entry(const struct chain *c, uint64_t off, uint64_t n, int st, uns
 	e->present = true;
 	e->data = st & BDRV_BLOCK_DATA;
 	e->zero = st & BDRV_BLOCK_ZERO;
-	e->filename = l->path;
-	if (!strcmp(l->format, "raw")) {
+	if (st & BDRV_BLOCK_OFFSET_VALID) {
+		/* As qemu-img: the file only with the offset into it. */
 		e->has_offset = true;
-		e->offset = off;
+		e->offset = host;
+		e->filename = l->data_path ? l->data_path : l->path;
 	}
 	return 0;
 }
@@ -98,7 +99,8 @@ static bool mergeable(const struct map_entry *a, const struct map_entry *b)
 	return !a->has_offset || a->offset + a->length == b->offset;
 }
 
-static void print_entry(const struct map_job *j, const struct map_entry *e, bool last)
+/* Returns -EINVAL when the table cannot show @e (logged). */
+static int print_entry(const struct map_job *j, const struct map_entry *e, bool last)
 {
 	if (j->json) {
 		printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %u,"
@@ -108,16 +110,17 @@ static void print_entry(const struct map_job *j, const struct map_entry *e, bool
 		if (e->has_offset)
 			printf(", \"offset\": %" PRIu64, e->offset);
 		fputs(last ? "}" : "},\n", stdout);
-		return;
+		return 0;
 	}
-	if (!e->data || e->zero)
-		return;
-	if (e->has_offset)
+	if (e->data && !e->has_offset) {
+		/* qemu-img's words: the table has no way to show these. */
+		log_error("File contains external, encrypted or compressed clusters.");
+		return -EINVAL;
+	}
+	if (e->data && !e->zero)
 		printf("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e->start, e->length,
 		       e->offset, e->filename);
-	else
-		printf("%#-16" PRIx64 "%#-16" PRIx64 "%-16s%s\n", e->start, e->length, "-",
-		       e->filename);
+	return 0;
 }
 
 static void map_fn(void *opaque)
@@ -127,11 +130,11 @@ static void map_fn(void *opaque)
 	uint64_t off = j->start;
 
 	while (off < j->end) {
-		uint64_t n = 0;
+		uint64_t n = 0, host = 0;
 		unsigned d = 0;
-		int st = bdrv_co_block_status(j->bs, off, j->end - off, &n, &d);
+		int st = bdrv_co_block_status_host(j->bs, off, j->end - off, &n, &d, &host);
 		if (st >= 0)
-			st = to_entry(j->chain, off, n, st, d, &next) < 0 ? -ESTALE : st;
+			st = to_entry(j->chain, off, n, st, d, host, &next) < 0 ? -ESTALE : st;
 		if (st < 0) {
 			log_error("%s: block status at offset %" PRIu64 ": %s", j->bs->filename,
 				  off, st == -ESTALE ? "the backing chain changed under us"
@@ -144,12 +147,14 @@ static void map_fn(void *opaque)
 			cur.length += next.length;
 			continue;
 		}
-		if (cur.length)
-			print_entry(j, &cur, false);
+		if (cur.length && print_entry(j, &cur, false) < 0) {
+			j->error = -EINVAL;
+			return;
+		}
 		cur = next;
 	}
 	/* An empty range prints one empty entry, as qemu-img does. */
-	print_entry(j, &cur, true);
+	j->error = print_entry(j, &cur, true);
 }
 
 static void usage(FILE *out)
@@ -171,9 +176,7 @@ static void usage(FILE *out)
 		"  -l, --max-length LEN     bytes to map (default: to the end)\n"
 		"  -h, --help          show this help\n"
 		"\n"
-		"Not yet: the host offset of ranges in a qcow2 layer (shown only for raw\n"
-		"layers; the human table shows '-' for the others).\n"
-		"\n"
+
 		"Exit status: 0 success, 1 failure, 2 usage error.\n");
 }
 
