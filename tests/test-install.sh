@@ -123,7 +123,8 @@ set +u
 . "$P/share/bash-completion/completions/qublk"
 complete -p qublk | grep -q _qublk || fail "no completion registered for qublk"
 r=$(comp qublk '')
-for c in create info check add list del recover upgrade features nbd bench service udev-id --help; do
+for c in create info check map convert snapshot add list del recover upgrade features nbd bench \
+    service udev-id --help; do
     has "$r" "$c" "qublk"
 done
 r=$(comp qublk a); [ "$r" = add ] || fail "completing 'qublk a': $r"
@@ -143,6 +144,10 @@ r=$(comp qublk add --cache w); [ "$r" = writeback ] || fail "add --cache w: $r"
 r=$(comp qublk check -r ''); [ "$(echo "$r" | tr '\n' ' ')" = "all leaks " ] || fail "check -r: $r"
 r=$(comp qublk info --output ''); [ "$(echo "$r" | tr '\n' ' ')" = "human json " ] || fail "info --output: $r"
 r=$(comp qublk create -o compa); [ "$r" = compat= ] || fail "create -o compa: $r"
+r=$(comp qublk convert -o compa); [ "$r" = compat= ] || fail "convert -o compa: $r"
+r=$(comp qublk convert -O ''); [ "$(echo "$r" | tr '\n' ' ')" = "qcow2 raw " ] || fail "convert -O: $r"
+r=$(comp qublk convert -F ''); [ "$(echo "$r" | tr '\n' ' ')" = "qcow2 raw " ] || fail "convert -F: $r"
+r=$(comp qublk map --output ''); [ "$(echo "$r" | tr '\n' ' ')" = "human json " ] || fail "map --output: $r"
 r=$(comp qublk add -q ''); [ -z "$r" ] || fail "add -q offers values: $r"
 # Image paths, also after options and their values.
 touch "$TMPD/vm1.qcow2" "$TMPD/vm2.raw"
@@ -151,6 +156,8 @@ r=$(comp qublk add -q 2 --read-only "$TMPD/vm")
 for f in vm1.qcow2 vm2.raw vmdir; do has "$r" "$TMPD/$f" "qublk add ... $TMPD/vm"; done
 r=$(comp qublk nbd -k "$TMPD/s.sock" "$TMPD/vm1"); [ "$r" = "$TMPD/vm1.qcow2" ] || fail "nbd FILE: $r"
 r=$(comp qublk info "$TMPD/vm2"); [ "$r" = "$TMPD/vm2.raw" ] || fail "info FILE: $r"
+r=$(comp qublk convert -B "$TMPD/vm1"); [ "$r" = "$TMPD/vm1.qcow2" ] || fail "convert -B FILE: $r"
+r=$(comp qublk convert -O qcow2 "$TMPD/vm1.qcow2" "$TMPD/vm2"); [ "$r" = "$TMPD/vm2.raw" ] || fail "convert DST: $r"
 r=$(comp qublk list ''); [ -z "$r" ] || fail "list offers: $r"
 # Services: the verb, then the names of DIR/*.conf.
 r=$(comp qublk service ''); [ "$(echo "$r" | tr '\n' ' ')" = "show start stop " ] || fail "service: $r"

@@ -22,6 +22,7 @@
 #define QUBLK_BDRV_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
 
@@ -58,6 +59,7 @@ enum {
 enum {
 	BDRV_BLOCK_DATA = 1 << 0,     /* data stored in some layer (may be zeros) */
 	BDRV_BLOCK_ZERO = 1 << 1,     /* reads return zeros, known without reading */
+	BDRV_BLOCK_OFFSET_VALID = 1 << 2, /* *host is set (only if asked for) */
 };
 
 /* Request flags */
@@ -135,9 +137,18 @@ struct bdrv_driver {
 	 * image, 2 = its backing file, ...; 0 = no layer: reads are zeros),
 	 * and return BDRV_BLOCK_* flags, or -errno.  A driver with a backing
 	 * file asks it (through bdrv_co_block_status) for what it leaves
-	 * unallocated, and never reaches into the backing driver's state. */
+	 * unallocated, and never reaches into the backing driver's state.
+	 * @host is NULL (the I/O paths: nothing more to find) or asks where
+	 * the run is stored, as QEMU's block status *map: the driver may then
+	 * set *host and return BDRV_BLOCK_OFFSET_VALID, meaning the *pnum
+	 * bytes lie contiguously at *host in the file of layer *depth (its
+	 * image file, or a qcow2 image's external data file).  Given for
+	 * what is stored plainly (raw files, holes too; qcow2 normal clusters
+	 * and zero clusters that keep a host cluster, where with
+	 * BDRV_BLOCK_ZERO the bytes there need not be zeros), never for
+	 * compressed clusters.  Never set when @host is NULL. */
 	int (*co_block_status)(struct bdrv *bs, uint64_t off, uint64_t len,
-			       uint64_t *pnum, unsigned *depth);
+			       uint64_t *pnum, unsigned *depth, uint64_t *host);
 	/* Optional (NULL: bdrv_truncate fails with -ENOTSUP, naming the
 	 * format).  Change the virtual size to @size.  Coroutine context,
 	 * on any thread that issues requests, while requests inside the old
@@ -280,9 +291,14 @@ int bdrv_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, c
 int bdrv_snapshot_list(struct bdrv *bs, struct qcow2_snapshot **out, uint32_t *n, char *err,
 		       size_t errlen);
 /* Status of the run at @off (see bdrv_driver.co_block_status): flags >= 0
- * with *pnum and *depth set, or -errno. */
-int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
-			 uint64_t *pnum, unsigned *depth);
+ * with *pnum and *depth set, or -errno.  @host may be NULL; if not, and
+ * the result has BDRV_BLOCK_OFFSET_VALID, *host is set. */
+int bdrv_co_block_status_host(struct bdrv *bs, uint64_t off, uint64_t len,
+			      uint64_t *pnum, unsigned *depth, uint64_t *host);
+/* The same without the host offset (the I/O paths). */
+static inline int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
+				       uint64_t *pnum, unsigned *depth)
+{ return bdrv_co_block_status_host(bs, off, len, pnum, depth, NULL); }
 static inline int bdrv_co_pread(struct bdrv *bs, uint64_t off, uint64_t len, void *buf)
 { struct iovec v = { buf, len }; return bdrv_co_preadv(bs, off, len, &v, 1); }
 static inline int bdrv_co_pwrite(struct bdrv *bs, uint64_t off, uint64_t len, const void *buf, unsigned fl)

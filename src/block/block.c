@@ -450,8 +450,8 @@ int bdrv_co_flush(struct bdrv *bs)
 	return ret;
 }
 
-int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
-			 uint64_t *pnum, unsigned *depth)
+int bdrv_co_block_status_host(struct bdrv *bs, uint64_t off, uint64_t len,
+			      uint64_t *pnum, unsigned *depth, uint64_t *host)
 {
 	int ret = check_range(bs, off, len);
 
@@ -463,11 +463,16 @@ int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
 		return BDRV_BLOCK_DATA;
 	}
 	req_begin(bs);
-	ret = bs->drv->co_block_status(bs, off, len, pnum, depth);
+	ret = bs->drv->co_block_status(bs, off, len, pnum, depth, host);
 	req_end(bs);
 	if (ret >= 0 && (*pnum == 0 || *pnum > len)) {
 		log_error("%s: block status returned %llu bytes for a range of %llu",
 			  bs->filename, (unsigned long long)*pnum, (unsigned long long)len);
+		return -EIO;
+	}
+	if (ret >= 0 && (ret & BDRV_BLOCK_OFFSET_VALID) && (!host || *depth == 0)) {
+		log_error("%s: block status gave a host offset nobody asked for",
+			  bs->filename);
 		return -EIO;
 	}
 	return ret;

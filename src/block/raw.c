@@ -142,30 +142,35 @@ static int raw_flush(struct bdrv *bs)
 }
 
 static int raw_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
-			    uint64_t *pnum, unsigned *depth)
+			    uint64_t *pnum, unsigned *depth, uint64_t *host)
 {
-	int fd = bs->file->fd;
+	int fd = bs->file->fd, where = 0;
 	off_t data, hole;
 
+	/* Every byte is where the guest sees it, holes included (as QEMU). */
+	if (host) {
+		*host = off;
+		where = BDRV_BLOCK_OFFSET_VALID;
+	}
 	*depth = 1;
 	*pnum = len;
 	if (fd < 0)
-		return BDRV_BLOCK_DATA;
+		return BDRV_BLOCK_DATA | where;
 	/* lseek on the loop thread: the file system answers from its extent
 	 * tree without I/O (QEMU's file-posix does the same). */
 	data = lseek(fd, (off_t)off, SEEK_DATA);
 	if (data < 0) {
 		/* ENXIO: no data from here to the end of the file. */
-		return errno == ENXIO ? BDRV_BLOCK_ZERO : BDRV_BLOCK_DATA;
+		return (errno == ENXIO ? BDRV_BLOCK_ZERO : BDRV_BLOCK_DATA) | where;
 	}
 	if ((uint64_t)data > off) {
 		*pnum = MIN(len, (uint64_t)data - off);
-		return BDRV_BLOCK_ZERO;
+		return BDRV_BLOCK_ZERO | where;
 	}
 	hole = lseek(fd, (off_t)off, SEEK_HOLE);
 	if (hole > (off_t)off)
 		*pnum = MIN(len, (uint64_t)hole - off);
-	return BDRV_BLOCK_DATA;
+	return BDRV_BLOCK_DATA | where;
 }
 
 /* The file's size is the disk's: growing leaves a hole (zeros). */

@@ -25,6 +25,8 @@ int cmd_features(int argc, char **argv); /* src/cli/features.c */
 int cmd_recover(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_upgrade(int argc, char **argv);  /* src/cli/ublk.c */
 int cmd_resize(int argc, char **argv);   /* src/cli/resize.c */
+int cmd_map(int argc, char **argv);      /* src/cli/map.c */
+int cmd_convert(int argc, char **argv);  /* src/cli/convert.c */
 int cmd_service(int argc, char **argv);  /* src/cli/service.c: systemd unit qublk@.service */
 int cmd_udev_id(int argc, char **argv);  /* src/cli/udev.c: udev rules' IMPORT{program} */
 
@@ -34,6 +36,42 @@ int cmd_udev_id(int argc, char **argv);  /* src/cli/udev.c: udev rules' IMPORT{p
 int cli_parse_uint(const char *s, unsigned lo, unsigned hi, unsigned *out);
 /* s as a JSON string literal, quotes included. */
 void cli_json_string(FILE *out, const char *s);
+
+/* Apply qemu-img's -o OPTIONS list for a new image (src/cli/options.c:
+ * cluster_size, compat, lazy_refcounts, refcount_bits, preallocation,
+ * compression_type, backing_file, backing_fmt, extended_l2) to @q.
+ * @list is modified and must outlive @q (values point into it).
+ * *@raw_bad is set to the last key given that the raw format does not
+ * take (everything but preallocation) and left alone otherwise.  Returns
+ * 0, or -EINVAL with a message logged. */
+struct qcow2_create_opts;
+int cli_parse_create_options(char *list, struct qcow2_create_opts *q, const char **raw_bad);
+
+/* A new raw image of @size bytes in @fd (truncated first), preallocated
+ * as @prealloc (QCOW2_PREALLOC_*: metadata counts as off) says, as
+ * qemu-img create -f raw makes it (src/cli/create.c).  Returns -errno. */
+int cli_raw_fill(int fd, uint64_t size, int prealloc);
+
+/* An image's backing chain as its headers name it (src/cli/chain.c), top
+ * first: what each block-status depth (1 = l[0]) stands for. */
+#include <stdint.h>
+#include <sys/types.h>
+struct chain_layer {
+	char *path;               /* as bdrv_open_backing() resolves it */
+	char *data_path;          /* its external data file (as bdrv_open_data_file()
+				   * resolves it), or NULL */
+	const char *format;       /* "qcow2" or "raw" */
+	uint64_t size;            /* virtual size */
+	dev_t dev;
+	ino_t ino;
+};
+struct chain {
+	struct chain_layer *l;
+	unsigned n;
+};
+/* @format: the top image's, or NULL to probe.  Logs and returns -errno. */
+int chain_read(const char *path, const char *format, struct chain *c);
+void chain_free(struct chain *c);
 
 /* src/cli/udev.c.  "ublkbN", "ublkbNpM", "ublkcN", optionally under
  * "/dev/": the device number.  Returns 0 or -EINVAL. */

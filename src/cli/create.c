@@ -49,104 +49,12 @@ static void usage(FILE *out)
 		"Exit status: 0 success, 1 failure, 2 usage error.\n");
 }
 
-static int parse_bool(const char *v, bool *out)
-{
-	if (!strcmp(v, "on") || !strcmp(v, "true") || !strcmp(v, "yes"))
-		*out = true;
-	else if (!strcmp(v, "off") || !strcmp(v, "false") || !strcmp(v, "no"))
-		*out = false;
-	else
-		return -EINVAL;
-	return 0;
-}
-
 struct create_args {
 	const char *fmt;
 	struct qcow2_create_opts q;
 	bool raw_conflict;           /* an option that raw does not take */
 	const char *raw_bad;
 };
-
-/* Apply one key=value of -o.  Returns 0 or -EINVAL with a message printed. */
-static int apply_option(struct create_args *a, char *kv)
-{
-	char *v = strchr(kv, '=');
-	uint64_t n;
-
-	if (!v) {
-		log_error("option '%s' needs a value (key=value)", kv);
-		return -EINVAL;
-	}
-	*v++ = '\0';
-	if (strcmp(kv, "preallocation")) {
-		a->raw_conflict = true;
-		a->raw_bad = kv;
-	}
-	if (!strcmp(kv, "cluster_size")) {
-		if (parse_size(v, &n) || n > UINT32_MAX)
-			goto bad;
-		a->q.cluster_size = (uint32_t)n;
-	} else if (!strcmp(kv, "compat")) {
-		if (!strcmp(v, "0.10") || !strcmp(v, "v2"))
-			a->q.version = 2;
-		else if (!strcmp(v, "1.1") || !strcmp(v, "v3"))
-			a->q.version = 3;
-		else
-			goto bad;
-	} else if (!strcmp(kv, "lazy_refcounts")) {
-		if (parse_bool(v, &a->q.lazy_refcounts))
-			goto bad;
-	} else if (!strcmp(kv, "refcount_bits")) {
-		char *end;
-		errno = 0;
-		unsigned long b = strtoul(v, &end, 10);
-		if (errno || *end || end == v || b == 0 || b > 64 || (b & (b - 1)))
-			goto bad;
-		a->q.refcount_bits = (uint32_t)b;
-	} else if (!strcmp(kv, "preallocation")) {
-		if (!strcmp(v, "off"))
-			a->q.prealloc = QCOW2_PREALLOC_OFF;
-		else if (!strcmp(v, "metadata"))
-			a->q.prealloc = QCOW2_PREALLOC_METADATA;
-		else if (!strcmp(v, "falloc"))
-			a->q.prealloc = QCOW2_PREALLOC_FALLOC;
-		else if (!strcmp(v, "full"))
-			a->q.prealloc = QCOW2_PREALLOC_FULL;
-		else
-			goto bad;
-	} else if (!strcmp(kv, "compression_type")) {
-		if (!strcmp(v, "zlib"))
-			a->q.compression_type = QCOW2_COMPRESSION_ZLIB;
-		else if (!strcmp(v, "zstd"))
-			a->q.compression_type = QCOW2_COMPRESSION_ZSTD;
-		else
-			goto bad;
-	} else if (!strcmp(kv, "backing_file")) {
-		a->q.backing_file = v;
-	} else if (!strcmp(kv, "backing_fmt")) {
-		a->q.backing_format = v;
-	} else if (!strcmp(kv, "extended_l2")) {
-		if (parse_bool(v, &a->q.extended_l2))
-			goto bad;
-	} else {
-		log_error("unknown option '%s'", kv);
-		return -EINVAL;
-	}
-	return 0;
-bad:
-	log_error("invalid value '%s' for option '%s'", v, kv);
-	return -EINVAL;
-}
-
-static int parse_options(struct create_args *a, char *list)
-{
-	char *save = NULL;
-
-	for (char *kv = strtok_r(list, ",", &save); kv; kv = strtok_r(NULL, ",", &save))
-		if (apply_option(a, kv))
-			return -EINVAL;
-	return 0;
-}
 
 static int write_zero_range(int fd, uint64_t size)
 {
@@ -166,6 +74,17 @@ static int write_zero_range(int fd, uint64_t size)
 	return 0;
 }
 
+int cli_raw_fill(int fd, uint64_t size, int prealloc)
+{
+	if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
+		return -errno;
+	if (prealloc == QCOW2_PREALLOC_FALLOC && size && fallocate(fd, 0, 0, (off_t)size) < 0)
+		return -errno;
+	if (prealloc == QCOW2_PREALLOC_FULL)
+		return write_zero_range(fd, size);
+	return 0;
+}
+
 static int create_raw(const char *path, uint64_t size, int prealloc, char *err, size_t errlen)
 {
 	struct create_file cf;
@@ -173,13 +92,7 @@ static int create_raw(const char *path, uint64_t size, int prealloc, char *err, 
 
 	if (ret)
 		return ret;
-	if (ftruncate(cf.fd, (off_t)size) < 0)
-		ret = -errno;
-	if (!ret && prealloc == QCOW2_PREALLOC_FALLOC && size &&
-	    fallocate(cf.fd, 0, 0, (off_t)size) < 0)
-		ret = -errno;
-	if (!ret && prealloc == QCOW2_PREALLOC_FULL)
-		ret = write_zero_range(cf.fd, size);
+	ret = cli_raw_fill(cf.fd, size, prealloc);
 	if (ret) {
 		snprintf(err, errlen, "%s", strerror(-ret));
 		create_file_abort(&cf);
@@ -206,8 +119,9 @@ int cmd_create(int argc, char **argv)
 			a.fmt = optarg;
 			break;
 		case 'o':
-			if (parse_options(&a, optarg))
+			if (cli_parse_create_options(optarg, &a.q, &a.raw_bad))
 				return EXIT_USAGE;
+			a.raw_conflict |= a.raw_bad != NULL;
 			break;
 		case 'b':
 			a.q.backing_file = optarg;

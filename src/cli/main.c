@@ -16,6 +16,8 @@ static const struct command {
 	{ "create", cmd_create, "create a qcow2 or raw image" },
 	{ "info",   cmd_info,   "show an image's format, features, backing chain, snapshots" },
 	{ "check",  cmd_check,  "check an image's consistency (qemu-img check), repair with -r" },
+	{ "map",    cmd_map,    "show how an image maps onto its backing chain (qemu-img map)" },
+	{ "convert", cmd_convert, "copy an image (or chain) into a new raw or qcow2 image, sparse" },
 	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots (also live)" },
 	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
 	{ "list",   cmd_list,   "list ublk devices" },

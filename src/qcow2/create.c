@@ -339,7 +339,7 @@ static int feature_table_ext(struct qcow2_ext *e)
 }
 
 struct layout {
-	uint32_t cs;
+	uint32_t cs, version;
 	unsigned order;
 	uint64_t l1_entries, l1_clusters, l2_clusters, data_clusters;
 	uint64_t rt_clusters, rb_count, total;
@@ -485,19 +485,19 @@ static int write_tables(int fd, const struct qcow2_create_opts *o, uint64_t size
 	return ret;
 }
 
-int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen)
+/* Check @o, find the virtual size (a backing file's when @o->size is 0)
+ * and lay the image out in @L.  Nothing is written.  Returns -errno with
+ * @err set. */
+static int prepare(const char *path, const struct qcow2_create_opts *o, uint64_t *size_out,
+		   struct layout *L, char *err, size_t errlen)
 {
-	struct layout L = { 0 };
-	struct qcow2_meta m = { 0 };
-	struct qcow2_ext ft = { 0 };
-	struct create_file file = { .fd = -1, .lock_fd = -1 };
 	char probed_fmt[32] = "";
 	uint64_t size = o->size;
 	uint32_t cs = o->cluster_size ? o->cluster_size : 65536;
 	uint32_t version = o->version ? o->version : 3;
 	uint32_t rbits = o->refcount_bits ? o->refcount_bits : 16;
 	const char *bfmt = o->backing_format;
-	int fd, ret;
+	int ret;
 
 	if (cs < 512 || cs > (2u << 20) || (cs & (cs - 1)))
 		return cfail(err, errlen, -EINVAL,
@@ -556,43 +556,44 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 	if (size > (uint64_t)INT64_MAX)
 		return cfail(err, errlen, -EFBIG, "image size too large");
 
-	L.cs = cs;
-	L.order = (unsigned)__builtin_ctz(rbits);
-	ret = plan(o, size, &L, err, errlen);
-	if (ret)
-		return ret;
+	memset(L, 0, sizeof(*L));
+	L->cs = cs;
+	L->version = version;
+	L->order = (unsigned)__builtin_ctz(rbits);
+	*size_out = size;
+	return plan(o, size, L, err, errlen);
+}
 
-	ret = create_file_begin(path, &file, err, errlen);
-	if (ret)
-		return ret;
-	fd = file.fd;
-	ret = write_tables(fd, o, size, &L);
-	if (ret) {
-		cfail(err, errlen, ret, "writing metadata: %s", strerror(-ret));
-		goto out;
-	}
+/* Write the image prepare() laid out into @fd, from offset 0. */
+static int write_image(int fd, const struct qcow2_create_opts *o, uint64_t size,
+		       const struct layout *L, char *err, size_t errlen)
+{
+	struct qcow2_meta m = { 0 };
+	struct qcow2_ext ft = { 0 };
+	uint32_t cs = L->cs;
+	int ret = write_tables(fd, o, size, L);
 
-	m.h.version = version;
+	if (ret)
+		return cfail(err, errlen, ret, "writing metadata: %s", strerror(-ret));
+	m.h.version = L->version;
 	m.h.cluster_bits = (uint32_t)__builtin_ctz(cs);
 	m.h.size = size;
-	m.h.l1_size = (uint32_t)L.l1_entries;
-	m.h.l1_offset = L.l1_entries ? L.l1_start * cs : 0;
-	m.h.reftable_offset = L.rt_start * cs;
-	m.h.reftable_clusters = (uint32_t)L.rt_clusters;
-	m.h.refcount_order = L.order;
+	m.h.l1_size = (uint32_t)L->l1_entries;
+	m.h.l1_offset = L->l1_entries ? L->l1_start * cs : 0;
+	m.h.reftable_offset = L->rt_start * cs;
+	m.h.reftable_clusters = (uint32_t)L->rt_clusters;
+	m.h.refcount_order = L->order;
 	m.h.compression_type = o->compression_type;
 	if (o->compression_type != QCOW2_COMPRESSION_ZLIB)
 		m.h.incompat |= QCOW2_INCOMPAT_COMPRESSION;
 	if (o->lazy_refcounts)
 		m.h.compat |= QCOW2_COMPAT_LAZY_REFCOUNTS;
 	m.backing_file = (char *)o->backing_file;
-	m.backing_format = (char *)bfmt;
-	if (version == 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {
+	m.backing_format = (char *)o->backing_format;
+	if (m.h.version == 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {
 		ret = feature_table_ext(&ft);
-		if (ret) {
-			cfail(err, errlen, ret, "out of memory");
-			goto out;
-		}
+		if (ret)
+			return cfail(err, errlen, ret, "out of memory");
 		m.exts = &ft;
 		m.n_exts = 1;
 	}
@@ -603,11 +604,41 @@ int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err,
 			cfail(err, errlen, ret, "header does not fit in one cluster");
 		else
 			cfail(err, errlen, ret, "writing the header: %s", strerror(-ret));
-		goto out;
 	}
-	ret = create_file_commit(&file, err, errlen);
-out:
 	free(ft.data);
-	create_file_abort(&file);
 	return ret;
+}
+
+int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen)
+{
+	struct create_file file;
+	struct layout L;
+	uint64_t size;
+	int ret = prepare(path, o, &size, &L, err, errlen);
+
+	if (ret)
+		return ret;
+	ret = create_file_begin(path, &file, err, errlen);
+	if (ret)
+		return ret;
+	ret = write_image(file.fd, o, size, &L, err, errlen);
+	if (ret) {
+		create_file_abort(&file);
+		return ret;
+	}
+	return create_file_commit(&file, err, errlen);
+}
+
+int qcow2_create_into(struct create_file *cf, const char *path,
+		      const struct qcow2_create_opts *o, char *err, size_t errlen)
+{
+	struct layout L;
+	uint64_t size;
+	int ret = prepare(path, o, &size, &L, err, errlen);
+
+	if (ret)
+		return ret;
+	if (ftruncate(cf->fd, 0) < 0)
+		return cfail(err, errlen, -errno, "truncating: %s", strerror(errno));
+	return write_image(cf->fd, o, size, &L, err, errlen);
 }

@@ -388,5 +388,12 @@ struct create_file {
 int create_file_begin(const char *path, struct create_file *cf, char *err, size_t errlen);
 int create_file_commit(struct create_file *cf, char *err, size_t errlen);
 void create_file_abort(struct create_file *cf);
+/* qcow2_create() without its file handling: the image for @path (whose
+ * directory a relative backing name is resolved against) written into
+ * @cf->fd, which is truncated first; the caller commits or aborts @cf.
+ * For tools that fill the image before it appears (qublk convert).
+ * Returns -errno with @err set. */
+int qcow2_create_into(struct create_file *cf, const char *path,
+		      const struct qcow2_create_opts *o, char *err, size_t errlen);
 
 #endif

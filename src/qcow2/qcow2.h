@@ -232,7 +232,7 @@ int qcow2_co_snapshot_list(struct bdrv *bs, struct qcow2_snapshot **out, uint32_
 
 /* The co_block_status op (bdrv.h).  Coroutine context; takes the lock. */
 int qcow2_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
-			  uint64_t *pnum, unsigned *depth);
+			  uint64_t *pnum, unsigned *depth, uint64_t *host);
 
 /* ---- rw.c ------------------------------------------------------------- */
 
@@ -461,6 +461,9 @@ struct qcow2_state {
 	struct co_mutex resize_lock;
 	uint8_t *meta_buf;              /* one cluster, metadata scratch (lock held) */
 	bool no_zero_range;             /* fallocate(ZERO_RANGE) unsupported */
+	/* status.c, set once under the lock: does the image reference more
+	 * clusters than its file holds (QEMU's metadata preallocation)? */
+	bool prealloc_checked, prealloc;
 
 	/* ranges.c */
 	struct qcow2_metamap meta_map;
