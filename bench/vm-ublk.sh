@@ -16,7 +16,7 @@
 # of `make check`: numbers, not pass/fail; it fails only if a run errs or
 # an image is damaged.  The guest half is bench/vm-ublk.guest.sh.
 #
-#   bench/vm-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--size SIZE]
+#   bench/vm-ublk.sh [--kernel 6.12|7.3] [--runtime S] [--ramp S] [--rounds N] [--size SIZE]
 #                    [--mem SIZE] [--cache none|writeback] [--qdepth N]
 #                    [--only REGEX] [--workloads 'RW/BS ...'] [--log FILE]
 #                    [--out FILE] [--parse LOG]
@@ -29,7 +29,8 @@
 # workers, fio, the whole machine; server CPU per I/O).  --only is a regex
 # on KIND/CONFIG (none/null none/ublksrv raw/raw raw/ublksrv
 # prealloc/qublk-q1 prealloc/ublksrv ... empty/qemu-nbd).
-# --workloads picks the workloads (default: randwrite/4k randread/4k
+# --kernel: the guest kernel (tests/vm/run.sh; default $QUBLK_VM_KERNEL
+# or 6.12).  --workloads picks the workloads (default: randwrite/4k randread/4k
 # randrw/4k rw/64k rw/512k).  --out also writes the tables to FILE; --log keeps the console log;
 # --parse LOG re-renders the tables from a kept log without booting.
 #
@@ -44,8 +45,10 @@ cd "$TOP"
 
 RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM=6G CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
 WORKLOADS='randwrite/4k randread/4k randrw/4k rw/64k rw/512k'
+KERNEL=${QUBLK_VM_KERNEL:-6.12}
 while [ $# -gt 0 ]; do
     case $1 in
+        --kernel) KERNEL=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --ramp) RAMP=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
@@ -58,7 +61,7 @@ while [ $# -gt 0 ]; do
         --log) LOG=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --parse) PARSE=$2; shift 2 ;;
-        -h|--help) sed -n "2,40p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n "2,41p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm-ublk.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -199,7 +202,7 @@ fi
 TIMEOUT=$(( (RUNTIME + RAMP + 4) * 55 * ROUNDS + 300 ))
 rc=0
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-tests/vm/run.sh --qublk build/qublk --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
+tests/vm/run.sh --kernel "$KERNEL" --qublk build/qublk --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
     bench/vm-ublk.guest.sh "$NBD" "${PEER[@]}" >&2 || rc=$?
@@ -210,7 +213,7 @@ only_arg=''
 [ "$ONLY" = . ] || only_arg=" --only '$ONLY'"
 [ "$WORKLOADS" = 'randwrite/4k randread/4k randrw/4k rw/64k rw/512k' ] || only_arg+=" --workloads '$WORKLOADS'"
 {
-    echo "Command: bench/vm-ublk.sh --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
+    echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
     echo
     # TCG vCPUs are host threads: other work on the host shows in the numbers.
     echo "Binary: $QUBLK_ID."
