@@ -4,9 +4,13 @@
 # VM harness, tests/vm/guest-lib.sh).  Runs fio with ublksrv's parameters
 # (libaio, direct=1, iodepth=128, batch submit/complete 16, numjobs=1) on the
 # same 2 GiB images through qublk (1 and 2 queues), qemu-nbd -c /dev/nbd0,
-# the null target and the raw target, all in this one boot.  Order: for each
-# round, for each workload, every configuration back to back (null, raw,
-# qcow2 preallocated via qublk -q1/-q2/qemu-nbd, qcow2 empty via the same),
+# the null target and the raw target, and the peer ublksrv (its null, loop
+# and qcow2 targets, 1 queue; when the host passed its binary, see
+# bench/setup-peer.sh), all in this one boot.  Order: for each round, for
+# each workload, every configuration back to back (null, raw, qcow2
+# preallocated via qublk -q1/-q2/ublksrv/qemu-nbd, qcow2 empty via qublk
+# and qemu-nbd: ublksrv's qcow2 zero-fills new clusters with fallocate
+# ZERO_RANGE, which tmpfs refuses, so it gets no empty image),
 # each with its own device set up and torn down, so that a change in the
 # host's load (the vCPUs are host threads) hits all of one workload's
 # configurations alike.  One machine-readable line per run:
@@ -30,7 +34,9 @@
 # BENCH_RUNTIME (3 s), BENCH_RAMP (1 s), BENCH_ROUNDS (2), BENCH_QDEPTH
 # (qublk -d, 128: the same as the nbd driver's tag set and ublksrv's
 # default), BENCH_CACHE (none, or writeback when O_DIRECT fails on tmpfs),
-# BENCH_ONLY (a regex on "KIND/CONFIG", default all).
+# BENCH_ONLY (a regex on "KIND/CONFIG", default all), BENCH_WORKLOADS
+# (space-separated RW/BS, default all five).  The peer's binary,
+# if any, is /vmtest/ublksrv (a file argument of run.sh).
 
 SIZE=${BENCH_SIZE:-2G}
 RUNTIME=${BENCH_RUNTIME:-3}
@@ -39,7 +45,7 @@ QDEPTH=${BENCH_QDEPTH:-128}
 CACHE=${BENCH_CACHE:-none}
 ONLY=${BENCH_ONLY:-.}
 ROUNDS=${BENCH_ROUNDS:-2}
-WORKLOADS=(randwrite/4k randread/4k randrw/4k rw/64k rw/512k)
+read -r -a WORKLOADS <<<"${BENCH_WORKLOADS:-randwrite/4k randread/4k randrw/4k rw/64k rw/512k}"
 B=/bench
 PATH=$VMTEST_DIR:$PATH
 # The sampling helpers are noise on the console (read by guest-lib's vmtest).
@@ -159,6 +165,37 @@ stop_qublk() { # DEV
     [ ! -e "$1" ]
 }
 
+# ublksrv: `ublk add` returns once its daemon has started the device; a
+# fixed device number, so that it never meets qublk's.  Same queue depth
+# and one queue (its qcow2 target has only one); O_DIRECT is its default
+# for loop and qcow2.  Its null target is 250 GiB (not settable), qublk's
+# the image size: no matter for a null device.
+UBLKSRV_ID=9
+have_ublksrv() { command -v ublksrv >/dev/null; }
+start_ublksrv() { # TYPE [FILE]
+    local dev=/dev/ublkb$UBLKSRV_ID i
+    mkdir -p /tmp/ublksrvd
+    ublksrv add -t "$1" -n "$UBLKSRV_ID" -q 1 -d "$QDEPTH" ${2:+-f "$2"} \
+        >"$B/ublksrv.out" 2>&1 </dev/null || { cat "$B/ublksrv.out" >&2; return 1; }
+    for ((i = 0; i < 100; i++)); do
+        [ -b "$dev" ] && { echo "$dev"; return 0; }
+        sleep 0.1
+    done
+    cat "$B/ublksrv.out" >&2
+    echo "$dev never appeared" >&2
+    return 1
+}
+stop_ublksrv() {
+    local i
+    ublksrv del -n "$UBLKSRV_ID" >/dev/null
+    for ((i = 0; i < 100; i++)); do
+        pidof ublksrv >/dev/null || return 0
+        sleep 0.1
+    done
+    echo "ublksrv did not exit" >&2
+    return 1
+}
+
 start_nbd() { # FMT FILE
     # -c daemonises (the parent returns once the device is connected); the
     # daemon must not hold our stdout.
@@ -199,7 +236,8 @@ mk_image() { # KIND PATH
 IMG_RAW=$B/img.raw IMG_PRE=$B/img-prealloc.qcow2 IMG_EMPTY=$B/img-empty.qcow2
 
 # one_run KIND CFG WL: KIND none (null), raw, prealloc or empty; CFG null,
-# raw, qublk-q1, qublk-q2 or qemu-nbd.  The device is set up for this run
+# raw, qublk-q1, qublk-q2, qemu-nbd or ublksrv (ublksrv's null, loop or
+# qcow2 target by KIND).  The device is set up for this run
 # alone, so that the configurations of one workload run back to back
 # (interleaved: a change in the host's load hits them alike).  The empty
 # qcow2 is recreated before every run, so every run starts from an empty
@@ -212,11 +250,21 @@ one_run() {
         prealloc) img=$IMG_PRE ;;
         empty) img=$IMG_EMPTY; mk_image empty "$img" ;;
     esac
+    if [ "$cfg" = ublksrv ] && ! have_ublksrv; then
+        na_line "$kind" "$cfg" "$wl"
+        return 0
+    fi
     case $cfg in
         null) dev=$(start_qublk null 1 --size "$SIZE") ;;
         raw) dev=$(start_qublk raw 1 "$img") ;;
         qublk-q*) dev=$(start_qublk "$fmt" "${cfg#qublk-q}" "$img") ;;
         qemu-nbd) dev=$(start_nbd "$fmt" "$img") ;;
+        ublksrv)
+            case $kind in
+                none) dev=$(start_ublksrv null) ;;
+                raw) dev=$(start_ublksrv loop "$img") ;;
+                *) dev=$(start_ublksrv qcow2 "$img") ;;
+            esac ;;
     esac || {
         if grep -q 'not yet' "$B/add.err" 2>/dev/null; then
             na_line "$kind" "$cfg" "$wl"
@@ -226,9 +274,17 @@ one_run() {
         return 1
     }
     [ -b "$dev" ]
-    if [ "$cfg" = qemu-nbd ]; then pids=$(pidof qemu-nbd); else pids=$(pidof qublk); fi
+    case $cfg in
+        qemu-nbd) pids=$(pidof qemu-nbd) ;;
+        ublksrv) pids=$(pidof ublksrv) ;;
+        *) pids=$(pidof qublk) ;;
+    esac
     run_fio "$kind" "$cfg" "$dev" "$wl" "$pids" || rc=1
-    if [ "$cfg" = qemu-nbd ]; then stop_nbd; else stop_qublk "$dev"; fi
+    case $cfg in
+        qemu-nbd) stop_nbd ;;
+        ublksrv) stop_ublksrv ;;
+        *) stop_qublk "$dev" ;;
+    esac
     # After qublk wrote to an empty image under load, it must check clean
     # (the preallocated one is checked at the end of each round).
     if [ "$kind" = empty ] && [ "$cfg" != qemu-nbd ] && [ "$wl" != randread/4k ]; then
@@ -240,7 +296,8 @@ one_run() {
 # bench_wl ROUND WL: every configuration on this workload.
 bench_wl() {
     local round=$1 wl=$2 kind cfg rc=0
-    for kc in none/null raw/raw prealloc/qublk-q1 prealloc/qublk-q2 prealloc/qemu-nbd \
+    for kc in none/null none/ublksrv raw/raw raw/ublksrv \
+              prealloc/qublk-q1 prealloc/qublk-q2 prealloc/ublksrv prealloc/qemu-nbd \
               empty/qublk-q1 empty/qublk-q2 empty/qemu-nbd; do
         [[ $kc =~ $ONLY ]] || continue
         kind=${kc%/*} cfg=${kc#*/}

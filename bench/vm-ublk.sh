@@ -7,36 +7,48 @@
 # image through qublk (-q 1 and -q 2), qemu-nbd -c /dev/nbd0 (--cache=none
 # --aio=io_uring), the null target (the ceiling) and the raw target on a raw
 # image; qcow2 images preallocated (preallocation=falloc) and empty
-# (recreated before every run).  Within a round, each workload runs on every
+# (recreated before every run); and the peer, ublksrv at 229e918 (built by
+# bench/setup-peer.sh into bench/.cache; its null target, its loop target
+# on the raw image, its qcow2 target on the preallocated image, 1 queue,
+# the same depth; its columns read n/a when it cannot be built).  Within a round, each workload runs on every
 # configuration back to back, so that the host's load (TCG vCPUs are host
 # threads) hits them alike; ratios are per round, then averaged.  Not part
 # of `make check`: numbers, not pass/fail; it fails only if a run errs or
 # an image is damaged.  The guest half is bench/vm-ublk.guest.sh.
 #
-#   bench/vm-ublk.sh [--runtime S] [--ramp S] [--rounds N] [--size SIZE]
+#   bench/vm-ublk.sh [--kernel 6.12|7.3] [--runtime S] [--ramp S] [--rounds N] [--size SIZE]
 #                    [--mem SIZE] [--cache none|writeback] [--qdepth N]
-#                    [--only REGEX] [--log FILE] [--out FILE] [--parse LOG]
+#                    [--only REGEX] [--workloads 'RW/BS ...'] [--log FILE]
+#                    [--out FILE] [--parse LOG]
 #
 # Prints markdown: the throughput table (IOPS for 4k, MiB/s for 64k/512k;
-# read+write), the ratios qublk/qemu-nbd and qcow2/raw per row, and a CPU
+# read+write), the ratios qublk/qemu-nbd and qcow2/raw per row, the same
+# against ublksrv (qublk null/ublksrv null, qublk raw/ublksrv loop, qublk
+# q1 and q2/ublksrv qcow2), and a CPU
 # table (percent of one vCPU sampled mid-run: the server daemon, its io-wq
 # workers, fio, the whole machine; server CPU per I/O).  --only is a regex
-# on KIND/CONFIG (none/null raw/raw prealloc/qublk-q1 ... empty/qemu-nbd).
-# --out also writes the tables to FILE; --log keeps the console log;
+# on KIND/CONFIG (none/null none/ublksrv raw/raw raw/ublksrv
+# prealloc/qublk-q1 prealloc/ublksrv ... empty/qemu-nbd).
+# --kernel: the guest kernel (tests/vm/run.sh; default $QUBLK_VM_KERNEL
+# or 6.12).  --workloads picks the workloads (default: randwrite/4k randread/4k
+# randrw/4k rw/64k rw/512k).  --out also writes the tables to FILE; --log keeps the console log;
 # --parse LOG re-renders the tables from a kept log without booting.
 #
 # The VM runs under TCG: absolute numbers mean little; compare ratios.
 # Needs tests/vm/setup.sh done; the guest gets the host's qemu-nbd (and its
-# libraries) as an extra file.  Defaults: 2 rounds of 40 runs, 3 s each
+# libraries) as an extra file.  Defaults: 2 rounds of 55 runs, 3 s each
 # after a 1 s ramp, 6 GiB guest (three images in tmpfs at once): about
-# 9-10 minutes of wall time.
+# 13-15 minutes of wall time.
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$TOP"
 
 RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM=6G CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
+WORKLOADS='randwrite/4k randread/4k randrw/4k rw/64k rw/512k'
+KERNEL=${QUBLK_VM_KERNEL:-6.12}
 while [ $# -gt 0 ]; do
     case $1 in
+        --kernel) KERNEL=$2; shift 2 ;;
         --runtime) RUNTIME=$2; shift 2 ;;
         --ramp) RAMP=$2; shift 2 ;;
         --rounds) ROUNDS=$2; shift 2 ;;
@@ -45,10 +57,11 @@ while [ $# -gt 0 ]; do
         --cache) CACHE=$2; shift 2 ;;
         --qdepth) QDEPTH=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
+        --workloads) WORKLOADS=$2; shift 2 ;;
         --log) LOG=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --parse) PARSE=$2; shift 2 ;;
-        -h|--help) sed -n "2,32p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n "2,41p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm-ublk.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -125,7 +138,21 @@ render() {
             }
         }
         print ""
-        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size).\n", maxround
+        print "| image | workload | ublksrv null | ublksrv loop | ublksrv qcow2 | null/ublksrv null | raw/ublksrv loop | q1/ublksrv | q2/ublksrv |"
+        print "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        for (w = 1; w <= nwl; w++) {
+            wl = wls[w]
+            kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
+            sn = "none" SUBSEP "ublksrv" SUBSEP wl; sr = "raw" SUBSEP "ublksrv" SUBSEP wl
+            sq = "prealloc" SUBSEP "ublksrv" SUBSEP wl
+            k1 = "prealloc" SUBSEP "qublk-q1" SUBSEP wl; k2 = "prealloc" SUBSEP "qublk-q2" SUBSEP wl
+            if (val(sn) == "" && val(sr) == "" && val(sq) == "") continue
+            printf "| qcow2 prealloc | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+                wl, fmt(wl, val(sn)), fmt(wl, val(sr)), fmt(wl, val(sq)),
+                ratio(kn, sn), ratio(kr, sr), ratio(k1, sq), ratio(k2, sq)
+        }
+        print ""
+        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs).\n", maxround
         print ""
         print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO |"
         print "|---|---|---|---:|---:|---:|---:|---:|---:|"
@@ -158,27 +185,35 @@ rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
 git diff --quiet HEAD -- src 2>/dev/null || rev+=" + uncommitted changes in src/"
 QUBLK_ID="build/qublk of $(date -r build/qublk '+%Y-%m-%d %H:%M'), tree at $rev"
 NBD=$(command -v qemu-nbd) || { echo "vm-ublk.sh: qemu-nbd not installed on the host (apt-get install qemu-utils)" >&2; exit 1; }
+# The peer: its columns read n/a if it cannot be built here.
+PEER=()
+if peer=$(bench/setup-peer.sh); then
+    PEER=("$peer")
+else
+    echo "vm-ublk.sh: warning: no ublksrv (bench/setup-peer.sh failed): its columns will read n/a" >&2
+fi
 
 KEEP=1
 if [ -z "$LOG" ]; then
     LOG=$(mktemp /tmp/qublk-vm-bench.XXXXXX.log)
     KEEP=0
 fi
-# Per run: ~RUNTIME+RAMP+2 s, 40 runs a round, plus image creation and boot.
-TIMEOUT=$(( (RUNTIME + RAMP + 4) * 40 * ROUNDS + 300 ))
+# Per run: ~RUNTIME+RAMP+2 s, 55 runs a round, plus image creation and boot.
+TIMEOUT=$(( (RUNTIME + RAMP + 4) * 55 * ROUNDS + 300 ))
 rc=0
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-tests/vm/run.sh --qublk build/qublk --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
+tests/vm/run.sh --kernel "$KERNEL" --qublk build/qublk --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
-    --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" \
-    bench/vm-ublk.guest.sh "$NBD" >&2 || rc=$?
+    --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
+    bench/vm-ublk.guest.sh "$NBD" "${PEER[@]}" >&2 || rc=$?
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$rc" = 77 ] && { echo "vm-ublk.sh: no VM here (run tests/vm/setup.sh)" >&2; exit 77; }
 
 only_arg=''
 [ "$ONLY" = . ] || only_arg=" --only '$ONLY'"
+[ "$WORKLOADS" = 'randwrite/4k randread/4k randrw/4k rw/64k rw/512k' ] || only_arg+=" --workloads '$WORKLOADS'"
 {
-    echo "Command: bench/vm-ublk.sh --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
+    echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
     echo
     # TCG vCPUs are host threads: other work on the host shows in the numbers.
     echo "Binary: $QUBLK_ID."
