@@ -124,7 +124,7 @@ for b in $BUILDS; do
         # thousand states, and test_snapshot a qemu-img per step:
         # CPU-bound, so slow on a busy machine.
         case $(basename "$t") in
-            test_powercut|test_snapshot) ttmo=$((utmo * 3)) ;;
+            test_powercut|test_snapshot|test_snapshot_live) ttmo=$((utmo * 3)) ;;
             *) ttmo=$utmo ;;
         esac
         run_one "$t" "$(basename "$t")" "$ttmo" "${envs[@]}" -- "$t"
