@@ -168,6 +168,18 @@ vmtest() {
     [ "$errexit" = 0 ] || set -e
     t1=$(_vmtest_uptime)
     bad=$(kmsg_since "$mark" | grep -E 'WARNING:|BUG:|Oops|general protection|INFO: task .* blocked|Call Trace:|UBSAN:|KASAN:' || true)
+    # The one warning emulation itself causes: 7.3's deadline-server timer
+    # (dl_task_timer -> hrtimer_forward, in a timer interrupt) when a
+    # loaded TCG host stalls a vCPU.  Ignored only if it is the only
+    # warning and no frame of ublk, io_uring or the block layer is in it.
+    if [ -n "$bad" ] && [ "$(echo "$bad" | grep -c 'WARNING:')" = 1 ] &&
+       echo "$bad" | grep -q 'WARNING: kernel/time/hrtimer.c:.* hrtimer_forward' &&
+       kmsg_since "$mark" | grep -q 'dl_task_timer' &&
+       ! kmsg_since "$mark" | grep -v -e 'Modules linked in' -e ' Comm: ' |
+           grep -Eq 'ublk|io_uring|blk_|BUG:|Oops|blocked|UBSAN:|KASAN:'; then
+        echo "kernel log during $name: hrtimer_forward warning from dl_task_timer (vCPU stall under TCG), ignored"
+        bad=
+    fi
     if [ -n "$bad" ]; then
         echo "kernel log during $name:"
         kmsg_since "$mark" | tail -n 80
