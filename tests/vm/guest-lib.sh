@@ -175,7 +175,7 @@ vmtest() {
     if [ -n "$bad" ] && [ "$(echo "$bad" | grep -c 'WARNING:')" = 1 ] &&
        echo "$bad" | grep -q 'WARNING: kernel/time/hrtimer.c:.* hrtimer_forward' &&
        kmsg_since "$mark" | grep -q 'dl_task_timer' &&
-       ! kmsg_since "$mark" | grep -v -e 'Modules linked in' -e ' Comm: ' |
+       ! kmsg_since "$mark" | grep -v -e 'Modules linked in' -e ' Comm: ' -e 'WARNING:' |
            grep -Eq 'ublk|io_uring|blk_|BUG:|Oops|blocked|UBSAN:|KASAN:'; then
         echo "kernel log during $name: hrtimer_forward warning from dl_task_timer (vCPU stall under TCG), ignored"
         bad=
