@@ -160,7 +160,7 @@ esize, tflags = struct.unpack(">QH", infos[0])
 bmin, bpref, bmax = struct.unpack(">III", infos[3])
 if esize != size or bmin != 1 or bmax != 32 << 20 or bpref < 4096:
     die("NBD_OPT_INFO: size %d flags %x block sizes %d/%d/%d" % (esize, tflags, bmin, bpref, bmax))
-want = 1 | 4 | 8 | 32 | 64 | 256 | (2 if ro else 0)
+want = 1 | 4 | 8 | 32 | 64 | 256 | 2048 | (2 if ro else 0)
 if tflags != want:
     die("transmission flags 0x%x, want 0x%x" % (tflags, want))
 if not isinstance(go(s), dict):

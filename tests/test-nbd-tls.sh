@@ -8,8 +8,9 @@
 #     equal to the image itself; a client trusting another CA fails
 #     (qemu-io: libnbd checks nothing over a unix socket);
 #     plaintext is refused (nbdinfo, qemu-img, and a raw client that must
-#     get NBD_REP_ERR_TLS_REQD for NBD_OPT_GO and be dropped after
-#     NBD_OPT_EXPORT_NAME);
+#     get NBD_REP_ERR_TLS_REQD for NBD_OPT_GO, STRUCTURED_REPLY and
+#     EXTENDED_HEADERS and be dropped after NBD_OPT_EXPORT_NAME); QEMU 10
+#     negotiates extended headers over TLS;
 #   --tls-verify-peer: a client certificate our CA signed is accepted;
 #     none, or one another CA signed, is refused;
 #   --tls=on: plaintext and TLS clients both served;
@@ -125,6 +126,18 @@ qemu_tls qemu-io "$OBJ" -c 'write -P 0x44 16M 1M' -c 'read -P 0x11 1M 64k' >"$TM
     { cat "$TMPD/qio.out" >&2; fail "qemu-io over TLS"; }
 grep -qiE 'fail|error|mismatch' "$TMPD/qio.out" && { cat "$TMPD/qio.out" >&2; fail "qemu-io over TLS"; }
 qemu-io -f raw -c 'write -P 0x44 16M 1M' "$TMPD/expect.raw" >/dev/null
+# QEMU 10 negotiates extended headers after STARTTLS.
+if have_qemu10; then
+    qemu_tls "$QEMU10_BIN/qemu-io" "$OBJ" --trace nbd_receive_option_reply \
+        -c 'read -P 0x44 16M 1M' -c 'write -P 0x45 20M 64k' -c 'read -P 0x45 20M 64k' \
+        >"$TMPD/qio10.out" 2>&1 || { cat "$TMPD/qio10.out" >&2; fail "qemu-io 10 over TLS"; }
+    grep -qiE 'fail|error|mismatch' "$TMPD/qio10.out" && { cat "$TMPD/qio10.out" >&2; fail "qemu-io 10 over TLS"; }
+    grep -q "option reply 11 (extended headers), type 1 (ack)" "$TMPD/qio10.out" ||
+        { cat "$TMPD/qio10.out" >&2; fail "QEMU 10 did not negotiate extended headers over TLS"; }
+    qemu-io -f raw -c 'write -P 0x45 20M 64k' "$TMPD/expect.raw" >/dev/null
+else
+    qemu_versions >/dev/null    # fails under CI=true, warns otherwise
+fi
 nbdcopy "$X509_URI" "$TMPD/copy1.raw" || fail "nbdcopy over TLS"
 cmp "$TMPD/expect.raw" "$TMPD/copy1.raw" || fail "nbdcopy over TLS: data differs"
 qemu-img convert --object "$OBJ" --image-opts -O raw \
@@ -142,7 +155,7 @@ must_fail "plaintext nbdinfo under --tls=require" nbdinfo --size "$PLAIN_URI"
 must_fail "plaintext qemu-img under --tls=require" qemu-img info -f raw "$PLAIN_URI"
 cat >"$TMPD/plain.py" <<'PYEOF'
 # Without TLS: NBD_OPT_GO must get NBD_REP_ERR_TLS_REQD, STRUCTURED_REPLY
-# too; NBD_OPT_EXPORT_NAME must close the connection.
+# and EXTENDED_HEADERS too; NBD_OPT_EXPORT_NAME must close the connection.
 import socket, struct, sys
 def conn():
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -168,7 +181,7 @@ def opt(s, o, data=b""):
     return typ
 s = conn()
 for o, data, name in ((7, struct.pack(">IH", 0, 0), "NBD_OPT_GO"), (8, b"", "NBD_OPT_STRUCTURED_REPLY"),
-                      (3, b"", "NBD_OPT_LIST")):
+                      (11, b"", "NBD_OPT_EXTENDED_HEADERS"), (3, b"", "NBD_OPT_LIST")):
     t = opt(s, o, data)
     if t != 0x80000005:
         sys.exit("%s without TLS: reply 0x%x, want NBD_REP_ERR_TLS_REQD" % (name, t))

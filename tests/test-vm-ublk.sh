@@ -17,8 +17,9 @@
 #         QUIESCE_DEV), safe stop, online resize under ext4, unprivileged
 #         devices, thin provisioning (fstrim vs QEMU, --discard ignore),
 #         concurrent requests on disjoint ranges that share clusters
-#         through two queues (ublk-race; QUBLK_SEED=N replays it); with
-#         trimmed fio sizes and recover's matrix cut to its corners
+#         through two queues (ublk-race; QUBLK_SEED=N replays it), live
+#         internal snapshots under fio --verify and kill -9 during one;
+#         with trimmed fio sizes and recover's matrix cut to its corners
 #         (QUBLK_VM_FULL=1: everything, full size);
 #   6.12  a smoke of what differs on Debian 12's kernel: features, kill -9
 #         without recovery (qcow2), recover (two cases, one kill each),

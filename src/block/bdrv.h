@@ -7,7 +7,9 @@
  * the co_* entry points run inside a request coroutine on a thread with a
  * current aio_ctx (see aio.h), and may yield.  Drivers serialise their
  * own metadata (co_mutex); frontends may issue any number of requests
- * concurrently.
+ * concurrently.  The block layer counts the requests inside the driver
+ * and can hold new ones back until none is left (a drained section, as
+ * QEMU's bdrv_drained_begin): what a live snapshot needs.
  *
  * Contract, checked once in block.c before a driver is called: the range
  * lies inside the virtual size, len > 0 (flush excepted), the iovec sums
@@ -23,6 +25,7 @@
 #include <stdint.h>
 #include <sys/uio.h>
 
+#include "common/coro.h"
 #include "common/io.h"
 
 #define BDRV_IOV_MAX 16
@@ -61,6 +64,10 @@ enum {
 enum {
 	BDRV_REQ_FUA       = 1 << 0,  /* write: data and metadata durable on return */
 	BDRV_REQ_MAY_UNMAP = 1 << 1,  /* write_zeroes: may deallocate */
+	/* write_zeroes: fail with -ENOTSUP (perhaps after zeroing part of the
+	 * range) rather than write zeros, where the driver cannot zero
+	 * without writing them (NBD's NBD_CMD_FLAG_FAST_ZERO) */
+	BDRV_REQ_NO_FALLBACK = 1 << 2,
 };
 
 struct bdrv_opts {
@@ -87,6 +94,16 @@ struct bdrv_opts {
 };
 
 struct bdrv;
+struct qcow2_snapshot;
+
+/* Operations on the internal snapshots of a live image.  Reverting one
+ * (qemu-img snapshot -a) is not among them: it would change the data
+ * under the image's users, which QEMU, too, only does with the VM
+ * stopped. */
+enum bdrv_snapshot_op {
+	BDRV_SNAPSHOT_CREATE,
+	BDRV_SNAPSHOT_DELETE,
+};
 
 struct bdrv_driver {
 	const char *name;
@@ -147,6 +164,27 @@ struct bdrv_driver {
 	 * space; as a normal write otherwise. */
 	int (*co_pwritev_compressed)(struct bdrv *bs, uint64_t off, uint64_t len,
 				     const struct iovec *iov, int iovcnt);
+	/* Optional (NULL: bdrv_snapshot fails with -ENOTSUP, naming the
+	 * format).  Create the internal snapshot @name of the guest contents,
+	 * or delete the one whose name, or else id, is @name (@op), as
+	 * qemu-img snapshot -c/-d do.  Coroutine context, inside a drained
+	 * section (block layer): no request of this image is in the driver
+	 * and none enters until it returns, on any thread.  The snapshot
+	 * holds every write completed before the section began.  The image
+	 * is writable (checked).  On return the change is durable and the
+	 * driver's state follows the file, whether it succeeded or not; a
+	 * crash at any point leaves the image with or without the change,
+	 * `qemu-img check` finding leaks at most (and active entries whose
+	 * refcount is 1 but OFLAG_COPIED not yet set: see snapshot-write.c).
+	 * Returns -errno with the reason in @err (-ENOENT: no such
+	 * snapshot). */
+	int (*co_snapshot)(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, char *err,
+			   size_t errlen);
+	/* Optional (NULL: an empty list).  Coroutine context, any thread,
+	 * requests may run.  The snapshot table: *n entries in *out, for
+	 * qcow2_snapshots_free().  Returns -errno with the reason in @err. */
+	int (*co_snapshot_list)(struct bdrv *bs, struct qcow2_snapshot **out, uint32_t *n,
+				char *err, size_t errlen);
 };
 
 struct bdrv {
@@ -162,6 +200,13 @@ struct bdrv {
 	bool zeroes_read_zero;     /* discard makes reads return zeros */
 	struct bdrv *parent;       /* image whose backing file this is, or NULL */
 	uint64_t dev, ino;         /* identity of the file, for loop detection */
+	/* Drained sections (block.c): requests inside the driver, and
+	 * sections open (both atomic); under drain_spin, the requests held
+	 * back and the drainers waiting for in_flight to reach 0. */
+	unsigned in_flight;
+	unsigned drained;
+	int drain_spin;
+	struct co_queue drain_held, drain_waiters;
 };
 
 /* Open @filename as an image.  Errors are logged naming the file.
@@ -213,6 +258,27 @@ int bdrv_co_flush(struct bdrv *bs);
  * done.  Returns -errno. */
 enum { BDRV_TRUNC_SHRINK = 1 << 0 };
 int bdrv_truncate(struct bdrv *bs, uint64_t size, unsigned flags);
+/* A drained section: from bdrv_drain_begin()'s return to
+ * bdrv_drain_end(), no request of @bs is inside its driver; requests
+ * that arrive meanwhile, from any thread, wait (they are not failed) and
+ * go on afterwards.  Coroutine context, never inside a request of @bs
+ * (it would wait for itself).  Sections may nest. */
+void bdrv_drain_begin(struct bdrv *bs);
+void bdrv_drain_end(struct bdrv *bs);
+/* Internal snapshots of an open, writable image while requests run (see
+ * bdrv_driver.co_snapshot): the requests in flight finish, new ones wait
+ * (a drained section) while the driver writes everything back and
+ * changes the snapshot table.  In a coroutine or outside one (then it
+ * runs one on this thread).  Errors are logged naming the file, with
+ * the reason in @err too: -EROFS, -ENOTSUP (the format has no internal
+ * snapshots), -ENOENT (delete: no such snapshot), the driver's.
+ * Returns -errno. */
+int bdrv_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, char *err,
+		  size_t errlen);
+/* The internal snapshots of @bs (requests go on): *n entries in *out,
+ * for qcow2_snapshots_free().  Same context and errors.  Returns -errno. */
+int bdrv_snapshot_list(struct bdrv *bs, struct qcow2_snapshot **out, uint32_t *n, char *err,
+		       size_t errlen);
 /* Status of the run at @off (see bdrv_driver.co_block_status): flags >= 0
  * with *pnum and *depth set, or -errno. */
 int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,

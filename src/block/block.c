@@ -282,13 +282,74 @@ static int check_iov(const struct iovec *iov, int iovcnt, uint64_t len)
 	return 0;
 }
 
+/* ---------------------------------------------------------- drained sections
+ *
+ * A request counts itself in bs->in_flight, then looks at bs->drained;
+ * a drainer raises bs->drained, then looks at bs->in_flight (both
+ * sequentially consistent): one of the two sees the other.  A request
+ * that sees a section steps back out (waking the drainer if it was the
+ * last) and waits on drain_held until the sections end.  Wake-ups happen
+ * under drain_spin, so none is lost; a woken waiter looks again. */
+
+static void req_begin(struct bdrv *bs)
+{
+	for (;;) {
+		__atomic_add_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST);
+		if (likely(!__atomic_load_n(&bs->drained, __ATOMIC_SEQ_CST)))
+			return;
+		spin_lock(&bs->drain_spin);
+		if (__atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST) == 0)
+			co_queue_wake_all(&bs->drain_waiters);
+		if (__atomic_load_n(&bs->drained, __ATOMIC_SEQ_CST))
+			co_queue_wait_spin(&bs->drain_held, &bs->drain_spin);
+		else
+			spin_unlock(&bs->drain_spin);
+	}
+}
+
+static void req_end(struct bdrv *bs)
+{
+	if (__atomic_sub_fetch(&bs->in_flight, 1, __ATOMIC_SEQ_CST) == 0 &&
+	    unlikely(__atomic_load_n(&bs->drained, __ATOMIC_SEQ_CST))) {
+		spin_lock(&bs->drain_spin);
+		co_queue_wake_all(&bs->drain_waiters);
+		spin_unlock(&bs->drain_spin);
+	}
+}
+
+void bdrv_drain_begin(struct bdrv *bs)
+{
+	spin_lock(&bs->drain_spin);
+	__atomic_add_fetch(&bs->drained, 1, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(&bs->in_flight, __ATOMIC_SEQ_CST)) {
+		co_queue_wait_spin(&bs->drain_waiters, &bs->drain_spin);
+		spin_lock(&bs->drain_spin);
+	}
+	spin_unlock(&bs->drain_spin);
+}
+
+void bdrv_drain_end(struct bdrv *bs)
+{
+	spin_lock(&bs->drain_spin);
+	if (__atomic_sub_fetch(&bs->drained, 1, __ATOMIC_SEQ_CST) == 0)
+		co_queue_wake_all(&bs->drain_held);
+	spin_unlock(&bs->drain_spin);
+}
+
+/* ---------------------------------------------------------- requests */
+
 int bdrv_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 		   const struct iovec *iov, int iovcnt)
 {
 	int ret = check_range(bs, off, len);
 	if (!ret)
 		ret = check_iov(iov, iovcnt, len);
-	return ret ? ret : bs->drv->co_preadv(bs, off, len, iov, iovcnt);
+	if (ret)
+		return ret;
+	req_begin(bs);
+	ret = bs->drv->co_preadv(bs, off, len, iov, iovcnt);
+	req_end(bs);
+	return ret;
 }
 
 /* BDRV_O_CRASH_SAFE on a driver that caches metadata: flush after each
@@ -308,9 +369,14 @@ int bdrv_co_pwritev(struct bdrv *bs, uint64_t off, uint64_t len,
 		ret = check_iov(iov, iovcnt, len);
 	if (!ret && (flags & ~BDRV_REQ_FUA))
 		ret = -EINVAL;
+	if (ret)
+		return ret;
 	if (crash_flush(bs))
 		flags |= BDRV_REQ_FUA;
-	return ret ? ret : bs->drv->co_pwritev(bs, off, len, iov, iovcnt, flags);
+	req_begin(bs);
+	ret = bs->drv->co_pwritev(bs, off, len, iov, iovcnt, flags);
+	req_end(bs);
+	return ret;
 }
 
 int bdrv_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
@@ -330,9 +396,11 @@ int bdrv_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 		ret = -EINVAL;
 	if (ret)
 		return ret;
+	req_begin(bs);
 	ret = bs->drv->co_pwritev_compressed(bs, off, len, iov, iovcnt);
 	if (!ret && crash_flush(bs))
 		ret = bs->drv->co_flush(bs);
+	req_end(bs);
 	return ret;
 }
 
@@ -341,15 +409,17 @@ int bdrv_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned 
 	if (bs->read_only)
 		return -EROFS;
 	int ret = check_range(bs, off, len);
-	if (!ret && (flags & ~(BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP)))
+	if (!ret && (flags & ~(BDRV_REQ_FUA | BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK)))
 		ret = -EINVAL;
 	if (ret)
 		return ret;
 	if (bs->open_flags & BDRV_O_NO_UNMAP)
 		flags &= ~BDRV_REQ_MAY_UNMAP;
+	req_begin(bs);
 	ret = bs->drv->co_pwrite_zeroes(bs, off, len, flags);
 	if (!ret && ((flags & BDRV_REQ_FUA) || crash_flush(bs)))
 		ret = bs->drv->co_flush(bs);
+	req_end(bs);
 	return ret;
 }
 
@@ -358,20 +428,26 @@ int bdrv_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	if (bs->read_only)
 		return -EROFS;
 	int ret = check_range(bs, off, len);
-	if (!ret && (bs->open_flags & BDRV_O_NO_UNMAP))
-		return 0;
-	if (!ret)
-		ret = bs->drv->co_discard(bs, off, len);
+	if (ret || (bs->open_flags & BDRV_O_NO_UNMAP))
+		return ret;
+	req_begin(bs);
+	ret = bs->drv->co_discard(bs, off, len);
 	if (!ret && crash_flush(bs))
 		ret = bs->drv->co_flush(bs);
+	req_end(bs);
 	return ret;
 }
 
 int bdrv_co_flush(struct bdrv *bs)
 {
+	int ret;
+
 	if (bs->read_only)
 		return 0;
-	return bs->drv->co_flush(bs);
+	req_begin(bs);
+	ret = bs->drv->co_flush(bs);
+	req_end(bs);
+	return ret;
 }
 
 int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
@@ -386,7 +462,9 @@ int bdrv_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
 		*depth = 1;
 		return BDRV_BLOCK_DATA;
 	}
+	req_begin(bs);
 	ret = bs->drv->co_block_status(bs, off, len, pnum, depth);
+	req_end(bs);
 	if (ret >= 0 && (*pnum == 0 || *pnum > len)) {
 		log_error("%s: block status returned %llu bytes for a range of %llu",
 			  bs->filename, (unsigned long long)*pnum, (unsigned long long)len);
@@ -482,4 +560,93 @@ int bdrv_truncate(struct bdrv *bs, uint64_t size, unsigned flags)
 	}
 	ret = aio_run_coroutine(co_truncate_entry, &r);
 	return ret < 0 ? ret : r.ret;
+}
+
+/* ---------------------------------------------------------- snapshots */
+
+struct snapshot_req {
+	struct bdrv *bs;
+	enum bdrv_snapshot_op op;
+	const char *name;
+	struct qcow2_snapshot **list;   /* NULL: @op */
+	uint32_t *n;
+	char *err;
+	size_t errlen;
+	int ret;
+};
+
+static void co_snapshot_entry(void *opaque)
+{
+	struct snapshot_req *r = opaque;
+	struct bdrv *bs = r->bs;
+
+	if (r->list) {
+		r->ret = bs->drv->co_snapshot_list(bs, r->list, r->n, r->err, r->errlen);
+		return;
+	}
+	bdrv_drain_begin(bs);
+	r->ret = bs->drv->co_snapshot(bs, r->op, r->name, r->err, r->errlen);
+	bdrv_drain_end(bs);
+}
+
+static int run_snapshot(struct snapshot_req *r)
+{
+	int ret;
+
+	if (coro_self()) {
+		co_snapshot_entry(r);
+		return r->ret;
+	}
+	ret = aio_run_coroutine(co_snapshot_entry, r);
+	return ret < 0 ? ret : r->ret;
+}
+
+int bdrv_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, char *err,
+		  size_t errlen)
+{
+	struct snapshot_req r = { .bs = bs, .op = op, .name = name, .err = err, .errlen = errlen };
+	int ret;
+
+	if (errlen)
+		err[0] = '\0';
+	if (bs->read_only) {
+		snprintf(err, errlen, "the image is open read-only");
+		ret = -EROFS;
+	} else if (!bs->drv->co_snapshot) {
+		snprintf(err, errlen, "%s images have no internal snapshots", bs->drv->name);
+		ret = -ENOTSUP;
+	} else if (op != BDRV_SNAPSHOT_CREATE && op != BDRV_SNAPSHOT_DELETE) {
+		snprintf(err, errlen, "unknown snapshot operation");
+		ret = -EINVAL;
+	} else {
+		ret = run_snapshot(&r);
+		if (ret < 0 && errlen && !err[0])
+			snprintf(err, errlen, "%s", strerror(-ret));
+	}
+	if (ret < 0)
+		log_error("%s: could not %s snapshot '%.64s': %s", bs->filename,
+			  op == BDRV_SNAPSHOT_DELETE ? "delete" : "create", name,
+			  errlen ? err : strerror(-ret));
+	return ret;
+}
+
+int bdrv_snapshot_list(struct bdrv *bs, struct qcow2_snapshot **out, uint32_t *n, char *err,
+		       size_t errlen)
+{
+	struct snapshot_req r = { .bs = bs, .list = out, .n = n, .err = err, .errlen = errlen };
+	int ret;
+
+	*out = NULL;
+	*n = 0;
+	if (errlen)
+		err[0] = '\0';
+	if (!bs->drv->co_snapshot_list)
+		return 0;
+	ret = run_snapshot(&r);
+	if (ret < 0 && errlen && !err[0])
+		snprintf(err, errlen, "%s", strerror(-ret));
+	if (ret < 0)
+		log_error("%s: could not list snapshots: %s", bs->filename,
+			  errlen ? err : strerror(-ret));
+	return ret;
 }

@@ -115,6 +115,8 @@ static int raw_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsign
 			return ret;
 		s->no_fallocate = true;
 	}
+	if (flags & BDRV_REQ_NO_FALLBACK)
+		return -ENOTSUP;
 	return write_zero_buffers(bs, off, len);
 }
 

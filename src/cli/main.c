@@ -16,7 +16,7 @@ static const struct command {
 	{ "create", cmd_create, "create a qcow2 or raw image" },
 	{ "info",   cmd_info,   "show an image's format, features, backing chain, snapshots" },
 	{ "check",  cmd_check,  "check an image's consistency (qemu-img check), repair with -r" },
-	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots (offline)" },
+	{ "snapshot", cmd_snapshot, "list, create, apply or delete internal snapshots (also live)" },
 	{ "add",    cmd_add,    "serve an image as the block device /dev/ublkbN (ublk)" },
 	{ "list",   cmd_list,   "list ublk devices" },
 	{ "del",    cmd_del,    "stop and remove ublk devices" },

@@ -54,9 +54,11 @@
 #define NBD_LISTEN_BACKLOG SOMAXCONN       /* bursts of clients queue, not fail */
 #define NBD_SEND_IOV     64                  /* iovecs in one reply SENDMSG */
 #define NBD_READ_CHUNKS  16                  /* data/hole chunks in one read reply */
-#define NBD_CHUNK_HDR_MAX 32                 /* a chunk header and its fixed fields */
+#define NBD_CHUNK_HDR_MAX 48                 /* a chunk header (extended: 32) and its fixed fields */
 #define NBD_BS_EXTENTS   1024                /* descriptors per block status chunk */
-#define NBD_BS_BUF       (2 * NBD_BS_EXTENTS * 8) /* both contexts' descriptors */
+#define NBD_BS_DESC      8                   /* a descriptor: u32 length, u32 flags */
+#define NBD_BS_DESC_EXT  16                  /* extended: u64 length, u32 0, u32 flags */
+#define NBD_BS_STEPS     65536               /* block status lookups per request */
 #define NBD_STOP_GRACE_MS 1000               /* after a stop, busy connections get this long */
 #define NBD_READER_STACK (256 * 1024)        /* the reader runs GnuTLS handshakes */
 
@@ -82,12 +84,12 @@ struct nbd_req {
 	uint8_t cookie[8];         /* echoed verbatim */
 	uint16_t flags, type;
 	uint64_t off;
-	uint32_t len;
+	uint64_t len;              /* 32 bits on the wire unless c->extended */
 	int error;                 /* errno found by the reader, 0 if none */
 	/* structured read: the range as data and hole segments */
 	unsigned nsegs;
 	struct { uint32_t len; bool zero; } segs[NBD_READ_CHUNKS];
-	/* block status: descriptors per context, in data (NBD_BS_BUF) */
+	/* block status: descriptors per context, in data (nbd_bs_buf_size()) */
 	unsigned next[NBD_META_COUNT];
 	/* reply state, see reply.c */
 	uint8_t rhdr[NBD_READ_CHUNKS][NBD_CHUNK_HDR_MAX];
@@ -107,7 +109,9 @@ struct nbd_conn {
 	struct coro *co;                /* the reader */
 	struct nbd_conn *next, *prev;   /* srv->conns or srv->dead */
 	bool no_zeroes;
-	bool structured;                /* NBD_OPT_STRUCTURED_REPLY negotiated */
+	bool structured;                /* structured replies: NBD_OPT_STRUCTURED_REPLY,
+					 * or implied by extended headers */
+	bool extended;                  /* NBD_OPT_EXTENDED_HEADERS negotiated */
 	bool meta[NBD_META_COUNT];      /* contexts selected (SET_META_CONTEXT) */
 	bool dead;                      /* socket broken or shut down */
 	bool idle;                      /* idle_op waits for a new message */
@@ -245,6 +249,17 @@ void nbd_tls_conn_free(struct nbd_conn *c);
 ssize_t nbd_tls_recv(struct nbd_conn *c, void *buf, size_t len, struct aio_wait *op);
 /* Sender: every byte of @iov, encrypted.  Returns 0 or -EPIPE. */
 int nbd_tls_send(struct nbd_conn *c, const struct iovec *iov, int cnt);
+
+/* The size of a block status descriptor on @c's wire, and of the buffer
+ * that holds every context's descriptors. */
+static inline size_t nbd_bs_desc_size(const struct nbd_conn *c)
+{
+	return c->extended ? NBD_BS_DESC_EXT : NBD_BS_DESC;
+}
+static inline size_t nbd_bs_buf_size(const struct nbd_conn *c)
+{
+	return NBD_META_COUNT * NBD_BS_EXTENTS * nbd_bs_desc_size(c);
+}
 
 /* reply.c */
 /* Send @r's reply (error @err, a positive errno, or 0 with read data).

@@ -10,6 +10,13 @@
  * every other option before it gets NBD_REP_ERR_TLS_REQD (its payload read
  * and dropped), and NBD_OPT_EXPORT_NAME, which cannot be refused, closes.
  *
+ * Extended headers (NBD_OPT_EXTENDED_HEADERS) imply structured replies and
+ * take precedence over them: NBD_OPT_STRUCTURED_REPLY afterwards gets
+ * NBD_REP_ERR_EXT_HEADER_REQD (no way back to compact headers), a second
+ * NBD_OPT_EXTENDED_HEADERS NBD_REP_ERR_INVALID, and NBD_OPT_EXPORT_NAME,
+ * which a client that asked for them must not send, closes.  STARTTLS
+ * forgets them like every other option state.
+ *
  * Thread model: the connection's reader coroutine (internal.h).
  */
 #include <errno.h>
@@ -203,8 +210,33 @@ static int starttls(struct nbd_conn *c, uint32_t len)
 	if (ret < 0)
 		return ret;
 	c->structured = false;
+	c->extended = false;
 	memset(c->meta, 0, sizeof(c->meta));
 	return 0;
+}
+
+/* NBD_OPT_STRUCTURED_REPLY and NBD_OPT_EXTENDED_HEADERS: no payload. */
+static int handle_reply_mode(struct nbd_conn *c, uint32_t opt, uint32_t len)
+{
+	uint32_t err = 0;
+
+	if (len)
+		err = NBD_REP_ERR_INVALID;
+	else if (c->extended)
+		err = opt == NBD_OPT_STRUCTURED_REPLY ? NBD_REP_ERR_EXT_HEADER_REQD
+						      : NBD_REP_ERR_INVALID;
+	if (err)
+		return send_opt_reply(c, opt, err, NULL, 0);
+	c->structured = true;
+	c->extended = opt == NBD_OPT_EXTENDED_HEADERS;
+	return send_opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+}
+
+static void log_transmission(const struct nbd_conn *c)
+{
+	log_debug("connection %u: transmission with %s", c->id,
+		  c->extended ? "extended headers" :
+		  c->structured ? "structured replies" : "simple replies");
 }
 
 int nbd_negotiate(struct nbd_conn *c)
@@ -246,6 +278,11 @@ int nbd_negotiate(struct nbd_conn *c)
 					 c->id);
 				return -EACCES;
 			}
+			if (c->extended) {
+				log_warn("connection %u: NBD_OPT_EXPORT_NAME after extended "
+					 "headers: dropping", c->id);
+				return -EPROTO;
+			}
 			uint8_t tail[10 + 124] = { 0 };
 			if (len > NBD_MAX_STRING)
 				return -EPROTO;
@@ -259,6 +296,7 @@ int nbd_negotiate(struct nbd_conn *c)
 			}
 			put_be64(tail, srv->bs->size);
 			put_be16(tail + 8, conn_tflags(c));
+			log_transmission(c);
 			return nbd_conn_send_buf(c, tail, c->no_zeroes ? 10 : sizeof(tail));
 		}
 		if (len > NBD_OPT_MAX) {
@@ -304,23 +342,20 @@ int nbd_negotiate(struct nbd_conn *c)
 		case NBD_OPT_INFO:
 		case NBD_OPT_GO:
 			ret = handle_info_go(c, opt, c->optbuf, len);
-			if (ret == 1)
+			if (ret == 1) {
+				log_transmission(c);
 				return 0;
+			}
 			break;
 		case NBD_OPT_STRUCTURED_REPLY:
-			if (len) {
-				ret = send_opt_reply(c, opt, NBD_REP_ERR_INVALID, NULL, 0);
-				break;
-			}
-			c->structured = true;
-			ret = send_opt_reply(c, opt, NBD_REP_ACK, NULL, 0);
+		case NBD_OPT_EXTENDED_HEADERS:
+			ret = handle_reply_mode(c, opt, len);
 			break;
 		case NBD_OPT_LIST_META_CONTEXT:
 		case NBD_OPT_SET_META_CONTEXT:
 			ret = handle_meta(c, opt, c->optbuf, len);
 			break;
 		default:
-			/* Extended headers, and anything newer. */
 			ret = send_opt_reply(c, opt, NBD_REP_ERR_UNSUP, NULL, 0);
 			break;
 		}

@@ -4,7 +4,8 @@
  * (NetworkBlockDevice/nbd doc/proto.md).  Every integer on the wire is
  * big-endian (get_be32() and friends in common/util.h).  Only the subset the
  * server speaks is named here: fixed newstyle negotiation, simple and
- * structured replies, meta contexts and block status, TLS.
+ * structured replies, extended headers (64-bit lengths), meta contexts and
+ * block status, TLS.
  */
 #ifndef QUBLK_NBD_PROTO_H
 #define QUBLK_NBD_PROTO_H
@@ -63,6 +64,7 @@
 #define NBD_REP_ERR_SHUTDOWN      (NBD_REP_FLAG_ERROR | 7)
 #define NBD_REP_ERR_BLOCK_SIZE_REQD (NBD_REP_FLAG_ERROR | 8)
 #define NBD_REP_ERR_TOO_BIG       (NBD_REP_FLAG_ERROR | 9)
+#define NBD_REP_ERR_EXT_HEADER_REQD (NBD_REP_FLAG_ERROR | 10)
 
 /* NBD_REP_INFO payload types (16 bits) */
 #define NBD_INFO_EXPORT       0   /* u64 size, u16 transmission flags */
@@ -78,6 +80,12 @@
 #define NBD_STRUCTURED_REPLY_MAGIC 0x668e33efu
 #define NBD_CHUNK_HDR_SIZE     20   /* magic32 flags16 type16 cookie64 length32 */
 #define NBD_OPT_HDR_SIZE       16   /* magic64 option32 length32 */
+/* With NBD_OPT_EXTENDED_HEADERS every request and every reply chunk has a
+ * 32-byte header; there are no simple replies. */
+#define NBD_EXTENDED_REQUEST_MAGIC 0x21e41c71u
+#define NBD_EXTENDED_REPLY_MAGIC   0x6e8a278cu
+#define NBD_EXT_REQUEST_SIZE   32   /* magic32 flags16 type16 cookie64 offset64 length64 */
+#define NBD_EXT_CHUNK_HDR_SIZE 32   /* magic32 flags16 type16 cookie64 offset64 length64 */
 #define NBD_REP_HDR_SIZE       20   /* magic64 option32 type32 length32 */
 
 /* Commands */
@@ -96,6 +104,9 @@
 #define NBD_CMD_FLAG_DF         (1u << 2)
 #define NBD_CMD_FLAG_REQ_ONE    (1u << 3)
 #define NBD_CMD_FLAG_FAST_ZERO  (1u << 4)
+/* Extended headers only: the length is that of a payload following the
+ * header (set on every write), not the length of the range acted on. */
+#define NBD_CMD_FLAG_PAYLOAD_LEN (1u << 5)
 
 /* Structured reply chunks */
 #define NBD_REPLY_FLAG_DONE          (1u << 0)
@@ -103,6 +114,9 @@
 #define NBD_REPLY_TYPE_OFFSET_DATA   1      /* u64 offset, data */
 #define NBD_REPLY_TYPE_OFFSET_HOLE   2      /* u64 offset, u32 length */
 #define NBD_REPLY_TYPE_BLOCK_STATUS  5      /* u32 context id, {u32 length, u32 flags}... */
+/* Extended headers only: u32 context id, u32 descriptor count (0: not
+ * given), {u64 length, u32 zero, u32 flags}... */
+#define NBD_REPLY_TYPE_BLOCK_STATUS_EXT 6
 #define NBD_REPLY_TYPE_ERROR         ((1u << 15) + 1)   /* u32 error, u16 msglen, msg */
 
 /* Meta contexts and their status flags */

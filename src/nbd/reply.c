@@ -6,7 +6,11 @@
  * the data of a read).  With them, a read answers with data and hole
  * chunks (request.c split the range; holes cost no bytes on the wire) or
  * an error chunk, and block status with one chunk per selected context;
- * other commands keep simple replies, as the protocol allows.
+ * other commands keep simple replies, as the protocol allows.  Extended
+ * headers allow no simple reply: every chunk has the 32-byte extended
+ * header (which repeats the request's offset), other commands answer
+ * with a lone NBD_REPLY_TYPE_NONE or error chunk, and block status with
+ * NBD_REPLY_TYPE_BLOCK_STATUS_EXT (64-bit extent lengths).
  *
  * Replies are serialised per connection through a reply queue with one
  * sender at a time (in effect a mutex whose holder also carries the
@@ -78,20 +82,38 @@ static void send_batches(struct nbd_conn *c, struct nbd_req *self)
 	}
 }
 
-/* Append chunk header @i of @r: @len bytes of payload follow the 20-byte
- * header, of which @fixed are in rhdr[i] after it (returned for filling). */
+/* Append chunk header @i of @r: @len bytes of payload follow the header
+ * (20 bytes, 32 with extended headers), of which @fixed are in rhdr[i]
+ * after it (returned for filling). */
 static uint8_t *chunk(struct nbd_req *r, unsigned i, uint16_t flags, uint16_t type,
-		      uint32_t len, size_t fixed)
+		      uint64_t len, size_t fixed)
 {
 	uint8_t *h = r->rhdr[i];
+	size_t hlen;
 
-	put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
 	put_be16(h + 4, flags);
 	put_be16(h + 6, type);
 	memcpy(h + 8, r->cookie, 8);
-	put_be32(h + 16, len);
-	r->riov[r->riovcnt++] = (struct iovec){ h, NBD_CHUNK_HDR_SIZE + fixed };
-	return h + NBD_CHUNK_HDR_SIZE;
+	if (r->conn->extended) {
+		put_be32(h, NBD_EXTENDED_REPLY_MAGIC);
+		put_be64(h + 16, r->off);
+		put_be64(h + 24, len);
+		hlen = NBD_EXT_CHUNK_HDR_SIZE;
+	} else {
+		put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
+		put_be32(h + 16, (uint32_t)len);
+		hlen = NBD_CHUNK_HDR_SIZE;
+	}
+	r->riov[r->riovcnt++] = (struct iovec){ h, hlen + fixed };
+	return h + hlen;
+}
+
+static void build_error(struct nbd_req *r, int err)
+{
+	uint8_t *p = chunk(r, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6, 6);
+
+	put_be32(p, errno_to_nbd(err));
+	put_be16(p + 4, 0);
 }
 
 static void build_simple(struct nbd_req *r, int err)
@@ -130,41 +152,46 @@ static void build_read(struct nbd_req *r)
 	}
 }
 
+/* One status chunk per selected context: a context id, then (extended)
+ * the descriptor count, then the descriptors request.c wrote in the
+ * connection's format. */
 static void build_block_status(struct nbd_conn *c, struct nbd_req *r)
 {
+	size_t dsz = nbd_bs_desc_size(c), fixed = c->extended ? 8 : 4;
+	uint16_t type = c->extended ? NBD_REPLY_TYPE_BLOCK_STATUS_EXT : NBD_REPLY_TYPE_BLOCK_STATUS;
 	unsigned last = 0, n = 0;
 
 	for (unsigned i = 0; i < NBD_META_COUNT; i++)
 		if (c->meta[i])
 			last = i;
 	for (unsigned i = 0; i < NBD_META_COUNT; i++) {
-		uint32_t bytes = r->next[i] * 8;
+		size_t bytes = r->next[i] * dsz;
 		uint8_t *p;
 
 		if (!c->meta[i])
 			continue;
-		p = chunk(r, n++, i == last ? NBD_REPLY_FLAG_DONE : 0,
-			  NBD_REPLY_TYPE_BLOCK_STATUS, 4 + bytes, 4);
+		p = chunk(r, n++, i == last ? NBD_REPLY_FLAG_DONE : 0, type, fixed + bytes, fixed);
 		put_be32(p, i + 1);
+		if (c->extended)
+			put_be32(p + 4, r->next[i]);
 		r->riov[r->riovcnt++] = (struct iovec){
-			(uint8_t *)r->data + i * NBD_BS_EXTENTS * 8, bytes };
+			(uint8_t *)r->data + i * NBD_BS_EXTENTS * dsz, bytes };
 	}
 }
 
 void nbd_send_reply(struct nbd_conn *c, struct nbd_req *r, int err)
 {
 	r->riovcnt = 0;
-	if (c->structured && r->type == NBD_CMD_READ && err) {
-		uint8_t *p = chunk(r, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, 6, 6);
-		put_be32(p, errno_to_nbd(err));
-		put_be16(p + 4, 0);
-	} else if (c->structured && r->type == NBD_CMD_READ) {
+	if (err && (c->extended || (c->structured && r->type == NBD_CMD_READ)))
+		build_error(r, err);
+	else if (c->structured && r->type == NBD_CMD_READ)
 		build_read(r);
-	} else if (c->structured && r->type == NBD_CMD_BLOCK_STATUS && !err) {
+	else if (c->structured && r->type == NBD_CMD_BLOCK_STATUS && !err)
 		build_block_status(c, r);
-	} else {
+	else if (c->extended)
+		chunk(r, 0, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 0, 0);
+	else
 		build_simple(r, err);
-	}
 	r->reply_done = false;
 	r->sender = false;
 	r->reply_next = NULL;

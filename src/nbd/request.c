@@ -23,7 +23,7 @@
 /* Give @r a buffer of @len bytes from the pool, under the memory caps
  * (pool.c).  Reader only: may wait.  Returns 0, -ENOMEM, or -ESHUTDOWN
  * if the connection died or the server stopped meanwhile. */
-static int req_get_buf(struct nbd_conn *c, struct nbd_req *r, uint32_t len)
+static int req_get_buf(struct nbd_conn *c, struct nbd_req *r, size_t len)
 {
 	unsigned cls = nbd_pool_class(len);
 	size_t size = nbd_pool_class_size(cls);
@@ -58,11 +58,12 @@ static int check_request(struct nbd_server *srv, const struct nbd_req *r, bool w
 	uint64_t end;
 
 	/* TRIM, WRITE_ZEROES and BLOCK_STATUS carry no payload: any length
-	 * is fine. */
+	 * is fine (with extended headers, past 4 GiB too: the protocol lets
+	 * such effect lengths exceed the maximum payload). */
 	if (r->len == 0 || (r->len > NBD_MAX_PAYLOAD && (r->type == NBD_CMD_READ ||
 							 r->type == NBD_CMD_WRITE)))
 		return EINVAL;
-	if (ckd_add(&end, r->off, (uint64_t)r->len) || end > srv->bs->size)
+	if (ckd_add(&end, r->off, r->len) || end > srv->bs->size)
 		return write ? ENOSPC : EINVAL;
 	return 0;
 }
@@ -105,17 +106,40 @@ static int read_sparse(struct bdrv *bs, struct nbd_req *r)
 	return bdrv_co_pread(bs, r->off, r->len, r->data);
 }
 
+/* Descriptor lengths in the wire format of the connection: 32 bits in
+ * compact descriptors, where no request covers 4 GiB and so neither does
+ * any sum; 64 bits (then 32 zero bits) with extended headers. */
+static uint64_t bs_desc_len(const struct nbd_conn *c, const uint8_t *d)
+{
+	return c->extended ? get_be64(d) : get_be32(d);
+}
+
+static void bs_desc_put(const struct nbd_conn *c, uint8_t *d, uint64_t len, uint32_t flags)
+{
+	if (c->extended) {
+		put_be64(d, len);
+		put_be32(d + 8, 0);
+		put_be32(d + 12, flags);
+	} else {
+		put_be32(d, (uint32_t)len);
+		put_be32(d + 4, flags);
+	}
+}
+
 /* NBD_CMD_BLOCK_STATUS: descriptors of every selected context, each list
  * merged on its own value and capped (one with REQ_ONE); the walk stops
- * where a list is full. */
+ * where a list is full, or after NBD_BS_STEPS lookups (an extended
+ * request may span the whole image: a shorter answer is allowed, and the
+ * client asks again from where it ends). */
 static int block_status(struct nbd_conn *c, struct bdrv *bs, struct nbd_req *r)
 {
 	uint64_t pos = r->off, end = r->off + r->len;
 	unsigned max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : NBD_BS_EXTENTS;
+	size_t dsz = nbd_bs_desc_size(c);
 	uint32_t last[NBD_META_COUNT] = { 0 };
 
 	memset(r->next, 0, sizeof(r->next));
-	while (pos < end) {
+	for (unsigned step = 0; pos < end && step < NBD_BS_STEPS; step++) {
 		uint64_t pnum;
 		unsigned depth;
 		int st = bdrv_co_block_status(bs, pos, end - pos, &pnum, &depth);
@@ -133,17 +157,16 @@ static int block_status(struct nbd_conn *c, struct bdrv *bs, struct nbd_req *r)
 		if (full)
 			break;
 		for (unsigned i = 0; i < NBD_META_COUNT; i++) {
-			uint8_t *d = (uint8_t *)r->data + i * NBD_BS_EXTENTS * 8;
+			uint8_t *d = (uint8_t *)r->data + i * NBD_BS_EXTENTS * dsz;
 
 			if (!c->meta[i])
 				continue;
 			if (r->next[i] && last[i] == v[i]) {
-				d += (r->next[i] - 1) * 8;
-				put_be32(d, get_be32(d) + (uint32_t)pnum);
+				d += (r->next[i] - 1) * dsz;
+				bs_desc_put(c, d, bs_desc_len(c, d) + pnum, v[i]);
 			} else {
-				d += r->next[i]++ * 8;
-				put_be32(d, (uint32_t)pnum);
-				put_be32(d + 4, v[i]);
+				d += r->next[i]++ * dsz;
+				bs_desc_put(c, d, pnum, v[i]);
 				last[i] = v[i];
 			}
 		}
@@ -190,7 +213,7 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 		ret = block_status(c, bs, r);
 		break;
 	case NBD_CMD_WRITE:
-		if (r->flags & ~NBD_CMD_FLAG_FUA)
+		if (r->flags & ~(NBD_CMD_FLAG_FUA | (c->extended ? NBD_CMD_FLAG_PAYLOAD_LEN : 0)))
 			return EINVAL;
 		if (bs->read_only)
 			return EPERM;
@@ -216,7 +239,7 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 		break;
 	case NBD_CMD_WRITE_ZEROES: {
 		unsigned fl = 0;
-		if (r->flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE))
+		if (r->flags & ~(NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO))
 			return EINVAL;
 		if (bs->read_only)
 			return EPERM;
@@ -226,6 +249,11 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 			fl |= BDRV_REQ_MAY_UNMAP;
 		if (fua)
 			fl |= BDRV_REQ_FUA;
+		/* FAST_ZERO: ENOTSUP where zeroing would mean writing zeros
+		 * (an unaligned qcow2 head or tail over data, a raw file system
+		 * without fallocate), and the client writes them itself. */
+		if (r->flags & NBD_CMD_FLAG_FAST_ZERO)
+			fl |= BDRV_REQ_NO_FALLBACK;
 		ret = bdrv_co_pwrite_zeroes(bs, r->off, r->len, fl);
 		break;
 	}
@@ -233,9 +261,9 @@ static int execute(struct nbd_server *srv, struct nbd_req *r)
 		return EINVAL;
 	}
 	if (ret < 0 && ret != -EINVAL)
-		log_debug("connection %u: %s request at %llu+%u failed: %s", r->conn->id,
+		log_debug("connection %u: %s request at %llu+%llu failed: %s", r->conn->id,
 			  r->type == NBD_CMD_READ ? "read" : "write-side",
-			  (unsigned long long)r->off, r->len, strerror(-ret));
+			  (unsigned long long)r->off, (unsigned long long)r->len, strerror(-ret));
 	return ret < 0 ? -ret : 0;
 }
 
@@ -254,48 +282,77 @@ void nbd_req_main(void *opaque)
 	co_queue_wake_all(&c->waitq);
 }
 
+/* Read the payload of a request that gets an error reply anyway (@err)
+ * and throw it away: the next request follows it. */
+static int req_skip_payload(struct nbd_conn *c, struct nbd_req *r, int err)
+{
+	int ret = nbd_conn_skip(c, r->len);
+
+	r->error = err;
+	return ret < 0 ? ret : 1;
+}
+
 /* Read one request into @r.  Returns 1 to dispatch, 0 for DISC, -errno to
- * drop the connection. */
+ * drop the connection.
+ *
+ * Framing is all that is decided here: a request that is malformed but
+ * whose end is known gets an error reply (execute() checks the rest), one
+ * whose end is not known (a bad magic) drops the connection.  A write
+ * carries a payload of its length.  With extended headers so does any
+ * request with NBD_CMD_FLAG_PAYLOAD_LEN, which is skipped and refused on
+ * a command other than a write; a payload over NBD_MAX_PAYLOAD drops the
+ * connection, as the protocol recommends (there may be no end to skip:
+ * the length has 64 bits).  The protocol wants the flag on every
+ * extended write, but QEMU's client (8.2 to 10 at least) leaves it out,
+ * and QEMU's server takes such writes as we do. */
 int nbd_read_request(struct nbd_conn *c, struct nbd_req *r)
 {
-	uint8_t h[NBD_REQUEST_SIZE];
-	int ret = nbd_conn_read(c, h, sizeof(h), true);
+	uint8_t h[NBD_EXT_REQUEST_SIZE];
+	size_t hlen = c->extended ? NBD_EXT_REQUEST_SIZE : NBD_REQUEST_SIZE;
+	uint32_t magic = c->extended ? NBD_EXTENDED_REQUEST_MAGIC : NBD_REQUEST_MAGIC;
+	bool payload;
+	int ret = nbd_conn_read(c, h, hlen, true);
 
 	if (ret < 0)
 		return ret;
-	if (get_be32(h) != NBD_REQUEST_MAGIC) {
-		log_warn("connection %u: bad request magic 0x%08x, dropping", c->id, get_be32(h));
+	if (get_be32(h) != magic) {
+		log_warn("connection %u: bad request magic 0x%08x (%s headers), dropping",
+			 c->id, get_be32(h), c->extended ? "extended" : "compact");
 		return -EPROTO;
 	}
 	r->flags = get_be16(h + 4);
 	r->type = get_be16(h + 6);
 	memcpy(r->cookie, h + 8, 8);
 	r->off = get_be64(h + 16);
-	r->len = get_be32(h + 24);
+	r->len = c->extended ? get_be64(h + 24) : get_be32(h + 24);
 	r->error = 0;
 	r->data = NULL;
 
-	switch (r->type) {
-	case NBD_CMD_DISC:
+	if (r->type == NBD_CMD_DISC)
 		return 0;
-	case NBD_CMD_WRITE:
+	payload = r->type == NBD_CMD_WRITE || (c->extended && (r->flags & NBD_CMD_FLAG_PAYLOAD_LEN));
+	if (c->extended && payload && r->len > NBD_MAX_PAYLOAD) {
+		log_warn("connection %u: request payload of %llu bytes over the maximum, "
+			 "dropping", c->id, (unsigned long long)r->len);
+		return -EPROTO;
+	}
+
+	if (payload) {
 		/* The payload follows whatever we think of the request. */
-		if (r->len > NBD_MAX_PAYLOAD) {
-			r->error = EINVAL;
-			ret = nbd_conn_skip(c, r->len);
-			return ret < 0 ? ret : 1;
-		}
+		if (r->type != NBD_CMD_WRITE || r->len > NBD_MAX_PAYLOAD)
+			return req_skip_payload(c, r, EINVAL);
 		if (r->len && (ret = req_get_buf(c, r, r->len)) < 0) {
 			if (ret == -ESHUTDOWN)
 				return ret;     /* stopping mid-message: drop */
-			r->error = ENOMEM;
-			ret = nbd_conn_skip(c, r->len);
-			return ret < 0 ? ret : 1;
+			return req_skip_payload(c, r, ENOMEM);
 		}
 		ret = r->len ? nbd_conn_read(c, r->data, r->len, false) : 0;
 		return ret < 0 ? ret : 1;
+	}
+
+	switch (r->type) {
 	case NBD_CMD_BLOCK_STATUS:
-		if ((ret = req_get_buf(c, r, NBD_BS_BUF)) < 0) {
+		if ((ret = req_get_buf(c, r, nbd_bs_buf_size(c))) < 0) {
 			if (ret == -ESHUTDOWN)
 				return ret;
 			r->error = ENOMEM;
@@ -313,4 +370,3 @@ int nbd_read_request(struct nbd_conn *c, struct nbd_req *r)
 		return 1;
 	}
 }
-

@@ -261,7 +261,7 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 		goto fail;
 	}
 	srv->tflags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
-		      NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES;
+		      NBD_FLAG_SEND_TRIM | NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO;
 	/* One image behind every connection on one thread, no cache of our
 	 * own: a flush on any connection covers writes acknowledged on all
 	 * of them, which is what multi-conn promises.  Advertised only when

@@ -106,15 +106,17 @@ static int check_features(struct qcow2_state *s, bool ro)
 	return 0;
 }
 
-static int load_l1(struct qcow2_state *s)
+int qcow2_read_l1(struct qcow2_state *s, uint64_t **out)
 {
 	const char *fn = s->bs->filename;
 	uint64_t per_l1 = (uint64_t)s->cluster_size << s->l2_bits;
 	uint64_t need = DIV_ROUND_UP(s->meta.h.size, per_l1);
 	uint64_t bytes = (uint64_t)s->l1_size * 8;
+	uint64_t *l1;
 	uint8_t *buf;
 	int ret;
 
+	*out = NULL;
 	if (s->l1_size < need) {
 		log_error("%s: L1 table too small (%u entries) for the virtual size", fn, s->l1_size);
 		return -EINVAL;
@@ -123,17 +125,17 @@ static int load_l1(struct qcow2_state *s)
 		log_error("%s: L1 table too large", fn);
 		return -EINVAL;
 	}
-	s->l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
+	l1 = calloc(s->l1_size ? s->l1_size : 1, 8);
 	buf = io_alloc(bytes ? bytes : 512);
-	if (!s->l1 || !buf) {
+	if (!l1 || !buf) {
+		free(l1);
 		io_free(buf);
 		return -ENOMEM;
 	}
 	ret = bytes ? io_pread(s->file, buf, bytes, s->l1_offset) : 0;
 	if (ret < 0) {
 		log_error("%s: reading the L1 table: %s", fn, strerror(-ret));
-		io_free(buf);
-		return ret;
+		goto fail;
 	}
 	for (uint32_t i = 0; i < s->l1_size; i++) {
 		uint64_t e = get_be64(buf + 8 * (size_t)i);
@@ -142,13 +144,18 @@ static int load_l1(struct qcow2_state *s)
 		    (off && (!IS_ALIGNED(off, s->cluster_size) || off >= s->file_end ||
 			     s->file_end - off < s->cluster_size))) {
 			log_error("%s: L1 entry %u is invalid (%#llx)", fn, i, (unsigned long long)e);
-			io_free(buf);
-			return -EINVAL;
+			ret = -EINVAL;
+			goto fail;
 		}
-		s->l1[i] = e;
+		l1[i] = e;
 	}
 	io_free(buf);
+	*out = l1;
 	return 0;
+fail:
+	free(l1);
+	io_free(buf);
+	return ret;
 }
 
 static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
@@ -168,6 +175,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	s->file = bs->file;
 	s->read_only = ro;
 	s->lock = (struct co_mutex)CO_MUTEX_INIT;
+	s->resize_lock = (struct co_mutex)CO_MUTEX_INIT;
 	ret = io_get_size(s->file, &file_size);
 	if (ret < 0) {
 		log_error("%s: cannot get the file size: %s", fn, strerror(-ret));
@@ -217,7 +225,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	s->reftable_offset = h->reftable_offset;
 	s->reftable_clusters = h->reftable_clusters;
 
-	ret = load_l1(s);
+	ret = qcow2_read_l1(s, &s->l1);
 	if (ret < 0)
 		goto fail;
 	ret = qcow2_refcount_open(s);
@@ -374,4 +382,7 @@ const struct bdrv_driver bdrv_qcow2 = {
 	.co_flush = qcow2_co_flush,
 	.co_pwritev_compressed = qcow2_co_pwritev_compressed,
 	.co_block_status = qcow2_co_block_status,
+	.co_truncate = qcow2_co_truncate,
+	.co_snapshot = qcow2_co_snapshot,
+	.co_snapshot_list = qcow2_co_snapshot_list,
 };

@@ -281,19 +281,28 @@ int qcow2_bitmap_ext(const struct qcow2_meta *m, uint32_t *nb, uint64_t *dir_off
 int qcow2_bitmaps_read(struct io_file *f, const struct qcow2_meta *m, uint64_t file_size,
 		       struct qcow2_bitmap **out, uint32_t *nout, char *err, size_t errlen);
 void qcow2_bitmaps_free(struct qcow2_bitmap *b, uint32_t n);
-/* Internal snapshots, offline (snapshot-write.c), with QEMU's semantics:
- * @f is the image file, open read-write, used by no one else (the caller
- * holds the image's write lock).  create adds a snapshot called @name of
- * the current guest contents (no VM state; ids as QEMU assigns them:
- * one more than the largest); apply reverts the guest contents (and
- * virtual size) to the snapshot whose id, or else name, is @name; delete
- * drops the snapshot whose name, or else id, is @name (qemu-img's
- * lookups).  A power cut leaves leaked clusters at most, and possibly
- * active entries with refcount 1 still lacking OFLAG_COPIED (see the
- * file).  Returns -errno with @err set (-ENOENT: no such snapshot). */
-int qcow2_snapshot_create(struct io_file *f, const char *name, char *err, size_t errlen);
-int qcow2_snapshot_apply(struct io_file *f, const char *name, char *err, size_t errlen);
-int qcow2_snapshot_delete(struct io_file *f, const char *name, char *err, size_t errlen);
+/* Internal snapshots (snapshot-write.c), with QEMU's semantics: @f is
+ * the image file, open read-write, used by no one else (offline: the
+ * caller holds the image's write lock; live: see QCOW2_SNAPSHOT_LIVE).
+ * create adds a snapshot called @name of the current guest contents (no
+ * VM state; ids as QEMU assigns them: one more than the largest); apply
+ * reverts the guest contents (and virtual size) to the snapshot whose
+ * id, or else name, is @name; delete drops the snapshot whose name, or
+ * else id, is @name (qemu-img's lookups).  A power cut leaves leaked
+ * clusters at most, and possibly active entries with refcount 1 still
+ * lacking OFLAG_COPIED (see the file).  Returns -errno with @err set
+ * (-ENOENT: no such snapshot). */
+/* In @flags: the image is open in the driver (snapshot-live.c), which
+ * has stopped its requests, written back everything and marked the image
+ * clean, and reloads its state afterwards.  The autoclear bits are left
+ * as they are (the driver maintains them); a dirty image is refused. */
+#define QCOW2_SNAPSHOT_LIVE (1u << 0)
+int qcow2_snapshot_create(struct io_file *f, const char *name, unsigned flags, char *err,
+			  size_t errlen);
+int qcow2_snapshot_apply(struct io_file *f, const char *name, unsigned flags, char *err,
+			 size_t errlen);
+int qcow2_snapshot_delete(struct io_file *f, const char *name, unsigned flags, char *err,
+			  size_t errlen);
 /* The snapshot list of the image in @f (header and table validated).
  * *out: *n entries, for qcow2_snapshots_free(). */
 int qcow2_snapshot_list(struct io_file *f, struct qcow2_snapshot **out, uint32_t *n, char *err,

@@ -4,6 +4,8 @@
  * driver's files.
  *
  *   driver.c   open/close, feature checks, the bdrv_qcow2 ops table
+ *   snapshot-live.c  internal snapshots of the open image (the work is
+ *              snapshot-write.c's, shared with the offline tool)
  *   ranges.c   the range authority: metadata map and overlap checks,
  *              allocation reservations, host I/O epochs, guest cluster
  *              owners, corruption signalling
@@ -13,6 +15,7 @@
  *   cluster.c  guest offset -> host mapping, L2 entry checks, L2 tables
  *   rw.c       request paths: read, write with COW, zeroes, discard, flush
  *   status.c   block status (what a range reads as) from the mapping
+ *   resize.c   changing the virtual size (L1 growth, shrinking)
  *
  * Thread model: one image may be driven by the coroutines of several
  * threads at once (one per ublk queue, each with its own io_uring).  All
@@ -58,6 +61,9 @@ enum qcow2_site {
 	QCOW2_W_FLUSH,                  /* fdatasync */
 	QCOW2_W_BITMAP,                 /* dirty bitmap data and tables */
 	QCOW2_W_BITMAP_DIR,             /* a bitmap directory entry's flags */
+	QCOW2_W_L1_GROW_WRITE,          /* resize: the new, larger L1 table */
+	QCOW2_W_L1_GROW_ACTIVATE,       /* resize: header l1_size + l1_table_offset */
+	QCOW2_W_L1_SHRINK_WRITE,        /* resize: zeroing dropped L1 entries */
 	QCOW2_NSITES
 };
 
@@ -113,6 +119,10 @@ void qcow2_cache_synced(struct qcow2_cache *c, bool ok);
 
 int qcow2_refcount_open(struct qcow2_state *s);
 void qcow2_refcount_close(struct qcow2_state *s);
+/* Read and validate the refcount table at s->reftable_offset
+ * (s->reftable_clusters) into a new array: *n entries, host order.
+ * Returns -errno (logged). */
+int qcow2_read_reftable(struct qcow2_state *s, uint64_t **out, uint32_t *n);
 /* Lock held.  Refcount of host cluster @cluster (0 if not covered). */
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc);
 /* Lock held.  Allocate @n contiguous clusters (refcount 0 -> 1, in the
@@ -203,6 +213,21 @@ int qcow2_l2_check_writable(struct qcow2_state *s, uint64_t guest);
 int qcow2_l2_slice_for_read(struct qcow2_state *s, uint64_t guest, int *slice,
 			    uint64_t **entries, unsigned *index);
 
+/* ---- driver.c ---------------------------------------------------------- */
+
+/* Read and validate the active L1 table (s->l1_offset, s->l1_size) into
+ * a new array, host order.  Returns -errno (logged). */
+int qcow2_read_l1(struct qcow2_state *s, uint64_t **out);
+
+/* ---- snapshot-live.c --------------------------------------------------- */
+
+/* The co_snapshot and co_snapshot_list ops (bdrv.h).  Coroutine
+ * context; they take the lock. */
+int qcow2_co_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *name, char *err,
+		      size_t errlen);
+int qcow2_co_snapshot_list(struct bdrv *bs, struct qcow2_snapshot **out, uint32_t *n, char *err,
+			   size_t errlen);
+
 /* ---- status.c --------------------------------------------------------- */
 
 /* The co_block_status op (bdrv.h).  Coroutine context; takes the lock. */
@@ -220,8 +245,21 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len);
 int qcow2_co_flush(struct bdrv *bs);
 int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 				const struct iovec *iov, int iovcnt);
+/* Lock held, the guest clusters of [off, end) owned.  Make them read as
+ * zeros with zero clusters (v3; zero subclusters with extended L2), for
+ * an image whose size is @img_end (a resize sets up its new range before
+ * bs->size changes).  @off and @end are cluster (subcluster) aligned or
+ * @end is @img_end.  Returns -errno. */
+int qcow2_zero_clusters_locked(struct qcow2_state *s, uint64_t off, uint64_t end,
+			       uint64_t img_end);
 int qcow2_bounce_init(struct qcow2_state *s);
 void qcow2_bounce_deinit(struct qcow2_state *s);
+
+/* ---- resize.c ---------------------------------------------------------- */
+
+/* The co_truncate op (bdrv.h).  Coroutine context, any thread; takes the
+ * locks it needs. */
+int qcow2_co_truncate(struct bdrv *bs, uint64_t size);
 
 /* ---- bitmap.c ---------------------------------------------------------- */
 
@@ -419,6 +457,8 @@ struct qcow2_state {
 
 	struct qcow2_cache l2c, rbc;
 	struct co_mutex lock;
+	/* One resize at a time (resize.c); taken before s->lock. */
+	struct co_mutex resize_lock;
 	uint8_t *meta_buf;              /* one cluster, metadata scratch (lock held) */
 	bool no_zero_range;             /* fallocate(ZERO_RANGE) unsupported */
 

@@ -274,6 +274,11 @@ static const struct {
 	[QCOW2_W_FLUSH] = { "flush", QCOW2_OL_DATA, true },
 	[QCOW2_W_BITMAP] = { "bitmap_write", QCOW2_OL_NEW, false },
 	[QCOW2_W_BITMAP_DIR] = { "bitmap_dir_update", QCOW2_OL_BITMAP_DIR, false },
+	/* QEMU's blkdebug names.  The new table is not pointed at until the
+	 * header switches; a torn header switch or L1 entry zeroing is. */
+	[QCOW2_W_L1_GROW_WRITE] = { "l1_grow_write_table", QCOW2_OL_ACTIVE_L1, false },
+	[QCOW2_W_L1_GROW_ACTIVATE] = { "l1_grow_activate_table", QCOW2_OL_HEADER, true },
+	[QCOW2_W_L1_SHRINK_WRITE] = { "l1_shrink_write_table", QCOW2_OL_ACTIVE_L1, true },
 };
 
 static const struct { const char *name; int err; } errnos[] = {

@@ -38,45 +38,62 @@
 #include "common/util.h"
 #include "qcow2/qcow2.h"
 
-int qcow2_refcount_open(struct qcow2_state *s)
+int qcow2_read_reftable(struct qcow2_state *s, uint64_t **out, uint32_t *n)
 {
 	const char *fn = s->bs->filename;
 	uint64_t bytes = (uint64_t)s->reftable_clusters << s->cluster_bits;
+	uint32_t size;
+	uint64_t *rt;
 	uint8_t *buf;
 	int ret;
 
+	*out = NULL;
+	*n = 0;
 	if (bytes > QCOW2_MAX_REFTABLE_SIZE) {
 		log_error("%s: refcount table too large (%llu bytes)", fn, (unsigned long long)bytes);
 		return -EINVAL;
 	}
-	s->reftable_size = (uint32_t)(bytes / 8);
-	s->reftable = calloc(s->reftable_size ? s->reftable_size : 1, 8);
+	size = (uint32_t)(bytes / 8);
+	rt = calloc(size ? size : 1, 8);
 	buf = io_alloc(bytes ? bytes : 512);
-	if (!s->reftable || !buf) {
+	if (!rt || !buf) {
+		free(rt);
 		io_free(buf);
 		return -ENOMEM;
 	}
 	ret = bytes ? io_pread(s->file, buf, bytes, s->reftable_offset) : 0;
 	if (ret < 0) {
 		log_error("%s: reading the refcount table: %s", fn, strerror(-ret));
-		io_free(buf);
-		return ret;
+		goto fail;
 	}
-	for (uint32_t i = 0; i < s->reftable_size; i++) {
+	for (uint32_t i = 0; i < size; i++) {
 		uint64_t e = get_be64(buf + 8 * (size_t)i);
 		uint64_t off = e & QCOW2_REFT_OFFSET_MASK;
 		if ((e & QCOW2_REFT_RESERVED_MASK) || !IS_ALIGNED(off, s->cluster_size) ||
 		    off >= s->file_end || s->file_end - off < s->cluster_size) {
 			log_error("%s: refcount table entry %u is invalid (%#llx)", fn, i,
 				  (unsigned long long)e);
-			io_free(buf);
-			return -EINVAL;
+			ret = -EINVAL;
+			goto fail;
 		}
-		s->reftable[i] = off;
+		rt[i] = off;
 	}
 	io_free(buf);
-	s->free_hint = 0;
+	*out = rt;
+	*n = size;
 	return 0;
+fail:
+	free(rt);
+	io_free(buf);
+	return ret;
+}
+
+int qcow2_refcount_open(struct qcow2_state *s)
+{
+	int ret = qcow2_read_reftable(s, &s->reftable, &s->reftable_size);
+
+	s->free_hint = 0;
+	return ret;
 }
 
 void qcow2_refcount_close(struct qcow2_state *s)

@@ -659,6 +659,15 @@ static int set_entry(struct qcow2_state *s, uint64_t guest, uint64_t new_e, uint
 }
 
 enum zop { ZOP_DISCARD, ZOP_ZERO };
+/* With ZOP_DISCARD: it stands for a write-zeroes (v2 has no zero flag),
+ * so it may not skip what it cannot do (clusters_op_owned). */
+#define ZOP_MUST (1u << 31)
+
+/* The virtual size, as other threads may change it (bdrv_truncate). */
+static uint64_t image_end(struct qcow2_state *s)
+{
+	return __atomic_load_n(&s->bs->size, __ATOMIC_ACQUIRE);
+}
 
 /* Lock held.  With an external data file: the guest range [host,
  * host+len) of it was unmapped, or zeroed in a raw data file (whose bytes
@@ -680,8 +689,8 @@ static int data_release(struct qcow2_state *s, uint64_t host, uint64_t len, bool
 /* One whole cluster with extended L2: QEMU's discard_in_l2_slice
  * (full_discard=false) and zero_in_l2_slice with subclusters: every
  * subcluster reads as zeros, the host cluster dropped when unmapping. */
-static int cluster_op_ext(struct qcow2_state *s, uint64_t off, const struct qcow2_map *m,
-			  enum zop op, unsigned flags)
+static int cluster_op_ext(struct qcow2_state *s, uint64_t off, uint64_t len,
+			  const struct qcow2_map *m, enum zop op, unsigned flags)
 {
 	enum qcow2_ctype ct;
 	uint64_t new_e;
@@ -703,8 +712,7 @@ static int cluster_op_ext(struct qcow2_state *s, uint64_t off, const struct qcow
 		return 0;
 	ret = set_entry(s, off, new_e, QCOW2_BITMAP_ALL_ZERO, unmap);
 	if (ret == 0 && has)
-		ret = data_release(s, m->l2e & QCOW2_L2E_OFFSET_MASK,
-				   MIN((uint64_t)s->cluster_size, s->bs->size - off), unmap);
+		ret = data_release(s, m->l2e & QCOW2_L2E_OFFSET_MASK, len, unmap);
 	return ret;
 }
 
@@ -731,29 +739,47 @@ static int subclusters_zero(struct qcow2_state *s, uint64_t off, uint64_t end,
 }
 
 /* Lock held; the caller owns the guest clusters of [off, end).  Whole
- * clusters (the last may end at the unaligned image end): QEMU's
+ * clusters (the last may end at the unaligned image end @img_end): QEMU's
  * discard_in_l2_slice (full_discard=false) / zero_in_l2_slice; with
  * extended L2, write-zeroes may also cover whole subclusters of a
- * cluster. */
+ * cluster.
+ *
+ * @img_end is the virtual size read under the lock after the clusters
+ * were owned (or the size a resize is establishing): a caller that
+ * decided "this partial cluster is the last one" from bs->size before it
+ * waited may be wrong by now, as a live resize grows the image under it.
+ * A piece that is neither whole units (clusters; subclusters for
+ * extended L2) nor ends at @img_end is skipped by a discard and makes a
+ * write-zeroes (ZOP_ZERO, or ZOP_DISCARD with ZOP_MUST) return -ENOTSUP
+ * (its caller then writes zeros): turning the whole unit into zeros would
+ * also zero guest bytes past the old end that a write may already have
+ * filled. */
 static int clusters_op_owned(struct qcow2_state *s, uint64_t off, uint64_t end, enum zop op,
-			     unsigned flags)
+			     unsigned flags, uint64_t img_end)
 {
 	uint64_t cs = s->cluster_size;
+	uint64_t unit = s->ext_l2 && op == ZOP_ZERO ? s->sc_size : cs;
 	int ret = 0;
 
 	while (off < end && ret == 0) {
 		uint64_t piece_end = MIN(end, ALIGN_DOWN(off, cs) + cs);
 		bool whole = IS_ALIGNED(off, cs) &&
-			     (piece_end - off == cs || piece_end == s->bs->size);
+			     (piece_end - off == cs || piece_end == img_end);
 		struct qcow2_map m;
 		uint64_t new_e;
 		bool unmap;
 
+		if (!IS_ALIGNED(piece_end, unit) && piece_end != img_end) {
+			if (op == ZOP_ZERO || (flags & ZOP_MUST))
+				return -ENOTSUP;
+			off = piece_end;
+			continue;
+		}
 		ret = qcow2_get_mapping(s, off, cs, &m);
 		if (ret < 0)
 			break;
 		if (s->ext_l2) {
-			ret = whole ? cluster_op_ext(s, off, &m, op, flags)
+			ret = whole ? cluster_op_ext(s, off, piece_end - off, &m, op, flags)
 				    : subclusters_zero(s, off, piece_end, &m);
 			off = piece_end;
 			continue;
@@ -794,7 +820,7 @@ static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum z
 
 		co_mutex_lock(&s->lock);
 		qcow2_own_guest(s, &o, off, stop);
-		ret = clusters_op_owned(s, off, stop, op, flags);
+		ret = clusters_op_owned(s, off, stop, op, flags, image_end(s));
 		if (ret == 0)
 			ret = qcow2_write_through(s);
 		qcow2_disown_guest(s, &o);
@@ -809,14 +835,22 @@ static int clusters_op(struct qcow2_state *s, uint64_t off, uint64_t len, enum z
 static int zeroize_owned(struct qcow2_state *s, uint64_t off, uint64_t end, unsigned flags)
 {
 	if (s->meta.h.version < 3)
-		return s->backing ? -ENOTSUP : clusters_op_owned(s, off, end, ZOP_DISCARD, 0);
-	return clusters_op_owned(s, off, end, ZOP_ZERO, flags);
+		return s->backing ? -ENOTSUP
+				  : clusters_op_owned(s, off, end, ZOP_DISCARD, ZOP_MUST,
+						      image_end(s));
+	return clusters_op_owned(s, off, end, ZOP_ZERO, flags, image_end(s));
+}
+
+int qcow2_zero_clusters_locked(struct qcow2_state *s, uint64_t off, uint64_t end,
+			       uint64_t img_end)
+{
+	return clusters_op_owned(s, off, end, ZOP_ZERO, 0, img_end);
 }
 
 static int zeroize(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
 	if (s->meta.h.version < 3)
-		return s->backing ? -ENOTSUP : clusters_op(s, off, len, ZOP_DISCARD, 0);
+		return s->backing ? -ENOTSUP : clusters_op(s, off, len, ZOP_DISCARD, ZOP_MUST);
 	return clusters_op(s, off, len, ZOP_ZERO, flags);
 }
 
@@ -824,12 +858,13 @@ static int zeroize(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned f
  * (zero clusters, unallocated without data below)?  Lock taken here. */
 static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 {
+	uint64_t size = image_end(s);
 	struct qcow2_map m;
 	bool zero = true;
 
-	if (off >= s->bs->size)
+	if (off >= size)
 		return true;
-	len = MIN(len, s->bs->size - off);
+	len = MIN(len, size - off);
 	while (len && zero) {
 		co_mutex_lock(&s->lock);
 		int ret = qcow2_get_mapping(s, off, len, &m);
@@ -868,8 +903,9 @@ static bool is_zero_range(struct qcow2_state *s, uint64_t off, uint64_t len)
 static int zero_partial(struct qcow2_state *s, uint64_t off, uint64_t len, unsigned flags)
 {
 	uint64_t u = s->sc_size, c0 = ALIGN_DOWN(off, u);
-	uint64_t end = off + len, cend = end == s->bs->size ? end : ALIGN_UP(end, u);
-	uint64_t unit_end = MIN(c0 + u, s->bs->size);
+	uint64_t size = image_end(s);
+	uint64_t end = off + len, cend = end == size ? end : ALIGN_UP(end, u);
+	uint64_t unit_end = MIN(c0 + u, size);
 	struct qcow2_owner o;
 	struct qcow2_map m;
 	int ret;
@@ -920,13 +956,13 @@ int qcow2_co_pwrite_zeroes(struct bdrv *bs, uint64_t off, uint64_t len, unsigned
 			partial = false;
 		} else {
 			piece_end = end;
-			partial = end != bs->size;
+			partial = end != image_end(s);
 		}
 		if (partial)
 			ret = zero_partial(s, off, piece_end - off, flags);
 		else
 			ret = zeroize(s, off, piece_end - off, flags);
-		if (ret == -ENOTSUP)
+		if (ret == -ENOTSUP && !(flags & BDRV_REQ_NO_FALLBACK))
 			ret = write_zero_buffers(bs, off, piece_end - off);
 		if (ret < 0)
 			return ret;
@@ -940,7 +976,8 @@ int qcow2_co_discard(struct bdrv *bs, uint64_t off, uint64_t len)
 	struct qcow2_state *s = bs->opaque;
 	uint64_t cs = s->cluster_size;
 	uint64_t start = ALIGN_UP(off, cs);
-	uint64_t end = off + len == bs->size ? bs->size : ALIGN_DOWN(off + len, (uint64_t)cs);
+	uint64_t size = image_end(s);
+	uint64_t end = off + len == size ? size : ALIGN_DOWN(off + len, (uint64_t)cs);
 
 	if (s->corrupt)
 		return -EIO;

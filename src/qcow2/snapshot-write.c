@@ -1,12 +1,18 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * Internal snapshots, offline: create, apply (revert to) and delete, with
- * QEMU's semantics (qcow2.rst "Snapshots"; block/qcow2-snapshot.c is the
- * reference behaviour), for `qublk snapshot`.
+ * Internal snapshots: create, apply (revert to) and delete, with QEMU's
+ * semantics (qcow2.rst "Snapshots"; block/qcow2-snapshot.c is the
+ * reference behaviour), for `qublk snapshot` and for the driver of a
+ * live image (snapshot-live.c): one implementation for both.
  *
  * Works on an image file through the io layer, like check.c, not through
- * the driver: nobody else may use the image meanwhile (the caller holds
- * QEMU's write lock).  Blocking calls only; one thread.
+ * the driver: nobody else may use the image meanwhile.  Offline, the
+ * caller holds QEMU's write lock.  Live (QCOW2_SNAPSHOT_LIVE), the driver
+ * that has the image open has stopped its requests, written everything
+ * it held back and marked the image clean, and reloads what changed when
+ * this returns; until then the file is ours.  The calls are the io
+ * layer's: blocking outside a coroutine (one thread), yielding inside
+ * one (the driver's).
  *
  * Refcounts are kept here: the refcount table, and every refcount block
  * touched, are loaded into memory; changes are made there and written
@@ -713,7 +719,8 @@ static void sw_close(struct sw *w)
 	qcow2_meta_free(&w->m);
 }
 
-static int sw_open(struct sw *w, struct io_file *f, bool write, char *err, size_t errlen)
+static int sw_open(struct sw *w, struct io_file *f, bool write, unsigned flags, char *err,
+		   size_t errlen)
 {
 	char why[256] = "";
 	int ret;
@@ -742,6 +749,8 @@ static int sw_open(struct sw *w, struct io_file *f, bool write, char *err, size_
 		return fail(w, -ENOTSUP, "internal snapshots are not supported with an external data file");
 	if (write && (h->incompat & QCOW2_INCOMPAT_CORRUPT))
 		return fail(w, -EIO, "the image is marked corrupt; run 'qublk check -r all'");
+	if (write && (h->incompat & QCOW2_INCOMPAT_DIRTY) && (flags & QCOW2_SNAPSHOT_LIVE))
+		return fail(w, -EIO, "the image is dirty (its refcounts were not written back)");
 	if (write && (h->incompat & QCOW2_INCOMPAT_DIRTY)) {
 		/* As a read-write open by QEMU: repair the refcounts first. */
 		ret = qcow2_repair_dirty(f, f->path ? f->path : "image", &w->m, &w->file_size);
@@ -785,8 +794,10 @@ static int sw_open(struct sw *w, struct io_file *f, bool write, char *err, size_
 	if (ret)
 		return ret;
 	/* Autoclear features we do not maintain (bitmaps) are cleared, as a
-	 * read-write open by the driver or QEMU does. */
-	if (h->version >= 3 && h->autoclear) {
+	 * read-write open by the driver or QEMU does.  Live, the driver has
+	 * cleared those it does not maintain and keeps the others (bitmaps
+	 * it tracks): a snapshot changes no guest data, so they stay valid. */
+	if (h->version >= 3 && h->autoclear && !(flags & QCOW2_SNAPSHOT_LIVE)) {
 		uint8_t z[8] = { 0 };
 		ret = write_header_bytes(w, QCOW2_HDR_AUTOCLEAR, z, sizeof(z));
 		if (ret)
@@ -839,7 +850,8 @@ static size_t encode_entry(uint8_t *e, uint64_t l1_off, uint32_t l1_size, const 
 	return ALIGN_UP(len, 8);
 }
 
-int qcow2_snapshot_create(struct io_file *f, const char *name, char *err, size_t errlen)
+int qcow2_snapshot_create(struct io_file *f, const char *name, unsigned flags, char *err,
+			  size_t errlen)
 {
 	struct sw w;
 	uint8_t *entry = NULL, *table = NULL;
@@ -847,7 +859,7 @@ int qcow2_snapshot_create(struct io_file *f, const char *name, char *err, size_t
 	char id[32];
 	int ret;
 
-	ret = sw_open(&w, f, true, err, errlen);
+	ret = sw_open(&w, f, true, flags, err, errlen);
 	if (ret)
 		goto out;
 	if (!name[0] || strlen(name) > 65535) {
@@ -940,13 +952,14 @@ out:
 	return ret;
 }
 
-int qcow2_snapshot_apply(struct io_file *f, const char *name, char *err, size_t errlen)
+int qcow2_snapshot_apply(struct io_file *f, const char *name, unsigned flags, char *err,
+			 size_t errlen)
 {
 	struct sw w;
 	uint64_t *sl1 = NULL, *nl1 = NULL, new_l1_off;
 	int ret;
 
-	ret = sw_open(&w, f, true, err, errlen);
+	ret = sw_open(&w, f, true, flags, err, errlen);
 	if (ret)
 		goto out;
 	int idx = find(&w, name, true);
@@ -1040,14 +1053,15 @@ out:
 	return ret;
 }
 
-int qcow2_snapshot_delete(struct io_file *f, const char *name, char *err, size_t errlen)
+int qcow2_snapshot_delete(struct io_file *f, const char *name, unsigned flags, char *err,
+			  size_t errlen)
 {
 	struct sw w;
 	uint64_t *sl1 = NULL, table_len;
 	uint8_t *table = NULL;
 	int ret;
 
-	ret = sw_open(&w, f, true, err, errlen);
+	ret = sw_open(&w, f, true, flags, err, errlen);
 	if (ret)
 		goto out;
 	int idx = find(&w, name, false);
@@ -1094,7 +1108,7 @@ int qcow2_snapshot_list(struct io_file *f, struct qcow2_snapshot **out, uint32_t
 			size_t errlen)
 {
 	struct sw w;
-	int ret = sw_open(&w, f, false, err, errlen);
+	int ret = sw_open(&w, f, false, 0, err, errlen);
 
 	*out = NULL;
 	*n = 0;

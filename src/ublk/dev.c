@@ -45,6 +45,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "qcow2/format.h"
 #include "ublk/notify.h"
 
 #ifndef PR_SET_IO_FLUSHER
@@ -438,6 +439,9 @@ static int report(int report_fd, const char *msg)
  *
  * "resize BYTES" (qublk resize -n): see handle_resize.
  *
+ * "snapshot-create NAME", "snapshot-delete NAME", "snapshot-list" (qublk
+ * snapshot -n): see handle_snapshot.  "snapshot-apply NAME" is refused.
+ *
  * "handover" (qublk upgrade, from the next daemon): we quiesce the device
  * (QUIESCE_DEV where the device has UBLK_F_QUIESCE: the requests in
  * flight complete, the FETCHes are aborted), stop the queue threads once
@@ -451,6 +455,11 @@ static int report(int report_fd, const char *msg)
  */
 #define HANDOVER_REQ "handover"
 #define RESIZE_REQ "resize"
+#define SNAPSHOT_REQ "snapshot-"
+/* The longest request: a snapshot name of 65535 bytes (qcow2's limit). */
+#define REQ_MAX (64 + 65535)
+/* A peer that neither sends nor reads stops holding the main thread. */
+#define PEER_TIMEOUT_S 10
 
 void ublk_sock_path(int dev_id, char *buf, size_t len)
 {
@@ -643,57 +652,153 @@ static void handle_resize(struct ublk_dev *d, int cfd, const char *arg)
 	send_reply(cfd, "ok", -1);
 }
 
+#define APPLY_REFUSED \
+	"reverting a live device to a snapshot is refused: its data would change under its " \
+	"users (a mounted file system, a VM); stop them, 'qublk del' the device, then " \
+	"'qublk snapshot -a NAME FILE'"
+
+/* "snapshot-list": "ok N", then one message per snapshot: its numbers,
+ * the length of its id, a newline, the id and the name (ublk_dev_snapshot_list
+ * reads them). */
+static void snapshot_list_reply(struct ublk_dev *d, int cfd)
+{
+	struct qcow2_snapshot *sn = NULL;
+	uint32_t n = 0;
+	char msg[600], err[512] = "";
+	int ret;
+
+	ret = d->tgt.ops->snapshot_list(&d->tgt, &sn, &n, err, sizeof(err));
+	if (ret < 0) {
+		snprintf(msg, sizeof(msg), "error: %s", err[0] ? err : strerror(-ret));
+		send_reply(cfd, msg, -1);
+		return;
+	}
+	snprintf(msg, sizeof(msg), "ok %u", n);
+	ret = send_reply(cfd, msg, -1);
+	for (uint32_t i = 0; i < n && ret == 0; i++) {
+		const struct qcow2_snapshot *e = &sn[i];
+		size_t il = strlen(e->id), nl = strlen(e->name), hl;
+		char *m = malloc(128 + il + nl);
+		if (!m)
+			break;          /* the peer sees the list end early */
+		hl = (size_t)snprintf(m, 128, "%u %u %llu %llu %llu %llu %zu\n", e->date_sec,
+				      e->date_nsec, (unsigned long long)e->vm_clock_nsec,
+				      (unsigned long long)e->vm_state_size,
+				      (unsigned long long)e->icount,
+				      (unsigned long long)e->disk_size, il);
+		memcpy(m + hl, e->id, il);
+		memcpy(m + hl + il, e->name, nl);
+		ret = send(cfd, m, hl + il + nl, MSG_NOSIGNAL) < 0 ? -errno : 0;
+		free(m);
+	}
+	qcow2_snapshots_free(sn, n);
+}
+
+/* "snapshot-create|delete NAME": at a flush point (the target's snapshot
+ * op: requests in flight finish, new ones wait meanwhile).  Replies "ok"
+ * or "error: REASON". */
+static void handle_snapshot(struct ublk_dev *d, int cfd, const char *req)
+{
+	enum bdrv_snapshot_op op = BDRV_SNAPSHOT_CREATE;
+	char msg[600], err[512] = "";
+	const char *name = NULL;
+	int ret;
+
+	if (!strncmp(req, "create ", 7)) {
+		name = req + 7;
+	} else if (!strncmp(req, "delete ", 7)) {
+		op = BDRV_SNAPSHOT_DELETE;
+		name = req + 7;
+	} else if (!strncmp(req, "apply ", 6)) {
+		send_reply(cfd, "error: " APPLY_REFUSED, -1);
+		return;
+	} else if (strcmp(req, "list")) {
+		send_reply(cfd, "error: unknown request", -1);
+		return;
+	}
+	if (!d->tgt.ops->snapshot || !d->tgt.ops->snapshot_list) {
+		snprintf(msg, sizeof(msg), "error: the %s target has no internal snapshots",
+			 d->tgt.ops->name);
+		send_reply(cfd, msg, -1);
+		return;
+	}
+	if (!name) {
+		snapshot_list_reply(d, cfd);
+		return;
+	}
+	if (d->tgt.read_only) {
+		send_reply(cfd, "error: the device is read-only", -1);
+		return;
+	}
+	if (!name[0]) {
+		send_reply(cfd, "error: a snapshot name must not be empty", -1);
+		return;
+	}
+	ret = d->tgt.ops->snapshot(&d->tgt, op, name, err, sizeof(err));
+	if (ret < 0) {
+		snprintf(msg, sizeof(msg), "error: %s", err[0] ? err : strerror(-ret));
+		send_reply(cfd, msg, -1);
+		return;
+	}
+	send_reply(cfd, "ok", -1);
+}
+
 /* One request from a peer on the socket.  Returns as handover does. */
 static int handle_client(struct ublk_dev *d, int cfd)
 {
+	struct timeval tv = { .tv_sec = PEER_TIMEOUT_S };
 	struct ucred cr;
 	socklen_t len = sizeof(cr);
-	char req[64];
+	char *req;
 	ssize_t n;
+	int ret = 0;
 
 	if (getsockopt(cfd, SOL_SOCKET, SO_PEERCRED, &cr, &len) < 0 ||
 	    (cr.uid != 0 && cr.uid != geteuid())) {
 		log_warn("ublk%u: request from uid %u refused", d->info.dev_id, (unsigned)cr.uid);
 		return 0;
 	}
+	setsockopt(cfd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(cfd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	req = malloc(REQ_MAX + 1);
+	if (!req)
+		return 0;
 	do
-		n = recv(cfd, req, sizeof(req) - 1, 0);
+		n = recv(cfd, req, REQ_MAX + 1, MSG_TRUNC);
 	while (n < 0 && errno == EINTR);
 	if (n <= 0)
-		return 0;
+		goto out;
+	if (n > REQ_MAX) {
+		send_reply(cfd, "error: request too long", -1);
+		goto out;
+	}
 	req[n] = 0;
 	if (!strcmp(req, HANDOVER_REQ)) {
 		log_info("ublk%u: hand-over requested by pid %d", d->info.dev_id, (int)cr.pid);
-		return handover(d, cfd);
-	}
-	if (!strncmp(req, RESIZE_REQ " ", strlen(RESIZE_REQ) + 1)) {
-		log_info("ublk%u: resize to %s bytes requested by pid %d", d->info.dev_id,
+		ret = handover(d, cfd);
+	} else if (!strncmp(req, RESIZE_REQ " ", strlen(RESIZE_REQ) + 1)) {
+		log_info("ublk%u: resize to %.32s bytes requested by pid %d", d->info.dev_id,
 			 req + strlen(RESIZE_REQ) + 1, (int)cr.pid);
 		handle_resize(d, cfd, req + strlen(RESIZE_REQ) + 1);
-		return 0;
+	} else if (!strncmp(req, SNAPSHOT_REQ, strlen(SNAPSHOT_REQ))) {
+		log_info("ublk%u: %.80s requested by pid %d", d->info.dev_id, req, (int)cr.pid);
+		handle_snapshot(d, cfd, req + strlen(SNAPSHOT_REQ));
+	} else {
+		send_reply(cfd, "error: unknown request", -1);
 	}
-	send_reply(cfd, "error: unknown request", -1);
-	return 0;
+out:
+	free(req);
+	return ret;
 }
 
-/* Send @req to the daemon of @dev_id and wait up to @timeout_s for its
- * answer: the text in @buf, a descriptor passed with it in *@out_fd (-1:
- * none; NULL: closed).  Returns the answer's length or -errno (logged). */
-static int sock_request(int dev_id, const char *req, char *buf, size_t buflen, int *out_fd,
-			int timeout_s)
+/* Connect to the daemon of @dev_id, send @req and set a receive timeout
+ * of @timeout_s.  Returns the socket or -errno (logged). */
+static int sock_connect(int dev_id, const char *req, int timeout_s)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
 	struct timeval tv = { .tv_sec = timeout_s };
-	char cbuf[CMSG_SPACE(sizeof(int))];
-	struct iovec iov = { buf, buflen - 1 };
-	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
-			     .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
-	struct cmsghdr *cm;
-	ssize_t n;
-	int fd, rfd = -1, ret;
+	int fd, ret;
 
-	if (out_fd)
-		*out_fd = -1;
 	ublk_sock_path(dev_id, sa.sun_path, sizeof(sa.sun_path));
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (fd < 0)
@@ -707,18 +812,51 @@ static int sock_request(int dev_id, const char *req, char *buf, size_t buflen, i
 		close(fd);
 		return ret;
 	}
+	return fd;
+}
+
+/* One answer on @fd into @buf (NUL-terminated).  Returns its length, or
+ * -errno (logged; -EPIPE: the daemon closed the connection). */
+static int sock_answer(int fd, int dev_id, struct msghdr *mh)
+{
+	ssize_t n;
+
 	do
-		n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+		n = recvmsg(fd, mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
-	ret = n < 0 ? -errno : 0;
-	close(fd);
 	if (n <= 0) {
+		int ret = n < 0 ? -errno : -EPIPE;
 		log_error("ublk%d: no answer from the daemon%s: %s", dev_id,
-			  n < 0 && (ret == -EAGAIN || ret == -EWOULDBLOCK) ? " within the time" : "",
+			  ret == -EAGAIN || ret == -EWOULDBLOCK ? " within the time" : "",
 			  n < 0 ? strerror(-ret) : "it closed the connection");
-		return n < 0 ? ret : -EPIPE;
+		return ret;
 	}
-	buf[n] = 0;
+	((char *)mh->msg_iov[0].iov_base)[n] = 0;
+	return (int)n;
+}
+
+/* Send @req to the daemon of @dev_id and wait up to @timeout_s for its
+ * answer: the text in @buf, a descriptor passed with it in *@out_fd (-1:
+ * none; NULL: closed).  Returns the answer's length or -errno (logged). */
+static int sock_request(int dev_id, const char *req, char *buf, size_t buflen, int *out_fd,
+			int timeout_s)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { buf, buflen - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1,
+			     .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	int fd, rfd = -1, n;
+
+	if (out_fd)
+		*out_fd = -1;
+	fd = sock_connect(dev_id, req, timeout_s);
+	if (fd < 0)
+		return fd;
+	n = sock_answer(fd, dev_id, &mh);
+	close(fd);
+	if (n < 0)
+		return n;
 	for (cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
 		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS &&
 		    cm->cmsg_len == CMSG_LEN(sizeof(int)))
@@ -727,7 +865,7 @@ static int sock_request(int dev_id, const char *req, char *buf, size_t buflen, i
 		*out_fd = rfd;
 	else if (rfd >= 0)
 		close(rfd);
-	return (int)n;
+	return n;
 }
 
 /* The next daemon's side: ask the daemon of @dev_id for the image.
@@ -763,6 +901,95 @@ int ublk_dev_resize(int dev_id, uint64_t size)
 		log_error("ublk%d: %s", dev_id, strncmp(buf, "error: ", 7) ? buf : buf + 7);
 		return -EIO;
 	}
+	return 0;
+}
+
+int ublk_dev_snapshot(int dev_id, enum bdrv_snapshot_op op, const char *name)
+{
+	size_t len = strlen(name) + 32;
+	char *req = malloc(len), buf[1024];
+	int ret;
+
+	if (!req)
+		return -ENOMEM;
+	snprintf(req, len, SNAPSHOT_REQ "%s %s", op == BDRV_SNAPSHOT_DELETE ? "delete" : "create",
+		 name);
+	/* A snapshot walks every L2 table of the image: allow a big one. */
+	ret = sock_request(dev_id, req, buf, sizeof(buf), NULL, 600);
+	free(req);
+	if (ret < 0)
+		return ret;
+	if (strcmp(buf, "ok")) {
+		log_error("ublk%d: %s", dev_id, strncmp(buf, "error: ", 7) ? buf : buf + 7);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* One message of the list (see snapshot_list_reply) into @e. */
+static int parse_snapshot(const char *m, size_t len, struct qcow2_snapshot *e)
+{
+	unsigned long long clock, vmsize, icount, disk;
+	size_t il;
+	int hl = -1;
+
+	if (sscanf(m, "%u %u %llu %llu %llu %llu %zu\n%n", &e->date_sec, &e->date_nsec, &clock,
+		   &vmsize, &icount, &disk, &il, &hl) != 7 || hl < 0 || il > len - (size_t)hl)
+		return -EPROTO;
+	e->vm_clock_nsec = clock;
+	e->vm_state_size = vmsize;
+	e->icount = icount;
+	e->disk_size = disk;
+	e->id = strndup(m + hl, il);
+	e->name = strndup(m + hl + il, len - (size_t)hl - il);
+	return e->id && e->name ? 0 : -ENOMEM;
+}
+
+int ublk_dev_snapshot_list(int dev_id, struct qcow2_snapshot **out, uint32_t *nout)
+{
+	/* An entry: its numbers, an id and a name of up to 64 KiB each. */
+	size_t max = 256 + 2 * 65536;
+	char *buf = malloc(max + 1);
+	struct iovec iov = { buf, max };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct qcow2_snapshot *sn = NULL;
+	unsigned n = 0;
+	int fd, len, ret;
+
+	*out = NULL;
+	*nout = 0;
+	if (!buf)
+		return -ENOMEM;
+	fd = sock_connect(dev_id, SNAPSHOT_REQ "list", 120);
+	if (fd < 0) {
+		free(buf);
+		return fd;
+	}
+	len = sock_answer(fd, dev_id, &mh);
+	ret = len < 0 ? len : 0;
+	if (ret == 0 && strncmp(buf, "ok ", 3)) {
+		log_error("ublk%d: %s", dev_id, strncmp(buf, "error: ", 7) ? buf : buf + 7);
+		ret = -EIO;
+	} else if (ret == 0 && (sscanf(buf + 3, "%u", &n) != 1 || n > QCOW2_MAX_SNAPSHOTS)) {
+		log_error("ublk%d: a bad answer from the daemon: %.40s", dev_id, buf);
+		ret = -EPROTO;
+	}
+	if (ret == 0 && n && !(sn = calloc(n, sizeof(*sn))))
+		ret = -ENOMEM;
+	for (unsigned i = 0; i < n && ret == 0; i++) {
+		len = sock_answer(fd, dev_id, &mh);
+		ret = len < 0 ? len : parse_snapshot(buf, (size_t)len, &sn[i]);
+		if (ret == -EPROTO)
+			log_error("ublk%d: a bad snapshot entry from the daemon", dev_id);
+	}
+	close(fd);
+	free(buf);
+	if (ret < 0) {
+		qcow2_snapshots_free(sn, n);
+		return ret;
+	}
+	*out = sn;
+	*nout = n;
 	return 0;
 }
 

@@ -121,6 +121,18 @@ static int engine_resize(struct ublk_tgt *t, uint64_t size)
 	return bdrv_truncate(t->priv, size, 0);
 }
 
+static int engine_snapshot(struct ublk_tgt *t, enum bdrv_snapshot_op op, const char *name,
+			   char *err, size_t errlen)
+{
+	return bdrv_snapshot(t->priv, op, name, err, errlen);
+}
+
+static int engine_snapshot_list(struct ublk_tgt *t, struct qcow2_snapshot **out, uint32_t *n,
+				char *err, size_t errlen)
+{
+	return bdrv_snapshot_list(t->priv, out, n, err, errlen);
+}
+
 static const struct ublk_tgt_ops tgt_qcow2 = {
 	.name = "qcow2",
 	.open = qcow2_open,
@@ -132,6 +144,8 @@ static const struct ublk_tgt_ops tgt_qcow2 = {
 	.discard = engine_discard,
 	.write_zeroes = engine_write_zeroes,
 	.resize = engine_resize,
+	.snapshot = engine_snapshot,
+	.snapshot_list = engine_snapshot_list,
 };
 
 static const struct ublk_tgt_ops tgt_raw = {

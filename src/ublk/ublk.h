@@ -25,6 +25,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "block/bdrv.h"
 #include "common/aio.h"
 #include "ublk/uapi.h"
 
@@ -151,6 +152,18 @@ struct ublk_tgt_ops {
 	 * than t->size, a multiple of 512).  The caller then publishes the
 	 * new t->size and tells the kernel.  Returns -errno (logged). */
 	int (*resize)(struct ublk_tgt *t, uint64_t size);
+	/* Optional (NULL: the target has no internal snapshots).  Main
+	 * thread, while the queues serve requests: create or delete (@op)
+	 * the internal snapshot @name at a flush point (bdrv_snapshot: the
+	 * requests in flight finish first, those that arrive meanwhile wait
+	 * and go on afterwards).  Returns -errno with the reason in @err. */
+	int (*snapshot)(struct ublk_tgt *t, enum bdrv_snapshot_op op, const char *name, char *err,
+			size_t errlen);
+	/* Optional (with snapshot).  Main thread, requests go on: the
+	 * snapshot table, *n entries in *out for qcow2_snapshots_free().
+	 * Returns -errno with the reason in @err. */
+	int (*snapshot_list)(struct ublk_tgt *t, struct qcow2_snapshot **out, uint32_t *n,
+			     char *err, size_t errlen);
 };
 
 struct ublk_tgt {
@@ -307,10 +320,18 @@ void ublk_state_remove(int dev_id);
  * Returns -errno (logged). */
 int ublk_dev_delete(struct ublk_ctrl *c, int dev_id, int timeout_ms, bool force);
 
-/* <run dir>/ublkN.sock, the daemon's socket (hand-over, resize). */
+/* <run dir>/ublkN.sock, the daemon's socket (hand-over, resize,
+ * snapshots). */
 void ublk_sock_path(int dev_id, char *buf, size_t len);
 /* Ask the daemon of device @dev_id to grow the image and the device to
  * @size bytes (UPDATE_SIZE).  Returns -errno (the reason logged). */
 int ublk_dev_resize(int dev_id, uint64_t size);
+/* Ask the daemon of device @dev_id to create or delete (@op) the internal
+ * snapshot @name of its image, at a flush point.  Returns -errno (the
+ * daemon's reason logged). */
+int ublk_dev_snapshot(int dev_id, enum bdrv_snapshot_op op, const char *name);
+/* ... for the snapshot list of its image: *n entries in *out, for
+ * qcow2_snapshots_free().  Returns -errno (logged). */
+int ublk_dev_snapshot_list(int dev_id, struct qcow2_snapshot **out, uint32_t *n);
 
 #endif

@@ -5,6 +5,12 @@
  * 4 KiB blocks, so they race to allocate the same clusters and L2
  * tables.  Afterwards `qemu-img check` must be clean (no double
  * allocation, no leak) and QEMU must read back exactly what was written.
+ *
+ * Growing: the same, on an image that starts at 4 MiB and is grown to
+ * 32 MiB in seven steps by another thread (bdrv_truncate, as a live
+ * ublk resize does) while the writers run; every step needs more L1
+ * entries, so the L1 table moves each time under allocating writes.  A
+ * block past the current size waits until a resize covers it.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -21,8 +27,14 @@
 #define BLK 4096u
 #define NBLK 8192u                 /* 32 MiB image */
 
+#define GROW_FROM (4u << 20)
+#define GROW_STEP (4u << 20)
+
 static struct bdrv *bs;
 static int errors;
+static bool growing;
+static int resizing;            /* a bdrv_truncate is running */
+static unsigned long overlapped; /* writes that completed during one */
 
 struct worker {
 	int thread, idx;
@@ -46,9 +58,15 @@ static void worker_fn(void *opaque)
 	 * NCORO-th of those, in a shuffled order. */
 	for (unsigned k = w->thread + NTHREADS * w->idx; k < NBLK; k += NTHREADS * NCORO) {
 		unsigned blk = (k * 7919u) % NBLK;
+		/* Not there yet: wait for the resize that brings it. */
+		while (growing && (uint64_t)(blk + 1) * BLK > __atomic_load_n(&bs->size,
+									     __ATOMIC_ACQUIRE))
+			aio_co_sleep_ms(aio_ctx_current(), 1);
 		fill(b, blk);
 		if (bdrv_co_pwrite(bs, (uint64_t)blk * BLK, BLK, b, 0))
 			__atomic_add_fetch(&errors, 1, __ATOMIC_RELAXED);
+		if (__atomic_load_n(&resizing, __ATOMIC_RELAXED))
+			__atomic_add_fetch(&overlapped, 1, __ATOMIC_RELAXED);
 	}
 	io_free(b);
 	(*w->done)++;
@@ -78,6 +96,45 @@ static void *thread_fn(void *arg)
 	return NULL;
 }
 
+/* The resizer: GROW_FROM to the full size in GROW_STEP steps, a flush
+ * after every other one. */
+static void grow_fn(void *opaque)
+{
+	int *done = opaque;
+
+	for (uint64_t size = GROW_FROM + GROW_STEP, i = 0; size <= (uint64_t)NBLK * BLK;
+	     size += GROW_STEP, i++) {
+		aio_co_sleep_ms(aio_ctx_current(), 3);
+		__atomic_store_n(&resizing, 1, __ATOMIC_RELAXED);
+		if (bdrv_truncate(bs, size, 0) < 0)
+			__atomic_add_fetch(&errors, 1, __ATOMIC_RELAXED);
+		__atomic_store_n(&resizing, 0, __ATOMIC_RELAXED);
+		if (i % 2 && bdrv_co_flush(bs) < 0)
+			__atomic_add_fetch(&errors, 1, __ATOMIC_RELAXED);
+	}
+	*done = 1;
+}
+
+static void *grow_thread_fn(void *arg)
+{
+	struct aio_ctx ctx;
+	struct coro *co;
+	int done = 0;
+
+	(void)arg;
+	if (aio_ctx_init(&ctx, 64))
+		return (void *)1;
+	aio_ctx_set_current(&ctx);
+	co = coro_new(grow_fn, &done, 0);
+	aio_schedule(co);
+	while (!done || ctx.inflight || ctx.ready_head)
+		if (aio_run_once(&ctx, true))
+			return (void *)1;
+	coro_free(co);
+	aio_ctx_deinit(&ctx);
+	return NULL;
+}
+
 static void flush_fn(void *opaque)
 {
 	(void)opaque;
@@ -85,26 +142,39 @@ static void flush_fn(void *opaque)
 		errors++;
 }
 
-static int run_cfg(const char *opts, unsigned flags)
+static int run_cfg(const char *opts, unsigned flags, bool grow)
 {
 	char dir[] = "/dev/shm/qublk-mt-XXXXXX", cmd[1024], img[256], raw[256];
 	struct bdrv_opts o = { .format = "qcow2", .flags = flags };
-	pthread_t th[NTHREADS];
+	pthread_t th[NTHREADS], gt;
 	int bad = 0;
 
 	if (!mkdtemp(dir))
 		return 1;
 	snprintf(img, sizeof(img), "%s/i.qcow2", dir);
 	snprintf(raw, sizeof(raw), "%s/i.raw", dir);
-	snprintf(cmd, sizeof(cmd), "qemu-img create -q -f qcow2 -o %s %s %u", opts, img, NBLK * BLK);
+	snprintf(cmd, sizeof(cmd), "qemu-img create -q -f qcow2 -o %s %s %u", opts, img,
+		 grow ? GROW_FROM : NBLK * BLK);
 	if (system(cmd) || bdrv_open(img, &o, &bs))
 		return 1;
+	growing = grow;
+	if (grow)
+		pthread_create(&gt, NULL, grow_thread_fn, NULL);
 	for (long t = 0; t < NTHREADS; t++)
 		pthread_create(&th[t], NULL, thread_fn, (void *)t);
 	for (int t = 0; t < NTHREADS; t++) {
 		void *r;
 		pthread_join(th[t], &r);
 		bad += r != NULL;
+	}
+	if (grow) {
+		void *r;
+		pthread_join(gt, &r);
+		bad += r != NULL;
+		if (bs->size != (uint64_t)NBLK * BLK) {
+			fprintf(stderr, "%s: grown to %llu bytes\n", opts, (unsigned long long)bs->size);
+			bad++;
+		}
 	}
 	aio_run_coroutine(flush_fn, NULL);
 	bdrv_close(bs);
@@ -144,6 +214,12 @@ int main(void)
 		"cluster_size=512,compat=0.10",
 		"cluster_size=2M",
 	};
+	static const char *grow_cfgs[] = {
+		"cluster_size=512",
+		"cluster_size=4096",
+		"cluster_size=512,compat=0.10",
+		"cluster_size=4096,refcount_bits=1",
+	};
 	int passed = 0, failed = 0;
 
 	log_set_prog("test_mt");
@@ -152,13 +228,27 @@ int main(void)
 	for (size_t i = 0; i < ARRAY_SIZE(cfgs); i++) {
 		for (unsigned direct = 0; direct < 2; direct++) {
 			errors = 0;
-			if (run_cfg(cfgs[i], direct ? BDRV_O_DIRECT : 0)) {
+			if (run_cfg(cfgs[i], direct ? BDRV_O_DIRECT : 0, false)) {
 				failed++;
 				fprintf(stderr, "FAIL %s direct=%u\n", cfgs[i], direct);
 			} else {
 				passed++;
 			}
 		}
+	}
+	/* Growing: an L1 entry maps 32 KiB (512 B clusters) or 2 MiB (4 KiB
+	 * clusters): every 4 MiB step moves the L1 table. */
+	for (size_t i = 0; i < ARRAY_SIZE(grow_cfgs); i++) {
+		errors = 0;
+		overlapped = 0;
+		if (run_cfg(grow_cfgs[i], i % 2 ? BDRV_O_DIRECT : 0, true)) {
+			failed++;
+			fprintf(stderr, "FAIL growing %s\n", grow_cfgs[i]);
+		} else {
+			passed++;
+		}
+		printf("growing %s: %lu writes completed during a resize\n", grow_cfgs[i],
+		       overlapped);
 	}
 	printf("%d passed, %d failed\n", passed, failed);
 	return failed ? 1 : 0;

@@ -30,7 +30,12 @@
  *     before G started, and not touched by any request issued before P
  *     that is not so covered, reads back exactly (a byte model of the
  *     guest plus a mask of bytes whose content is unknown);
- *   - with an internal snapshot: it still reads back as it was made.
+ *   - with an internal snapshot: it still reads back as it was made;
+ *   - with a resize (growth) among the requests, running while others
+ *     write: the image has the old or the new size, the new one if the
+ *     resize was acknowledged before G started, the old one if it had not
+ *     started by P; the grown range reads as zeros where no covered
+ *     request wrote.
  * The whole log of a healthy run must rebuild the very file the driver
  * left (a check of the simulator itself), check with exit 0 and read
  * back every byte.
@@ -213,11 +218,12 @@ static pid_t spawn_quiet(char *const argv[])
 
 /* ---- the guest workload -------------------------------------------------- */
 
-enum op_kind { OP_WRITE, OP_ZERO, OP_ZERO_UNMAP, OP_DISCARD, OP_FLUSH, OP_BARRIER, OP_CLOSE };
+enum op_kind { OP_WRITE, OP_ZERO, OP_ZERO_UNMAP, OP_DISCARD, OP_FLUSH, OP_BARRIER, OP_CLOSE,
+	       OP_RESIZE };
 
 struct op {
 	enum op_kind kind;
-	uint64_t off, len;
+	uint64_t off, len;          /* OP_RESIZE: the new size in off */
 	unsigned char *data;        /* OP_WRITE */
 	uint64_t start, done;       /* log clock; IO_FAULT_NOT_DONE if it never ran */
 	int result;
@@ -225,7 +231,8 @@ struct op {
 
 struct sim {
 	const struct scenario *sc;
-	uint64_t size;              /* virtual size */
+	uint64_t size;              /* virtual size (the grown one with a resize) */
+	uint64_t old_size;          /* before the resize (= size without one) */
 	unsigned cluster;
 	uint64_t rng;
 	struct op *ops;
@@ -275,6 +282,8 @@ static bool is_flush(const struct op *op)
 	return op->kind == OP_FLUSH || op->kind == OP_CLOSE;
 }
 
+/* A resize in flight owns the range it adds: nothing may go there before
+ * it is done (the block layer refuses it until then). */
 static bool conflicts(const struct sim *m, const struct op *op)
 {
 	if (!is_data(op))
@@ -282,6 +291,8 @@ static bool conflicts(const struct sim *m, const struct op *op)
 	for (unsigned i = 0; i < NCORO; i++) {
 		const struct op *o = m->inflight[i];
 		if (o && is_data(o) && o->off < op->off + op->len && op->off < o->off + o->len)
+			return true;
+		if (o && o->kind == OP_RESIZE && op->off + op->len > m->old_size)
 			return true;
 	}
 	return false;
@@ -300,6 +311,8 @@ static int issue(struct sim *m, struct op *op)
 		return bdrv_co_discard(m->bs, op->off, op->len);
 	case OP_FLUSH:
 		return bdrv_co_flush(m->bs);
+	case OP_RESIZE:
+		return bdrv_truncate(m->bs, op->off, 0);
 	default:
 		return -EINVAL;
 	}
@@ -372,6 +385,7 @@ struct scenario {
 	void (*gen)(struct sim *m);
 	unsigned long fail_flush;           /* sticky: fail this fdatasync */
 	bool snapshot;                      /* has snapshot s1 of the initial content */
+	uint64_t grow_to;                   /* the workload resizes the image to this */
 };
 
 static uint64_t rnd_below(struct sim *m, uint64_t n) { return rnd(&m->rng) % n; }
@@ -392,17 +406,17 @@ static void rnd_range(struct sim *m, uint64_t max, uint64_t align, uint64_t lo, 
 	*len = l;
 }
 
-/* A mix: writes (unaligned and cluster-aligned), write-zeroes with and
- * without unmap, discards, flushes.  Weights out of 100. */
-static void gen_mix(struct sim *m, unsigned nops, uint64_t max_len, unsigned w_zero,
-		    unsigned w_discard, unsigned w_flush)
+/* A mix in [0, @hi): writes (unaligned and cluster-aligned), write-zeroes
+ * with and without unmap, discards, flushes.  Weights out of 100. */
+static void gen_mix_below(struct sim *m, uint64_t hi, unsigned nops, uint64_t max_len,
+			  unsigned w_zero, unsigned w_discard, unsigned w_flush)
 {
 	for (unsigned i = 0; i < nops; i++) {
 		unsigned k = (unsigned)rnd_below(m, 100);
 		uint64_t align = (rnd(&m->rng) & 1) ? m->cluster : 0;
 		uint64_t off, len;
 
-		rnd_range(m, max_len, align, 0, m->size, &off, &len);
+		rnd_range(m, max_len, align, 0, hi, &off, &len);
 		if (k < w_flush)
 			add_op(m, OP_FLUSH, 0, 0);
 		else if (k < w_flush + w_zero)
@@ -412,6 +426,12 @@ static void gen_mix(struct sim *m, unsigned nops, uint64_t max_len, unsigned w_z
 		else
 			add_op(m, OP_WRITE, off, len);
 	}
+}
+
+static void gen_mix(struct sim *m, unsigned nops, uint64_t max_len, unsigned w_zero,
+		    unsigned w_discard, unsigned w_flush)
+{
+	gen_mix_below(m, m->size, nops, max_len, w_zero, w_discard, w_flush);
 	add_op(m, OP_FLUSH, 0, 0);
 }
 
@@ -465,6 +485,19 @@ static void gen_growth_rc64(struct sim *m) { gen_growth(m, 1800 << 10, 1 << 20, 
  * writes, 300 single clusters freed, flush, 2 MiB more. */
 static void gen_growth_hole(struct sim *m) { gen_growth(m, 7 << 20, 2 << 20, 32 << 10, 300); }
 
+/* Growth under writes: a mix in the old size, the resize (the L1 table
+ * moves: 512 B clusters, 4 MiB -> 12 MiB is 2 -> 6 L1 clusters) with the
+ * mix going on below the old size while it runs, then writes everywhere,
+ * the grown range included. */
+static void gen_resize(struct sim *m)
+{
+	gen_mix_below(m, m->old_size, 50, 24 << 10, 8, 6, 10);
+	add_op(m, OP_RESIZE, m->size, 0);
+	gen_mix_below(m, m->old_size, 40, 24 << 10, 8, 6, 10);
+	gen_mix_below(m, m->size, 80, 48 << 10, 8, 6, 10);
+	add_op(m, OP_FLUSH, 0, 0);
+}
+
 /* Allocating writes with frequent flushes, for the sticky-flush runs. */
 static void gen_sticky(struct sim *m) { gen_mix(m, 120, 40 << 10, 8, 4, 20); }
 
@@ -498,6 +531,8 @@ static const struct scenario scenarios[] = {
 	  .create = CREATE_DATA("cluster_size=4096") },
 	{ .name = "write-zeroes-v2", .size = 4 << 20, .cluster = 65536, .gen = gen_zeroes,
 	  .create = CREATE_DATA("cluster_size=65536,compat=0.10") },
+	{ .name = "resize", .size = 4 << 20, .grow_to = 12 << 20, .cluster = 512,
+	  .gen = gen_resize, .create = CREATE_DATA("cluster_size=512") },
 	/* Last: the sticky runs copy it with fail_flush set (see main). */
 	{ .name = "sticky", .size = 8 << 20, .cluster = 4096, .gen = gen_sticky,
 	  .create = CREATE_EMPTY("cluster_size=4096", 8388608) },
@@ -621,6 +656,7 @@ struct run {
 	uint64_t pmin;              /* crash points from here on */
 	/* Results. */
 	unsigned long states, hist[256], data_bad;
+	unsigned long at_old, at_new;       /* states at each size, with a resize */
 };
 
 static int rec_done_cmp(const void *a, const void *b, void *recs)
@@ -897,15 +933,60 @@ static void show_check(const char *img)
 	if (system(cmd)) {}
 }
 
+/* The virtual size state @sl may have: a resize not yet started at P
+ * left the old one, one acknowledged before the guest flush that covers
+ * P made the new one durable; in between either.  Returns 0 or the
+ * message in @what. */
+static int check_size(struct run *r, struct slot *sl, uint64_t size, char *what, size_t len)
+{
+	struct sim *m = r->m;
+
+	for (size_t i = 0; i < m->nops; i++) {
+		const struct op *op = &m->ops[i];
+		if (op->kind != OP_RESIZE)
+			continue;
+		if ((op->start == IO_FAULT_NOT_DONE || op->start >= sl->P) && size != m->old_size)
+			snprintf(what, len, "size %llu before the resize started",
+				 (unsigned long long)size);
+		else if (op->result == 0 && op->done < sl->acked_before && size != m->size)
+			snprintf(what, len, "size %llu after a flushed resize to %llu",
+				 (unsigned long long)size, (unsigned long long)m->size);
+		else if (size != m->old_size && size != m->size)
+			snprintf(what, len, "size %llu (neither %llu nor %llu)",
+				 (unsigned long long)size, (unsigned long long)m->old_size,
+				 (unsigned long long)m->size);
+		else
+			return 0;
+		return -1;
+	}
+	if (size == m->size)
+		return 0;
+	snprintf(what, len, "size %llu, expected %llu", (unsigned long long)size,
+		 (unsigned long long)m->size);
+	return -1;
+}
+
 static void compare_state(struct run *r, struct slot *sl)
 {
 	struct sim *m = r->m;
-	uint64_t size = m->size, bad = UINT64_MAX, nbad = 0;
+	uint64_t size = 0, bad = UINT64_MAX, nbad = 0;
 	char what[256];
+	struct stat st;
 
+	if (stat(sl->raw, &st) == 0)
+		size = (uint64_t)st.st_size;
+	if (check_size(r, sl, size, what, sizeof(what)) < 0) {
+		CHECK(0, "%s state %lu: %s", r->label, sl->k, what);
+		report_failure(r, sl, what);
+		return;
+	}
 	if (read_exact(sl->raw, sl->back, size) < 0) {
 		CHECK(0, "%s state %lu: reading the converted image", r->label, sl->k);
 		return;
+	}
+	if (m->old_size != m->size) {
+		r->at_old += size == m->old_size;
+		r->at_new += size == m->size;
 	}
 	/* Bytes of requests that were issued before P and are not covered
 	 * by the guest flush: anything may be there. */
@@ -916,7 +997,8 @@ static void compare_state(struct run *r, struct slot *sl)
 			continue;
 		if (op->result == 0 && op->done < sl->acked_before)
 			continue;
-		memset(sl->touched + op->off, 1, op->len);
+		if (op->off < size)
+			memset(sl->touched + op->off, 1, MIN(op->len, size - op->off));
 	}
 	for (uint64_t c = 0; c < size; c += 4096) {
 		uint64_t n = MIN((uint64_t)4096, size - c);
@@ -1203,7 +1285,8 @@ static void check_sticky(struct run *r, unsigned long nth)
 static int run_scenario(const struct scenario *sc, const char *group, const char *label,
 			unsigned round, unsigned long nstates, unsigned long only)
 {
-	struct sim m = { .sc = sc, .size = sc->size, .cluster = sc->cluster,
+	struct sim m = { .sc = sc, .size = MAX(sc->size, sc->grow_to), .old_size = sc->size,
+			 .cluster = sc->cluster,
 			 .wait = CO_QUEUE_INIT, .done = CO_QUEUE_INIT };
 	struct run r = { .m = &m, .label = label, .healthy = !sc->fail_flush };
 	char img[300], raw[300];
@@ -1219,7 +1302,7 @@ static int run_scenario(const struct scenario *sc, const char *group, const char
 	}
 	snprintf(img, sizeof(img), "%s/img.qcow2", dir);
 	snprintf(raw, sizeof(raw), "%s/guest0.raw", dir);
-	r.guest0 = slurp(raw, sc->size, &rawsize);
+	r.guest0 = slurp(raw, m.size, &rawsize);    /* zeros past the old size */
 	r.init = slurp(img, 0, &r.init_size);
 	if (!r.guest0 || !r.init || rawsize != sc->size) {
 		CHECK(0, "%s: reading the initial image", label);
@@ -1237,6 +1320,18 @@ static int run_scenario(const struct scenario *sc, const char *group, const char
 		CHECK(0, "%s: reading the image after close", label);
 		ret = -EIO;
 		goto out;
+	}
+
+	/* A resize ran while other requests were in flight. */
+	for (size_t i = 0; i < m.nops; i++) {
+		const struct op *rs = &m.ops[i];
+		bool overlap = false;
+		if (rs->kind != OP_RESIZE)
+			continue;
+		for (size_t j = 0; j < m.nops && !overlap; j++)
+			overlap = is_data(&m.ops[j]) && m.ops[j].start < rs->done &&
+				  m.ops[j].done > rs->start;
+		CHECK(overlap, "%s: no request ran during the resize", label);
 	}
 
 	/* Every request succeeds on a healthy disk. */
@@ -1276,17 +1371,17 @@ static int run_scenario(const struct scenario *sc, const char *group, const char
 
 	r.base.cap = cap;
 	r.base.buf = calloc(1, cap + 1);
-	r.model.content = malloc(sc->size);
-	r.model.known = malloc(sc->size);
+	r.model.content = malloc(m.size);
+	r.model.known = malloc(m.size);
 	if (!r.base.buf || !r.model.content || !r.model.known)
 		abort();
 	memcpy(r.base.buf, r.init, r.init_size);
 	r.base.size = r.init_size;
-	memcpy(r.model.content, r.guest0, sc->size);
-	memset(r.model.known, 1, sc->size);
+	memcpy(r.model.content, r.guest0, m.size);
+	memset(r.model.known, 1, m.size);
 	for (unsigned i = 0; i < njobs; i++) {
-		slots[i].back = malloc(sc->size);
-		slots[i].touched = malloc(sc->size);
+		slots[i].back = malloc(m.size);
+		slots[i].touched = malloc(m.size);
 		if (!slots[i].back || !slots[i].touched)
 			abort();
 		snprintf(slots[i].img, sizeof(slots[i].img), "%s/state%u.qcow2", dir, i);
@@ -1294,6 +1389,9 @@ static int run_scenario(const struct scenario *sc, const char *group, const char
 		snprintf(slots[i].snap, sizeof(slots[i].snap), "%s/state%u.s1.raw", dir, i);
 	}
 	crash_states(&r, nstates, only);
+	if (m.old_size != m.size)
+		printf("%s: %lu states at the old size, %lu at the new one\n", label, r.at_old,
+		       r.at_new);
 	for (unsigned i = 0; i < njobs; i++) {
 		free(slots[i].back);
 		free(slots[i].touched);

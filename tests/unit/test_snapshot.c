@@ -71,9 +71,9 @@ static unsigned long run(enum op op, const char *path, const char *arg, unsigned
 		return 0;
 	}
 	switch (op) {
-	case OP_CREATE: *ret = qcow2_snapshot_create(w, arg, err, sizeof(err)); break;
-	case OP_DELETE: *ret = qcow2_snapshot_delete(w, arg, err, sizeof(err)); break;
-	case OP_APPLY: *ret = qcow2_snapshot_apply(w, arg, err, sizeof(err)); break;
+	case OP_CREATE: *ret = qcow2_snapshot_create(w, arg, 0, err, sizeof(err)); break;
+	case OP_DELETE: *ret = qcow2_snapshot_delete(w, arg, 0, err, sizeof(err)); break;
+	case OP_APPLY: *ret = qcow2_snapshot_apply(w, arg, 0, err, sizeof(err)); break;
 	}
 	if (*ret && !drop_after)
 		fprintf(stderr, "%s %s: %s\n", op_name[op], arg, err);
