@@ -7,7 +7,7 @@
 #      over a backing file; a qcow2 -> qcow2 -> short raw chain; raw files
 #      with holes) converted to raw and to qcow2 (and with qcow2 output
 #      options: cluster sizes, v2, refcount widths, lazy refcounts,
-#      metadata preallocation): `qemu-img compare` finds the output equal
+#      metadata preallocation, extended L2): `qemu-img compare` finds the output equal
 #      to the source, `qemu-img check` clean, and its allocated size (du)
 #      is within 5% (plus 64 KiB for tiny images) of what `qemu-img
 #      convert` allocates for the same job.
@@ -150,6 +150,8 @@ to_qcow2 top.qcow2 cluster_size=2M,lazy_refcounts=on
 to_qcow2 mixed.raw compat=0.10,cluster_size=4k
 to_qcow2 v3-2M.qcow2 cluster_size=4k,refcount_bits=64
 to_qcow2 xl2.qcow2 preallocation=metadata
+to_qcow2 mixed.raw extended_l2=on
+to_qcow2 top.qcow2 extended_l2=on,cluster_size=32k
 # The created image's properties are what -o asked for.
 "$QUBLK" convert -O qcow2 -o compat=0.10,cluster_size=128k "$S/v3-64k.qcow2" "$O/u.qcow2" \
     || fail "convert -o compat=0.10"
@@ -193,6 +195,7 @@ to_compressed zstd.qcow2 compat=0.10
 to_compressed top.qcow2 compression_type=zlib,cluster_size=4k
 to_compressed v3-512.qcow2 cluster_size=512
 to_compressed mixed.raw cluster_size=2M,compression_type=zstd
+to_compressed v3-64k.qcow2 extended_l2=on
 
 # ---- -B: a new backing file ----
 # backed SRC BACKING OPTIONS: qublk's output with BACKING reads as SRC,
