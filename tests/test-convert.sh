@@ -276,17 +276,23 @@ qcompare "$S/v3-64k.qcow2" "$O/u.raw"
 # In use by qemu-io: refused, left as it was.
 cp "$S/v3-64k.qcow2" "$O/held.qcow2"
 sum0=$(md5sum <"$O/held.qcow2")
-qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 2000' >/dev/null 2>&1 &
-holder=$!
-for _ in $(seq 100); do     # until qemu-io holds it: then readers are refused
-    qemu-io -f qcow2 -r -c 'read 0 512' "$O/held.qcow2" >/dev/null 2>&1 || break
+# (It holds it until killed: a timed sleep could end first on a loaded machine.)
+qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 600000' >/dev/null 2>&1 &
+holder=$! held=
+for _ in $(seq 400); do     # until qemu-io holds it: then readers are refused
+    if ! qemu-io -f qcow2 -r -c 'read 0 512' "$O/held.qcow2" >/dev/null 2>&1; then
+        held=1
+        break
+    fi
     sleep 0.05
 done
+[ -n "$held" ] || fail "qemu-io never took the image"
 rc=0
 "$QUBLK" convert "$S/top.qcow2" "$O/held.qcow2" 2>"$TMPD/err" || rc=$?
+kill "$holder"
+wait "$holder" 2>/dev/null || true
 [ "$rc" = 1 ] || fail "convert onto an image qemu-io holds: exit $rc, want 1"
 grep -q 'Failed to get .*"write" lock' "$TMPD/err" || fail "no lock message: $(cat "$TMPD/err")"
-wait "$holder" || fail "qemu-io holder"
 [ "$(md5sum <"$O/held.qcow2")" = "$sum0" ] || fail "the image in use was changed"
 leftovers
 # Onto its own source: refused.

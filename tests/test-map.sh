@@ -186,19 +186,26 @@ mkimg -f qcow2 "$TMPD/empty.qcow2" 0
 check_json "$TMPD/empty.qcow2"
 
 # ---- 3. locks, usage, bad input ----
-sleep_pid=
-qemu-io -f qcow2 "$TOP" -c 'sleep 3000' >/dev/null 2>&1 &
-sleep_pid=$!
-for _ in $(seq 100); do
-    "$QUBLK" map "$TOP" >/dev/null 2>&1 || break
+# qemu-io holds the image until killed (a timed sleep could end first on
+# a loaded machine).
+qemu-io -f qcow2 "$TOP" -c 'sleep 600000' >/dev/null 2>&1 &
+sleep_pid=$! held=
+for _ in $(seq 400); do
+    if ! qemu-io -f qcow2 -r -c 'read 0 512' "$TOP" >/dev/null 2>&1; then
+        held=1
+        break
+    fi
     sleep 0.05
 done
-rc=0
+[ -n "$held" ] || fail "qemu-io never took $TOP"
+rc=0 rc_u=0
 "$QUBLK" map "$TOP" >/dev/null 2>"$TMPD/err" || rc=$?
+"$QUBLK" map -U --output=json "$TOP" >/dev/null || rc_u=$?
+kill "$sleep_pid"
+wait "$sleep_pid" 2>/dev/null || true
 [ "$rc" = 1 ] || fail "map of an image qemu-io writes: exit $rc, want 1"
 grep -q 'Failed to get' "$TMPD/err" || fail "map of a locked image: $(cat "$TMPD/err")"
-"$QUBLK" map -U --output=json "$TOP" >/dev/null || fail "map -U of an image qemu-io writes"
-wait "$sleep_pid" || fail "qemu-io sleep"
+[ "$rc_u" = 0 ] || fail "map -U of an image qemu-io writes: exit $rc_u"
 
 expect_rc() {   # RC ARGS...
     local want=$1 rc=0; shift
