@@ -7,7 +7,7 @@
 #      over a backing file; a qcow2 -> qcow2 -> short raw chain; raw files
 #      with holes) converted to raw and to qcow2 (and with qcow2 output
 #      options: cluster sizes, v2, refcount widths, lazy refcounts,
-#      metadata preallocation): `qemu-img compare` finds the output equal
+#      metadata preallocation, extended L2): `qemu-img compare` finds the output equal
 #      to the source, `qemu-img check` clean, and its allocated size (du)
 #      is within 5% (plus 64 KiB for tiny images) of what `qemu-img
 #      convert` allocates for the same job.
@@ -150,6 +150,8 @@ to_qcow2 top.qcow2 cluster_size=2M,lazy_refcounts=on
 to_qcow2 mixed.raw compat=0.10,cluster_size=4k
 to_qcow2 v3-2M.qcow2 cluster_size=4k,refcount_bits=64
 to_qcow2 xl2.qcow2 preallocation=metadata
+to_qcow2 mixed.raw extended_l2=on
+to_qcow2 top.qcow2 extended_l2=on,cluster_size=32k
 # The created image's properties are what -o asked for.
 "$QUBLK" convert -O qcow2 -o compat=0.10,cluster_size=128k "$S/v3-64k.qcow2" "$O/u.qcow2" \
     || fail "convert -o compat=0.10"
@@ -193,6 +195,7 @@ to_compressed zstd.qcow2 compat=0.10
 to_compressed top.qcow2 compression_type=zlib,cluster_size=4k
 to_compressed v3-512.qcow2 cluster_size=512
 to_compressed mixed.raw cluster_size=2M,compression_type=zstd
+to_compressed v3-64k.qcow2 extended_l2=on
 
 # ---- -B: a new backing file ----
 # backed SRC BACKING OPTIONS: qublk's output with BACKING reads as SRC,
@@ -273,17 +276,23 @@ qcompare "$S/v3-64k.qcow2" "$O/u.raw"
 # In use by qemu-io: refused, left as it was.
 cp "$S/v3-64k.qcow2" "$O/held.qcow2"
 sum0=$(md5sum <"$O/held.qcow2")
-qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 2000' >/dev/null 2>&1 &
-holder=$!
-for _ in $(seq 100); do     # until qemu-io holds it: then readers are refused
-    qemu-io -f qcow2 -r -c 'read 0 512' "$O/held.qcow2" >/dev/null 2>&1 || break
+# (It holds it until killed: a timed sleep could end first on a loaded machine.)
+qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 600000' >/dev/null 2>&1 &
+holder=$! held=
+for _ in $(seq 400); do     # until qemu-io holds it: then readers are refused
+    if ! qemu-io -f qcow2 -r -c 'read 0 512' "$O/held.qcow2" >/dev/null 2>&1; then
+        held=1
+        break
+    fi
     sleep 0.05
 done
+[ -n "$held" ] || fail "qemu-io never took the image"
 rc=0
 "$QUBLK" convert "$S/top.qcow2" "$O/held.qcow2" 2>"$TMPD/err" || rc=$?
+kill "$holder"
+wait "$holder" 2>/dev/null || true
 [ "$rc" = 1 ] || fail "convert onto an image qemu-io holds: exit $rc, want 1"
 grep -q 'Failed to get .*"write" lock' "$TMPD/err" || fail "no lock message: $(cat "$TMPD/err")"
-wait "$holder" || fail "qemu-io holder"
 [ "$(md5sum <"$O/held.qcow2")" = "$sum0" ] || fail "the image in use was changed"
 leftovers
 # Onto its own source: refused.

@@ -7,7 +7,8 @@
 #      (with a host cluster kept: offset given, and without), discards,
 #      zlib/zstd compressed clusters (no offset), at 512 B, 4 KiB, 64 KiB
 #      and 2 MiB clusters, v2 and v3, preallocation=falloc|metadata; extended L2
-#      (subclusters) over a backing file; external data files (offsets in
+#      (subclusters) over a backing file, and preallocated (offsets of
+#      unallocated subclusters too); external data files (offsets in
 #      the data file; data_file_raw too); a qcow2 -> qcow2 -> short raw
 #      chain (zeros past the end of the short file: "present": false);
 #      raw images with holes.  With QEMU 10 set up, its output too, less
@@ -142,6 +143,15 @@ discard 9M 2k
 EOF
 check_json "$XT"
 check_human "$XT"
+# Preallocated with extended L2: clusters whose subclusters are all
+# unallocated still have their host cluster (QEMU gives its offset at the
+# bottom of a chain), alone and under an overlay.
+XP=$TMPD/xl2-pre.qcow2
+mkimg -f qcow2 -o extended_l2=on,preallocation=metadata "$XP" 4M
+qemu-io -f qcow2 -c 'write -P 1 8k 4k' -c 'write -z 128k 8k' "$XP" >/dev/null || fail "qemu-io on $XP"
+mkimg -f qcow2 -b xl2-pre.qcow2 -F qcow2 "$TMPD/xl2-pre-top.qcow2"
+check_json "$XP"
+check_json "$TMPD/xl2-pre-top.qcow2"
 
 # ---- 2. a qcow2 -> qcow2 -> short raw chain, and raw images ----
 B=$TMPD/base.raw MID=$TMPD/mid.qcow2 TOP=$TMPD/top.qcow2
@@ -176,19 +186,26 @@ mkimg -f qcow2 "$TMPD/empty.qcow2" 0
 check_json "$TMPD/empty.qcow2"
 
 # ---- 3. locks, usage, bad input ----
-sleep_pid=
-qemu-io -f qcow2 "$TOP" -c 'sleep 3000' >/dev/null 2>&1 &
-sleep_pid=$!
-for _ in $(seq 100); do
-    "$QUBLK" map "$TOP" >/dev/null 2>&1 || break
+# qemu-io holds the image until killed (a timed sleep could end first on
+# a loaded machine).
+qemu-io -f qcow2 "$TOP" -c 'sleep 600000' >/dev/null 2>&1 &
+sleep_pid=$! held=
+for _ in $(seq 400); do
+    if ! qemu-io -f qcow2 -r -c 'read 0 512' "$TOP" >/dev/null 2>&1; then
+        held=1
+        break
+    fi
     sleep 0.05
 done
-rc=0
+[ -n "$held" ] || fail "qemu-io never took $TOP"
+rc=0 rc_u=0
 "$QUBLK" map "$TOP" >/dev/null 2>"$TMPD/err" || rc=$?
+"$QUBLK" map -U --output=json "$TOP" >/dev/null || rc_u=$?
+kill "$sleep_pid"
+wait "$sleep_pid" 2>/dev/null || true
 [ "$rc" = 1 ] || fail "map of an image qemu-io writes: exit $rc, want 1"
 grep -q 'Failed to get' "$TMPD/err" || fail "map of a locked image: $(cat "$TMPD/err")"
-"$QUBLK" map -U --output=json "$TOP" >/dev/null || fail "map -U of an image qemu-io writes"
-wait "$sleep_pid" || fail "qemu-io sleep"
+[ "$rc_u" = 0 ] || fail "map -U of an image qemu-io writes: exit $rc_u"
 
 expect_rc() {   # RC ARGS...
     local want=$1 rc=0; shift

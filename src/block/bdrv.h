@@ -142,7 +142,9 @@ struct bdrv_driver {
 	 * the run is stored, as QEMU's block status *map: the driver may then
 	 * set *host and return BDRV_BLOCK_OFFSET_VALID, meaning the *pnum
 	 * bytes lie contiguously at *host in the file of layer *depth (its
-	 * image file, or a qcow2 image's external data file).  Given for
+	 * image file, or a qcow2 image's external data file; with *depth 0,
+	 * of the chain's last image, which keeps a host cluster for a range
+	 * that reads zeros, as QEMU reports it).  Given for
 	 * what is stored plainly (raw files, holes too; qcow2 normal clusters
 	 * and zero clusters that keep a host cluster, where with
 	 * BDRV_BLOCK_ZERO the bytes there need not be zeros), never for

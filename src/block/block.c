@@ -470,7 +470,7 @@ int bdrv_co_block_status_host(struct bdrv *bs, uint64_t off, uint64_t len,
 			  bs->filename, (unsigned long long)*pnum, (unsigned long long)len);
 		return -EIO;
 	}
-	if (ret >= 0 && (ret & BDRV_BLOCK_OFFSET_VALID) && (!host || *depth == 0)) {
+	if (ret >= 0 && (ret & BDRV_BLOCK_OFFSET_VALID) && !host) {
 		log_error("%s: block status gave a host offset nobody asked for",
 			  bs->filename);
 		return -EIO;

@@ -43,7 +43,8 @@ static void usage(FILE *out)
 		"     compression_type=zlib|zstd  (zstd needs compat=1.1; default zlib)\n"
 		"     backing_file=NAME           same as -b\n"
 		"     backing_fmt=FMT             same as -F\n"
-		"     extended_l2=on|off          on is not supported yet\n"
+		"     extended_l2=on|off          32 subclusters per cluster (compat=1.1,\n"
+		"                                 cluster_size 16K or more; default off)\n"
 		"  -h, --help     show this help\n"
 		"\n"
 		"Exit status: 0 success, 1 failure, 2 usage error.\n");

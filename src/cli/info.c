@@ -68,6 +68,8 @@ struct layer {
 	struct qcow2_meta m;
 	struct qcow2_snapshot *snaps;
 	uint32_t n_snaps;
+	struct qcow2_bitmap *bms;   /* persistent bitmaps (autoclear bit set) */
+	uint32_t n_bms;
 	char *backing_path;         /* host path of the backing file, or NULL */
 	bool luks;                  /* crypt_method LUKS: @lk is filled */
 	struct luks_info lk;
@@ -78,6 +80,7 @@ static void layer_free(struct layer *l)
 	free(l->path);
 	free(l->backing_path);
 	qcow2_snapshots_free(l->snaps, l->n_snaps);
+	qcow2_bitmaps_free(l->bms, l->n_bms);
 	qcow2_meta_free(&l->m);
 	memset(l, 0, sizeof(*l));
 }
@@ -266,6 +269,16 @@ static int layer_open(const char *path, const char *fmt, struct layer *l)
 		goto out;
 	}
 	l->n_snaps = l->m.h.nb_snapshots;
+	/* As QEMU: the bitmaps extension counts only with its autoclear bit
+	 * (another program may have changed the image without knowing it). */
+	if (l->m.h.autoclear & QCOW2_AUTOCLEAR_BITMAPS) {
+		ret = qcow2_bitmaps_read(f, &l->m, l->file_size, &l->bms, &l->n_bms, err,
+					 sizeof(err));
+		if (ret) {
+			log_error("%s: %s", path, err[0] ? err : strerror(-ret));
+			goto out;
+		}
+	}
 	if (l->m.backing_file) {
 		l->backing_path = resolve(path, l->m.backing_file);
 		if (!l->backing_path)
@@ -365,6 +378,60 @@ static const char *compat_str(const struct qcow2_header *h)
 static const char *compression_str(const struct qcow2_header *h)
 {
 	return h->compression_type == QCOW2_COMPRESSION_ZSTD ? "zstd" : "zlib";
+}
+
+/* A bitmap's flags as qemu-img info names them (the ones it knows). */
+static const char *bitmap_flag(uint32_t flags, unsigned i)
+{
+	static const struct { uint32_t bit; const char *name; } names[] = {
+		{ QCOW2_BME_IN_USE, "in-use" }, { QCOW2_BME_AUTO, "auto" },
+	};
+	unsigned n = 0;
+
+	for (size_t k = 0; k < ARRAY_SIZE(names); k++)
+		if ((flags & names[k].bit) && n++ == i)
+			return names[k].name;
+	return NULL;
+}
+
+static void print_bitmaps_text(FILE *o, const struct layer *l)
+{
+	const char *f;
+
+	if (!l->n_bms)
+		return;
+	fprintf(o, "    bitmaps:\n");
+	for (uint32_t i = 0; i < l->n_bms; i++) {
+		const struct qcow2_bitmap *b = &l->bms[i];
+		fprintf(o, "        [%u]:\n            flags:\n", i);
+		for (unsigned k = 0; (f = bitmap_flag(b->flags, k)); k++)
+			fprintf(o, "                [%u]: %s\n", k, f);
+		fprintf(o, "            name: ");
+		text_str(o, b->name);
+		fprintf(o, "\n            granularity: %llu\n",
+			(unsigned long long)(1ull << b->granularity_bits));
+	}
+}
+
+static void print_bitmaps_json(FILE *o, const struct layer *l, const char *ind)
+{
+	const char *f;
+
+	if (!l->n_bms)
+		return;
+	fprintf(o, "%s            \"bitmaps\": [", ind);
+	for (uint32_t i = 0; i < l->n_bms; i++) {
+		const struct qcow2_bitmap *b = &l->bms[i];
+		fprintf(o, "%s\n%s                {\n%s                    \"flags\": [",
+			i ? "," : "", ind, ind);
+		for (unsigned k = 0; (f = bitmap_flag(b->flags, k)); k++)
+			fprintf(o, "%s\n%s                        \"%s\"", k ? "," : "", ind, f);
+		fprintf(o, "\n%s                    ],\n%s                    \"name\": ", ind, ind);
+		json_str(o, b->name);
+		fprintf(o, ",\n%s                    \"granularity\": %llu\n%s                }", ind,
+			(unsigned long long)(1ull << b->granularity_bits), ind);
+	}
+	fprintf(o, "\n%s            ],\n", ind);
 }
 
 static void print_encrypt_text(FILE *o, const struct layer *l)
@@ -485,6 +552,7 @@ static void print_text(FILE *o, const struct layer *l)
 	if (h->version >= 3)
 		fprintf(o, "    lazy refcounts: %s\n",
 			h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS ? "true" : "false");
+	print_bitmaps_text(o, l);
 	fprintf(o, "    refcount bits: %u\n", 1u << h->refcount_order);
 	if (h->crypt_method)
 		print_encrypt_text(o, l);
@@ -499,8 +567,6 @@ static void print_text(FILE *o, const struct layer *l)
 		fprintf(o, "\n    data file raw: %s\n",
 			h->autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW ? "true" : "false");
 	}
-	if (h->autoclear & QCOW2_AUTOCLEAR_BITMAPS)
-		fprintf(o, "    bitmaps: present\n");
 	uint64_t uc = h->compat & ~QCOW2_COMPAT_LAZY_REFCOUNTS;
 	uint64_t ua = h->autoclear & ~(QCOW2_AUTOCLEAR_BITMAPS | QCOW2_AUTOCLEAR_DATA_FILE_RAW);
 	if (uc) {
@@ -597,6 +663,7 @@ static void print_json(FILE *o, const struct layer *l, const char *ind)
 		json_str(o, names);
 		fprintf(o, ",\n");
 	}
+	print_bitmaps_json(o, l, ind);
 	fprintf(o, "%s            \"refcount-bits\": %u\n", ind, 1u << h->refcount_order);
 	fprintf(o, "%s        }\n%s    }\n%s}", ind, ind, ind);
 }
@@ -609,7 +676,8 @@ static void usage(FILE *out)
 		"Show FILE's format (qcow2 or raw, probed by magic unless -f is given),\n"
 		"virtual and on-disk size and, for qcow2, cluster size, compat level,\n"
 		"refcount width, compression type, feature flags, backing file and\n"
-		"format, and internal snapshots.  The image is only read.\n"
+		"format, internal snapshots and persistent bitmaps.  The image is only\n"
+		"read.\n"
 		"\n"
 		"info always reads with force-share semantics (qemu-img info -U): it\n"
 		"works on an image another process (qublk, qemu-nbd, a VM) is writing,\n"

@@ -66,6 +66,13 @@ static int to_entry(const struct chain *c, uint64_t off, uint64_t n, int st, uns
 	if (d == 0) {
 		e->depth = c->n - 1;
 		e->zero = true;
+		if (st & BDRV_BLOCK_OFFSET_VALID) {
+			/* A host cluster the last image keeps (block status). */
+			e->has_offset = true;
+			e->offset = host;
+			e->filename = c->l[c->n - 1].data_path ? c->l[c->n - 1].data_path
+							       : c->l[c->n - 1].path;
+		}
 		return 0;
 	}
 	const struct chain_layer *l = &c->l[d - 1];

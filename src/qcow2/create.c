@@ -340,6 +340,7 @@ static int feature_table_ext(struct qcow2_ext *e)
 
 struct layout {
 	uint32_t cs, version;
+	uint32_t l2e_size;      /* bytes per L2 entry: 8, or 16 with extended L2 */
 	unsigned order;
 	uint64_t l1_entries, l1_clusters, l2_clusters, data_clusters;
 	uint64_t rt_clusters, rb_count, total;
@@ -350,7 +351,7 @@ static int plan(const struct qcow2_create_opts *o, uint64_t size, struct layout 
 		size_t errlen)
 {
 	uint64_t cs = L->cs;
-	uint64_t span = cs * (cs / 8);
+	uint64_t span = cs * (cs / L->l2e_size);
 	uint64_t rb_entries = cs * 8 / (1u << L->order);
 	uint64_t rt_per_cluster = cs / 8;
 
@@ -452,14 +453,18 @@ static int write_tables(int fd, const struct qcow2_create_opts *o, uint64_t size
 		ret = pwrite_full(fd, buf, n * 8, (L->l1_start + c) * cs);
 	}
 	/* L2 tables, each mapping its guest clusters to consecutive data
-	 * clusters, as QEMU's metadata preallocation does. */
+	 * clusters, as QEMU's metadata preallocation does.  With extended L2
+	 * the subcluster bitmaps stay 0, as QEMU leaves them: the clusters
+	 * are there, their subclusters unallocated (reading zeros). */
 	for (uint64_t t = 0; t < L->l2_clusters && !ret; t++) {
+		uint64_t per = cs / L->l2e_size;
 		memset(buf, 0, cs);
-		for (uint64_t i = 0; i < cs / 8; i++) {
-			uint64_t g = t * (cs / 8) + i;
+		for (uint64_t i = 0; i < per; i++) {
+			uint64_t g = t * per + i;
 			if (g >= L->data_clusters)
 				break;
-			put_be64(buf + 8 * i, ((L->data_start + g) * cs) | QCOW2_OFLAG_COPIED);
+			put_be64(buf + L->l2e_size * i,
+				 ((L->data_start + g) * cs) | QCOW2_OFLAG_COPIED);
 		}
 		ret = pwrite_full(fd, buf, cs, (L->l2_start + t) * cs);
 	}
@@ -516,8 +521,15 @@ static int prepare(const char *path, const struct qcow2_create_opts *o, uint64_t
 		return cfail(err, errlen, -EINVAL, "unknown compression type %u", o->compression_type);
 	if (version == 2 && o->compression_type != QCOW2_COMPRESSION_ZLIB)
 		return cfail(err, errlen, -EINVAL, "compression_type=zstd requires compat=1.1");
-	if (o->extended_l2)
-		return cfail(err, errlen, -ENOTSUP, "extended_l2 is not supported yet");
+	/* QEMU's limits and words ("Extended L2 Entries"). */
+	if (o->extended_l2 && version < 3)
+		return cfail(err, errlen, -EINVAL,
+			     "Extended L2 entries are only supported with compatibility level 1.1 "
+			     "and above (use version=v3 or greater)");
+	if (o->extended_l2 && cs < QCOW2_EXTL2_MIN_CLUSTER)
+		return cfail(err, errlen, -EINVAL,
+			     "Extended L2 entries are only supported with cluster sizes of at "
+			     "least %u bytes", QCOW2_EXTL2_MIN_CLUSTER);
 	if (o->prealloc < QCOW2_PREALLOC_OFF || o->prealloc > QCOW2_PREALLOC_FULL)
 		return cfail(err, errlen, -EINVAL, "unknown preallocation mode");
 	if (o->backing_format && !o->backing_file)
@@ -559,6 +571,7 @@ static int prepare(const char *path, const struct qcow2_create_opts *o, uint64_t
 	memset(L, 0, sizeof(*L));
 	L->cs = cs;
 	L->version = version;
+	L->l2e_size = o->extended_l2 ? 16 : 8;
 	L->order = (unsigned)__builtin_ctz(rbits);
 	*size_out = size;
 	return plan(o, size, L, err, errlen);
@@ -588,6 +601,8 @@ static int write_image(int fd, const struct qcow2_create_opts *o, uint64_t size,
 		m.h.incompat |= QCOW2_INCOMPAT_COMPRESSION;
 	if (o->lazy_refcounts)
 		m.h.compat |= QCOW2_COMPAT_LAZY_REFCOUNTS;
+	if (o->extended_l2)
+		m.h.incompat |= QCOW2_INCOMPAT_EXTL2;
 	m.backing_file = (char *)o->backing_file;
 	m.backing_format = (char *)o->backing_format;
 	if (m.h.version == 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {

@@ -44,6 +44,7 @@
 #define QCOW2_INCOMPAT_DATA_FILE        (1ull << 2)
 #define QCOW2_INCOMPAT_COMPRESSION      (1ull << 3)
 #define QCOW2_INCOMPAT_EXTL2            (1ull << 4)
+#define QCOW2_EXTL2_MIN_CLUSTER         16384u   /* QEMU's lower limit */
 #define QCOW2_INCOMPAT_KNOWN            0x1full
 /* Compatible feature bits */
 #define QCOW2_COMPAT_LAZY_REFCOUNTS     (1ull << 0)
@@ -365,7 +366,7 @@ struct qcow2_create_opts {
 	const char *backing_file;
 	const char *backing_format;
 	uint8_t compression_type;
-	bool extended_l2;             /* refused for now */
+	bool extended_l2;             /* 32 subclusters per cluster; v3, clusters >= 16 KiB */
 };
 enum { QCOW2_PREALLOC_OFF, QCOW2_PREALLOC_METADATA, QCOW2_PREALLOC_FALLOC, QCOW2_PREALLOC_FULL };
 int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen);

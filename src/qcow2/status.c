@@ -14,7 +14,9 @@
  *
  * Asked for the host offset (map), it is given for normal clusters (in
  * the external data file if there is one) and for zero clusters that keep
- * a host cluster, as QEMU gives it; never for compressed ones.  Then, as
+ * a host cluster, as QEMU gives it (and, in the last image of a chain,
+ * for unallocated subclusters of a cluster that has one); never for
+ * compressed ones.  Then, as
  * QEMU, an image that references clearly more clusters than its file has
  * allocated (metadata preallocation, or sparse big clusters) also has its
  * normal clusters checked against the file's holes: a run over a hole
@@ -136,6 +138,14 @@ int qcow2_co_block_status(struct bdrv *bs, uint64_t off, uint64_t len,
 	}
 	if (!backing) {
 		*depth = 0;
+		/* Unallocated subclusters of a cluster that has a host cluster
+		 * (extended L2, e.g. preallocated): QEMU gives that offset. */
+		if (host && s->ext_l2 && ((m.l2e & QCOW2_L2E_OFFSET_MASK) ||
+					  (s->data_file && (m.l2e & QCOW2_OFLAG_COPIED)))) {
+			*host = (m.l2e & QCOW2_L2E_OFFSET_MASK) + qcow2_offset_in_cluster(s, off);
+			*pnum = MIN(m.bytes, s->cluster_size - qcow2_offset_in_cluster(s, off));
+			return BDRV_BLOCK_ZERO | BDRV_BLOCK_OFFSET_VALID;
+		}
 		return BDRV_BLOCK_ZERO;
 	}
 	if (off >= backing->size) {
