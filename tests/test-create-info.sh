@@ -472,7 +472,7 @@ import json, sys
 j = json.load(sys.stdin)
 assert j["encrypted"] is True and j["format-specific"]["data"]["encrypt"] == {"format": "aes"}, j
 ' && ok || bad "legacy AES info"
-for img in luks7.qcow2 aes.qcow2; do
+for img in luks-cbc.qcow2 aes.qcow2; do
 	timeout 20 "$QUBLK" nbd --socket "$T/nbd.sock" "$T/$img" >"$T/out" 2>&1
 	rc=$?
 	[ $rc -eq 1 ] && grep -q "encrypted" "$T/out" && grep -q "cannot read or serve" "$T/out" && ok ||

@@ -506,8 +506,27 @@ static void test_create(void)
 	struct qcow2_create_opts o = { .size = 4ull << 40, .cluster_size = 512 };
 	CHECK(qcow2_create(path, &o, err, sizeof(err)) == -EFBIG && strstr(err, "too large"),
 	      "4T at 512: %s", err);
+	/* Extended L2: the incompatible bit is set and the entries are 16 bytes;
+	 * v2 and clusters below 16 KiB cannot carry it. */
 	o = (struct qcow2_create_opts){ .size = 1 << 20, .extended_l2 = true };
-	CHECK(qcow2_create(path, &o, err, sizeof(err)) == -ENOTSUP, "extended_l2");
+	int ret = qcow2_create(path, &o, err, sizeof(err));
+	CHECK(ret == 0, "extended_l2: %s", err);
+	struct io_file *f;
+	uint64_t size;
+	if (!ret && !io_file_open(path, IO_OPEN_RDONLY, &f)) {
+		struct qcow2_meta meta;
+		io_get_size(f, &size);
+		ret = qcow2_meta_read(f, size, &meta, err, sizeof(err));
+		CHECK(ret == 0 && (meta.h.incompat & QCOW2_INCOMPAT_EXTL2),
+		      "extended_l2 reads back with the bit: %s", err);
+		if (!ret)
+			qcow2_meta_free(&meta);
+		io_file_close(f);
+	}
+	o = (struct qcow2_create_opts){ .size = 1 << 20, .extended_l2 = true, .version = 2 };
+	CHECK(qcow2_create(path, &o, err, sizeof(err)) < 0, "extended_l2 on v2");
+	o = (struct qcow2_create_opts){ .size = 1 << 20, .extended_l2 = true, .cluster_size = 4096 };
+	CHECK(qcow2_create(path, &o, err, sizeof(err)) < 0, "extended_l2 at 4k clusters");
 	o = (struct qcow2_create_opts){ .size = 1 << 20, .version = 2, .refcount_bits = 8 };
 	CHECK(qcow2_create(path, &o, err, sizeof(err)) == -EINVAL, "v2 refcount_bits 8");
 	unlink(path);
