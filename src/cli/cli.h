@@ -47,11 +47,6 @@ void cli_json_string(FILE *out, const char *s);
 struct qcow2_create_opts;
 int cli_parse_create_options(char *list, struct qcow2_create_opts *q, const char **raw_bad);
 
-/* A new raw image of @size bytes in @fd (truncated first), preallocated
- * as @prealloc (QCOW2_PREALLOC_*: metadata counts as off) says, as
- * qemu-img create -f raw makes it (src/cli/create.c).  Returns -errno. */
-int cli_raw_fill(int fd, uint64_t size, int prealloc);
-
 /* An image's backing chain as its headers name it (src/cli/chain.c), top
  * first: what each block-status depth (1 = l[0]) stands for. */
 #include <stdint.h>

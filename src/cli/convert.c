@@ -530,7 +530,7 @@ static int create_output(struct create_file *cf, const char *dst, const char *fm
 	int ret;
 
 	if (!strcmp(fmt, "raw")) {
-		ret = cli_raw_fill(cf->fd, size, q->prealloc);
+		ret = create_raw_fill(cf->fd, size, q->prealloc);
 	} else {
 		q->size = size;
 		ret = qcow2_create_into(cf, dst, q, err, sizeof(err));
@@ -699,6 +699,11 @@ int cmd_convert(int argc, char **argv)
 	if (!strcmp(out_fmt, "raw") && (raw_bad || q.prealloc == QCOW2_PREALLOC_METADATA)) {
 		log_error("option '%s' is not valid for the raw format",
 			  raw_bad ? raw_bad : "preallocation=metadata");
+		return EXIT_USAGE;
+	}
+	if (q.data_file || q.data_file_raw) {
+		log_error("convert does not make external data files (create the image with "
+			  "qublk create -o data_file=..., then copy into it)");
 		return EXIT_USAGE;
 	}
 	if (cv.compress && strcmp(out_fmt, "qcow2")) {

@@ -45,6 +45,13 @@ static void usage(FILE *out)
 		"     backing_fmt=FMT             same as -F\n"
 		"     extended_l2=on|off          32 subclusters per cluster (compat=1.1,\n"
 		"                                 cluster_size 16K or more; default off)\n"
+		"     data_file=NAME              guest data in an external raw file, stored\n"
+		"                                 as given; created (an existing file replaced,\n"
+		"                                 its contents lost) relative to FILE's\n"
+		"                                 directory (QEMU opens a relative name from\n"
+		"                                 its working directory)\n"
+		"     data_file_raw=on|off        keep the data file a raw image of the guest\n"
+		"                                 (implies preallocation=metadata; no backing)\n"
 		"  -h, --help     show this help\n"
 		"\n"
 		"Exit status: 0 success, 1 failure, 2 usage error.\n");
@@ -57,35 +64,6 @@ struct create_args {
 	const char *raw_bad;
 };
 
-static int write_zero_range(int fd, uint64_t size)
-{
-	static const uint8_t zero[65536];
-	uint64_t off = 0;
-
-	while (off < size) {
-		size_t n = (size_t)MIN(size - off, (uint64_t)sizeof(zero));
-		ssize_t w = pwrite(fd, zero, n, (off_t)off);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			return -errno;
-		}
-		off += (uint64_t)w;
-	}
-	return 0;
-}
-
-int cli_raw_fill(int fd, uint64_t size, int prealloc)
-{
-	if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
-		return -errno;
-	if (prealloc == QCOW2_PREALLOC_FALLOC && size && fallocate(fd, 0, 0, (off_t)size) < 0)
-		return -errno;
-	if (prealloc == QCOW2_PREALLOC_FULL)
-		return write_zero_range(fd, size);
-	return 0;
-}
-
 static int create_raw(const char *path, uint64_t size, int prealloc, char *err, size_t errlen)
 {
 	struct create_file cf;
@@ -93,7 +71,7 @@ static int create_raw(const char *path, uint64_t size, int prealloc, char *err, 
 
 	if (ret)
 		return ret;
-	ret = cli_raw_fill(cf.fd, size, prealloc);
+	ret = create_raw_fill(cf.fd, size, prealloc);
 	if (ret) {
 		snprintf(err, errlen, "%s", strerror(-ret));
 		create_file_abort(&cf);

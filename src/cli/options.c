@@ -85,6 +85,11 @@ static int apply_option(struct qcow2_create_opts *q, const char **raw_bad, char 
 	} else if (!strcmp(kv, "extended_l2")) {
 		if (parse_bool(v, &q->extended_l2))
 			goto bad;
+	} else if (!strcmp(kv, "data_file")) {
+		q->data_file = v;
+	} else if (!strcmp(kv, "data_file_raw")) {
+		if (parse_bool(v, &q->data_file_raw))
+			goto bad;
 	} else {
 		log_error("unknown option '%s'", kv);
 		return -EINVAL;

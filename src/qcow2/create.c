@@ -342,7 +342,11 @@ struct layout {
 	uint32_t cs, version;
 	uint32_t l2e_size;      /* bytes per L2 entry: 8, or 16 with extended L2 */
 	unsigned order;
-	uint64_t l1_entries, l1_clusters, l2_clusters, data_clusters;
+	int prealloc;           /* QCOW2_PREALLOC_*: data_file_raw implies metadata */
+	bool ext_data;          /* guest cluster X maps to data file cluster X */
+	uint64_t l1_entries, l1_clusters, l2_clusters;
+	uint64_t mapped;        /* guest clusters with an L2 entry (preallocation) */
+	uint64_t data_clusters; /* of those, the ones in the image file */
 	uint64_t rt_clusters, rb_count, total;
 	uint64_t rt_start, rb_start, l1_start, l2_start, data_start;
 };
@@ -362,10 +366,11 @@ static int plan(const struct qcow2_create_opts *o, uint64_t size, struct layout 
 			     "(try a larger cluster_size)", (unsigned long long)cs);
 	L->l1_clusters = DIV_ROUND_UP(L->l1_entries * 8, cs);
 	L->l2_clusters = 0;
-	L->data_clusters = 0;
-	if (o->prealloc != QCOW2_PREALLOC_OFF) {
+	L->mapped = L->data_clusters = 0;
+	if (L->prealloc != QCOW2_PREALLOC_OFF) {
 		L->l2_clusters = L->l1_entries;
-		L->data_clusters = size / cs + (size % cs != 0);
+		L->mapped = size / cs + (size % cs != 0);
+		L->data_clusters = L->ext_data ? 0 : L->mapped;
 	}
 	uint64_t fixed = 1 + L->l1_clusters + L->l2_clusters + L->data_clusters;
 	uint64_t rt = 1, rb = 1;
@@ -453,7 +458,8 @@ static int write_tables(int fd, const struct qcow2_create_opts *o, uint64_t size
 		ret = pwrite_full(fd, buf, n * 8, (L->l1_start + c) * cs);
 	}
 	/* L2 tables, each mapping its guest clusters to consecutive data
-	 * clusters, as QEMU's metadata preallocation does.  With extended L2
+	 * clusters, as QEMU's metadata preallocation does (in an external
+	 * data file: guest cluster X to its cluster X).  With extended L2
 	 * the subcluster bitmaps stay 0, as QEMU leaves them: the clusters
 	 * are there, their subclusters unallocated (reading zeros). */
 	for (uint64_t t = 0; t < L->l2_clusters && !ret; t++) {
@@ -461,10 +467,10 @@ static int write_tables(int fd, const struct qcow2_create_opts *o, uint64_t size
 		memset(buf, 0, cs);
 		for (uint64_t i = 0; i < per; i++) {
 			uint64_t g = t * per + i;
-			if (g >= L->data_clusters)
+			if (g >= L->mapped)
 				break;
-			put_be64(buf + L->l2e_size * i,
-				 ((L->data_start + g) * cs) | QCOW2_OFLAG_COPIED);
+			uint64_t host = L->ext_data ? g * cs : (L->data_start + g) * cs;
+			put_be64(buf + L->l2e_size * i, host | QCOW2_OFLAG_COPIED);
 		}
 		ret = pwrite_full(fd, buf, cs, (L->l2_start + t) * cs);
 	}
@@ -473,7 +479,7 @@ static int write_tables(int fd, const struct qcow2_create_opts *o, uint64_t size
 		return ret;
 
 	uint64_t data_off = L->data_start * cs, data_len = L->data_clusters * cs;
-	switch (o->prealloc) {
+	switch (L->prealloc) {
 	case QCOW2_PREALLOC_FALLOC:
 		if (fallocate(fd, 0, (off_t)data_off, (off_t)data_len) < 0)
 			return -errno;
@@ -532,6 +538,19 @@ static int prepare(const char *path, const struct qcow2_create_opts *o, uint64_t
 			     "least %u bytes", QCOW2_EXTL2_MIN_CLUSTER);
 	if (o->prealloc < QCOW2_PREALLOC_OFF || o->prealloc > QCOW2_PREALLOC_FULL)
 		return cfail(err, errlen, -EINVAL, "unknown preallocation mode");
+	/* External data files: QEMU's rules and words. */
+	if (o->data_file_raw && !o->data_file)
+		return cfail(err, errlen, -EINVAL, "data-file-raw requires data-file");
+	if (o->data_file && version < 3)
+		return cfail(err, errlen, -EINVAL,
+			     "External data files are only supported with compatibility level "
+			     "1.1 and above (use version=v3 or greater)");
+	if (o->data_file_raw && o->backing_file)
+		return cfail(err, errlen, -EINVAL,
+			     "Backing file and data-file-raw cannot be used at the same time");
+	if (o->data_file && (!o->data_file[0] || strlen(o->data_file) > QCOW2_MAX_BACKING_NAME))
+		return cfail(err, errlen, -EINVAL, "data file name must be 1..%u bytes",
+			     QCOW2_MAX_BACKING_NAME);
 	if (o->backing_format && !o->backing_file)
 		return cfail(err, errlen, -EINVAL, "a backing format needs a backing file");
 	if (o->backing_file) {
@@ -573,6 +592,11 @@ static int prepare(const char *path, const struct qcow2_create_opts *o, uint64_t
 	L->version = version;
 	L->l2e_size = o->extended_l2 ? 16 : 8;
 	L->order = (unsigned)__builtin_ctz(rbits);
+	L->ext_data = o->data_file != NULL;
+	/* A raw data file needs every guest cluster mapped (QEMU does the
+	 * same): no cluster may read as unallocated or zero over its data. */
+	L->prealloc = o->data_file_raw && o->prealloc == QCOW2_PREALLOC_OFF
+			      ? QCOW2_PREALLOC_METADATA : o->prealloc;
 	*size_out = size;
 	return plan(o, size, L, err, errlen);
 }
@@ -603,6 +627,12 @@ static int write_image(int fd, const struct qcow2_create_opts *o, uint64_t size,
 		m.h.compat |= QCOW2_COMPAT_LAZY_REFCOUNTS;
 	if (o->extended_l2)
 		m.h.incompat |= QCOW2_INCOMPAT_EXTL2;
+	if (o->data_file) {
+		m.h.incompat |= QCOW2_INCOMPAT_DATA_FILE;
+		m.data_file = (char *)o->data_file;
+	}
+	if (o->data_file_raw)
+		m.h.autoclear |= QCOW2_AUTOCLEAR_DATA_FILE_RAW;
 	m.backing_file = (char *)o->backing_file;
 	m.backing_format = (char *)o->backing_format;
 	if (m.h.version == 3 && cs >= FEATURE_TABLE_MIN_CLUSTER) {
@@ -624,19 +654,70 @@ static int write_image(int fd, const struct qcow2_create_opts *o, uint64_t size,
 	return ret;
 }
 
+int create_raw_fill(int fd, uint64_t size, int prealloc)
+{
+	if (ftruncate(fd, 0) < 0 || ftruncate(fd, (off_t)size) < 0)
+		return -errno;
+	if (prealloc == QCOW2_PREALLOC_FALLOC && size && fallocate(fd, 0, 0, (off_t)size) < 0)
+		return -errno;
+	if (prealloc == QCOW2_PREALLOC_FULL)
+		return write_zeros(fd, 0, size);
+	return 0;
+}
+
+/* Begin the external data file of a new image (as qemu-img create does:
+ * an existing file is replaced, with its old contents gone): @size bytes,
+ * preallocated with falloc or full.  Committed before the image. */
+static int begin_data_file(const char *image, const struct qcow2_create_opts *o, uint64_t size,
+			   const struct layout *L, struct create_file *df, char *err, size_t errlen)
+{
+	char *host = backing_host_path(image, o->data_file);
+	char why[256] = "";
+	int ret;
+
+	if (!host)
+		return cfail(err, errlen, -ENOMEM, "out of memory");
+	ret = create_file_begin(host, df, why, sizeof(why));
+	if (!ret) {
+		ret = create_raw_fill(df->fd, size, L->prealloc);
+		if (ret) {
+			snprintf(why, sizeof(why), "%s", strerror(-ret));
+			create_file_abort(df);
+		}
+	}
+	if (ret)
+		cfail(err, errlen, ret, "data file %s: %s", host, why);
+	free(host);
+	return ret;
+}
+
 int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen)
 {
-	struct create_file file;
+	struct create_file file, data;
 	struct layout L;
 	uint64_t size;
 	int ret = prepare(path, o, &size, &L, err, errlen);
 
 	if (ret)
 		return ret;
+	if (o->data_file) {
+		ret = begin_data_file(path, o, size, &L, &data, err, errlen);
+		if (ret)
+			return ret;
+	}
 	ret = create_file_begin(path, &file, err, errlen);
-	if (ret)
+	if (ret) {
+		if (o->data_file)
+			create_file_abort(&data);
 		return ret;
+	}
 	ret = write_image(file.fd, o, size, &L, err, errlen);
+	/* The data file first: an image never names a file that is not
+	 * there yet. */
+	if (!ret && o->data_file)
+		ret = create_file_commit(&data, err, errlen);
+	else if (o->data_file)
+		create_file_abort(&data);
 	if (ret) {
 		create_file_abort(&file);
 		return ret;
@@ -653,6 +734,8 @@ int qcow2_create_into(struct create_file *cf, const char *path,
 
 	if (ret)
 		return ret;
+	if (o->data_file)
+		return cfail(err, errlen, -ENOTSUP, "an external data file cannot be made here");
 	if (ftruncate(cf->fd, 0) < 0)
 		return cfail(err, errlen, -errno, "truncating: %s", strerror(errno));
 	return write_image(cf->fd, o, size, &L, err, errlen);

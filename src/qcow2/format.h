@@ -367,9 +367,20 @@ struct qcow2_create_opts {
 	const char *backing_format;
 	uint8_t compression_type;
 	bool extended_l2;             /* 32 subclusters per cluster; v3, clusters >= 16 KiB */
+	/* An external data file (v3): the name stored as given; a relative
+	 * name is relative to the image's directory, where it is created (or
+	 * replaced) with the virtual size.  data_file_raw: guest offsets map
+	 * 1:1 and the file stays a valid raw image (implies metadata
+	 * preallocation; no backing file). */
+	const char *data_file;
+	bool data_file_raw;
 };
 enum { QCOW2_PREALLOC_OFF, QCOW2_PREALLOC_METADATA, QCOW2_PREALLOC_FALLOC, QCOW2_PREALLOC_FULL };
 int qcow2_create(const char *path, const struct qcow2_create_opts *o, char *err, size_t errlen);
+/* A new raw image of @size bytes in @fd (truncated first), preallocated
+ * as @prealloc (QCOW2_PREALLOC_*: metadata counts as off) says, as
+ * qemu-img create -f raw makes it.  Returns -errno. */
+int create_raw_fill(int fd, uint64_t size, int prealloc);
 
 /* The file of a new image (create.c), for every format: begin opens a
  * temporary file next to @path (fd) after locking an existing @path as
@@ -392,8 +403,8 @@ void create_file_abort(struct create_file *cf);
 /* qcow2_create() without its file handling: the image for @path (whose
  * directory a relative backing name is resolved against) written into
  * @cf->fd, which is truncated first; the caller commits or aborts @cf.
- * For tools that fill the image before it appears (qublk convert).
- * Returns -errno with @err set. */
+ * For tools that fill the image before it appears (qublk convert); an
+ * external data file is refused (-ENOTSUP).  Returns -errno with @err set. */
 int qcow2_create_into(struct create_file *cf, const char *path,
 		      const struct qcow2_create_opts *o, char *err, size_t errlen);
 
