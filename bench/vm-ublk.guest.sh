@@ -36,7 +36,8 @@
 # default), BENCH_CACHE (none, or writeback when O_DIRECT fails on tmpfs),
 # BENCH_ONLY (a regex on "KIND/CONFIG", default all), BENCH_WORKLOADS
 # (space-separated RW/BS, default all five).  The peer's binary,
-# if any, is /vmtest/ublksrv (a file argument of run.sh).
+# if any, is /vmtest/ublksrv (a file argument of run.sh); so is a second
+# qublk, /vmtest/qublk-b, for A/B runs (bench/vm-ublk.sh --ab).
 
 SIZE=${BENCH_SIZE:-2G}
 RUNTIME=${BENCH_RUNTIME:-3}
@@ -155,13 +156,15 @@ na_line() { echo "BENCH round=${CUR_ROUND:-1} img=$1 cfg=$2 wl=$3 st=na"; }
 # server has closed the image.
 devnum() { echo "${1#/dev/ublkb}"; }
 
+# $QBIN: qublk, or qublk-b for the B configurations (run.sh --ab).
+QBIN=qublk
 start_qublk() { # TYPE QUEUES [FILE | --size S]
     local type=$1 q=$2; shift 2
-    qublk add -t "$type" -q "$q" -d "$QDEPTH" --cache "$CACHE" "$@" \
+    "$QBIN" add -t "$type" -q "$q" -d "$QDEPTH" --cache "$CACHE" "$@" \
         2>"$B/add.err" || { cat "$B/add.err" >&2; return 1; }
 }
 stop_qublk() { # DEV
-    qublk del -n "$(devnum "$1")"
+    "$QBIN" del -n "$(devnum "$1")"
     [ ! -e "$1" ]
 }
 
@@ -237,7 +240,9 @@ IMG_RAW=$B/img.raw IMG_PRE=$B/img-prealloc.qcow2 IMG_EMPTY=$B/img-empty.qcow2
 
 # one_run KIND CFG WL: KIND none (null), raw, prealloc or empty; CFG null,
 # raw, qublk-q1, qublk-q2, qemu-nbd or ublksrv (ublksrv's null, loop or
-# qcow2 target by KIND).  The device is set up for this run
+# qcow2 target by KIND); null-b, raw-b, qublk-b-q1, qublk-b-q2: the same
+# through the B binary (qublk-b, bench/vm-ublk.sh --ab).  The device is
+# set up for this run
 # alone, so that the configurations of one workload run back to back
 # (interleaved: a change in the host's load hits them alike).  The empty
 # qcow2 is recreated before every run, so every run starts from an empty
@@ -254,10 +259,15 @@ one_run() {
         na_line "$kind" "$cfg" "$wl"
         return 0
     fi
+    local scfg=$cfg
+    QBIN=qublk
     case $cfg in
+        null-b|raw-b|qublk-b-q*) QBIN=qublk-b scfg=${cfg/-b/} ;;
+    esac
+    case $scfg in
         null) dev=$(start_qublk null 1 --size "$SIZE") ;;
         raw) dev=$(start_qublk raw 1 "$img") ;;
-        qublk-q*) dev=$(start_qublk "$fmt" "${cfg#qublk-q}" "$img") ;;
+        qublk-q*) dev=$(start_qublk "$fmt" "${scfg#qublk-q}" "$img") ;;
         qemu-nbd) dev=$(start_nbd "$fmt" "$img") ;;
         ublksrv)
             case $kind in
@@ -277,7 +287,8 @@ one_run() {
     case $cfg in
         qemu-nbd) pids=$(pidof qemu-nbd) ;;
         ublksrv) pids=$(pidof ublksrv) ;;
-        *) pids=$(pidof qublk) ;;
+        # (qublk-b may be a script that execs a qublk binary)
+        *) pids=$(pidof qublk qublk-b) ;;
     esac
     run_fio "$kind" "$cfg" "$dev" "$wl" "$pids" || rc=1
     case $cfg in
@@ -293,13 +304,18 @@ one_run() {
     return "$rc"
 }
 
-# bench_wl ROUND WL: every configuration on this workload.
+# bench_wl ROUND WL: every configuration on this workload (the B ones
+# next to their A ones when there is a qublk-b).
 bench_wl() {
-    local round=$1 wl=$2 kind cfg rc=0
-    for kc in none/null none/ublksrv raw/raw raw/ublksrv \
-              prealloc/qublk-q1 prealloc/qublk-q2 prealloc/ublksrv prealloc/qemu-nbd \
-              empty/qublk-q1 empty/qublk-q2 empty/qemu-nbd; do
+    local round=$1 wl=$2 kind cfg rc=0 kc
+    for kc in none/null none/null-b none/ublksrv raw/raw raw/raw-b raw/ublksrv \
+              prealloc/qublk-q1 prealloc/qublk-b-q1 prealloc/qublk-q2 prealloc/qublk-b-q2 \
+              prealloc/ublksrv prealloc/qemu-nbd \
+              empty/qublk-q1 empty/qublk-b-q1 empty/qublk-q2 empty/qublk-b-q2 empty/qemu-nbd; do
         [[ $kc =~ $ONLY ]] || continue
+        case $kc in
+            */null-b|*/raw-b|*/qublk-b-*) command -v qublk-b >/dev/null || continue ;;
+        esac
         kind=${kc%/*} cfg=${kc#*/}
         CUR_ROUND=$round
         one_run "$kind" "$cfg" "$wl" || rc=1

@@ -10,35 +10,46 @@
 # (recreated before every run); and the peer, ublksrv at 229e918 (built by
 # bench/setup-peer.sh into bench/.cache; its null target, its loop target
 # on the raw image, its qcow2 target on the preallocated image, 1 queue,
-# the same depth; its columns read n/a when it cannot be built).  Within a round, each workload runs on every
-# configuration back to back, so that the host's load (TCG vCPUs are host
-# threads) hits them alike; ratios are per round, then averaged.  Not part
-# of `make check`: numbers, not pass/fail; it fails only if a run errs or
-# an image is damaged.  The guest half is bench/vm-ublk.guest.sh.
+# the same depth; its columns read n/a when it cannot be built).  Within
+# a round, each workload runs on every configuration back to back, so that
+# the host's load (TCG vCPUs are host threads) hits them alike; ratios are
+# per round, then averaged.  Not part of `make check`: numbers, not
+# pass/fail; it fails only if a run errs or an image is damaged.  The
+# guest half is bench/vm-ublk.guest.sh.
 #
-#   bench/vm-ublk.sh [--kernel 6.12|7.3] [--runtime S] [--ramp S] [--rounds N] [--size SIZE]
-#                    [--mem SIZE] [--cache none|writeback] [--qdepth N]
-#                    [--only REGEX] [--workloads 'RW/BS ...'] [--log FILE]
-#                    [--out FILE] [--parse LOG]
+#   bench/vm-ublk.sh [--kernel 6.12|7.3] [--runtime S] [--ramp S]
+#                    [--rounds N] [--size SIZE] [--mem SIZE]
+#                    [--cache none|writeback] [--qdepth N] [--only REGEX]
+#                    [--workloads 'RW/BS ...'] [--qublk BIN] [--ab BIN]
+#                    [--log FILE] [--out FILE] [--parse LOG]
 #
 # Prints markdown: the throughput table (IOPS for 4k, MiB/s for 64k/512k;
 # read+write), the ratios qublk/qemu-nbd and qcow2/raw per row, the same
 # against ublksrv (qublk null/ublksrv null, qublk raw/ublksrv loop, qublk
-# q1 and q2/ublksrv qcow2), and a CPU
-# table (percent of one vCPU sampled mid-run: the server daemon, its io-wq
-# workers, fio, the whole machine; server CPU per I/O).  --only is a regex
-# on KIND/CONFIG (none/null none/ublksrv raw/raw raw/ublksrv
-# prealloc/qublk-q1 prealloc/ublksrv ... empty/qemu-nbd).
-# --kernel: the guest kernel (tests/vm/run.sh; default $QUBLK_VM_KERNEL
-# or 6.12).  --workloads picks the workloads (default: randwrite/4k randread/4k
-# randrw/4k rw/64k rw/512k).  --out also writes the tables to FILE; --log keeps the console log;
-# --parse LOG re-renders the tables from a kept log without booting.
+# q1 and q2/ublksrv qcow2), and a CPU table (percent of one vCPU sampled
+# mid-run: the server daemon, its io-wq workers, fio, the whole machine;
+# server CPU per I/O).
+#   --kernel      the guest kernel (tests/vm/run.sh; default
+#                 $QUBLK_VM_KERNEL or 6.12)
+#   --only        a regex on KIND/CONFIG (none/null none/ublksrv raw/raw
+#                 raw/ublksrv prealloc/qublk-q1 prealloc/ublksrv ...
+#                 empty/qemu-nbd)
+#   --workloads   the workloads (default: randwrite/4k randread/4k
+#                 randrw/4k rw/64k rw/512k)
+#   --qublk BIN   benchmark BIN instead of building build/qublk
+#   --ab BIN      an A/B run: BIN (another qublk build, or a script that
+#                 execs one with other settings) runs as the B
+#                 configurations (null-b, raw-b, qublk-b-q1, qublk-b-q2),
+#                 each right after its A; a table gives B/A per row
+#   --out FILE    also write the tables to FILE; --log FILE keeps the
+#                 console log; --parse LOG re-renders the tables from a
+#                 kept log without booting
 #
 # The VM runs under TCG: absolute numbers mean little; compare ratios.
 # Needs tests/vm/setup.sh done; the guest gets the host's qemu-nbd (and its
 # libraries) as an extra file.  Defaults: 2 rounds of 55 runs, 3 s each
 # after a 1 s ramp, 6 GiB guest (three images in tmpfs at once): about
-# 13-15 minutes of wall time.
+# 15 minutes of wall time on an idle host, 25 at a load of 10.
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$TOP"
@@ -46,6 +57,7 @@ cd "$TOP"
 RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM=6G CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
 WORKLOADS='randwrite/4k randread/4k randrw/4k rw/64k rw/512k'
 KERNEL=${QUBLK_VM_KERNEL:-6.12}
+AB='' QBIN=''
 while [ $# -gt 0 ]; do
     case $1 in
         --kernel) KERNEL=$2; shift 2 ;;
@@ -58,10 +70,12 @@ while [ $# -gt 0 ]; do
         --qdepth) QDEPTH=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --workloads) WORKLOADS=$2; shift 2 ;;
+        --ab) AB=$2; shift 2 ;;
+        --qublk) QBIN=$2; shift 2 ;;
         --log) LOG=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --parse) PARSE=$2; shift 2 ;;
-        -h|--help) sed -n "2,41p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n "2,52p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm-ublk.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -151,6 +165,28 @@ render() {
                 wl, fmt(wl, val(sn)), fmt(wl, val(sr)), fmt(wl, val(sq)),
                 ratio(kn, sn), ratio(kr, sr), ratio(k1, sq), ratio(k2, sq)
         }
+        # A/B (--ab): B/A per row, when there are B runs.
+        nb = 0
+        for (k in CNT) if (k ~ /(null-b|raw-b|qublk-b-q[0-9])/) nb++
+        if (nb) {
+            print ""
+            print "| image | workload | null B/A | raw B/A | q1 B/A | q2 B/A |"
+            print "|---|---|---:|---:|---:|---:|"
+            for (ii = 1; ii <= 2; ii++) {
+                img = imgs[ii]
+                for (w = 1; w <= nwl; w++) {
+                    wl = wls[w]
+                    kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
+                    k1 = img SUBSEP "qublk-q1" SUBSEP wl; k2 = img SUBSEP "qublk-q2" SUBSEP wl
+                    bn = "none" SUBSEP "null-b" SUBSEP wl; br = "raw" SUBSEP "raw-b" SUBSEP wl
+                    b1 = img SUBSEP "qublk-b-q1" SUBSEP wl; b2 = img SUBSEP "qublk-b-q2" SUBSEP wl
+                    if (val(b1) == "" && val(b2) == "" && (ii > 1 || (val(bn) == "" && val(br) == ""))) continue
+                    # null and raw do not depend on the image kind: once.
+                    if (ii > 1) { rn = "-"; rr = "-" } else { rn = ratio(bn, kn); rr = ratio(br, kr) }
+                    printf "| qcow2 %s | %s | %s | %s | %s | %s |\n", img, wl, rn, rr, ratio(b1, k1), ratio(b2, k2)
+                }
+            }
+        }
         print ""
         printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs).\n", maxround
         print ""
@@ -175,15 +211,22 @@ if [ -n "$PARSE" ]; then
     exit 0
 fi
 
-# Measure the current sources: make is incremental.  If the tree does not
-# build right now (others at work), an existing binary is used, with a note.
-if ! make -j2 build/qublk >&2; then
-    [ -x build/qublk ] || { echo "vm-ublk.sh: build/qublk does not build" >&2; exit 1; }
-    echo "vm-ublk.sh: warning: make failed; benchmarking the existing build/qublk" >&2
+if [ -n "$QBIN" ]; then
+    [ -x "$QBIN" ] || { echo "vm-ublk.sh: --qublk $QBIN: not an executable" >&2; exit 2; }
+    QUBLK_ID="$QBIN of $(date -r "$QBIN" '+%Y-%m-%d %H:%M') (--qublk)"
+else
+    # Measure the current sources: make is incremental.  If the tree does
+    # not build right now (others at work), an existing binary is used,
+    # with a note.
+    QBIN=build/qublk
+    if ! make -j2 build/qublk >&2; then
+        [ -x build/qublk ] || { echo "vm-ublk.sh: build/qublk does not build" >&2; exit 1; }
+        echo "vm-ublk.sh: warning: make failed; benchmarking the existing build/qublk" >&2
+    fi
+    rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
+    git diff --quiet HEAD -- src 2>/dev/null || rev+=" + uncommitted changes in src/"
+    QUBLK_ID="build/qublk of $(date -r build/qublk '+%Y-%m-%d %H:%M'), tree at $rev"
 fi
-rev=$(git rev-parse --short HEAD 2>/dev/null || echo '?')
-git diff --quiet HEAD -- src 2>/dev/null || rev+=" + uncommitted changes in src/"
-QUBLK_ID="build/qublk of $(date -r build/qublk '+%Y-%m-%d %H:%M'), tree at $rev"
 NBD=$(command -v qemu-nbd) || { echo "vm-ublk.sh: qemu-nbd not installed on the host (apt-get install qemu-utils)" >&2; exit 1; }
 # The peer: its columns read n/a if it cannot be built here.
 PEER=()
@@ -198,20 +241,36 @@ if [ -z "$LOG" ]; then
     LOG=$(mktemp /tmp/qublk-vm-bench.XXXXXX.log)
     KEEP=0
 fi
-# Per run: ~RUNTIME+RAMP+2 s, 55 runs a round, plus image creation and boot.
-TIMEOUT=$(( (RUNTIME + RAMP + 4) * 55 * ROUNDS + 300 ))
+# B: named qublk-b in the guest (run.sh copies files under their names).
+EXTRA=("${PEER[@]}")
+if [ -n "$AB" ]; then
+    [ -x "$AB" ] || { echo "vm-ublk.sh: --ab $AB: not an executable" >&2; exit 2; }
+    ABDIR=$(mktemp -d /tmp/qublk-vm-ab.XXXXXX)
+    cp "$AB" "$ABDIR/qublk-b"
+    EXTRA+=("$ABDIR/qublk-b")
+    QUBLK_ID+="; B (--ab): $AB of $(date -r "$AB" '+%Y-%m-%d %H:%M')"
+fi
+# Per run: ~RUNTIME+RAMP+2 s (more on a loaded host: a margin), 55 runs a
+# round (85 with --ab), plus image
+# creation and boot.
+NRUNS=55
+[ -z "$AB" ] || NRUNS=85
+TIMEOUT=$(( (RUNTIME + RAMP + 10) * NRUNS * ROUNDS + 600 ))
 rc=0
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-tests/vm/run.sh --kernel "$KERNEL" --qublk build/qublk --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
+tests/vm/run.sh --kernel "$KERNEL" --qublk "$QBIN" --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
-    bench/vm-ublk.guest.sh "$NBD" "${PEER[@]}" >&2 || rc=$?
+    bench/vm-ublk.guest.sh "$NBD" "${EXTRA[@]}" >&2 || rc=$?
+[ -z "$AB" ] || rm -rf "$ABDIR"
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 [ "$rc" = 77 ] && { echo "vm-ublk.sh: no VM here (run tests/vm/setup.sh)" >&2; exit 77; }
 
 only_arg=''
 [ "$ONLY" = . ] || only_arg=" --only '$ONLY'"
 [ "$WORKLOADS" = 'randwrite/4k randread/4k randrw/4k rw/64k rw/512k' ] || only_arg+=" --workloads '$WORKLOADS'"
+[ "$QBIN" = build/qublk ] || only_arg+=" --qublk $QBIN"
+[ -z "$AB" ] || only_arg+=" --ab $AB"
 {
     echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
     echo
