@@ -87,11 +87,12 @@ for k in "${kernels[@]}"; do
         case $k in
             7.3) set_=(); for g in "$VM"/guest/ublk-*.sh; do set_+=("${g##*/}"); done
                  # The CI budget: smaller fio runs, of recover's fio
-                 # matrix (q1/q2 x backing) the corners, two hand-overs
-                 # per upgrade run; QUBLK_VM_FULL=1 runs all of it at
-                 # full size.
+                 # matrix (q1/q2 x backing) the corners (three kills at
+                 # random moments in each, and in ext4: ten with the
+                 # restart case), two hand-overs per upgrade run;
+                 # QUBLK_VM_FULL=1 runs all of it at full size.
                  [ "${QUBLK_VM_FULL:-0}" = 1 ] ||
-                     envs=(--env UBLK_TEST_FIO_SIZE=24M --env RECOVER_KILLS=2 --env UPGRADES=2
+                     envs=(--env UBLK_TEST_FIO_SIZE=24M --env RECOVER_KILLS=3 --env UPGRADES=2
                            --env "RECOVER_ONLY=q1 q2-backing ext4 restart del") ;;
             # A smoke of what differs on this kernel.  A killed daemon's
             # requests wait for timeouts here: one kill case, one kill per

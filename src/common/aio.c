@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/util.h"
 
@@ -21,26 +22,58 @@ static __thread struct aio_ctx *cur_ctx;
 
 static void remote_complete(struct aio_req *req, int res);
 
-int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)
+/*
+ * Ring setup flags, best first.  A kernel that does not know one of them
+ * refuses the set with EINVAL, and the next set is tried.
+ *   SINGLE_ISSUER (6.0): only the thread that made the ring submits to it
+ *     (every aio_ctx is made on the thread that runs it).
+ * With AIO_CTX_DEFER_TASKRUN (the NBD server's loop, for now):
+ *   DEFER_TASKRUN (6.1): completions that reach us as task work (a polled
+ *     socket that became readable, I/O punted to io-wq, MSG_RING wakeups)
+ *     are neither signalled to this thread nor run at its other system
+ *     calls: they wait until it asks for completions in io_uring_enter,
+ *     and then run as one batch.  The thread that makes the socket
+ *     readable (the NBD client) then pays no interrupt to wake us, and a
+ *     loop that spins before sleeping (aio_ctx.spin_ns) sees the work
+ *     in the ring's flags and takes it without ever being woken.  That
+ *     suits a loop that only ever sleeps in io_uring_enter; a loop thread
+ *     inside another system call holds back its own completions until
+ *     that call returns.  Not yet for the ublk queues: measured in the VM
+ *     (bench/vm-ublk.sh --ab) but not run through the VM suite.
+ *   COOP_TASKRUN (5.19), the fallback: the same completions run at the
+ *     thread's next system call instead of interrupting it in user space.
+ *   TASKRUN_FLAG (5.19): the kernel marks pending task work in the SQ
+ *     ring's flags, so liburing enters for it when the loop only peeks.
+ */
+static const unsigned ring_flag_sets[] = {
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+	IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+	IORING_SETUP_SINGLE_ISSUER,        /* the default sets start here */
+	0,
+};
+#define RING_FLAGS_DEFAULT 3
+
+int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags)
 {
 	struct io_uring_params p;
-	int ret;
+	int ret = -EINVAL;
 
 	memset(ctx, 0, sizeof(*ctx));
 	ctx->remote_req.complete = remote_complete;
-	memset(&p, 0, sizeof(p));
-	/* Only this thread submits; completions are reaped when we enter. */
-	p.flags = IORING_SETUP_SINGLE_ISSUER;
-	p.flags |= IORING_SETUP_CQSIZE;
-	p.cq_entries = entries * 4;
-	ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
-	if (ret == -EINVAL) {
+	for (size_t i = (flags & AIO_CTX_DEFER_TASKRUN) ? 0 : RING_FLAGS_DEFAULT;
+	     i < ARRAY_SIZE(ring_flag_sets) && ret == -EINVAL; i++) {
 		memset(&p, 0, sizeof(p));
-		p.flags = IORING_SETUP_CQSIZE;
+		p.flags = ring_flag_sets[i] | IORING_SETUP_CQSIZE;
 		p.cq_entries = entries * 4;
 		ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
 	}
 	return ret;
+}
+
+int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)
+{
+	return aio_ctx_init_flags(ctx, entries, 0);
 }
 
 void aio_ctx_deinit(struct aio_ctx *ctx)
@@ -192,6 +225,33 @@ void aio_schedule(struct coro *co)
 	ctx->ready_tail = co;
 }
 
+/* Submit what is queued, then watch for up to ctx->spin_ns for a CQE or
+ * for task work the kernel holds for us (IORING_SQ_TASKRUN: a socket
+ * became readable under a polled recv).  True if there is work: the
+ * caller then enters without sleeping. */
+static bool spin_for_work(struct aio_ctx *ctx)
+{
+	struct io_uring *ring = &ctx->ring;
+	uint64_t deadline = 0;
+
+	io_uring_submit(ring);
+	for (unsigned i = 0;; i++) {
+		if (io_uring_cq_ready(ring) ||
+		    (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_TASKRUN))
+			return true;
+		if ((i & 63) == 0) {
+			struct timespec ts;
+			clock_gettime(CLOCK_MONOTONIC, &ts);
+			uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+			if (!deadline)
+				deadline = now + ctx->spin_ns;
+			else if (now >= deadline)
+				return false;
+		}
+		cpu_relax();
+	}
+}
+
 static unsigned run_ready(struct aio_ctx *ctx)
 {
 	unsigned ran = 0;
@@ -226,6 +286,8 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 	 * held by another thread is woken by a MSG_RING CQE), but not after
 	 * running coroutines: the caller's exit condition may now hold. */
 	unsigned wait = (block && !ran && !ctx->ready_head) ? 1 : 0;
+	if (wait && ctx->spin_ns && spin_for_work(ctx))
+		wait = 0;
 	ret = io_uring_submit_and_wait(&ctx->ring, wait);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME)
 		return ret;

@@ -36,10 +36,19 @@ struct aio_ctx {
 	bool remote_signalled;
 	struct coro *remote_head, *remote_tail;
 	struct aio_req remote_req;
+	/* Before sleeping for completions, spin this long watching the
+	 * rings for them (0: never).  A loop fed by a peer at a high rate
+	 * (an NBD client) then takes most requests without being woken:
+	 * the wakeup is what the peer pays for, in its own system call. */
+	uint64_t spin_ns;
 };
 
 /* Returns -errno. */
 int aio_ctx_init(struct aio_ctx *ctx, unsigned entries);
+/* With AIO_CTX_DEFER_TASKRUN: the ring defers task work to this thread's
+ * waits (aio.c, ring setup flags), best with spin_ns set. */
+#define AIO_CTX_DEFER_TASKRUN 1u
+int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags);
 void aio_ctx_deinit(struct aio_ctx *ctx);
 void aio_ctx_set_current(struct aio_ctx *ctx);
 struct aio_ctx *aio_ctx_current(void);

@@ -149,9 +149,17 @@ int nbd_sock_send(struct nbd_conn *c, struct iovec *iov, int cnt)
 
 		if (c->dead)
 			return -EPIPE;
-		sqe = aio_get_sqe(c->srv->ctx, NULL);
-		io_uring_prep_sendmsg(sqe, c->fd, &msg, MSG_NOSIGNAL);
-		res = aio_co_wait_sqe_as(c->srv->ctx, &c->send_op, sqe);
+		/* The socket buffer nearly always has room: send now, and go
+		 * through the ring (which waits for room) only when it has
+		 * not. */
+		res = (int)sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (res < 0)
+			res = -errno;
+		if (res == -EAGAIN) {
+			sqe = aio_get_sqe(c->srv->ctx, NULL);
+			io_uring_prep_sendmsg(sqe, c->fd, &msg, MSG_NOSIGNAL);
+			res = aio_co_wait_sqe_as(c->srv->ctx, &c->send_op, sqe);
+		}
 		if (c->dead)
 			return -EPIPE;
 		if (res == -EINTR || res == -EAGAIN)
