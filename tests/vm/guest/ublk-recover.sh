@@ -10,7 +10,10 @@
 # `qublk add --recover-on-restart -n ID` run again after a kill takes the
 # device back (and refuses a live daemon or another image).
 # RECOVER_KILLS (default 3) kills per fio run (the first 0.2..0.8 s in,
-# so that a fast machine gets one too); 4 runs + the ext4 case.
+# so that a fast machine gets one too); fio writes and verifies its region
+# one more time than that (--loops), so that the later kills land while it
+# still runs (one pass ended after the first kill on 7.3); 4 runs + the
+# ext4 case.
 
 W=/tmp/ublk-recover
 mkdir -p "$W"
@@ -56,7 +59,7 @@ recover_case() {
     dev=$(qublk add -q "$queues" "$img")
     id=$(devnum "$dev")
     fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
-        --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size=32M \
+        --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size=32M --loops=$((KILLS + 1)) \
         --offset_increment=48M --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --randrepeat=0 --group_reporting --output-format=terse --terse-version=3 \
         >"$W/fio.out" 2>&1 &
