@@ -45,30 +45,32 @@ static void remote_complete(struct aio_req *req, int res);
  *   TASKRUN_FLAG (5.19): the kernel marks pending task work in the SQ
  *     ring's flags, so liburing enters for it when the loop only peeks.
  */
-static const unsigned ring_flag_sets[] = {
+static const unsigned deferred_flag_sets[] = {
 	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
 	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
 	IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
-	IORING_SETUP_SINGLE_ISSUER,        /* the default sets start here */
 	0,
 };
-#define RING_FLAGS_DEFAULT 3
+static const unsigned default_flag_sets[] = { IORING_SETUP_SINGLE_ISSUER, 0 };
 
 int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags)
 {
+	const unsigned *sets = (flags & AIO_CTX_DEFER_TASKRUN) ? deferred_flag_sets
+							       : default_flag_sets;
 	struct io_uring_params p;
-	int ret = -EINVAL;
+	int ret;
 
 	memset(ctx, 0, sizeof(*ctx));
 	ctx->remote_req.complete = remote_complete;
-	for (size_t i = (flags & AIO_CTX_DEFER_TASKRUN) ? 0 : RING_FLAGS_DEFAULT;
-	     i < ARRAY_SIZE(ring_flag_sets) && ret == -EINVAL; i++) {
+	/* Each list ends with 0: its EINVAL is the caller's. */
+	for (size_t i = 0;; i++) {
 		memset(&p, 0, sizeof(p));
-		p.flags = ring_flag_sets[i] | IORING_SETUP_CQSIZE;
+		p.flags = sets[i] | IORING_SETUP_CQSIZE;
 		p.cq_entries = entries * 4;
 		ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
+		if (ret != -EINVAL || !sets[i])
+			return ret;
 	}
-	return ret;
 }
 
 int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)
