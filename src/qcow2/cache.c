@@ -22,6 +22,18 @@
  * if any sync since was lost.  Every write is checked by the range
  * authority (ranges.c) as the cache's kind of metadata.
  *
+ * Write-through (a daemon that may be taken over, refcount.c): a request
+ * that changed a slice writes it before it completes, as a copy, with the
+ * lock dropped, so requests on other slices do theirs at the same time.
+ * A slice has at most one copy in flight (two could land in either
+ * order), pinned meanwhile; a request whose change is in that copy waits
+ * for it, one whose change came after waits and then writes the next, so
+ * one write covers every change queued behind it.  Changes are numbered
+ * (seq): a request waits only for changes made before it asked, and a
+ * deferred free is applied only once the change that dropped its
+ * reference is written (qcow2_cache_written_below).  Other writers never
+ * drop the lock and skip slices in flight.
+ *
  * Thread model: called with the owning qcow2_state's lock held.
  */
 #include <errno.h>
@@ -62,6 +74,11 @@ int qcow2_cache_init(struct qcow2_state *s, struct qcow2_cache *c, const char *n
 	c->used = 0;
 	c->ndirty = 0;
 	c->nunsynced = 0;
+	c->seq = 0;
+	c->wb_head = -1;
+	c->ninflight = 0;
+	c->shadow = NULL;
+	c->idle = (struct co_queue)CO_QUEUE_INIT;
 	c->nbuckets = 1;
 	while (c->nbuckets < c->n)
 		c->nbuckets <<= 1;
@@ -89,6 +106,9 @@ void qcow2_cache_deinit(struct qcow2_cache *c)
 	if (c->mem)
 		munmap(c->mem, c->mem_len);
 	c->mem = NULL;
+	if (c->shadow)
+		munmap(c->shadow, c->mem_len);
+	c->shadow = NULL;
 	free(c->sl);
 	c->sl = NULL;
 	free(c->buckets);
@@ -155,6 +175,50 @@ static int lookup(const struct qcow2_cache *c, uint64_t key)
 	return -1;
 }
 
+/* The write-back list holds the slices that are dirty or in flight. */
+static void wb_add(struct qcow2_cache *c, int i)
+{
+	struct qcow2_slice *e = &c->sl[i];
+
+	if (e->listed)
+		return;
+	e->listed = true;
+	e->wprev = -1;
+	e->wnext = c->wb_head;
+	if (c->wb_head >= 0)
+		c->sl[c->wb_head].wprev = i;
+	c->wb_head = i;
+}
+
+static void wb_del_if_done(struct qcow2_cache *c, int i)
+{
+	struct qcow2_slice *e = &c->sl[i];
+
+	if (!e->listed || e->dirty || e->inflight)
+		return;
+	if (e->wprev >= 0)
+		c->sl[e->wprev].wnext = e->wnext;
+	else
+		c->wb_head = e->wnext;
+	if (e->wnext >= 0)
+		c->sl[e->wnext].wprev = e->wprev;
+	e->listed = false;
+}
+
+static void set_dirty(struct qcow2_cache *c, int i, uint64_t seq)
+{
+	struct qcow2_slice *e = &c->sl[i];
+
+	if (e->dirty) {
+		e->dirty_seq = MIN(e->dirty_seq, seq);
+		return;
+	}
+	e->dirty = true;
+	e->dirty_seq = seq;
+	c->ndirty++;
+	wb_add(c, i);
+}
+
 /* Make the refcount cache durable before any L2 slice is written.  With
  * lazy refcounts the image is marked dirty instead (once): its refcounts
  * are rebuilt at the next open if it is not closed cleanly. */
@@ -186,6 +250,7 @@ static int write_slice(struct qcow2_cache *c, int i)
 		c->sl[i].unsynced = true;
 		c->nunsynced++;
 	}
+	wb_del_if_done(c, i);
 	return 0;
 }
 
@@ -197,10 +262,8 @@ void qcow2_cache_synced(struct qcow2_cache *c, bool ok)
 			continue;
 		e->unsynced = false;
 		c->nunsynced--;
-		if (!ok && e->key != EMPTY && !e->dirty) {
-			e->dirty = true;
-			c->ndirty++;
-		}
+		if (!ok && e->key != EMPTY)
+			set_dirty(c, (int)i, ++c->seq);
 	}
 }
 
@@ -298,9 +361,7 @@ void qcow2_cache_put(struct qcow2_cache *c, int idx)
 
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, int idx)
 {
-	if (!c->sl[idx].dirty)
-		c->ndirty++;
-	c->sl[idx].dirty = true;
+	set_dirty(c, idx, ++c->seq);
 }
 
 bool qcow2_cache_has_dirty(const struct qcow2_cache *c)
@@ -319,14 +380,118 @@ int qcow2_cache_writeback(struct qcow2_cache *c)
 		if (ret < 0)
 			return ret;
 	}
-	for (uint32_t i = 0; i < c->used && c->ndirty; i++) {
-		if (!c->sl[i].dirty)
+	/* The lock stays held: only this loop changes the list. */
+	for (int32_t i = c->wb_head, next; i >= 0; i = next) {
+		next = c->sl[i].wnext;
+		if (!c->sl[i].dirty || c->sl[i].inflight)
 			continue;
-		ret = write_slice(c, (int)i);
+		ret = write_slice(c, i);
 		if (ret < 0)
 			return ret;
 	}
 	return 0;
+}
+
+/* Write slice @i as a copy with the lock dropped (see the top). */
+static int write_copy(struct qcow2_cache *c, int i)
+{
+	struct qcow2_state *s = c->s;
+	enum qcow2_site site = c->is_l2 ? QCOW2_W_L2_UPDATE : QCOW2_W_REFBLOCK_UPDATE;
+	struct qcow2_slice *e = &c->sl[i];
+	uint8_t *copy;
+	int ret;
+
+	if (c->is_l2) {
+		/* Yields with the lock held: the slice stays as it is. */
+		ret = l2_write_barrier(s);
+		if (ret < 0)
+			return ret;
+	}
+	if (!c->shadow) {
+		void *p = mmap(NULL, c->mem_len, PROT_READ | PROT_WRITE,
+			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (p == MAP_FAILED)
+			return -ENOMEM;
+		c->shadow = p;
+	}
+	ret = qcow2_check_meta_write(s, site, e->key, c->slice_size);
+	if (ret < 0)
+		return ret;
+	copy = c->shadow + (size_t)i * c->slice_size;
+	memcpy(copy, slice_data(c, i), c->slice_size);
+	e->inflight = true;
+	e->inflight_seq = e->dirty_seq;
+	e->ref++;
+	c->ninflight++;
+	e->dirty = false;
+	c->ndirty--;
+
+	co_mutex_unlock(&s->lock);
+	ret = qcow2_pwrite_meta_checked(s, site, copy, c->slice_size, e->key);
+	co_mutex_lock(&s->lock);
+
+	e->inflight = false;
+	e->ref--;
+	c->ninflight--;
+	if (ret < 0) {
+		log_error("%s: writing %s slice at %#llx: %s", s->bs->filename, c->name,
+			  (unsigned long long)e->key, strerror(-ret));
+		set_dirty(c, i, e->inflight_seq);
+	} else if (!e->unsynced) {
+		e->unsynced = true;
+		c->nunsynced++;
+	}
+	wb_del_if_done(c, i);
+	co_queue_wake_all(&e->wq);
+	if (!c->ninflight)
+		co_queue_wake_all(&c->idle);
+	return ret;
+}
+
+int qcow2_cache_write_through(struct qcow2_cache *c)
+{
+	uint64_t asked = c->seq;
+	int32_t i;
+	int ret;
+
+	for (;;) {
+		/* Decided afresh after every wait and write: the list changed. */
+		for (i = c->wb_head; i >= 0; i = c->sl[i].wnext) {
+			const struct qcow2_slice *e = &c->sl[i];
+			if ((e->inflight && e->inflight_seq <= asked) ||
+			    (e->dirty && e->dirty_seq <= asked))
+				break;
+		}
+		if (i < 0)
+			return 0;
+		if (c->sl[i].inflight) {
+			co_queue_wait_unlock(&c->sl[i].wq, &c->s->lock);
+			continue;
+		}
+		ret = write_copy(c, i);
+		if (ret < 0)
+			return ret;
+	}
+}
+
+uint64_t qcow2_cache_written_below(const struct qcow2_cache *c)
+{
+	uint64_t below = UINT64_MAX;
+
+	for (int32_t i = c->wb_head; i >= 0; i = c->sl[i].wnext) {
+		const struct qcow2_slice *e = &c->sl[i];
+		if (e->dirty)
+			below = MIN(below, e->dirty_seq);
+		if (e->inflight)
+			below = MIN(below, e->inflight_seq);
+	}
+	return below;
+}
+
+void qcow2_cache_drain(struct qcow2_cache *c)
+{
+	while (c->ninflight)
+		co_queue_wait_unlock(&c->idle, &c->s->lock);
 }
 
 void qcow2_cache_invalidate(struct qcow2_cache *c, uint64_t off, uint64_t len)

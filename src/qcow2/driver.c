@@ -347,6 +347,7 @@ static int qcow2_close(struct bdrv *bs)
 		ret = -EIO;
 	} else if (!s->read_only) {
 		co_mutex_lock(&s->lock);
+		qcow2_cache_drain(&s->l2c);
 		/* First flush applies the deferred decrements to the cache,
 		 * the second writes them. */
 		ret = qcow2_flush_locked(s);

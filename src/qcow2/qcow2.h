@@ -76,8 +76,14 @@ struct qcow2_slice {
 	int32_t hnext;          /* hash chain */
 	int32_t prev, next;     /* LRU list, most recently used at the head */
 	uint32_t ref;           /* pinned by callers; pinned slices never evicted */
-	bool dirty;             /* changed since last written */
+	bool dirty;             /* changed since last written (or copied) */
 	bool unsynced;          /* written, not yet covered by a successful sync */
+	bool listed;            /* on the write-back list: dirty or in flight */
+	bool inflight;          /* a copy is being written without the lock */
+	int32_t wprev, wnext;   /* write-back list */
+	uint64_t dirty_seq;     /* the cache's seq when it last became dirty */
+	uint64_t inflight_seq;  /* dirty_seq of the copy in flight */
+	struct co_queue wq;     /* waiting for the copy in flight */
 };
 
 struct qcow2_cache {
@@ -95,6 +101,13 @@ struct qcow2_cache {
 	uint32_t ndirty;
 	uint32_t nunsynced;
 	bool is_l2;             /* writing a dirty slice needs refcounts on disk first */
+	/* Write-through (qcow2_cache_write_through): every change is
+	 * numbered (seq); slices dirty or in flight are on a list. */
+	uint64_t seq;
+	int32_t wb_head;
+	uint32_t ninflight;
+	uint8_t *shadow;        /* copies being written, n * slice_size, lazy */
+	struct co_queue idle;   /* waiting for ninflight == 0 */
 };
 
 int qcow2_cache_init(struct qcow2_state *s, struct qcow2_cache *c, const char *name,
@@ -105,9 +118,23 @@ void qcow2_cache_deinit(struct qcow2_cache *c);
 int qcow2_cache_get(struct qcow2_cache *c, uint64_t off, bool fresh, int *idx, void **data);
 void qcow2_cache_put(struct qcow2_cache *c, int idx);
 void qcow2_cache_mark_dirty(struct qcow2_cache *c, int idx);
-/* Write every dirty slice (no fdatasync).  For the L2 cache this first
- * makes the refcount cache durable. */
+/* Write every dirty slice (no fdatasync), except those with a copy in
+ * flight (qcow2_cache_write_through), which cannot be written again
+ * before it lands.  For the L2 cache this first makes the refcount cache
+ * durable.  Never drops the lock. */
 int qcow2_cache_writeback(struct qcow2_cache *c);
+/* Write every slice changed before the call (no fdatasync), waiting for
+ * copies of them in flight: a copy is written with the lock dropped, so
+ * requests on other slices write theirs at the same time, and one write
+ * of a slice covers every change made to it before its copy (group
+ * commit).  Drops and retakes the lock.  Returns -errno. */
+int qcow2_cache_write_through(struct qcow2_cache *c);
+/* The seq of the oldest change not yet written (UINT64_MAX: none): every
+ * change numbered below it is in the file. */
+uint64_t qcow2_cache_written_below(const struct qcow2_cache *c);
+/* Wait (dropping the lock) until no copy is in flight: before work that
+ * writes metadata behind the cache. */
+void qcow2_cache_drain(struct qcow2_cache *c);
 /* Forget clean, unpinned slices in [off, off+len) (clusters reused). */
 void qcow2_cache_invalidate(struct qcow2_cache *c, uint64_t off, uint64_t len);
 bool qcow2_cache_has_dirty(const struct qcow2_cache *c);
@@ -145,9 +172,10 @@ int qcow2_write_entry_sync(struct qcow2_state *s, enum qcow2_site site, uint64_t
 /* Lock held.  fdatasync the image file; written cache slices become clean
  * (or dirty again when it fails: see cache.c).  Returns -errno. */
 int qcow2_sync(struct qcow2_state *s);
-/* Lock held.  With write_through (BDRV_O_CRASH_SAFE), write every dirty
- * metadata slice to the file (no sync): a request that changed metadata
- * calls it before it completes.  No-op otherwise.  Returns -errno. */
+/* Lock held.  With write_through (BDRV_O_CRASH_SAFE), write every L2
+ * slice changed so far to the file (no sync; refcounts are lazy): a
+ * request that changed metadata calls it before it completes.  Drops
+ * and retakes the lock (cache.c).  No-op otherwise.  Returns -errno. */
 int qcow2_write_through(struct qcow2_state *s);
 /* Lock held.  Lazy refcounts: set the dirty bit (header, synced) unless
  * set; clear it after a full flush.  Returns -errno. */
@@ -345,6 +373,11 @@ void qcow2_signal_corruption(struct qcow2_state *s, const char *fmt, ...)
  * Returns -errno. */
 int qcow2_pwrite_meta(struct qcow2_state *s, enum qcow2_site site, const void *buf, size_t len,
 		      uint64_t off);
+/* qcow2_pwrite_meta in two steps: the range check (lock held), then the
+ * write (the lock may be dropped meanwhile: cache.c's write-through). */
+int qcow2_check_meta_write(struct qcow2_state *s, enum qcow2_site site, uint64_t off, size_t len);
+int qcow2_pwrite_meta_checked(struct qcow2_state *s, enum qcow2_site site, const void *buf,
+			      size_t len, uint64_t off);
 int qcow2_write_header(struct qcow2_state *s);
 /* Make host bytes [off, off+len) read as zeros (fallocate ZERO_RANGE, else
  * zero buffers).  Metadata sites are checked here (lock held); for data
@@ -398,6 +431,7 @@ void qcow2_disown_guest(struct qcow2_state *s, struct qcow2_owner *o);
 struct qcow2_pending_free {
 	uint64_t cluster;               /* first host cluster index */
 	uint64_t nb;
+	uint64_t l2_seq;                /* the L2 cache's seq when freed */
 };
 
 struct qcow2_metamap {

@@ -367,17 +367,27 @@ static int write_failed(struct qcow2_state *s, enum qcow2_site site, int ret)
 	return ret;
 }
 
-int qcow2_pwrite_meta(struct qcow2_state *s, enum qcow2_site site, const void *buf, size_t len,
-		      uint64_t off)
+int qcow2_check_meta_write(struct qcow2_state *s, enum qcow2_site site, uint64_t off, size_t len)
 {
-	int ret = qcow2_check_write(s, sites[site].kind, off, len);
+	return qcow2_check_write(s, sites[site].kind, off, len);
+}
 
-	if (ret < 0)
-		return ret;
-	ret = qcow2_inject(s, site);
+int qcow2_pwrite_meta_checked(struct qcow2_state *s, enum qcow2_site site, const void *buf,
+			      size_t len, uint64_t off)
+{
+	int ret = qcow2_inject(s, site);
+
 	if (ret == 0)
 		ret = io_pwrite(s->file, buf, len, off);
 	return ret < 0 ? write_failed(s, site, ret) : 0;
+}
+
+int qcow2_pwrite_meta(struct qcow2_state *s, enum qcow2_site site, const void *buf, size_t len,
+		      uint64_t off)
+{
+	int ret = qcow2_check_meta_write(s, site, off, len);
+
+	return ret < 0 ? ret : qcow2_pwrite_meta_checked(s, site, buf, len, off);
 }
 
 int qcow2_write_header(struct qcow2_state *s)

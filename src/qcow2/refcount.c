@@ -16,9 +16,10 @@
  *  4. Refcount decrements are deferred: freed ranges sit on s->pending
  *     (their refcount still >= 1, so the allocator cannot reuse them) and
  *     are applied only after the L2/L1 writes that dropped the references
- *     are durable, i.e. at the end of qcow2_flush_locked().  The applied
- *     decrements reach the disk with the next flush (close flushes twice).
- *     A crash can leak clusters, never leave two users of one.
+ *     are durable, i.e. at the end of qcow2_flush_locked() (with
+ *     write-through, only those whose L2 change is written: cache.c).  The
+ *     applied decrements reach the disk with the next flush (close flushes
+ *     twice).  A crash can leak clusters, never leave two users of one.
  *  5. Refcount table growth writes the new table and its refcount blocks,
  *     syncs, switches the header (synced), then frees the old table
  *     (deferred, rule 4).
@@ -435,6 +436,7 @@ int qcow2_free_deferred(struct qcow2_state *s, uint64_t off, uint64_t len)
 		last = &s->pending[s->npending - 1];
 		if (last->cluster + last->nb == first) {
 			last->nb += nb;
+			last->l2_seq = s->l2c.seq;
 			return 0;
 		}
 	}
@@ -443,8 +445,16 @@ int qcow2_free_deferred(struct qcow2_state *s, uint64_t off, uint64_t len)
 		if (ret < 0)
 			return ret;
 	}
+	if (s->npending == QCOW2_PENDING_MAX) {
+		/* Every one waits for an L2 write in flight (write-through). */
+		log_error("%s: too many deferred frees: %llu clusters at %#llx leak until "
+			  "'qublk check -r leaks'", s->bs->filename, (unsigned long long)nb,
+			  (unsigned long long)off);
+		return 0;
+	}
 	s->pending[s->npending].cluster = first;
 	s->pending[s->npending].nb = nb;
+	s->pending[s->npending].l2_seq = s->l2c.seq;
 	s->npending++;
 	return 0;
 }
@@ -505,11 +515,14 @@ static void give_back(struct qcow2_state *s, uint64_t first, uint64_t n)
 	}
 }
 
-/* Apply the deferred decrements (their references are gone on disk), and
- * give clusters that are free now back to the host file system. */
-static int apply_pending(struct qcow2_state *s)
+/* Apply the deferred decrements whose references are gone on disk: those
+ * freed by L2 changes numbered below @below (all written and synced), and
+ * give clusters that are free now back to the host file system.  The
+ * others (write-through copies still in flight) wait for the next flush. */
+static int apply_pending(struct qcow2_state *s, uint64_t below)
 {
 	uint64_t run = 0, nrun = 0, v;
+	unsigned kept = 0;
 	int ret = 0;
 
 	if (!s->npending)
@@ -518,6 +531,10 @@ static int apply_pending(struct qcow2_state *s)
 	qcow2_io_drain(s);
 	/* Work on a stable count: a decrement cannot queue new frees. */
 	for (unsigned i = 0; i < s->npending && ret == 0; i++) {
+		if (s->pending[i].l2_seq >= below) {
+			s->pending[kept++] = s->pending[i];
+			continue;
+		}
 		for (uint64_t c = 0; c < s->pending[i].nb && ret == 0; c++) {
 			uint64_t cl = s->pending[i].cluster + c;
 			ret = update_refcount_v(s, cl, -1, &v);
@@ -533,7 +550,7 @@ static int apply_pending(struct qcow2_state *s)
 		}
 	}
 	give_back(s, run, nrun);
-	s->npending = 0;
+	s->npending = kept;
 	if (ret < 0)
 		log_error("%s: applying deferred refcount decrements: %s (clusters leak)",
 			  s->bs->filename, strerror(-ret));
@@ -556,15 +573,11 @@ int qcow2_sync(struct qcow2_state *s)
 
 int qcow2_write_through(struct qcow2_state *s)
 {
-	int ret;
-
 	if (!s->write_through)
 		return 0;
-	/* The L2 cache's barrier marks the image dirty first (lazy). */
-	ret = qcow2_cache_writeback(&s->l2c);
-	if (ret == 0)
-		ret = qcow2_cache_writeback(&s->rbc);
-	return ret;
+	/* The L2 cache's barrier marks the image dirty first (lazy); the
+	 * refcounts are rebuilt from the L2 tables if the daemon dies. */
+	return qcow2_cache_write_through(&s->l2c);
 }
 
 int qcow2_mark_dirty(struct qcow2_state *s)
@@ -603,6 +616,7 @@ int qcow2_mark_clean(struct qcow2_state *s)
 
 int qcow2_flush_locked(struct qcow2_state *s)
 {
+	uint64_t below;
 	int ret;
 
 	if (s->read_only)
@@ -614,12 +628,13 @@ int qcow2_flush_locked(struct qcow2_state *s)
 	ret = qcow2_cache_has_dirty(&s->l2c) ? qcow2_cache_writeback(&s->l2c) : 0;
 	if (ret == 0)
 		ret = qcow2_cache_writeback(&s->rbc);
+	below = qcow2_cache_written_below(&s->l2c);
 	if (ret == 0)
 		ret = qcow2_sync(s);
 	if (ret < 0)
 		return ret;
-	/* The references the pending frees drop are now gone on disk. */
-	return apply_pending(s);
+	/* The references those pending frees drop are now gone on disk. */
+	return apply_pending(s, below);
 }
 
 /*

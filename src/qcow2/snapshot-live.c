@@ -121,7 +121,8 @@ int qcow2_co_snapshot(struct bdrv *bs, enum bdrv_snapshot_op op, const char *nam
 		ret = -EIO;
 		goto out;
 	}
-	/* Step 2. */
+	/* Step 2.  No L2 write may land behind the file-level work. */
+	qcow2_cache_drain(&s->l2c);
 	ret = qcow2_flush_locked(s);
 	if (ret == 0)
 		ret = qcow2_flush_locked(s);

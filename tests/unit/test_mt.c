@@ -11,6 +11,14 @@
  * ublk resize does) while the writers run; every step needs more L1
  * entries, so the L1 table moves each time under allocating writes.  A
  * block past the current size waits until a resize covers it.
+ *
+ * Every seventh block is zeroed again after it is written (may unmap:
+ * whole clusters are freed while others allocate).  With
+ * BDRV_O_CRASH_SAFE (a recoverable ublk daemon's write-through), the
+ * image file is also copied once every request has completed and before
+ * anything is flushed or closed, as a kill -9 would leave it: after QEMU
+ * repairs the copy (`qemu-img check -r all`: lazy refcounts) it must
+ * read back every write.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -50,6 +58,36 @@ static void fill(unsigned char *b, unsigned blk)
 	}
 }
 
+static bool zeroed(unsigned blk)
+{
+	return blk % 7 == 3;
+}
+
+/* Does the raw image @raw hold what the writers left?  Returns 0 if so. */
+static int compare_raw(const char *what, const char *raw)
+{
+	FILE *f = fopen(raw, "rb");
+	unsigned char *got = malloc(BLK), *want = malloc(BLK);
+	int bad = !f;
+
+	for (unsigned blk = 0; f && blk < NBLK; blk++) {
+		if (zeroed(blk))
+			memset(want, 0, BLK);
+		else
+			fill(want, blk);
+		if (fread(got, 1, BLK, f) != BLK || memcmp(got, want, BLK)) {
+			fprintf(stderr, "%s: block %u differs\n", what, blk);
+			bad++;
+			break;
+		}
+	}
+	if (f)
+		fclose(f);
+	free(got);
+	free(want);
+	return bad;
+}
+
 static void worker_fn(void *opaque)
 {
 	struct worker *w = opaque;
@@ -64,6 +102,9 @@ static void worker_fn(void *opaque)
 			aio_co_sleep_ms(aio_ctx_current(), 1);
 		fill(b, blk);
 		if (bdrv_co_pwrite(bs, (uint64_t)blk * BLK, BLK, b, 0))
+			__atomic_add_fetch(&errors, 1, __ATOMIC_RELAXED);
+		if (zeroed(blk) && bdrv_co_pwrite_zeroes(bs, (uint64_t)blk * BLK, BLK,
+							 BDRV_REQ_MAY_UNMAP))
 			__atomic_add_fetch(&errors, 1, __ATOMIC_RELAXED);
 		if (__atomic_load_n(&resizing, __ATOMIC_RELAXED))
 			__atomic_add_fetch(&overlapped, 1, __ATOMIC_RELAXED);
@@ -144,7 +185,7 @@ static void flush_fn(void *opaque)
 
 static int run_cfg(const char *opts, unsigned flags, bool grow)
 {
-	char dir[] = "/dev/shm/qublk-mt-XXXXXX", cmd[1024], img[256], raw[256];
+	char dir[] = "/dev/shm/qublk-mt-XXXXXX", cmd[2048], img[256], raw[256];
 	struct bdrv_opts o = { .format = "qcow2", .flags = flags };
 	pthread_t th[NTHREADS], gt;
 	int bad = 0;
@@ -176,6 +217,18 @@ static int run_cfg(const char *opts, unsigned flags, bool grow)
 			bad++;
 		}
 	}
+	if (flags & BDRV_O_CRASH_SAFE) {
+		/* What a kill -9 now would leave: nothing flushed, nothing
+		 * closed, every completed request in the file. */
+		snprintf(cmd, sizeof(cmd),
+			 "cp %s %s.kill && qemu-img check -q -r all %s.kill >/dev/null 2>&1 && "
+			 "qemu-img check -q %s.kill && qemu-img convert -f qcow2 -O raw %s.kill %s",
+			 img, img, img, img, img, raw);
+		if (system(cmd) || compare_raw("killed", raw)) {
+			fprintf(stderr, "%s: the image as a kill leaves it lost writes\n", opts);
+			bad++;
+		}
+	}
 	aio_run_coroutine(flush_fn, NULL);
 	bdrv_close(bs);
 	snprintf(cmd, sizeof(cmd), "qemu-img check -q %s", img);
@@ -183,20 +236,7 @@ static int run_cfg(const char *opts, unsigned flags, bool grow)
 	snprintf(cmd, sizeof(cmd), "qemu-img convert -f qcow2 -O raw %s %s", img, raw);
 	if (system(cmd))
 		bad++;
-	FILE *f = fopen(raw, "rb");
-	unsigned char *got = malloc(BLK), *want = malloc(BLK);
-	for (unsigned blk = 0; f && blk < NBLK; blk++) {
-		fill(want, blk);
-		if (fread(got, 1, BLK, f) != BLK || memcmp(got, want, BLK)) {
-			fprintf(stderr, "%s: block %u differs\n", opts, blk);
-			bad++;
-			break;
-		}
-	}
-	if (f)
-		fclose(f);
-	free(got);
-	free(want);
+	bad += compare_raw(opts, raw);
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
 	if (system(cmd)) {}
 	if (chk)
@@ -226,11 +266,14 @@ int main(void)
 	if (system("qemu-img --version >/dev/null 2>&1"))
 		return 77;
 	for (size_t i = 0; i < ARRAY_SIZE(cfgs); i++) {
-		for (unsigned direct = 0; direct < 2; direct++) {
+		for (unsigned mode = 0; mode < 4; mode++) {
+			unsigned flags = (mode & 1 ? BDRV_O_DIRECT : 0) |
+					 (mode & 2 ? BDRV_O_CRASH_SAFE : 0);
 			errors = 0;
-			if (run_cfg(cfgs[i], direct ? BDRV_O_DIRECT : 0, false)) {
+			if (run_cfg(cfgs[i], flags, false)) {
 				failed++;
-				fprintf(stderr, "FAIL %s direct=%u\n", cfgs[i], direct);
+				fprintf(stderr, "FAIL %s direct=%u crash_safe=%u\n", cfgs[i],
+					mode & 1, mode >> 1);
 			} else {
 				passed++;
 			}
@@ -241,7 +284,8 @@ int main(void)
 	for (size_t i = 0; i < ARRAY_SIZE(grow_cfgs); i++) {
 		errors = 0;
 		overlapped = 0;
-		if (run_cfg(grow_cfgs[i], i % 2 ? BDRV_O_DIRECT : 0, true)) {
+		if (run_cfg(grow_cfgs[i], (i % 2 ? BDRV_O_DIRECT : 0) | (i < 2 ? BDRV_O_CRASH_SAFE : 0),
+			    true)) {
 			failed++;
 			fprintf(stderr, "FAIL growing %s\n", grow_cfgs[i]);
 		} else {
