@@ -227,10 +227,10 @@ void aio_schedule(struct coro *co)
 	ctx->ready_tail = co;
 }
 
-/* Submit what is queued, then watch for up to ctx->spin_ns for a CQE or
- * for task work the kernel holds for us (IORING_SQ_TASKRUN: a socket
- * became readable under a polled recv).  True if there is work: the
- * caller then enters without sleeping. */
+/* Submit what is queued, then watch for up to ctx->spin_ns for a CQE, for
+ * task work the kernel holds for us (IORING_SQ_TASKRUN: a socket became
+ * readable under a polled recv) or for what ctx->idle_hook finds.  True
+ * if there is work: the caller then enters without sleeping. */
 static bool spin_for_work(struct aio_ctx *ctx)
 {
 	struct io_uring *ring = &ctx->ring;
@@ -243,12 +243,14 @@ static bool spin_for_work(struct aio_ctx *ctx)
 			return true;
 		if ((i & 63) == 0) {
 			struct timespec ts;
+			if (ctx->idle_hook && ctx->idle_hook(ctx->idle_opaque, false))
+				return true;
 			clock_gettime(CLOCK_MONOTONIC, &ts);
 			uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 			if (!deadline)
 				deadline = now + ctx->spin_ns;
 			else if (now >= deadline)
-				return false;
+				return ctx->idle_hook && ctx->idle_hook(ctx->idle_opaque, true);
 		}
 		cpu_relax();
 	}
@@ -290,6 +292,10 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 	unsigned wait = (block && !ran && !ctx->ready_head) ? 1 : 0;
 	if (wait && ctx->spin_ns && spin_for_work(ctx))
 		wait = 0;
+	/* Not sleeping, for whatever reason: the hook's waits are seen too
+	 * (a loop kept busy by other work must not starve them). */
+	if (!wait && ctx->idle_hook)
+		ctx->idle_hook(ctx->idle_opaque, false);
 	ret = io_uring_submit_and_wait(&ctx->ring, wait);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME)
 		return ret;

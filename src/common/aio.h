@@ -41,6 +41,14 @@ struct aio_ctx {
 	 * (an NBD client) then takes most requests without being woken:
 	 * the wakeup is what the peer pays for, in its own system call. */
 	uint64_t spin_ns;
+	/* Optional, with spin_ns: work the loop can look for while it spins
+	 * that no SQE announces (sockets polled without arming a poll on
+	 * them, so their peer pays no wakeup).  Called now and then during
+	 * the spin (@sleeping false) and once more before sleeping (@sleeping
+	 * true: the owner must then turn every such wait into an SQE).
+	 * Returns true if it made a coroutine ready: the loop does not sleep. */
+	bool (*idle_hook)(void *opaque, bool sleeping);
+	void *idle_opaque;
 };
 
 /* Returns -errno. */

@@ -122,6 +122,10 @@ struct nbd_conn {
 	struct nbd_req *rq_head, *rq_tail;  /* replies waiting to be sent */
 	struct iovec siov[NBD_SEND_IOV];    /* the sender's batch */
 	struct aio_wait idle_op;        /* recv of a new message: cancellable */
+	bool parked;                    /* on srv->parked (sock.c) */
+	bool park_arm;                  /* woken to arm its recv: the loop sleeps */
+	struct coro *park_co;
+	struct nbd_conn *park_next, *park_prev;
 	struct aio_wait data_op;        /* recv inside a message: cancelled only by a kill */
 	struct aio_wait send_op;        /* the one send in progress */
 	uint8_t *rbuf;                  /* NBD_RBUF_SIZE */
@@ -160,6 +164,8 @@ struct nbd_server {
 	struct nbd_pool pool;          /* request buffers */
 	uint64_t mem_charged;          /* buffer bytes against NBD_SRV_MEM_MAX */
 	struct co_queue mem_wait;      /* readers waiting for NBD_SRV_MEM_MAX room */
+	struct nbd_conn *parked;       /* readers waiting unarmed (sock.c) */
+	unsigned nparked;
 };
 
 /* server.c */
@@ -195,6 +201,12 @@ bool nbd_conn_hung_up(struct nbd_conn *c);
  * cancel it.  Returns 0, -ECONNRESET at end of stream, -ESHUTDOWN when
  * cancelled by a stop, or -errno. */
 int nbd_conn_read(struct nbd_conn *c, void *dst, size_t n, bool idle);
+/* The loop's idle hook (aio_ctx.idle_hook, opaque: the server), set when
+ * the loop spins before sleeping: wakes the readers parked without a recv
+ * armed whose sockets have data, or (@sleeping) all of them, to arm. */
+bool nbd_sock_idle_hook(void *opaque, bool sleeping);
+/* Wake @c's reader if it is parked (a kill or a stop). */
+void nbd_conn_unpark(struct nbd_conn *c, bool arm);
 /* Read and throw away @n bytes (a payload we refuse). */
 int nbd_conn_skip(struct nbd_conn *c, uint64_t n);
 /* Send every byte of @iov (which is consumed).  Callers serialise (the

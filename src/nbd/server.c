@@ -102,6 +102,7 @@ void nbd_server_stop(struct nbd_server *srv)
 	co_queue_wake_all(&srv->accept_wait);
 	co_queue_wake_all(&srv->mem_wait);
 	for (struct nbd_conn *c = srv->conns; c; c = c->next) {
+		nbd_conn_unpark(c, false);
 		if (c->idle)
 			aio_cancel(srv->ctx, &c->idle_op);
 		else if (aio_wait_pending(&c->data_op))
@@ -247,6 +248,10 @@ int nbd_server_open(struct bdrv *bs, const struct nbd_server_opts *opts,
 	if (!srv)
 		return -ENOMEM;
 	srv->ctx = aio_ctx_current();
+	if (srv->ctx->spin_ns) {
+		srv->ctx->idle_hook = nbd_sock_idle_hook;
+		srv->ctx->idle_opaque = srv;
+	}
 	srv->bs = bs;
 	srv->listen_fd = -1;
 	srv->sig_fd = -1;
@@ -307,6 +312,8 @@ void nbd_server_close(struct nbd_server *srv)
 {
 	if (!srv)
 		return;
+	if (srv->ctx->idle_opaque == srv)
+		srv->ctx->idle_hook = NULL;
 	/* Normally empty after nbd_server_run; after a loop failure the
 	 * coroutines may still be parked mid-I/O, so only free what ended. */
 	reap_dead(srv);
