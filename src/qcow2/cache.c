@@ -468,7 +468,16 @@ int qcow2_cache_write_through(struct qcow2_cache *c)
 			co_queue_wait_unlock(&c->sl[i].wq, &c->s->lock);
 			continue;
 		}
-		ret = write_copy(c, i);
+		if (c->ninflight < c->n / 2) {
+			ret = write_copy(c, i);
+		} else {
+			/* Copies in flight pin their slices: half the cache at
+			 * most, the rest is for lookups.  This one waits
+			 * with the lock held, as other writers do. */
+			ret = c->is_l2 ? l2_write_barrier(c->s) : 0;
+			if (ret == 0 && c->sl[i].dirty && !c->sl[i].inflight)
+				ret = write_slice(c, i);
+		}
 		if (ret < 0)
 			return ret;
 	}

@@ -39,6 +39,7 @@
 #define GROW_STEP (4u << 20)
 
 static struct bdrv *bs;
+static uint64_t l2_cache;       /* bytes, 0: the driver's default */
 static int errors;
 static bool growing;
 static int resizing;            /* a bdrv_truncate is running */
@@ -186,7 +187,7 @@ static void flush_fn(void *opaque)
 static int run_cfg(const char *opts, unsigned flags, bool grow)
 {
 	char dir[] = "/dev/shm/qublk-mt-XXXXXX", cmd[2048], img[256], raw[256];
-	struct bdrv_opts o = { .format = "qcow2", .flags = flags };
+	struct bdrv_opts o = { .format = "qcow2", .flags = flags, .l2_cache_size = l2_cache };
 	pthread_t th[NTHREADS], gt;
 	int bad = 0;
 
@@ -279,6 +280,18 @@ int main(void)
 			}
 		}
 	}
+	/* Write-through with an L2 cache of 16 slices (8 KiB at 512 B
+	 * clusters) and 36 writers on as many slices: copies in flight pin
+	 * their slices, and must not take every slot from the others. */
+	l2_cache = 8192;
+	errors = 0;
+	if (run_cfg("cluster_size=512", BDRV_O_CRASH_SAFE, false)) {
+		failed++;
+		fprintf(stderr, "FAIL cluster_size=512 crash_safe=1 l2_cache_size=8192\n");
+	} else {
+		passed++;
+	}
+	l2_cache = 0;
 	/* Growing: an L1 entry maps 32 KiB (512 B clusters) or 2 MiB (4 KiB
 	 * clusters): every 4 MiB step moves the L1 table. */
 	for (size_t i = 0; i < ARRAY_SIZE(grow_cfgs); i++) {
