@@ -238,13 +238,15 @@ static bool spin_for_work(struct aio_ctx *ctx)
 
 	io_uring_submit(ring);
 	for (unsigned i = 0;; i++) {
+		/* The hook first: a ring that always has work (task work
+		 * flagged over and over) must not starve what it watches. */
+		if ((i & 63) == 0 && ctx->idle_hook && ctx->idle_hook(ctx->idle_opaque, false))
+			return true;
 		if (io_uring_cq_ready(ring) ||
 		    (IO_URING_READ_ONCE(*ring->sq.kflags) & IORING_SQ_TASKRUN))
 			return true;
 		if ((i & 63) == 0) {
 			struct timespec ts;
-			if (ctx->idle_hook && ctx->idle_hook(ctx->idle_opaque, false))
-				return true;
 			clock_gettime(CLOCK_MONOTONIC, &ts);
 			uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 			if (!deadline)
@@ -292,10 +294,8 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 	unsigned wait = (block && !ran && !ctx->ready_head) ? 1 : 0;
 	if (wait && ctx->spin_ns && spin_for_work(ctx))
 		wait = 0;
-	/* Not sleeping, for whatever reason: the hook's waits are seen too
-	 * (a loop kept busy by other work must not starve them). */
-	if (!wait && ctx->idle_hook)
-		ctx->idle_hook(ctx->idle_opaque, false);
+	else if (!wait && ctx->idle_hook)
+		ctx->idle_hook(ctx->idle_opaque, false);    /* a busy loop looks too */
 	ret = io_uring_submit_and_wait(&ctx->ring, wait);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME)
 		return ret;

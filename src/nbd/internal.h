@@ -124,7 +124,6 @@ struct nbd_conn {
 	struct aio_wait idle_op;        /* recv of a new message: cancellable */
 	bool parked;                    /* on srv->parked (sock.c) */
 	bool park_arm;                  /* woken to arm its recv: the loop sleeps */
-	struct coro *park_co;
 	struct nbd_conn *park_next, *park_prev;
 	struct aio_wait data_op;        /* recv inside a message: cancelled only by a kill */
 	struct aio_wait send_op;        /* the one send in progress */

@@ -312,8 +312,10 @@ void nbd_server_close(struct nbd_server *srv)
 {
 	if (!srv)
 		return;
-	if (srv->ctx->idle_opaque == srv)
+	if (srv->ctx->idle_opaque == srv) {
 		srv->ctx->idle_hook = NULL;
+		srv->ctx->idle_opaque = NULL;
+	}
 	/* Normally empty after nbd_server_run; after a loop failure the
 	 * coroutines may still be parked mid-I/O, so only free what ended. */
 	reap_dead(srv);

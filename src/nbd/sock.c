@@ -24,6 +24,7 @@
  * Thread model: the server's thread (internal.h).  One reader (the
  * connection's reader coroutine) and one sender at a time.
  */
+#include <assert.h>
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
@@ -49,7 +50,7 @@ void nbd_conn_unpark(struct nbd_conn *c, bool arm)
 	srv->nparked--;
 	c->parked = false;
 	c->park_arm = arm;
-	aio_schedule(c->park_co);
+	aio_schedule(c->co);
 }
 
 /* Wait, with no recv armed, until nbd_conn_unpark(). */
@@ -57,7 +58,7 @@ static void park(struct nbd_conn *c)
 {
 	struct nbd_server *srv = c->srv;
 
-	c->park_co = coro_self();
+	assert(coro_self() == c->co);   /* only the reader parks */
 	c->park_prev = NULL;
 	c->park_next = srv->parked;
 	if (srv->parked)

@@ -234,22 +234,36 @@ static int l2_write_barrier(struct qcow2_state *s)
 	return qcow2_sync(s);
 }
 
-static int write_slice(struct qcow2_cache *c, int i)
+static enum qcow2_site slice_site(const struct qcow2_cache *c)
 {
-	enum qcow2_site site = c->is_l2 ? QCOW2_W_L2_UPDATE : QCOW2_W_REFBLOCK_UPDATE;
-	int ret = qcow2_pwrite_meta(c->s, site, slice_data(c, i), c->slice_size, c->sl[i].key);
+	return c->is_l2 ? QCOW2_W_L2_UPDATE : QCOW2_W_REFBLOCK_UPDATE;
+}
+
+/* A write of slice @i ended with @ret: logged if it failed, else the
+ * slice waits for the next sync (write_slice and write_copy). */
+static void slice_written(struct qcow2_cache *c, int i, int ret)
+{
+	struct qcow2_slice *e = &c->sl[i];
 
 	if (ret < 0) {
 		log_error("%s: writing %s slice at %#llx: %s", c->s->bs->filename, c->name,
-			  (unsigned long long)c->sl[i].key, strerror(-ret));
-		return ret;
-	}
-	c->sl[i].dirty = false;
-	c->ndirty--;
-	if (!c->sl[i].unsynced) {
-		c->sl[i].unsynced = true;
+			  (unsigned long long)e->key, strerror(-ret));
+	} else if (!e->unsynced) {
+		e->unsynced = true;
 		c->nunsynced++;
 	}
+}
+
+static int write_slice(struct qcow2_cache *c, int i)
+{
+	int ret = qcow2_pwrite_meta(c->s, slice_site(c), slice_data(c, i), c->slice_size,
+				    c->sl[i].key);
+
+	slice_written(c, i, ret);
+	if (ret < 0)
+		return ret;
+	c->sl[i].dirty = false;
+	c->ndirty--;
 	wb_del_if_done(c, i);
 	return 0;
 }
@@ -392,21 +406,16 @@ int qcow2_cache_writeback(struct qcow2_cache *c)
 	return 0;
 }
 
-/* Write slice @i as a copy with the lock dropped (see the top). */
+/* Write slice @i (dirty, not in flight; the L2 barrier passed) as a copy
+ * with the lock dropped (see the top). */
 static int write_copy(struct qcow2_cache *c, int i)
 {
 	struct qcow2_state *s = c->s;
-	enum qcow2_site site = c->is_l2 ? QCOW2_W_L2_UPDATE : QCOW2_W_REFBLOCK_UPDATE;
+	enum qcow2_site site = slice_site(c);
 	struct qcow2_slice *e = &c->sl[i];
 	uint8_t *copy;
 	int ret;
 
-	if (c->is_l2) {
-		/* Yields with the lock held: the slice stays as it is. */
-		ret = l2_write_barrier(s);
-		if (ret < 0)
-			return ret;
-	}
 	if (!c->shadow) {
 		void *p = mmap(NULL, c->mem_len, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -433,14 +442,9 @@ static int write_copy(struct qcow2_cache *c, int i)
 	e->inflight = false;
 	e->ref--;
 	c->ninflight--;
-	if (ret < 0) {
-		log_error("%s: writing %s slice at %#llx: %s", s->bs->filename, c->name,
-			  (unsigned long long)e->key, strerror(-ret));
+	slice_written(c, i, ret);
+	if (ret < 0)
 		set_dirty(c, i, e->inflight_seq);
-	} else if (!e->unsynced) {
-		e->unsynced = true;
-		c->nunsynced++;
-	}
 	wb_del_if_done(c, i);
 	co_queue_wake_all(&e->wq);
 	if (!c->ninflight)
@@ -468,16 +472,13 @@ int qcow2_cache_write_through(struct qcow2_cache *c)
 			co_queue_wait_unlock(&c->sl[i].wq, &c->s->lock);
 			continue;
 		}
-		if (c->ninflight < c->n / 2) {
-			ret = write_copy(c, i);
-		} else {
-			/* Copies in flight pin their slices: half the cache at
-			 * most, the rest is for lookups.  This one waits
-			 * with the lock held, as other writers do. */
-			ret = c->is_l2 ? l2_write_barrier(c->s) : 0;
-			if (ret == 0 && c->sl[i].dirty && !c->sl[i].inflight)
-				ret = write_slice(c, i);
-		}
+		/* Yields with the lock held: slice i stays as it is. */
+		ret = c->is_l2 ? l2_write_barrier(c->s) : 0;
+		/* Copies in flight pin their slices: half the cache at most,
+		 * the rest is for lookups; past that this one is written with
+		 * the lock held, as other writers do. */
+		if (ret == 0)
+			ret = c->ninflight < c->n / 2 ? write_copy(c, i) : write_slice(c, i);
 		if (ret < 0)
 			return ret;
 	}
