@@ -33,7 +33,7 @@ int cmd_features(int argc, char **argv)
 	const struct ublk_feature *f;
 	struct ublk_ctrl ctrl;
 	struct utsname u;
-	uint64_t have, known = 0, used = ublk_features_used();
+	uint64_t have, known = 0, used;
 	bool json = false;
 	size_t n;
 	int c;
@@ -71,6 +71,9 @@ int cmd_features(int argc, char **argv)
 	}
 	have = ctrl.features;
 	ublk_ctrl_close(&ctrl);
+	/* What devices made here get: user_copy is used only with
+	 * auto_buf_reg, unprivileged_dev only on request. */
+	used = ublk_dev_flags(have, false, true) | ublk_dev_flags(have, true, true);
 	if (uname(&u) < 0)
 		snprintf(u.release, sizeof(u.release), "?");
 
@@ -85,7 +88,7 @@ int cmd_features(int argc, char **argv)
 			printf("%s\n  {\"name\": \"%s\", \"bit\": %d, \"supported\": %s, "
 			       "\"used\": %s", i ? "," : "", f[i].name, __builtin_ctzll(f[i].bit),
 			       (have & f[i].bit) ? "true" : "false",
-			       (have & used & f[i].bit) ? "true" : "false");
+			       (used & f[i].bit) ? "true" : "false");
 			if (f[i].use) {
 				printf(", \"use\": ");
 				cli_json_string(stdout, f[i].use);
@@ -105,7 +108,7 @@ int cmd_features(int argc, char **argv)
 	for (size_t i = 0; i < n; i++) {
 		bool has = have & f[i].bit;
 		printf("%-24s %-6s %-6s %s\n", f[i].name, has ? "yes" : "no",
-		       !f[i].use ? "-" : has ? "uses" : "no", f[i].use ? f[i].use : "");
+		       !f[i].use ? "-" : (used & f[i].bit) ? "uses" : "no", f[i].use ? f[i].use : "");
 	}
 	for (int b = 0; b < 64; b++)
 		if (have & ~known & (1ULL << b))

@@ -42,6 +42,7 @@ static void add_usage(FILE *out)
 		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
 		"                 [--discard unmap|ignore] [--unprivileged] [--recover-on-restart]\n"
+		"                 [--no-zero-copy]\n"
 		"                 [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
@@ -68,6 +69,11 @@ static void add_usage(FILE *out)
 		"                       as qublk nbd's and qemu-nbd's --discard\n"
 		"      --no-recovery    without user_recovery: if the daemon dies, the device\n"
 		"                       fails its I/O instead of waiting for 'qublk recover'\n"
+		"      --no-zero-copy   copy each request's data through the daemon's buffers\n"
+		"                       even where the driver offers zero copy (auto_buf_reg\n"
+		"                       and user_copy, kernel 6.16+: 'qublk features'), in\n"
+		"                       which reads and writes of the image use the\n"
+		"                       request's own pages\n"
 		"      --unprivileged   an unprivileged device (UBLK_F_UNPRIVILEGED_DEV), which\n"
 		"                       only its owner can use: the default when not root.\n"
 		"                       Needs qublk's udev rules (60-qublk.rules: members of\n"
@@ -234,6 +240,7 @@ int cmd_add(int argc, char **argv)
 		{ "cache", required_argument, NULL, 'c' },
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-recovery", no_argument, NULL, 'R' },
+		{ "no-zero-copy", no_argument, NULL, 'Z' },
 		{ "unprivileged", no_argument, NULL, 'u' },
 		{ "recover-on-restart", no_argument, NULL, 'X' },
 		{ "discard", required_argument, NULL, 'D' },
@@ -308,6 +315,9 @@ int cmd_add(int argc, char **argv)
 			break;
 		case 'R':
 			o.no_recovery = true;
+			break;
+		case 'Z':
+			o.no_zero_copy = true;
 			break;
 		case 'u':
 			o.unprivileged = true;
@@ -644,8 +654,9 @@ int cmd_list(int argc, char **argv)
 			state = "quiescing";
 		if (json) {
 			printf("%s\n  {\"id\": %d, \"state\": \"%s\", \"recoverable\": %s, "
-			       "\"flags\": %llu, \"target\": ", shown ? "," : "", ids[i], state,
-			       (info.flags & UBLK_F_USER_RECOVERY) ? "true" : "false",
+			       "\"zero_copy\": %s, \"flags\": %llu, \"target\": ", shown ? "," : "",
+			       ids[i], state, (info.flags & UBLK_F_USER_RECOVERY) ? "true" : "false",
+			       (info.flags & UBLK_F_AUTO_BUF_REG) ? "true" : "false",
 			       (unsigned long long)info.flags);
 			cli_json_string(stdout, st.target);
 			printf(", \"image\": ");

@@ -33,6 +33,7 @@
 
 #include "common/aio.h"
 #include "common/coro.h"
+#include "common/kbuf.h"
 #include "common/util.h"
 
 #define IO_IOV_MAX 64
@@ -69,13 +70,64 @@ void *io_zalloc(size_t len)
 
 void io_free(void *buf) { free(buf); }
 
+static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int cnt,
+		     uint64_t off);
+
+/* A kernel buffer range (kbuf.h) through a bounce buffer and user copy:
+ * where a fixed-buffer op cannot serve it (another thread's ring, no
+ * ring, or an O_DIRECT file that refuses the request pages' layout). */
+static ssize_t rw_kbuf_bounced(struct io_file *f, bool write, const struct kbuf_ref *kr,
+			       size_t len, uint64_t off)
+{
+	struct iovec v = { io_alloc(len), len };
+	ssize_t ret;
+
+	if (!v.iov_base)
+		return -ENOMEM;
+	if (write)
+		kbuf_copy_out(kr, v.iov_base, len);
+	ret = do_rw(f, write, &v, 1, off);
+	if (!write && ret > 0)
+		kbuf_copy_in(kr, v.iov_base, (size_t)ret);
+	io_free(v.iov_base);
+	return ret;
+}
+
+/* One read or write of a range in one kernel buffer: a fixed-buffer op on
+ * the ring that holds the buffer, the address being the offset in it. */
+static ssize_t rw_kbuf(struct io_file *f, bool write, const struct kbuf_ref *kr, size_t len,
+		       uint64_t off)
+{
+	struct aio_ctx *ctx = aio_ctx_current();
+	struct io_uring_sqe *sqe;
+	ssize_t ret;
+
+	if (!coro_self() || !ctx || kr->w->ctx != ctx)
+		return rw_kbuf_bounced(f, write, kr, len, off);
+	sqe = aio_get_sqe(ctx, NULL);
+	if (write)
+		io_uring_prep_write_fixed(sqe, f->fd, (void *)(uintptr_t)kr->off, len, off, kr->index);
+	else
+		io_uring_prep_read_fixed(sqe, f->fd, (void *)(uintptr_t)kr->off, len, off, kr->index);
+	ret = aio_co_wait_sqe(ctx, sqe);
+	/* O_DIRECT wants every page segment block-aligned; the request's
+	 * pages need not be (a client's own direct I/O buffer). */
+	if (ret == -EINVAL && f->direct)
+		ret = rw_kbuf_bounced(f, write, kr, len, off);
+	return ret;
+}
+
 /* One read or write through io_uring (coroutine) or a syscall.
- * Returns bytes transferred or -errno. */
+ * Returns bytes transferred or -errno.  Kernel buffers: one range only
+ * (rw_full splits). */
 static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int cnt, uint64_t off)
 {
 	struct aio_ctx *ctx = aio_ctx_current();
+	struct kbuf_ref kr;
 	ssize_t ret;
 
+	if (cnt == 1 && kbuf_find(iov[0].iov_base, iov[0].iov_len, &kr))
+		return rw_kbuf(f, write, &kr, iov[0].iov_len, off);
 	if (coro_self() && ctx) {
 		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
 		if (cnt == 1) {
@@ -106,6 +158,17 @@ static int rw_full(struct io_file *f, bool write, const struct iovec *iov, int c
 
 	if (cnt > IO_IOV_MAX)
 		return -EINVAL;
+	if (cnt > 1 && kbuf_iov_any(iov, cnt)) {
+		/* A kernel buffer mixed with memory of ours (copy-on-write
+		 * head and tail around guest data): one op per entry. */
+		for (int i = 0; i < cnt; i++) {
+			int ret = rw_full(f, write, &iov[i], 1, off + done);
+			if (ret < 0)
+				return ret;
+			done += iov[i].iov_len;
+		}
+		return 0;
+	}
 	while (done < total) {
 		int n = iov_slice(iov, cnt, done, total - done, local, IO_IOV_MAX);
 		if (n < 0)

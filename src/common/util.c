@@ -3,6 +3,8 @@
  * program name used as the log prefix (set once at startup). */
 #include "common/util.h"
 
+#include "common/kbuf.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -140,19 +142,31 @@ int iov_slice(const struct iovec *src, int src_cnt, size_t off, size_t len,
 		}                                                             \
 	} while (0)
 
+/* A piece in a kernel buffer window (kbuf.h) is copied by user copy. */
 void iov_memset(const struct iovec *iov, int iovcnt, size_t off, int c, size_t len)
 {
-	IOV_WALK(iov, iovcnt, off, len, memset(base, c, piece));
+	struct kbuf_ref r;
+
+	IOV_WALK(iov, iovcnt, off, len,
+		 kbuf_find(base, piece, &r) ? kbuf_fill(&r, c, piece) : (void)memset(base, c, piece));
 }
 
 void iov_to_buf(const struct iovec *iov, int iovcnt, size_t off, void *buf, size_t len)
 {
-	IOV_WALK(iov, iovcnt, off, len, memcpy((char *)buf + done, base, piece));
+	struct kbuf_ref r;
+
+	IOV_WALK(iov, iovcnt, off, len,
+		 kbuf_find(base, piece, &r) ? kbuf_copy_out(&r, (char *)buf + done, piece)
+					    : (void)memcpy((char *)buf + done, base, piece));
 }
 
 void iov_from_buf(const struct iovec *iov, int iovcnt, size_t off, const void *buf, size_t len)
 {
-	IOV_WALK(iov, iovcnt, off, len, memcpy(base, (const char *)buf + done, piece));
+	struct kbuf_ref r;
+
+	IOV_WALK(iov, iovcnt, off, len,
+		 kbuf_find(base, piece, &r) ? kbuf_copy_in(&r, (const char *)buf + done, piece)
+					    : (void)memcpy(base, (const char *)buf + done, piece));
 }
 
 bool buf_is_zero(const void *buf, size_t len)

@@ -332,13 +332,31 @@ static int setup_queues(struct ublk_dev *d)
 	for (unsigned i = 0; i < d->nr_queues; i++) {
 		struct ublk_queue *q = &d->queues[i];
 
+		/* Zero copy: the buffers serve only requests the driver could
+		 * not register, so they are not touched up front. */
+		q->zero_copy = d->info.flags & UBLK_F_AUTO_BUF_REG;
 		q->bufs = mmap(NULL, per_q, PROT_READ | PROT_WRITE,
-			       MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+			       MAP_PRIVATE | MAP_ANONYMOUS | (q->zero_copy ? 0 : MAP_POPULATE), -1, 0);
 		if (q->bufs == MAP_FAILED) {
 			ret = -errno;
 			q->bufs = NULL;
 			log_error("queue %u: %zu bytes of I/O buffers: %s", i, per_q, strerror(errno));
 			return ret;
+		}
+		if (q->zero_copy) {
+			q->kbufs = (struct kbuf_window){
+				.stride = d->opts.max_io,
+				.n = q->depth,
+				.ctx = &q->aio,
+				.copy_fd = d->cdev_fd,
+				.copy_off = UBLKSRV_IO_BUF_OFFSET + ((uint64_t)i << UBLK_QID_OFF),
+				.copy_shift = UBLK_TAG_OFF,
+			};
+			ret = kbuf_window_add(&q->kbufs);
+			if (ret < 0) {
+				log_error("queue %u: kernel buffer window: %s", i, strerror(-ret));
+				return ret;
+			}
 		}
 		ret = ublk_queue_start(q);
 		if (ret < 0)
@@ -383,9 +401,11 @@ static void teardown(struct ublk_dev *d, bool started)
 		d->tgt.ops->close(&d->tgt);
 		d->tgt_open = false;
 	}
-	for (unsigned i = 0; i < d->nr_queues; i++)
+	for (unsigned i = 0; i < d->nr_queues; i++) {
 		if (d->queues[i].bufs)
 			munmap(d->queues[i].bufs, (size_t)d->queues[i].depth * d->opts.max_io);
+		kbuf_window_del(&d->queues[i].kbufs);
+	}
 	free(d->queues);
 	d->queues = NULL;
 	if (d->cdev_fd >= 0) {
@@ -1053,7 +1073,7 @@ static int dev_create(struct ublk_dev *d)
 	d->info.max_io_buf_bytes = o->max_io;
 	d->info.dev_id = o->dev_id < 0 ? (__u32)-1 : (__u32)o->dev_id;
 	d->info.ublksrv_pid = getpid();
-	d->info.flags = ublk_dev_flags(d->ctrl.features, o->unprivileged);
+	d->info.flags = ublk_dev_flags(d->ctrl.features, o->unprivileged, !o->no_zero_copy);
 	if (o->no_recovery)
 		d->info.flags &= ~(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				   UBLK_F_QUIESCE);
@@ -1244,7 +1264,7 @@ int ublk_dev_run(const struct ublk_dev_opts *o, int report_fd)
 	 * still in flight). */
 	to.crash_safe = o->mode != UBLK_RUN_ADD ||
 		(!o->no_recovery &&
-		 (ublk_dev_flags(d->ctrl.features, o->unprivileged) & UBLK_F_USER_RECOVERY));
+		 (ublk_dev_flags(d->ctrl.features, o->unprivileged, false) & UBLK_F_USER_RECOVERY));
 	if (o->mode == UBLK_RUN_HANDOVER) {
 		/* From here until the image is open, the descriptor we hold
 		 * keeps the image locked: nobody else can open it. */

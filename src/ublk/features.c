@@ -28,11 +28,13 @@ static const struct ublk_feature features[] = {
 	{ UBLK_F_UNPRIVILEGED_DEV, "unprivileged_dev",
 	  "'qublk add --unprivileged' (the default for non-root users)" },
 	{ UBLK_F_CMD_IOCTL_ENCODE, "cmd_ioctl_encode", "ioctl-encoded command opcodes" },
-	{ UBLK_F_USER_COPY, "user_copy", NULL },
+	{ UBLK_F_USER_COPY, "user_copy",
+	  "with auto_buf_reg: the few requests whose data qublk itself must touch" },
 	{ UBLK_F_ZONED, "zoned", NULL },
 	{ UBLK_F_USER_RECOVERY_FAIL_IO, "user_recovery_fail_io", NULL },
 	{ UBLK_F_UPDATE_SIZE, "update_size", "'qublk resize -n ID SIZE' on a live device" },
-	{ UBLK_F_AUTO_BUF_REG, "auto_buf_reg", NULL },
+	{ UBLK_F_AUTO_BUF_REG, "auto_buf_reg",
+	  "zero copy: image reads and writes use the request's own pages" },
 	{ UBLK_F_QUIESCE, "quiesce",
 	  "'qublk upgrade': the old daemon hands over without being killed" },
 	{ UBLK_F_PER_IO_DAEMON, "per_io_daemon", NULL },
@@ -70,8 +72,9 @@ uint64_t ublk_features_used(void)
 	return m;
 }
 
-uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged)
+uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged, bool zero_copy)
 {
+	const uint64_t zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
 	uint64_t f = UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV;
 
 	if (unprivileged) {
@@ -84,6 +87,12 @@ uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged)
 		if (offered & UBLK_F_USER_RECOVERY)
 			f |= UBLK_F_QUIESCE;
 	}
+	/* Zero copy: the driver registers each request's pages in the
+	 * queue's ring (AUTO_BUF_REG); what the daemon must read or write
+	 * itself, it copies (USER_COPY).  Both or neither; the driver
+	 * refuses either for unprivileged devices. */
+	if (zero_copy && !unprivileged && (offered & zc) == zc)
+		f |= zc;
 	/* REISSUE implies RECOVERY: never ask for one without the other. */
 	if (!(offered & UBLK_F_USER_RECOVERY))
 		f &= ~(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE);

@@ -20,6 +20,16 @@
  * Memory: iods are mapped, buffers (allocated by dev.c) and coroutine
  * stacks are allocated before the first FETCH; the request path
  * allocates nothing.
+ *
+ * Zero copy (the device has UBLK_F_AUTO_BUF_REG): each FETCH and COMMIT
+ * carries the tag as a buffer index instead of a buffer address; before
+ * the driver hands us a read or write, it registers the request's pages
+ * at that index in this ring's buffer table (and drops them at the
+ * COMMIT).  The target gets the tag's slot of a kernel buffer window
+ * (common/kbuf.h) as the buffer, so its file reads and writes go straight
+ * between the request's pages and the image.  If the driver could not
+ * register them (UBLK_IO_F_NEED_REG_BUF), that request goes through the
+ * tag's own buffer and user copy instead.
  */
 #include "ublk/ublk.h"
 
@@ -79,8 +89,31 @@ int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 	return op;
 }
 
-/* Run one request; returns the COMMIT result (bytes or -errno). */
-static int handle_request(struct ublk_queue *q, unsigned tag, void *buf)
+/* User copy of a whole request between the driver and @buf (to the
+ * driver: @in).  Returns 0 or -errno. */
+static int user_copy(const struct ublk_queue *q, unsigned tag, void *buf, uint32_t len, bool in)
+{
+	uint64_t pos = UBLKSRV_IO_BUF_OFFSET + ((uint64_t)q->q_id << UBLK_QID_OFF) +
+		       ((uint64_t)tag << UBLK_TAG_OFF);
+	uint32_t done = 0;
+
+	while (done < len) {
+		ssize_t n = in ? pwrite(q->dev->cdev_fd, (uint8_t *)buf + done, len - done,
+					(off_t)(pos + done))
+			       : pread(q->dev->cdev_fd, (uint8_t *)buf + done, len - done,
+				       (off_t)(pos + done));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
+		done += (uint32_t)n;
+	}
+	return 0;
+}
+
+/* Run one request; returns the COMMIT result (bytes or -errno).  @buf is
+ * the tag's buffer; @kbuf its kernel buffer slot (zero copy) or NULL. */
+static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *kbuf)
 {
 	const struct ublk_dev *d = q->dev;
 	const struct ublk_tgt *t = &d->tgt;
@@ -99,9 +132,19 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf)
 			  iod.nr_sectors, strerror(-op));
 		return op;
 	}
+	if (kbuf && !(iod.op_flags & UBLK_IO_F_NEED_REG_BUF))
+		buf = kbuf;
+	else if (kbuf && op == UBLK_IO_OP_WRITE && (ret = user_copy(q, tag, buf, len, false)) < 0) {
+		log_error("queue %u tag %u: user copy of the write's data: %s", q->q_id, tag,
+			  strerror(-ret));
+		return ret;
+	}
 	switch (op) {
 	case UBLK_IO_OP_READ:
 		ret = t->ops->read((struct ublk_tgt *)t, buf, off, len);
+		if (ret == 0 && buf != kbuf && kbuf && (ret = user_copy(q, tag, buf, len, true)) < 0)
+			log_error("queue %u tag %u: user copy of the read's data: %s", q->q_id,
+				  tag, strerror(-ret));
 		return ret < 0 ? ret : (int)len;
 	case UBLK_IO_OP_WRITE:
 		ret = t->ops->write((struct ublk_tgt *)t, buf, off, len,
@@ -128,6 +171,12 @@ static void tag_main(void *opaque)
 	struct ublk_queue *q = io->q;
 	const struct ublk_dev *d = q->dev;
 	uint8_t *buf = q->bufs + (size_t)io->tag * d->opts.max_io;
+	uint8_t *kbuf = q->zero_copy ? q->kbufs.base + (size_t)io->tag * q->kbufs.stride : NULL;
+	/* Zero copy: the command carries no buffer address; the SQE's own
+	 * addr field names the index the driver registers the pages at
+	 * (FALLBACK: if it cannot, it says so instead of failing the
+	 * request). */
+	uint64_t addr = q->zero_copy ? 0 : (uint64_t)(uintptr_t)buf;
 	bool commit = false;
 	int result = 0;
 
@@ -136,7 +185,9 @@ static void tag_main(void *opaque)
 		int res;
 
 		ublk_io_prep(sqe, d->cdev_fd, ublk_io_opcode(commit, d->encode_io),
-			     q->q_id, io->tag, result, (uint64_t)(uintptr_t)buf);
+			     q->q_id, io->tag, result, addr);
+		if (q->zero_copy)
+			sqe->addr = ublk_auto_buf_reg_addr((__u16)io->tag, UBLK_AUTO_BUF_REG_FALLBACK);
 		res = aio_co_wait_sqe(&q->aio, sqe);
 		if (res != UBLK_IO_RES_OK) {
 			if (res != UBLK_IO_RES_ABORT)
@@ -151,7 +202,7 @@ static void tag_main(void *opaque)
 		if (q->stop_now)
 			break;
 		q->busy_tags++;
-		result = handle_request(q, io->tag, buf);
+		result = handle_request(q, io->tag, buf, kbuf);
 		q->busy_tags--;
 		q->nr_ios++;
 		if (result < 0)
@@ -195,6 +246,14 @@ static int queue_setup(struct ublk_queue *q)
 	}
 	q->ring_open = true;
 	aio_ctx_set_current(&q->aio);
+	if (q->zero_copy) {
+		/* Empty slots, one per tag, for the driver to fill. */
+		ret = io_uring_register_buffers_sparse(&q->aio.ring, q->depth);
+		if (ret < 0) {
+			log_error("queue %u: io_uring buffer table: %s", q->q_id, strerror(-ret));
+			return ret;
+		}
+	}
 
 	/* The kernel places queue i's descriptors at i * stride. */
 	q->iods_len = ALIGN_UP(q->depth * sizeof(struct ublksrv_io_desc), (size_t)page);

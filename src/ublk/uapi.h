@@ -305,6 +305,21 @@ struct ublk_params {
 #define UBLK_F_IO_DESC_SIZE           (1ULL << 20)
 #endif
 
+/* ---- AUTO_BUF_REG: the buffer index a FETCH/COMMIT_AND_FETCH carries in
+ * sqe->addr (bits 0-15; bits 16-23 flags; the rest zero) ---- */
+#ifndef UBLK_AUTO_BUF_REG_FALLBACK
+#define UBLK_AUTO_BUF_REG_FALLBACK (1 << 0)
+#endif
+#ifndef UBLK_IO_F_NEED_REG_BUF
+/* The driver could not register the request's buffer (FALLBACK given):
+ * the data moves by user copy. */
+#define UBLK_IO_F_NEED_REG_BUF     (1U << 17)
+#endif
+static inline __u64 ublk_auto_buf_reg_addr(__u16 index, __u8 flags)
+{
+	return (__u64)index | (__u64)flags << 16;
+}
+
 /* ---- device states ---- */
 #ifndef UBLK_S_DEV_DEAD
 #define UBLK_S_DEV_DEAD     0

@@ -27,6 +27,7 @@
 
 #include "block/bdrv.h"
 #include "common/aio.h"
+#include "common/kbuf.h"
 #include "ublk/uapi.h"
 
 #define UBLK_CONTROL_PATH "/dev/ublk-control"
@@ -96,8 +97,10 @@ struct ublk_feature {
 const struct ublk_feature *ublk_feature_table(size_t *n);
 const char *ublk_feature_name(uint64_t bit);   /* NULL: unknown bit */
 uint64_t ublk_features_used(void);             /* every bit qublk may use */
-/* The UBLK_F_* flags a new device asks for, given what the driver offers. */
-uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged);
+/* The UBLK_F_* flags a new device asks for, given what the driver offers;
+ * @zero_copy: AUTO_BUF_REG and USER_COPY where offered (never for an
+ * unprivileged device). */
+uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged, bool zero_copy);
 
 /* ------------------------------------------------------------- targets */
 
@@ -190,7 +193,12 @@ struct ublk_queue {
 	unsigned depth;
 	struct ublksrv_io_desc *iods; /* mmap of /dev/ublkcN, read-only */
 	size_t iods_len;
-	uint8_t *bufs;                /* depth * max_io bytes */
+	uint8_t *bufs;                /* depth * max_io bytes (zero copy: only for
+	                               * requests the driver could not register) */
+	/* Zero copy (the device has UBLK_F_AUTO_BUF_REG): the tags' kernel
+	 * buffers, tag i at fixed-buffer index i of this queue's ring. */
+	bool zero_copy;
+	struct kbuf_window kbufs;
 	struct ublk_io *ios;          /* per tag */
 	struct aio_ctx aio;
 	bool ring_open;
@@ -240,6 +248,7 @@ struct ublk_dev_opts {
 	bool direct;
 	uint64_t size;          /* null target */
 	bool no_recovery;       /* ADD: without UBLK_F_USER_RECOVERY */
+	bool no_zero_copy;      /* ADD: without UBLK_F_AUTO_BUF_REG (copy the data) */
 	bool unprivileged;      /* ADD: UBLK_F_UNPRIVILEGED_DEV */
 	enum ublk_discard discard;
 };

@@ -190,7 +190,7 @@ static void test_features(void)
 	const struct ublk_feature *f;
 	uint64_t seen = 0, all = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 		UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_UPDATE_SIZE |
-		UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV | UBLK_F_USER_COPY;
+		UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG;
 	size_t n;
 
 	/* One entry per bit, in bit order, every name distinct. */
@@ -209,24 +209,30 @@ static void test_features(void)
 	CHECK(ublk_feature_name(1ULL << 40) == NULL);
 	CHECK(ublk_features_used() == (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				       UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
-				       UBLK_F_UPDATE_SIZE | UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV));
+				       UBLK_F_UPDATE_SIZE | UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV |
+				       UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY));
 	/* 'qublk features' says "uses" for exactly the bits a device may be
 	 * created with (each has its command: add, recover, upgrade,
-	 * resize, del, add --unprivileged). */
-	CHECK(ublk_features_used() == (ublk_dev_flags(~0ULL, false) | ublk_dev_flags(~0ULL, true)));
+	 * resize, del, add --unprivileged; zero copy for add). */
+	CHECK(ublk_features_used() ==
+	      (ublk_dev_flags(~0ULL, false, true) | ublk_dev_flags(~0ULL, true, true)));
 
 	/* Device flags: only what is offered; recovery never for
-	 * unprivileged devices; quiesce and reissue only with recovery. */
-	CHECK(ublk_dev_flags(0, false) == 0);
-	CHECK(ublk_dev_flags(all, false) == (all & ~(UBLK_F_UNPRIVILEGED_DEV | UBLK_F_USER_COPY)));
-	CHECK(ublk_dev_flags(all, true) == (UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
-					    UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV));
-	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE, false) == 0);
-	/* the 6.12 set */
+	 * unprivileged devices; quiesce and reissue only with recovery;
+	 * zero copy only when asked, privileged, and both bits offered. */
+	CHECK(ublk_dev_flags(0, false, true) == 0);
+	CHECK(ublk_dev_flags(all, false, false) ==
+	      (all & ~(UBLK_F_UNPRIVILEGED_DEV | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG)));
+	CHECK(ublk_dev_flags(all, false, true) == (all & ~UBLK_F_UNPRIVILEGED_DEV));
+	CHECK(ublk_dev_flags(all, true, true) == (UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
+						  UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV));
+	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE, false, true) == 0);
+	/* the 6.12 set: user copy alone is not zero copy */
 	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 			     UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY,
-			     false) ==
+			     false, true) ==
 	      (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_CMD_IOCTL_ENCODE));
+	CHECK(ublk_dev_flags(UBLK_F_AUTO_BUF_REG, false, true) == 0);
 }
 
 static void test_state(void)

@@ -38,15 +38,39 @@ t_features() {
     for f in user_recovery user_recovery_reissue cmd_ioctl_encode unprivileged_dev; do
         used "$f" || fail "qublk should use $f"
     done
-    ! used user_copy || fail "qublk does not use user_copy"
     if [ "$VMTEST_KERNEL" = 7.3 ]; then
-        for f in update_size quiesce safe_stop_dev; do
+        # Zero copy: auto_buf_reg, with user_copy for what the daemon
+        # must touch itself.
+        for f in update_size quiesce safe_stop_dev auto_buf_reg user_copy; do
             used "$f" || fail "qublk should use $f"
         done
+    else
+        # user_copy alone is no use to qublk.
+        ! used user_copy || fail "qublk does not use user_copy without auto_buf_reg"
     fi
     qublk features --output xml && fail "a bad --output must be refused"
     return 0
 }
 
+# A device gets zero copy where the driver offers it (7.3), unless asked
+# not to; `qublk list` says which.
+t_zero_copy() {
+    local dev id want=false
+    [ "$VMTEST_KERNEL" = 7.3 ] && want=true
+    dev=$(qublk add -t null --size 64M)
+    id=${dev#/dev/ublkb}
+    qublk list --output json | tee "$W/list.json"
+    grep -q "\"id\": $id, .*\"zero_copy\": $want," "$W/list.json" ||
+        fail "$dev: zero_copy should be $want on $VMTEST_KERNEL"
+    qublk del -n "$id"
+    dev=$(qublk add -t null --size 64M --no-zero-copy)
+    id=${dev#/dev/ublkb}
+    qublk list --output json | tee "$W/list.json"
+    grep -q "\"id\": $id, .*\"zero_copy\": false," "$W/list.json" ||
+        fail "$dev: --no-zero-copy ignored"
+    qublk del -n "$id"
+}
+
 need qublk
 vmtest ublk-features t_features
+vmtest ublk-zero-copy t_zero_copy

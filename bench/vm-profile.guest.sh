@@ -1,0 +1,74 @@
+# SPDX-License-Identifier: MIT
+# shellcheck shell=bash
+# bench/vm-profile.guest.sh: the guest half of bench/vm-profile.sh.  For
+# each configuration in $PROF_CONFIGS (null, raw, prealloc, empty: qublk's
+# null target, its raw target on a preallocated raw file, qcow2
+# preallocated or empty), runs fio with bench/vm-ublk.sh's parameters
+# ($PROF_WORKLOAD, e.g. randwrite/4k) against `qublk add $PROF_ADD_ARGS`,
+# and records the whole machine with `perf record -a -g` for $PROF_SECS s
+# in the middle of the run.  Prints "PROFILE-BEGIN CFG" ... "PROFILE-END"
+# around the report (`perf report --no-children`, by symbol, top
+# $PROF_TOP lines) and fio's IOPS on a "PROFILE-IOPS" line.  PROF_PERF=0:
+# fio alone (what the recording costs: under TCG, sampling at
+# $PROF_FREQ Hz, default 997, halves the IOPS, and samples land on the
+# instructions where interrupts are let in, such as spin_unlock_irqrestore).
+B=/bench
+PATH=$VMTEST_DIR:$PATH
+SIZE=${PROF_SIZE:-2G}
+SECS=${PROF_SECS:-4}
+TOP=${PROF_TOP:-60}
+read -r -a CONFIGS <<<"${PROF_CONFIGS:-prealloc empty}"
+WL=${PROF_WORKLOAD:-randwrite/4k}
+# shellcheck disable=SC2206  # split on purpose
+ADD_ARGS=(${PROF_ADD_ARGS:-})
+PERF=$(command -v perf) || { echo "no perf in the guest" >&2; exit 1; }
+# shellcheck disable=SC2034
+VMTEST_XTRACE=0
+
+mkdir -p "$B"
+grep -q " $B " /proc/mounts || mount -t tmpfs -o size=90% tmpfs "$B"
+echo -1 >/proc/sys/kernel/perf_event_paranoid
+echo 0 >/proc/sys/kernel/kptr_restrict
+
+profile() { # CFG
+    local cfg=$1 dev img rw=${WL%/*} bs=${WL#*/} run=$((SECS + 4))
+    case $cfg in
+        null) dev=$(qublk add -t null --size "$SIZE" -d 128 "${ADD_ARGS[@]}") ;;
+        raw) img=$B/img.raw
+             qemu-img create -q -f raw -o preallocation=falloc "$img" "$SIZE"
+             dev=$(qublk add -t raw -d 128 "${ADD_ARGS[@]}" "$img") ;;
+        prealloc) img=$B/img.qcow2
+             qemu-img create -q -f qcow2 -o preallocation=falloc "$img" "$SIZE"
+             dev=$(qublk add -t qcow2 -d 128 "${ADD_ARGS[@]}" "$img") ;;
+        empty) img=$B/img.qcow2
+             qemu-img create -q -f qcow2 "$img" "$SIZE"
+             dev=$(qublk add -t qcow2 -d 128 "${ADD_ARGS[@]}" "$img") ;;
+        *) fail "unknown configuration $cfg" ;;
+    esac
+    [ -b "$dev" ] || fail "qublk add failed for $cfg"
+    fio --name=p --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
+        --iodepth=128 --iodepth_batch_submit=16 --iodepth_batch_complete_min=16 \
+        --numjobs=1 --time_based --runtime="$run" --output-format=terse --terse-version=3 \
+        >"$B/fio.out" 2>&1 &
+    local fpid=$!
+    sleep 2
+    if [ "${PROF_PERF:-1}" = 1 ]; then
+        "$PERF" record -q -e cpu-clock -F "${PROF_FREQ:-997}" -a -g -o "$B/perf.data" \
+            -- sleep "$SECS" >"$B/perf.err" 2>&1 || { cat "$B/perf.err"; fail "perf record failed"; }
+    fi
+    wait "$fpid" || { cat "$B/fio.out"; fail "fio failed"; }
+    # terse v3: read iops field 8, write iops field 49
+    awk -F';' -v c="$cfg" '{ print "PROFILE-IOPS " c " read=" $8 " write=" $49 }' "$B/fio.out"
+    qublk del -n "${dev#/dev/ublkb}"
+    [ -e "$B/perf.data" ] || { rm -f "${img:-/nonexistent}"; return 0; }
+    echo "PROFILE-BEGIN $cfg"
+    "$PERF" report -i "$B/perf.data" --no-children --sort comm,sym --stdio -g none \
+        --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n "$TOP"
+    echo "PROFILE-END"
+    rm -f "$B/perf.data" "${img:-/nonexistent}"
+}
+
+need qublk fio qemu-img
+for c in "${CONFIGS[@]}"; do
+    vmtest "profile-$c" profile "$c"
+done
