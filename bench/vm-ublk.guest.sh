@@ -4,9 +4,11 @@
 # VM harness, tests/vm/guest-lib.sh).  Runs fio with ublksrv's parameters
 # (libaio, direct=1, iodepth=128, batch submit/complete 16, numjobs=1) on the
 # same 2 GiB images through qublk (1 and 2 queues), qemu-nbd -c /dev/nbd0,
-# the null target and the raw target, and the peer ublksrv (its null, loop
+# the null target and the raw target, and the peers: ublksrv (its null, loop
 # and qcow2 targets, 1 queue; when the host passed its binary, see
-# bench/setup-peer.sh), all in this one boot.  Order: for each round, for
+# bench/setup-peer.sh) and, on the 7.3 kernel, kublk, the kernel's selftest
+# server (its null and loop targets, 1 queue, plain and --auto_zc; see
+# bench/setup-kublk.sh), all in this one boot.  Order: for each round, for
 # each workload, every configuration back to back (null, raw, qcow2
 # preallocated via qublk -q1/-q2/ublksrv/qemu-nbd, qcow2 empty via qublk
 # and qemu-nbd: ublksrv's qcow2 zero-fills new clusters with fallocate
@@ -35,9 +37,11 @@
 # (qublk -d, 128: the same as the nbd driver's tag set and ublksrv's
 # default), BENCH_CACHE (none, or writeback when O_DIRECT fails on tmpfs),
 # BENCH_ONLY (a regex on "KIND/CONFIG", default all), BENCH_WORKLOADS
-# (space-separated RW/BS, default all five).  The peer's binary,
-# if any, is /vmtest/ublksrv (a file argument of run.sh); so is a second
-# qublk, /vmtest/qublk-b, for A/B runs (bench/vm-ublk.sh --ab).
+# (space-separated RW/BS, default all five), BENCH_KUBLK (1: run the kublk
+# configurations, n/a without the binary; else they are left out).  The
+# peers' binaries, if any, are /vmtest/ublksrv and /vmtest/kublk (file
+# arguments of run.sh); so is a second qublk, /vmtest/qublk-b, for A/B
+# runs (bench/vm-ublk.sh --ab).
 
 SIZE=${BENCH_SIZE:-2G}
 RUNTIME=${BENCH_RUNTIME:-3}
@@ -46,6 +50,7 @@ QDEPTH=${BENCH_QDEPTH:-128}
 CACHE=${BENCH_CACHE:-none}
 ONLY=${BENCH_ONLY:-.}
 ROUNDS=${BENCH_ROUNDS:-2}
+KUBLK=${BENCH_KUBLK:-0}
 read -r -a WORKLOADS <<<"${BENCH_WORKLOADS:-randwrite/4k randread/4k randrw/4k rw/64k rw/512k}"
 B=/bench
 PATH=$VMTEST_DIR:$PATH
@@ -199,6 +204,39 @@ stop_ublksrv() {
     return 1
 }
 
+# kublk (tools/testing/selftests/ublk): `kublk add` forks its daemon and
+# returns once the device is started; a fixed device number, as for
+# ublksrv.  One queue (so one I/O thread), the same depth; its loop target
+# opens the file O_DIRECT.  --auto_zc: the request's pages are registered
+# as the io_uring buffer by the driver (UBLK_F_AUTO_BUF_REG), the zero
+# copy qublk uses on 7.3; the null target then issues a NOP on that buffer
+# per request, the loop target reads or writes the file with it.  Its null
+# target is 250 GiB, like ublksrv's.
+KUBLK_ID=10
+have_kublk() { command -v kublk >/dev/null; }
+start_kublk() { # TYPE [--auto_zc] [FILE]
+    local dev=/dev/ublkb$KUBLK_ID i
+    kublk add -t "$1" -n "$KUBLK_ID" -q 1 -d "$QDEPTH" "${@:2}" \
+        >"$B/kublk.out" 2>&1 </dev/null || { cat "$B/kublk.out" >&2; return 1; }
+    for ((i = 0; i < 100; i++)); do
+        [ -b "$dev" ] && { echo "$dev"; return 0; }
+        sleep 0.1
+    done
+    cat "$B/kublk.out" >&2
+    echo "$dev never appeared" >&2
+    return 1
+}
+stop_kublk() {
+    local i
+    kublk del -n "$KUBLK_ID" >/dev/null
+    for ((i = 0; i < 100; i++)); do
+        pidof kublk >/dev/null || return 0
+        sleep 0.1
+    done
+    echo "kublk did not exit" >&2
+    return 1
+}
+
 start_nbd() { # FMT FILE
     # -c daemonises (the parent returns once the device is connected); the
     # daemon must not hold our stdout.
@@ -240,8 +278,9 @@ IMG_RAW=$B/img.raw IMG_PRE=$B/img-prealloc.qcow2 IMG_EMPTY=$B/img-empty.qcow2
 
 # one_run KIND CFG WL: KIND none (null), raw, prealloc or empty; CFG null,
 # raw, qublk-q1, qublk-q2, qemu-nbd or ublksrv (ublksrv's null, loop or
-# qcow2 target by KIND); null-b, raw-b, qublk-b-q1, qublk-b-q2: the same
-# through the B binary (qublk-b, bench/vm-ublk.sh --ab).  The device is
+# qcow2 target by KIND), kublk or kublk-zc (kublk's null or loop target by
+# KIND, kublk-zc with --auto_zc); null-b, raw-b, qublk-b-q1, qublk-b-q2:
+# the same through the B binary (qublk-b, bench/vm-ublk.sh --ab).  The device is
 # set up for this run
 # alone, so that the configurations of one workload run back to back
 # (interleaved: a change in the host's load hits them alike).  The empty
@@ -255,7 +294,7 @@ one_run() {
         prealloc) img=$IMG_PRE ;;
         empty) img=$IMG_EMPTY; mk_image empty "$img" ;;
     esac
-    if [ "$cfg" = ublksrv ] && ! have_ublksrv; then
+    if { [ "$cfg" = ublksrv ] && ! have_ublksrv; } || { [[ $cfg = kublk* ]] && ! have_kublk; }; then
         na_line "$kind" "$cfg" "$wl"
         return 0
     fi
@@ -275,6 +314,13 @@ one_run() {
                 raw) dev=$(start_ublksrv loop "$img") ;;
                 *) dev=$(start_ublksrv qcow2 "$img") ;;
             esac ;;
+        kublk|kublk-zc)
+            local zc=()
+            [ "$cfg" = kublk ] || zc=(--auto_zc)
+            case $kind in
+                none) dev=$(start_kublk null "${zc[@]}") ;;
+                *) dev=$(start_kublk loop "${zc[@]}" "$img") ;;
+            esac ;;
     esac || {
         if grep -q 'not yet' "$B/add.err" 2>/dev/null; then
             na_line "$kind" "$cfg" "$wl"
@@ -287,6 +333,7 @@ one_run() {
     case $cfg in
         qemu-nbd) pids=$(pidof qemu-nbd) ;;
         ublksrv) pids=$(pidof ublksrv) ;;
+        kublk*) pids=$(pidof kublk) ;;
         # (qublk-b may be a script that execs a qublk binary)
         *) pids=$(pidof qublk qublk-b) ;;
     esac
@@ -294,6 +341,7 @@ one_run() {
     case $cfg in
         qemu-nbd) stop_nbd ;;
         ublksrv) stop_ublksrv ;;
+        kublk*) stop_kublk ;;
         *) stop_qublk "$dev" ;;
     esac
     # After qublk wrote to an empty image under load, it must check clean
@@ -308,13 +356,15 @@ one_run() {
 # next to their A ones when there is a qublk-b).
 bench_wl() {
     local round=$1 wl=$2 kind cfg rc=0 kc
-    for kc in none/null none/null-b none/ublksrv raw/raw raw/raw-b raw/ublksrv \
+    for kc in none/null none/null-b none/ublksrv none/kublk none/kublk-zc \
+              raw/raw raw/raw-b raw/ublksrv raw/kublk raw/kublk-zc \
               prealloc/qublk-q1 prealloc/qublk-b-q1 prealloc/qublk-q2 prealloc/qublk-b-q2 \
               prealloc/ublksrv prealloc/qemu-nbd \
               empty/qublk-q1 empty/qublk-b-q1 empty/qublk-q2 empty/qublk-b-q2 empty/qemu-nbd; do
         [[ $kc =~ $ONLY ]] || continue
         case $kc in
             */null-b|*/raw-b|*/qublk-b-*) command -v qublk-b >/dev/null || continue ;;
+            */kublk*) [ "$KUBLK" = 1 ] || continue ;;
         esac
         kind=${kc%/*} cfg=${kc#*/}
         CUR_ROUND=$round

@@ -10,7 +10,12 @@
 # (recreated before every run); and the peer, ublksrv at 229e918 (built by
 # bench/setup-peer.sh into bench/.cache; its null target, its loop target
 # on the raw image, its qcow2 target on the preallocated image, 1 queue,
-# the same depth; its columns read n/a when it cannot be built).  Within
+# the same depth; its columns read n/a when it cannot be built); on the 7.3
+# kernel also kublk, the kernel's own selftest server
+# (tools/testing/selftests/ublk of Debian's linux-source-7.3, built
+# statically by bench/setup-kublk.sh into bench/.cache; its null and loop
+# targets, 1 queue, plain and with --auto_zc, the zero copy qublk uses on
+# 7.3).  Within
 # a round, each workload runs on every configuration back to back, so that
 # the host's load (TCG vCPUs are host threads) hits them alike; ratios are
 # per round, then averaged.  Not part of `make check`: numbers, not
@@ -26,13 +31,15 @@
 # Prints markdown: the throughput table (IOPS for 4k, MiB/s for 64k/512k;
 # read+write), the ratios qublk/qemu-nbd and qcow2/raw per row, the same
 # against ublksrv (qublk null/ublksrv null, qublk raw/ublksrv loop, qublk
-# q1 and q2/ublksrv qcow2), and a CPU table (percent of one vCPU sampled
-# mid-run: the server daemon, its io-wq workers, fio, the whole machine;
-# server CPU per I/O).
+# q1 and q2/ublksrv qcow2) and against kublk (qublk null/kublk null and
+# raw/kublk loop, each against kublk plain and --auto_zc), and a CPU table
+# (percent of one vCPU sampled mid-run: the server daemon, its io-wq
+# workers, fio, the whole machine; server CPU per I/O).
 #   --kernel      the guest kernel (tests/vm/run.sh; default
 #                 $QUBLK_VM_KERNEL or 6.12)
-#   --only        a regex on KIND/CONFIG (none/null none/ublksrv raw/raw
-#                 raw/ublksrv prealloc/qublk-q1 prealloc/ublksrv ...
+#   --only        a regex on KIND/CONFIG (none/null none/ublksrv
+#                 none/kublk none/kublk-zc raw/raw raw/ublksrv raw/kublk
+#                 raw/kublk-zc prealloc/qublk-q1 prealloc/ublksrv ...
 #                 empty/qemu-nbd)
 #   --workloads   the workloads (default: randwrite/4k randread/4k
 #                 randrw/4k rw/64k rw/512k)
@@ -47,9 +54,10 @@
 #
 # The VM runs under TCG: absolute numbers mean little; compare ratios.
 # Needs tests/vm/setup.sh done; the guest gets the host's qemu-nbd (and its
-# libraries) as an extra file.  Defaults: 2 rounds of 55 runs, 3 s each
-# after a 1 s ramp, 6 GiB guest (three images in tmpfs at once): about
-# 15 minutes of wall time on an idle host, 25 at a load of 10.
+# libraries) as an extra file.  Defaults: 2 rounds of 55 runs (75 on 7.3,
+# with kublk), 3 s each after a 1 s ramp, 6 GiB guest (three images in
+# tmpfs at once): about 15 minutes of wall time on an idle host, 25 at a
+# load of 10 (a third more on 7.3).
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$TOP"
@@ -75,7 +83,7 @@ while [ $# -gt 0 ]; do
         --log) LOG=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --parse) PARSE=$2; shift 2 ;;
-        -h|--help) sed -n "2,52p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n "2,60p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "vm-ublk.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -165,6 +173,25 @@ render() {
                 wl, fmt(wl, val(sn)), fmt(wl, val(sr)), fmt(wl, val(sq)),
                 ratio(kn, sn), ratio(kr, sr), ratio(k1, sq), ratio(k2, sq)
         }
+        # kublk (the 7.3 kernel only): null and loop, plain and --auto_zc.
+        nk = 0
+        for (k in CNT) if (k ~ /kublk/) nk++
+        for (k in BAD) if (k ~ /kublk/) nk++
+        if (nk) {
+            print ""
+            print "| workload | kublk null | kublk-zc null | kublk loop | kublk-zc loop | null/kublk null | null/kublk-zc null | raw/kublk loop | raw/kublk-zc loop |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+            for (w = 1; w <= nwl; w++) {
+                wl = wls[w]
+                kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
+                un = "none" SUBSEP "kublk" SUBSEP wl; uz = "none" SUBSEP "kublk-zc" SUBSEP wl
+                ur = "raw" SUBSEP "kublk" SUBSEP wl; urz = "raw" SUBSEP "kublk-zc" SUBSEP wl
+                if (val(un) == "" && val(uz) == "" && val(ur) == "" && val(urz) == "") continue
+                printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
+                    wl, fmt(wl, val(un)), fmt(wl, val(uz)), fmt(wl, val(ur)), fmt(wl, val(urz)),
+                    ratio(kn, un), ratio(kn, uz), ratio(kr, ur), ratio(kr, urz)
+            }
+        }
         # A/B (--ab): B/A per row, when there are B runs.
         nb = 0
         for (k in CNT) if (k ~ /(null-b|raw-b|qublk-b-q[0-9])/) nb++
@@ -188,7 +215,7 @@ render() {
             }
         }
         print ""
-        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs).\n", maxround
+        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs). kublk (the kernel\x27s selftest server, 7.3 only, 1 queue): its null target and its loop target (O_DIRECT) on the raw file, plain (the driver copies the data to and from the server\x27s buffers) and -zc (--auto_zc: the driver registers the request\x27s pages as an io_uring buffer, as qublk does on 7.3; its null target then issues one io_uring NOP on it per request).\n", maxround
         print ""
         print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO |"
         print "|---|---|---|---:|---:|---:|---:|---:|---:|"
@@ -235,6 +262,18 @@ if peer=$(bench/setup-peer.sh); then
 else
     echo "vm-ublk.sh: warning: no ublksrv (bench/setup-peer.sh failed): its columns will read n/a" >&2
 fi
+# The second peer, kublk: the selftest server of the 7.3 kernel, run on
+# that kernel only (its features follow the driver it was written for).
+KUBLK=0 KUBLK_ID=''
+if [ "$KERNEL" = 7.3 ]; then
+    KUBLK=1
+    if kublk=$(bench/setup-kublk.sh); then
+        PEER+=("$kublk")
+        KUBLK_ID=$(cat "$kublk.version" 2>/dev/null || echo "$kublk")
+    else
+        echo "vm-ublk.sh: warning: no kublk (bench/setup-kublk.sh failed): its columns will read n/a" >&2
+    fi
+fi
 
 KEEP=1
 if [ -z "$LOG" ]; then
@@ -251,16 +290,17 @@ if [ -n "$AB" ]; then
     QUBLK_ID+="; B (--ab): $AB of $(date -r "$AB" '+%Y-%m-%d %H:%M')"
 fi
 # Per run: ~RUNTIME+RAMP+2 s (more on a loaded host: a margin), 55 runs a
-# round (85 with --ab), plus image
-# creation and boot.
+# round (85 with --ab, 20 more with kublk), plus image creation and boot.
 NRUNS=55
 [ -z "$AB" ] || NRUNS=85
+[ "$KUBLK" = 0 ] || NRUNS=$((NRUNS + 20))
 TIMEOUT=$(( (RUNTIME + RAMP + 10) * NRUNS * ROUNDS + 600 ))
 rc=0
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tests/vm/run.sh --kernel "$KERNEL" --qublk "$QBIN" --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
+    --env BENCH_KUBLK="$KUBLK" \
     bench/vm-ublk.guest.sh "$NBD" "${EXTRA[@]}" >&2 || rc=$?
 [ -z "$AB" ] || rm -rf "$ABDIR"
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -277,6 +317,7 @@ only_arg=''
     # TCG vCPUs are host threads: other work on the host shows in the numbers.
     echo "Binary: $QUBLK_ID."
     echo
+    [ -z "$KUBLK_ID" ] || { echo "Peer: $KUBLK_ID."; echo; }
     echo "Host: $(nproc) CPUs, load average before $load0, after $load1 (the VM itself adds ~2)."
     echo
     render "$LOG"
