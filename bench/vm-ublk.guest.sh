@@ -59,7 +59,8 @@ PATH=$VMTEST_DIR:$PATH
 VMTEST_XTRACE=0
 
 mkdir -p "$B"
-mountpoint -q "$B" || mount -t tmpfs -o size=90% tmpfs "$B"
+# (busybox here has no mountpoint applet)
+grep -q " $B " /proc/mounts || mount -t tmpfs -o size=90% tmpfs "$B"
 
 # ---- CPU accounting ------------------------------------------------------
 
