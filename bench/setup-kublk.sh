@@ -30,7 +30,8 @@ CACHE=$TOP/bench/.cache
 OUT=$CACHE/kublk
 DEBS=$CACHE/debs
 BUILD=$CACHE/kublk-build
-DEB_SOURCES=/etc/apt/sources.list.d/debian.sources
+# shellcheck source=tests/vm/apt-mirror.sh
+. "$TOP/tests/vm/apt-mirror.sh"   # mirror_uris, signed_by, DEB_SOURCES
 KV=7.3
 
 if [ -x "$OUT" ]; then
@@ -50,27 +51,12 @@ mkdir -p "$DEBS"
 
 # ---- the private apt state (trixie + trixie-backports) -------------------
 
-# mirror_uris: URIs of the stanza of debian.sources that carries the plain
-# "bookworm" suite (as tests/vm/setup.sh); the same mirror serves trixie.
-mirror_uris() {
-    [ -r "$DEB_SOURCES" ] || skip "$DEB_SOURCES not found: cannot tell the apt mirror"
-    local uris
-    uris=$(awk '
-        /^[[:space:]]*$/ { if (s ~ /(^| )bookworm( |$)/ && u != "") print u; u = ""; s = ""; next }
-        /^URIs:/   { sub(/^URIs:[[:space:]]*/, ""); u = $0 }
-        /^Suites:/ { sub(/^Suites:[[:space:]]*/, ""); s = $0 }
-        END { if (s ~ /(^| )bookworm( |$)/ && u != "") print u }' "$DEB_SOURCES" | head -n 1)
-    [ -n "$uris" ] || skip "no URIs for suite bookworm in $DEB_SOURCES"
-    echo "$uris"
-}
-signed_by() { awk '/^Signed-By:/ { print $2; exit }' "$DEB_SOURCES"; }
-
 APT=()
 apt_state() {
     [ ${#APT[@]} -eq 0 ] || return 0
     command -v apt-get >/dev/null || skip "apt-get missing"
     local apt=$CACHE/apt-trixie uris signed u
-    uris=$(mirror_uris)
+    uris=$(mirror_uris) || skip "cannot tell the apt mirror"
     signed=$(signed_by)
     mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/preferences.d"
     {

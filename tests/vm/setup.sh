@@ -28,7 +28,8 @@ set -euo pipefail
 VM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${QUBLK_VM_CACHE:-$VM_DIR/.cache}
 SRC_FILE=/etc/apt/sources.list.d/qublk-backports.sources
-DEB_SOURCES=/etc/apt/sources.list.d/debian.sources
+# shellcheck source=tests/vm/apt-mirror.sh
+. "$VM_DIR/apt-mirror.sh"   # mirror_uris, signed_by, DEB_SOURCES
 
 say() { echo "vm-setup: $*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -99,20 +100,6 @@ PY
 }
 
 # --- guest kernels -------------------------------------------------------
-# mirror_uris SUITE: URIs of the stanza of debian.sources that carries the
-# plain "bookworm" suite (not -security); the same mirror serves SUITE.
-mirror_uris() {
-    [ -r "$DEB_SOURCES" ] || die "$DEB_SOURCES not found: cannot tell the apt mirror"
-    local uris
-    uris=$(awk '
-        /^[[:space:]]*$/ { if (s ~ /(^| )bookworm( |$)/ && u != "") print u; u = ""; s = ""; next }
-        /^URIs:/   { sub(/^URIs:[[:space:]]*/, ""); u = $0 }
-        /^Suites:/ { sub(/^Suites:[[:space:]]*/, ""); s = $0 }
-        END { if (s ~ /(^| )bookworm( |$)/ && u != "") print u }' "$DEB_SOURCES" | head -n 1)
-    [ -n "$uris" ] || die "no URIs for suite bookworm in $DEB_SOURCES"
-    echo "$uris"
-}
-signed_by() { awk '/^Signed-By:/ { print $2; exit }' "$DEB_SOURCES"; }
 
 # unpack TREE DEB...: dpkg -x every DEB into TREE (atomically: TREE.tmp,
 # then renamed), with TREE/vmlinuz, TREE/vmlinux and TREE/modules links.
@@ -182,7 +169,7 @@ kernel_6_12() {
     fi
     if [ ! -f "$SRC_FILE" ]; then
         local uris signed
-        uris=$(mirror_uris)
+        uris=$(mirror_uris) || die "cannot tell the apt mirror"
         signed=$(signed_by)
         say "adding bookworm-backports from $DEB_SOURCES's mirror"
         {
@@ -227,7 +214,7 @@ kernel_7_3() {
         return 0
     fi
     local apt=$CACHE/apt-trixie-backports uris signed
-    uris=$(mirror_uris)
+    uris=$(mirror_uris) || die "cannot tell the apt mirror"
     signed=$(signed_by)
     mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/preferences.d"
     {
