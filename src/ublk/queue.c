@@ -247,8 +247,16 @@ static int queue_setup(struct ublk_queue *q)
 	q->ring_open = true;
 	aio_ctx_set_current(&q->aio);
 	if (q->zero_copy) {
-		/* Empty slots, one per tag, for the driver to fill. */
-		ret = io_uring_register_buffers_sparse(&q->aio.ring, q->depth);
+		/* Empty slots, one per tag, for the driver to fill.  Tests:
+		 * $QUBLK_TEST_ZC_SLOTS fewer, so that the driver cannot
+		 * register the higher tags' pages and those requests take
+		 * the fallback (UBLK_IO_F_NEED_REG_BUF). */
+		const char *t = getenv("QUBLK_TEST_ZC_SLOTS");
+		unsigned long slots = t ? strtoul(t, NULL, 10) : 0;
+
+		if (slots == 0 || slots > q->depth)
+			slots = q->depth;
+		ret = io_uring_register_buffers_sparse(&q->aio.ring, (unsigned)slots);
 		if (ret < 0) {
 			log_error("queue %u: io_uring buffer table: %s", q->q_id, strerror(-ret));
 			return ret;

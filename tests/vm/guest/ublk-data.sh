@@ -84,6 +84,14 @@ t_fio_qcow2_q2() {
     rm -f "$W/q2probe.qcow2" "$W/q2.out" "$W/q2.err"
     fio_case qcow2 2
 }
+# Zero copy's fallback: a buffer table of 8 slots for 64 tags, so the
+# driver cannot register the pages of most requests and hands them over
+# with UBLK_IO_F_NEED_REG_BUF: they go through the tag's buffer by user
+# copy, next to zero-copy ones, over a backing file (copy-on-write).
+t_fio_zc_fallback() {
+    ublk_has auto_buf_reg || skip "no zero copy on $VMTEST_KERNEL"
+    (export QUBLK_TEST_ZC_SLOTS=8; fio_case qcow2 1 backing)
+}
 t_fio_null_q2() {
     local dev
     dev=$(qublk add -t null -q 2 --size 256M)
@@ -196,6 +204,7 @@ vmtest ublk-params t_params
 vmtest ublk-fio-raw-q1 t_fio_raw_q1
 vmtest ublk-fio-raw-q2 t_fio_raw_q2
 vmtest ublk-fio-null-q2 t_fio_null_q2
+vmtest ublk-fio-zc-fallback t_fio_zc_fallback
 vmtest ublk-fio-qcow2-q1 t_fio_qcow2_q1
 vmtest ublk-fio-qcow2-backing-q1 t_fio_qcow2_backing_q1
 vmtest ublk-fio-qcow2-q2 t_fio_qcow2_q2
