@@ -80,7 +80,7 @@ fetch() {
     deb=$(find "$DEBS" -maxdepth 1 -name "${pkg}_*_*.deb" | sort -V | tail -n 1)
     if [ -z "$deb" ]; then
         apt_state
-        if ! apt-cache "${APT[@]}" show --no-all-versions "$pkg" 2>/dev/null | grep -q '^Filename:'; then
+        if ! apt-cache "${APT[@]}" show --no-all-versions "$pkg" 2>/dev/null | grep '^Filename:' >/dev/null; then
             say "apt-get update (trixie, trixie-backports; private state in $CACHE/apt-trixie)"
             apt-get "${APT[@]}" update -qq >&2 || skip "apt-get update of trixie failed"
         fi

@@ -182,28 +182,10 @@ stop_qublk() { # DEV
 UBLKSRV_ID=9
 have_ublksrv() { command -v ublksrv >/dev/null; }
 start_ublksrv() { # TYPE [FILE]
-    local dev=/dev/ublkb$UBLKSRV_ID i
     mkdir -p /tmp/ublksrvd
-    ublksrv add -t "$1" -n "$UBLKSRV_ID" -q 1 -d "$QDEPTH" ${2:+-f "$2"} \
-        >"$B/ublksrv.out" 2>&1 </dev/null || { cat "$B/ublksrv.out" >&2; return 1; }
-    for ((i = 0; i < 100; i++)); do
-        [ -b "$dev" ] && { echo "$dev"; return 0; }
-        sleep 0.1
-    done
-    cat "$B/ublksrv.out" >&2
-    echo "$dev never appeared" >&2
-    return 1
+    peer_start ublksrv "$UBLKSRV_ID" -t "$1" -n "$UBLKSRV_ID" -q 1 -d "$QDEPTH" ${2:+-f "$2"}
 }
-stop_ublksrv() {
-    local i
-    ublksrv del -n "$UBLKSRV_ID" >/dev/null
-    for ((i = 0; i < 100; i++)); do
-        pidof ublksrv >/dev/null || return 0
-        sleep 0.1
-    done
-    echo "ublksrv did not exit" >&2
-    return 1
-}
+stop_ublksrv() { peer_stop ublksrv "$UBLKSRV_ID"; }
 
 # kublk (tools/testing/selftests/ublk): `kublk add` forks its daemon and
 # returns once the device is started; a fixed device number, as for
@@ -216,25 +198,34 @@ stop_ublksrv() {
 KUBLK_ID=10
 have_kublk() { command -v kublk >/dev/null; }
 start_kublk() { # TYPE [--auto_zc] [FILE]
-    local dev=/dev/ublkb$KUBLK_ID i
-    kublk add -t "$1" -n "$KUBLK_ID" -q 1 -d "$QDEPTH" "${@:2}" \
-        >"$B/kublk.out" 2>&1 </dev/null || { cat "$B/kublk.out" >&2; return 1; }
+    peer_start kublk "$KUBLK_ID" -t "$1" -n "$KUBLK_ID" -q 1 -d "$QDEPTH" "${@:2}"
+}
+stop_kublk() { peer_stop kublk "$KUBLK_ID"; }
+
+# peer_start NAME ID ARGS...: `NAME add ARGS` (a peer's add returns once
+# its daemon has started the device), then wait for /dev/ublkbID and
+# print it.  peer_stop NAME ID: `NAME del -n ID`, then wait for the
+# daemon to exit.
+peer_start() {
+    local name=$1 dev=/dev/ublkb$2 i
+    shift 2
+    "$name" add "$@" >"$B/$name.out" 2>&1 </dev/null || { cat "$B/$name.out" >&2; return 1; }
     for ((i = 0; i < 100; i++)); do
         [ -b "$dev" ] && { echo "$dev"; return 0; }
         sleep 0.1
     done
-    cat "$B/kublk.out" >&2
+    cat "$B/$name.out" >&2
     echo "$dev never appeared" >&2
     return 1
 }
-stop_kublk() {
+peer_stop() {
     local i
-    kublk del -n "$KUBLK_ID" >/dev/null
+    "$1" del -n "$2" >/dev/null
     for ((i = 0; i < 100; i++)); do
-        pidof kublk >/dev/null || return 0
+        pidof "$1" >/dev/null || return 0
         sleep 0.1
     done
-    echo "kublk did not exit" >&2
+    echo "$1 did not exit" >&2
     return 1
 }
 

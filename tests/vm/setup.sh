@@ -148,7 +148,9 @@ pick() {
     local prefix=$1 ver=$2 p; shift 2
     local re="^${prefix}-${ver//./\\.}\\.[0-9]+(\\+[a-z0-9]+)?-amd64\$"
     for p in $(apt-cache "$@" pkgnames "$prefix-$ver" 2>/dev/null | grep -E "$re" | sort -rV); do
-        if apt-cache "$@" show --no-all-versions "$p" 2>/dev/null | grep -q '^Filename:'; then
+        # grep reads to the end: with -q it could exit first, and the
+        # writer's SIGPIPE fails the pipeline under pipefail.
+        if apt-cache "$@" show --no-all-versions "$p" 2>/dev/null | grep '^Filename:' >/dev/null; then
             echo "$p"
             return 0
         fi
@@ -228,17 +230,26 @@ kernel_7_3() {
                 -o "Dir::Cache::Archives=$apt/archives" -o Dir::Etc::Preferences=/dev/null
                 -o "Dir::Etc::PreferencesParts=$apt/preferences.d" -o APT::Architectures=amd64
                 -o APT::Get::List-Cleanup=0)
-    local bin
+    local bin try
     bin=$(pick linux-binary 7.3 "${o[@]}" || true)
-    if [ -z "$bin" ]; then
-        say "apt-get update (trixie-backports, private state in $apt)"
+    # A fresh machine once found neither package right after an update
+    # that succeeded (a mirror in mid-sync?): update again before giving up.
+    for try in 1 2 3; do
+        [ -z "$bin" ] || break
+        [ "$try" = 1 ] || sleep 15
+        say "apt-get update (trixie-backports, private state in $apt; try $try of 3)"
         apt-get "${o[@]}" update -qq >&2 || die "apt-get update of trixie-backports failed"
         bin=$(pick linux-binary 7.3 "${o[@]}" || true)
+        # The signed image package (linux-binary-V, from
+        # linux-signed-amd64) can lag behind the unsigned one in the
+        # archive; the VM boots either.
+        [ -n "$bin" ] || bin=$(pick linux-binary-unsigned 7.3 "${o[@]}" || true)
+    done
+    if [ -z "$bin" ]; then
+        say "linux-binary packages the index has:"
+        apt-cache "${o[@]}" pkgnames linux-binary- >&2 || true
+        die "no linux-binary-7.3.*-amd64 (or linux-binary-unsigned-7.3.*) package in trixie-backports"
     fi
-    # The signed image package (linux-binary-V, from linux-signed-amd64)
-    # can lag behind the unsigned one in the archive; the VM boots either.
-    [ -n "$bin" ] || bin=$(pick linux-binary-unsigned 7.3 "${o[@]}" || true)
-    [ -n "$bin" ] || die "no linux-binary-7.3.*-amd64 (or linux-binary-unsigned-7.3.*) package in trixie-backports"
     local v=${bin#linux-binary-}
     v=${v#unsigned-}
     local mods=linux-modules-$v name=linux-$v
