@@ -96,11 +96,10 @@ bool kbuf_iov_any(const struct iovec *iov, int iovcnt)
 	return false;
 }
 
-/* pread (@out) or pwrite the whole range of the slot, or abort. */
-static void user_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len, size_t at)
+int kbuf_user_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len)
 {
 	const struct kbuf_window *w = r->w;
-	uint64_t pos = w->copy_off + ((uint64_t)r->index << w->copy_shift) + r->off + at;
+	uint64_t pos = w->copy_off + ((uint64_t)r->index << w->copy_shift) + r->off;
 	size_t done = 0;
 
 	while (done < len) {
@@ -109,24 +108,33 @@ static void user_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len,
 					 (off_t)(pos + done));
 		if (n < 0 && errno == EINTR)
 			continue;
-		if (n <= 0) {
-			log_error("user copy %s request buffer %u at %zu (%zu bytes): %s",
-				  out ? "from" : "to", r->index, r->off + at + done, len - done,
-				  n < 0 ? strerror(errno) : "short");
-			abort();
-		}
+		if (n <= 0)
+			return n < 0 ? -errno : -EIO;
 		done += (size_t)n;
+	}
+	return 0;
+}
+
+/* The iovec helpers' copies, which cannot report an error (kbuf.h). */
+static void must_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len)
+{
+	int ret = kbuf_user_copy(r, out, buf, len);
+
+	if (ret < 0) {
+		log_error("user copy %s request buffer %u at %zu (%zu bytes): %s",
+			  out ? "from" : "to", r->index, r->off, len, strerror(-ret));
+		abort();
 	}
 }
 
 void kbuf_copy_in(const struct kbuf_ref *r, const void *src, size_t len)
 {
-	user_copy(r, false, (void *)src, len, 0);
+	must_copy(r, false, (void *)src, len);
 }
 
 void kbuf_copy_out(const struct kbuf_ref *r, void *dst, size_t len)
 {
-	user_copy(r, true, dst, len, 0);
+	must_copy(r, true, dst, len);
 }
 
 void kbuf_fill(const struct kbuf_ref *r, int c, size_t len)
@@ -141,6 +149,10 @@ void kbuf_fill(const struct kbuf_ref *r, int c, size_t len)
 		src = buf;
 		chunk = sizeof(buf);
 	}
-	for (size_t at = 0; at < len; at += chunk)
-		user_copy(r, false, (void *)src, MIN(chunk, len - at), at);
+	for (size_t at = 0; at < len; at += chunk) {
+		struct kbuf_ref piece = *r;
+
+		piece.off += at;
+		must_copy(&piece, false, (void *)src, MIN(chunk, len - at));
+	}
 }

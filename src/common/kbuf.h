@@ -72,10 +72,13 @@ bool kbuf_find(const void *p, size_t len, struct kbuf_ref *ref);
 struct iovec;
 bool kbuf_iov_any(const struct iovec *iov, int iovcnt);
 
-/* Copies by user copy.  They cannot fail for a request the daemon owns;
- * if the kernel refuses anyway, the data the request would carry is
- * unknown, so they log and abort (a recoverable device's requests go to
- * the next daemon). */
+/* User copy of @len bytes between @buf and the range @r: from it (@out:
+ * pread of /dev/ublkcN) or into it.  Returns 0 or -errno (-EIO: short). */
+int kbuf_user_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len);
+/* The same for the iovec helpers, which cannot report an error.  A copy
+ * cannot fail for a request the daemon owns; if the kernel refuses
+ * anyway, the data the request would carry is unknown, so these log and
+ * abort (a recoverable device's requests go to the next daemon). */
 void kbuf_copy_in(const struct kbuf_ref *r, const void *src, size_t len);
 void kbuf_copy_out(const struct kbuf_ref *r, void *dst, size_t len);
 void kbuf_fill(const struct kbuf_ref *r, int c, size_t len);

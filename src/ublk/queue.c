@@ -89,35 +89,15 @@ int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 	return op;
 }
 
-/* User copy of a whole request between the driver and @buf (to the
- * driver: @in).  Returns 0 or -errno. */
-static int user_copy(const struct ublk_queue *q, unsigned tag, void *buf, uint32_t len, bool in)
-{
-	uint64_t pos = UBLKSRV_IO_BUF_OFFSET + ((uint64_t)q->q_id << UBLK_QID_OFF) +
-		       ((uint64_t)tag << UBLK_TAG_OFF);
-	uint32_t done = 0;
-
-	while (done < len) {
-		ssize_t n = in ? pwrite(q->dev->cdev_fd, (uint8_t *)buf + done, len - done,
-					(off_t)(pos + done))
-			       : pread(q->dev->cdev_fd, (uint8_t *)buf + done, len - done,
-				       (off_t)(pos + done));
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n <= 0)
-			return n < 0 ? -errno : -EIO;
-		done += (uint32_t)n;
-	}
-	return 0;
-}
-
 /* Run one request; returns the COMMIT result (bytes or -errno).  @buf is
  * the tag's buffer; @kbuf its kernel buffer slot (zero copy) or NULL. */
 static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *kbuf)
 {
 	const struct ublk_dev *d = q->dev;
 	const struct ublk_tgt *t = &d->tgt;
+	const struct kbuf_ref whole = { .w = &q->kbufs, .index = tag };
 	struct ublksrv_io_desc iod;
+	bool by_copy;
 	uint64_t off;
 	uint32_t len;
 	int op, ret;
@@ -132,9 +112,14 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *k
 			  iod.nr_sectors, strerror(-op));
 		return op;
 	}
-	if (kbuf && !(iod.op_flags & UBLK_IO_F_NEED_REG_BUF))
+	/* Zero copy: the tag's slot (@whole), unless the driver could not
+	 * register the pages; then the tag's buffer, filled or emptied by
+	 * user copy. */
+	by_copy = kbuf && (iod.op_flags & UBLK_IO_F_NEED_REG_BUF);
+
+	if (kbuf && !by_copy)
 		buf = kbuf;
-	else if (kbuf && op == UBLK_IO_OP_WRITE && (ret = user_copy(q, tag, buf, len, false)) < 0) {
+	if (by_copy && op == UBLK_IO_OP_WRITE && (ret = kbuf_user_copy(&whole, true, buf, len)) < 0) {
 		log_error("queue %u tag %u: user copy of the write's data: %s", q->q_id, tag,
 			  strerror(-ret));
 		return ret;
@@ -142,7 +127,7 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *k
 	switch (op) {
 	case UBLK_IO_OP_READ:
 		ret = t->ops->read((struct ublk_tgt *)t, buf, off, len);
-		if (ret == 0 && buf != kbuf && kbuf && (ret = user_copy(q, tag, buf, len, true)) < 0)
+		if (ret == 0 && by_copy && (ret = kbuf_user_copy(&whole, false, buf, len)) < 0)
 			log_error("queue %u tag %u: user copy of the read's data: %s", q->q_id,
 				  tag, strerror(-ret));
 		return ret < 0 ? ret : (int)len;
