@@ -55,22 +55,9 @@ APT=()
 apt_state() {
     [ ${#APT[@]} -eq 0 ] || return 0
     command -v apt-get >/dev/null || skip "apt-get missing"
-    local apt=$CACHE/apt-trixie uris signed u
-    uris=$(mirror_uris) || skip "cannot tell the apt mirror"
-    signed=$(signed_by)
-    mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/preferences.d"
-    {
-        echo "# qublk bench/setup-kublk.sh: kublk's sources and liburing (private apt state, not the host's)"
-        for u in $uris; do
-            echo "deb [${signed:+signed-by=$signed}] $u trixie main"
-            echo "deb [${signed:+signed-by=$signed}] $u trixie-backports main"
-        done
-    } >"$apt/sources.list"
-    APT=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
-         -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt"
-         -o "Dir::Cache::Archives=$apt/archives" -o Dir::Etc::Preferences=/dev/null
-         -o "Dir::Etc::PreferencesParts=$apt/preferences.d" -o APT::Architectures=amd64
-         -o APT::Get::List-Cleanup=0)
+    private_apt "$CACHE/apt-trixie" "qublk bench/setup-kublk.sh: kublk's sources and liburing" \
+        trixie trixie-backports || skip "cannot tell the apt mirror"
+    APT=("${PRIVATE_APT[@]}")
 }
 
 # fetch PKG: the newest bench/.cache/debs/PKG_*.deb, downloaded first when

@@ -1,8 +1,8 @@
 # SPDX-License-Identifier: MIT
 # shellcheck shell=bash
-# tests/vm/apt-mirror.sh: where this machine's Debian mirror is, for the
-# private apt states that fetch packages of other suites (the guest
-# kernels: tests/vm/setup.sh; kublk's sources: bench/setup-kublk.sh).
+# tests/vm/apt-mirror.sh: where this machine's Debian mirror is, and the
+# private apt states that fetch packages of other suites from it (the
+# guest kernel: tests/vm/setup.sh; kublk's sources: bench/setup-kublk.sh).
 # Sourced.  The mirror is read from the machine's own apt configuration,
 # never written into the repository.
 
@@ -25,3 +25,30 @@ mirror_uris() {
 
 # signed_by: the keyring of the first stanza that names one (may be empty).
 signed_by() { awk '/^Signed-By:/ { print $2; exit }' "$DEB_SOURCES"; }
+
+# private_apt DIR COMMENT SUITE...: an apt state of its own in DIR (the
+# host's apt never sees it) whose sources are the main component of each
+# SUITE on this machine's mirror; sets the array PRIVATE_APT to the
+# apt-get/apt-cache options that use it.  Returns 1 (the reason on
+# stderr) when the mirror cannot be told.
+private_apt() {
+    local dir=$1 comment=$2 uris signed u s
+    shift 2
+    uris=$(mirror_uris) || return 1
+    signed=$(signed_by)
+    mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/preferences.d"
+    {
+        echo "# $comment (private apt state, not the host's)"
+        for u in $uris; do
+            for s in "$@"; do
+                echo "deb [${signed:+signed-by=$signed}] $u $s main"
+            done
+        done
+    } >"$dir/sources.list"
+    # shellcheck disable=SC2034  # read by the scripts that source this one
+    PRIVATE_APT=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/nonexistent
+                 -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir"
+                 -o "Dir::Cache::Archives=$dir/archives" -o Dir::Etc::Preferences=/dev/null
+                 -o "Dir::Etc::PreferencesParts=$dir/preferences.d" -o APT::Architectures=amd64
+                 -o APT::Get::List-Cleanup=0)
+}

@@ -215,21 +215,10 @@ kernel_7_3() {
         say "kernel 7.3 cached: $tree"
         return 0
     fi
-    local apt=$CACHE/apt-trixie-backports uris signed
-    uris=$(mirror_uris) || die "cannot tell the apt mirror"
-    signed=$(signed_by)
-    mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/preferences.d"
-    {
-        echo "# qublk tests/vm/setup.sh: the 7.3 guest kernel (private apt state, not the host's)"
-        for u in $uris; do
-            echo "deb [${signed:+signed-by=$signed}] $u trixie-backports main"
-        done
-    } >"$apt/sources.list"
-    local -a o=(-o "Dir::Etc::SourceList=$apt/sources.list" -o Dir::Etc::SourceParts=/nonexistent
-                -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt"
-                -o "Dir::Cache::Archives=$apt/archives" -o Dir::Etc::Preferences=/dev/null
-                -o "Dir::Etc::PreferencesParts=$apt/preferences.d" -o APT::Architectures=amd64
-                -o APT::Get::List-Cleanup=0)
+    local apt=$CACHE/apt-trixie-backports
+    private_apt "$apt" "qublk tests/vm/setup.sh: the 7.3 guest kernel" trixie-backports ||
+        die "cannot tell the apt mirror"
+    local -a o=("${PRIVATE_APT[@]}")
     local bin try
     bin=$(pick linux-binary 7.3 "${o[@]}" || true)
     # A fresh machine once found neither package right after an update
