@@ -95,6 +95,8 @@ static void usage(FILE *out)
 		"      --random         uniformly random, size-aligned offsets\n"
 		"  -t, --cache MODE     none (O_DIRECT) or writeback (default)\n"
 		"      --no-flush       do not flush at the end of a write run\n"
+		"      --crash-safe     open as a recoverable ublk device's daemon does\n"
+		"                       (qcow2 writes changed L2 slices through per write)\n"
 		"  -h, --help           this text\n\n"
 		"Exit codes: 0 success, 1 I/O or open error, 2 usage error.\n");
 }
@@ -112,6 +114,7 @@ int cmd_bench(int argc, char **argv)
 		{ "random", no_argument, NULL, 'r' },
 		{ "cache", required_argument, NULL, 't' },
 		{ "no-flush", no_argument, NULL, 'F' },
+		{ "crash-safe", no_argument, NULL, 'C' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 }
 	};
@@ -129,6 +132,7 @@ int cmd_bench(int argc, char **argv)
 		case 'w': b.write = true; break;
 		case 'r': b.random = true; break;
 		case 'F': b.flush_end = false; break;
+		case 'C': opts.flags |= BDRV_O_CRASH_SAFE; break;
 		case 'd': case 's': case 'c': case 'o': case 'S':
 			if (parse_size(optarg, &v) < 0 || (c != 'o' && v == 0)) {
 				log_error("invalid value '%s' for -%c", optarg, c);
