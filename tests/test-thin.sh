@@ -8,7 +8,8 @@
 # within 10% of each other (and far below what was written), the data
 # identical (qemu-img compare) and both clean (qemu-img check).  Covered:
 # plain and compressed clusters, a file tail cut off, 512 B and 64 KiB
-# clusters, `--cache none`.
+# clusters, `--cache none`.  And the file grown ahead of its allocations
+# while served, cut back at close.
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
 
@@ -91,4 +92,47 @@ run_case compressed cluster_size=65536 64M $'discard 0 12M\nwrite -P 0x44 14M 1M
 # --discard ignore (qemu-nbd's default): nothing is freed, by either.
 DISCARD=ignore run_case ignore cluster_size=65536 64M "$OPS" --discard ignore
 [ "$(kib "$TMPD/qublk.qcow2")" -gt $((40 << 10)) ] || fail "--discard ignore freed space"
+
+# The file grows ahead of its allocations while served (sparse: writes
+# past its end would extend it one by one) and is cut back to them at
+# close; a killed server leaves the grown tail, a hole that nothing
+# references.  The oracle: qemu-img check's image-end-offset.
+FAIL_CONTEXT="grow ahead"
+end_offset() {
+    qemu-img check -U --output=json "$1" 2>/dev/null |
+        "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["image-end-offset"])'
+}
+img=$TMPD/grow.qcow2 sock=$TMPD/grow.sock
+rm -f "$img" "$sock"
+mkimg -f qcow2 -o cluster_size=65536 "$img" 256M
+for step in 1 2; do
+    serve "$img" "$sock" qublk --cache none
+    qio "nbd+unix:///?socket=$sock" raw <<<"write -P 0x2$step $((step * 100))M 8M
+flush"
+    len=$(stat -c %s "$img") end=$(end_offset "$img")
+    echo "served: file $len bytes, image end $end"
+    [ "$len" -gt "$end" ] || fail "the file did not grow ahead of its allocations ($len <= $end)"
+    if [ "$step" = 1 ]; then
+        # Closed: cut back to the allocations.
+        stop
+        len=$(stat -c %s "$img") end=$(end_offset "$img")
+        echo "closed: file $len bytes, image end $end"
+        [ "$len" = "$end" ] || fail "the file was not cut back to its allocations at close ($len != $end)"
+    else
+        # Killed: the tail stays, the image is sound.
+        kill -KILL "$SERVER_PID"
+        wait "$SERVER_PID" 2>/dev/null || true
+        rm -f "$sock"
+        [ "$(stat -c %s "$img")" = "$len" ] || fail "the file changed size after kill -9"
+    fi
+    qcheck "$img"
+done
+# Its data is there, and the next server writes into the tail.
+serve "$img" "$sock" qublk --cache none
+qio "nbd+unix:///?socket=$sock" raw <<<$'write -P 0x23 0 1M\nflush'
+stop
+[ "$(stat -c %s "$img")" = "$len" ] || fail "the tail a killed server left did not take new clusters"
+qcheck "$img"
+qio "$img" qcow2 <<<$'read -P 0x21 100M 8M\nread -P 0x22 200M 8M\nread -P 0x23 0 1M'
+FAIL_CONTEXT=
 echo "all thin-provisioning cases passed"

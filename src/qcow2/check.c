@@ -1597,6 +1597,15 @@ int qcow2_repair_dirty(struct io_file *f, const char *name, struct qcow2_meta *m
 		 (unsigned long long)r.leaks);
 	qcow2_meta_free(m);
 	ret = io_get_size(f, file_size);
+	/* A killed daemon leaves the file grown ahead of its allocations
+	 * (refcount.c, qcow2_set_file_end): nothing past the last cluster in
+	 * use is referenced once the refcounts are whole. */
+	if (ret == 0 && !r.corruptions && !r.leaks && !r.check_errors &&
+	    r.image_end_offset && *file_size > r.image_end_offset) {
+		ret = io_truncate(f, r.image_end_offset);
+		if (ret == 0)
+			*file_size = r.image_end_offset;
+	}
 	if (ret == 0)
 		ret = qcow2_meta_read(f, *file_size, m, err, sizeof(err));
 	if (ret < 0) {

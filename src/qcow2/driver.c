@@ -197,7 +197,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	}
 
 	/* Geometry ("Header" and "Host cluster management" sections). */
-	s->file_end = file_size;
+	s->file_end = s->file_size = file_size;
 	s->cluster_bits = h->cluster_bits;
 	s->cluster_size = 1u << h->cluster_bits;
 	if (s->cluster_bits < QCOW2_MIN_CLUSTER_BITS || s->cluster_bits > QCOW2_MAX_CLUSTER_BITS ||
@@ -319,6 +319,7 @@ static int qcow2_open(struct bdrv *bs, const struct bdrv_opts *opts)
 	 * completes, and runs with lazy refcounts so that it needs no sync
 	 * for it: a crash leaves a dirty image, repaired at the next open. */
 	s->write_through = !ro && (bs->open_flags & BDRV_O_CRASH_SAFE);
+	s->grow_ahead = !ro;
 	s->punch = !ro && !(bs->open_flags & BDRV_O_NO_UNMAP);
 	s->lazy_refcounts = !ro && ((h->compat & QCOW2_COMPAT_LAZY_REFCOUNTS) || s->write_through);
 
@@ -358,6 +359,8 @@ static int qcow2_close(struct bdrv *bs)
 			if (ret == 0)
 				ret = qcow2_flush_locked(s);
 		}
+		if (ret == 0)
+			ret = qcow2_trim_file(s);
 		if (ret == 0)
 			ret = qcow2_mark_clean(s);
 		co_mutex_unlock(&s->lock);

@@ -154,6 +154,12 @@ int qcow2_read_reftable(struct qcow2_state *s, uint64_t **out, uint32_t *n);
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc);
 /* Lock held.  Allocate @n contiguous clusters (refcount 0 -> 1, in the
  * refcount cache).  Returns -errno, host byte offset in *off. */
+/* Lock held.  Allocations now reach @end (bytes); the file grows ahead of
+ * them (sparse) so that their writes do not extend it one by one. */
+void qcow2_set_file_end(struct qcow2_state *s, uint64_t end);
+/* Lock held, everything flushed.  Cut the file back to the end of
+ * allocations and sync (close); a file that cannot be cut stays long. */
+int qcow2_trim_file(struct qcow2_state *s);
 int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off);
 /* Lock held.  @size bytes (less than a cluster) for compressed data
  * (QEMU's qcow2_alloc_bytes): in the cluster the previous compressed data
@@ -486,6 +492,8 @@ struct qcow2_state {
 	uint32_t reftable_clusters;
 
 	uint64_t file_end;              /* bytes: file size at open or end of allocations */
+	uint64_t file_size;             /* the file's size, >= file_end when grown ahead */
+	bool grow_ahead;                /* grow the file ahead of file_end (refcount.c) */
 	uint64_t free_hint;             /* allocation search starts here (refcount.c) */
 	uint64_t cbytes_next;           /* where compressed data may go on, 0: nowhere */
 

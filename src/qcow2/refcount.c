@@ -273,8 +273,7 @@ static int ensure_refblock(struct qcow2_state *s, uint64_t rt)
 	ret = qcow2_zero_host(s, QCOW2_W_REFBLOCK_ALLOC, boff, s->cluster_size);
 	if (ret < 0)
 		goto out_meta;
-	if (s->file_end < boff + s->cluster_size)
-		s->file_end = boff + s->cluster_size;
+	qcow2_set_file_end(s, boff + s->cluster_size);
 	if ((b >> s->rb_bits) == rt) {
 		/* Self-describing block: it holds its own refcount. */
 		uint64_t in_block = b & ((1ull << s->rb_bits) - 1);
@@ -397,8 +396,7 @@ int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off)
 		return ret;
 	}
 	*off = first << s->cluster_bits;
-	if (s->file_end < ((first + n) << s->cluster_bits))
-		s->file_end = (first + n) << s->cluster_bits;
+	qcow2_set_file_end(s, (first + n) << s->cluster_bits);
 	return 0;
 }
 
@@ -484,6 +482,48 @@ int qcow2_free_l2_entry(struct qcow2_state *s, uint64_t l2e)
 	}
 }
 
+/* Clusters past the end of the file are written by writes that extend
+ * it, which a file system may serialize and journal one by one (ext4
+ * with O_DIRECT: the inode lock, an orphan entry and an i_size update per
+ * write, ten times the cost of filling a hole in the VM benchmark).  So
+ * the file grows ahead of the allocations, sparse, by an eighth of its
+ * size (1 MiB to 64 MiB), and is cut back to them at close.  What lies
+ * between reads as zeros, like what lies past the end of the file, so
+ * clusters there are still fresh (rw.c); after a crash the next open
+ * counts it in file_end: a hole at the tail, no leak. */
+void qcow2_set_file_end(struct qcow2_state *s, uint64_t end)
+{
+	if (end <= s->file_end)
+		return;
+	s->file_end = end;
+	if (end <= s->file_size || !s->grow_ahead)
+		return;
+	uint64_t step = MIN(MAX(end / 8, 1ull << 20), 64ull << 20);
+	uint64_t size = ALIGN_UP(end + step, (uint64_t)s->cluster_size);
+	int ret = io_truncate(s->file, size);
+	if (ret == 0) {
+		s->file_size = size;
+		return;
+	}
+	log_debug("%s: growing the file ahead to %llu: %s", s->bs->filename,
+		  (unsigned long long)size, strerror(-ret));
+	s->grow_ahead = false;
+}
+
+int qcow2_trim_file(struct qcow2_state *s)
+{
+	if (s->file_size <= s->file_end)
+		return 0;
+	int ret = io_truncate(s->file, s->file_end);
+	if (ret < 0) {
+		log_warn("%s: cutting the file back to %llu bytes: %s (an unused tail stays)",
+			 s->bs->filename, (unsigned long long)s->file_end, strerror(-ret));
+		return 0;
+	}
+	s->file_size = s->file_end;
+	return qcow2_sync(s);
+}
+
 /* Give host clusters [first, first+n), free now, back to the host file
  * system (thin provisioning): punch them out, or cut the file when they
  * are its tail.  Only clusters whose last reference is gone from the
@@ -500,7 +540,7 @@ static void give_back(struct qcow2_state *s, uint64_t first, uint64_t n)
 	if (off + len >= s->file_end) {
 		ret = io_truncate(s->file, off);
 		if (ret == 0) {
-			s->file_end = off;
+			s->file_end = s->file_size = off;
 			return;
 		}
 	}
@@ -733,8 +773,7 @@ static int grow_reftable(struct qcow2_state *s, uint64_t need)
 	qcow2_meta_del(s, old_off, old_clusters * cs, QCOW2_OL_REFTABLE);
 	if (s->free_hint >= A)
 		s->free_hint = A + total;
-	if (s->file_end < ((A + total) << s->cluster_bits))
-		s->file_end = (A + total) << s->cluster_bits;
+	qcow2_set_file_end(s, (A + total) << s->cluster_bits);
 	ret = qcow2_free_deferred(s, old_off, old_clusters * cs);
 	goto out;
 out_io:

@@ -86,6 +86,7 @@ static int reload(struct qcow2_state *s)
 	s->meta.h.reftable_clusters = s->reftable_clusters = m.h.reftable_clusters;
 	qcow2_meta_free(&m);
 	s->file_end = MAX(s->file_end, size);
+	s->file_size = MAX(s->file_size, size);
 
 	ret = qcow2_read_l1(s, &l1);
 	if (ret == 0)
