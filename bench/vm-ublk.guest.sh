@@ -37,7 +37,8 @@
 # (qublk -d, 128: the same as the nbd driver's tag set and ublksrv's
 # default), BENCH_CACHE (none, or writeback when O_DIRECT fails on tmpfs),
 # BENCH_ONLY (a regex on "KIND/CONFIG", default all), BENCH_WORKLOADS
-# (space-separated RW/BS, default all five), BENCH_KUBLK (1: run the kublk
+# (space-separated RW/BS or RW/BS/jN for N fio jobs, default all five
+# with 1 job), BENCH_KUBLK (1: run the kublk
 # configurations, n/a without the binary; else they are left out).  The
 # peers' binaries, if any, are /vmtest/ublksrv and /vmtest/kublk (file
 # arguments of run.sh); so is a second qublk, /vmtest/qublk-b, for A/B
@@ -51,6 +52,7 @@ CACHE=${BENCH_CACHE:-none}
 ONLY=${BENCH_ONLY:-.}
 ROUNDS=${BENCH_ROUNDS:-2}
 KUBLK=${BENCH_KUBLK:-0}
+FS=${BENCH_FS:-tmpfs}
 read -r -a WORKLOADS <<<"${BENCH_WORKLOADS:-randwrite/4k randread/4k randrw/4k rw/64k rw/512k}"
 B=/bench
 PATH=$VMTEST_DIR:$PATH
@@ -58,9 +60,27 @@ PATH=$VMTEST_DIR:$PATH
 # shellcheck disable=SC2034
 VMTEST_XTRACE=0
 
+# Where the images live (BENCH_FS): tmpfs, or ext4 on a brd ram disk.
+# tmpfs takes no I/O without blocking (no FMODE_NOWAIT), so io_uring
+# hands every read and write to an io-wq worker thread, and serializes the
+# writes to one file (no FOP_DIO_PARALLEL_WRITE); on ext4 over brd an
+# O_DIRECT read or overwrite of written blocks is issued inline, as on a
+# disk, and only allocating writes go to io-wq.
 mkdir -p "$B"
 # (busybox here has no mountpoint applet)
-grep -q " $B " /proc/mounts || mount -t tmpfs -o size=90% tmpfs "$B"
+if ! grep -q " $B " /proc/mounts; then
+    case $FS in
+        tmpfs) mount -t tmpfs -o size=90% tmpfs "$B" ;;
+        ext4)
+            # rd_size in KiB: 90% of the guest's memory, allocated as written
+            # (and returned on discard: mount -o discard).
+            insmod /lib/modules/brd.ko rd_nr=1 \
+                rd_size=$(( $(awk '/MemTotal/ { print $2 }' /proc/meminfo) * 9 / 10 ))
+            mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0,nodiscard /dev/ram0
+            mount -t ext4 -o discard /dev/ram0 "$B" ;;
+        *) echo "BENCH_FS=$FS: tmpfs or ext4" >&2; exit 2 ;;
+    esac
+fi
 
 # ---- CPU accounting ------------------------------------------------------
 
@@ -100,11 +120,13 @@ busy() {
 # shellcheck disable=SC2086  # PID lists are split on purpose
 run_fio() {
     local img=$1 cfg=$2 dev=$3 wl=$4 srvpids=$5
-    local rw=${wl%/*} bs=${wl#*/} out=$B/fio.out fpid
+    # RW/BS, or RW/BS/jN for N fio jobs (each with the whole depth)
+    local rw=${wl%%/*} bs=${wl#*/} jobs=1 out=$B/fio.out fpid
+    if [[ $bs == */j* ]]; then jobs=${bs##*/j} bs=${bs%%/*}; fi
     local s0 s1 w0 w1 f0 f1 b0 b1 t0 t1 fiopids st=ok
     fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
         --bs="$bs" --iodepth=128 --iodepth_batch_submit=16 \
-        --iodepth_batch_complete_min=16 --numjobs=1 --rw="$rw" \
+        --iodepth_batch_complete_min=16 --numjobs="$jobs" --rw="$rw" \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --group_reporting --output-format=terse --terse-version=3 \
         >"$out" 2>&1 &
@@ -255,23 +277,31 @@ stop_nbd() {
 
 # ---- images --------------------------------------------------------------
 
+# Preallocated images: falloc on tmpfs (pages allocated); full on ext4,
+# whose fallocated extents are unwritten: their first write converts them
+# (so it is issued through io-wq), which would make them empty images.
 mk_image() { # KIND PATH
+    local pre=falloc
+    [ "$FS" = tmpfs ] || pre=full
     rm -f "$2"
     case $1 in
-        raw) qemu-img create -q -f raw -o preallocation=falloc "$2" "$SIZE" ;;
-        prealloc) qemu-img create -q -f qcow2 -o preallocation=falloc "$2" "$SIZE" ;;
+        raw) qemu-img create -q -f raw -o preallocation=$pre "$2" "$SIZE" ;;
+        prealloc) qemu-img create -q -f qcow2 -o preallocation=$pre "$2" "$SIZE" ;;
         empty) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
+        sparse) qemu-img create -q -f raw "$2" "$SIZE" ;;
     esac
 }
 
 # ---- one run: set up, fio, tear down ------------------------------------
 
 IMG_RAW=$B/img.raw IMG_PRE=$B/img-prealloc.qcow2 IMG_EMPTY=$B/img-empty.qcow2
+IMG_SPARSE=$B/img-sparse.raw
 
 # one_run KIND CFG WL: KIND none (null), raw, prealloc or empty; CFG null,
 # raw, qublk-q1, qublk-q2, qemu-nbd or ublksrv (ublksrv's null, loop or
 # qcow2 target by KIND), kublk or kublk-zc (kublk's null or loop target by
-# KIND, kublk-zc with --auto_zc); null-b, raw-b, qublk-b-q1, qublk-b-q2:
+# KIND, kublk-zc with --auto_zc); null-q2: null with 2 queues; null-b,
+# null-b-q2, raw-b, qublk-b-q1, qublk-b-q2:
 # the same through the B binary (qublk-b, bench/vm-ublk.sh --ab).  The device is
 # set up for this run
 # alone, so that the configurations of one workload run back to back
@@ -285,6 +315,7 @@ one_run() {
         raw) fmt=raw img=$IMG_RAW ;;
         prealloc) img=$IMG_PRE ;;
         empty) img=$IMG_EMPTY; mk_image empty "$img" ;;
+        sparse) fmt=raw img=$IMG_SPARSE; mk_image sparse "$img" ;;
     esac
     if { [ "$cfg" = ublksrv ] && ! have_ublksrv; } || { [[ $cfg = kublk* ]] && ! have_kublk; }; then
         na_line "$kind" "$cfg" "$wl"
@@ -293,10 +324,11 @@ one_run() {
     local scfg=$cfg
     QBIN=qublk
     case $cfg in
-        null-b|raw-b|qublk-b-q*) QBIN=qublk-b scfg=${cfg/-b/} ;;
+        null-b|null-b-q2|raw-b|qublk-b-q*) QBIN=qublk-b scfg=${cfg/-b/} ;;
     esac
     case $scfg in
         null) dev=$(start_qublk null 1 --size "$SIZE") ;;
+        null-q2) dev=$(start_qublk null 2 --size "$SIZE") ;;
         raw) dev=$(start_qublk raw 1 "$img") ;;
         qublk-q*) dev=$(start_qublk "$fmt" "${scfg#qublk-q}" "$img") ;;
         qemu-nbd) dev=$(start_nbd "$fmt" "$img") ;;
@@ -341,6 +373,7 @@ one_run() {
     if [ "$kind" = empty ] && [ "$cfg" != qemu-nbd ] && [ "$wl" != randread/4k ]; then
         qemu-img check -q "$img" || { echo "qemu-img check failed after $cfg $wl"; rc=1; }
     fi
+    [ "$kind" != sparse ] || rm -f "$img"
     return "$rc"
 }
 
@@ -348,14 +381,14 @@ one_run() {
 # next to their A ones when there is a qublk-b).
 bench_wl() {
     local round=$1 wl=$2 kind cfg rc=0 kc
-    for kc in none/null none/null-b none/ublksrv none/kublk none/kublk-zc \
-              raw/raw raw/raw-b raw/ublksrv raw/kublk raw/kublk-zc \
+    for kc in none/null none/null-b none/null-q2 none/null-b-q2 none/ublksrv none/kublk none/kublk-zc \
+              raw/raw raw/raw-b raw/ublksrv raw/kublk raw/kublk-zc sparse/raw sparse/raw-b \
               prealloc/qublk-q1 prealloc/qublk-b-q1 prealloc/qublk-q2 prealloc/qublk-b-q2 \
               prealloc/ublksrv prealloc/qemu-nbd \
               empty/qublk-q1 empty/qublk-b-q1 empty/qublk-q2 empty/qublk-b-q2 empty/qemu-nbd; do
         [[ $kc =~ $ONLY ]] || continue
         case $kc in
-            */null-b|*/raw-b|*/qublk-b-*) command -v qublk-b >/dev/null || continue ;;
+            */null-b*|*/raw-b|*/qublk-b-*) command -v qublk-b >/dev/null || continue ;;
             */kublk*) [ "$KUBLK" = 1 ] || continue ;;
         esac
         kind=${kc%/*} cfg=${kc#*/}
@@ -389,7 +422,7 @@ t_setup() {
     fio --name=warm --filename="$dev" --ioengine=libaio --direct=1 --bs=4k \
         --iodepth=128 --rw=randrw --time_based --runtime=2 >/dev/null
     stop_qublk "$dev"
-    echo "BENCH-CONF size=$SIZE runtime=$RUNTIME ramp=$RAMP rounds=$ROUNDS qdepth=$QDEPTH cache=$CACHE ncpu=$(grep -c '^cpu[0-9]' /proc/stat) kernel=$(uname -r) mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)kB"
+    echo "BENCH-CONF size=$SIZE runtime=$RUNTIME ramp=$RAMP rounds=$ROUNDS qdepth=$QDEPTH cache=$CACHE fs=$FS ncpu=$(grep -c '^cpu[0-9]' /proc/stat) kernel=$(uname -r) mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)kB"
     df -h "$B"
 }
 vmtest bench-setup t_setup
@@ -397,6 +430,13 @@ vmtest bench-setup t_setup
 t_images() {
     mk_image raw "$IMG_RAW"
     mk_image prealloc "$IMG_PRE"
+    # qemu-img wrote the preallocated zeros through the page cache: an
+    # O_DIRECT write over cached pages must drop them, which io_uring
+    # cannot do without blocking (it would go to io-wq).  Start uncached.
+    if [ "$FS" = ext4 ]; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    fi
     df -h "$B"
 }
 vmtest bench-images t_images

@@ -25,6 +25,7 @@
 #   bench/vm-ublk.sh [--kernel 6.12|7.3] [--runtime S] [--ramp S]
 #                    [--rounds N] [--size SIZE] [--mem SIZE]
 #                    [--cache none|writeback] [--qdepth N] [--only REGEX]
+#                    [--fs tmpfs|ext4]
 #                    [--workloads 'RW/BS ...'] [--qublk BIN] [--ab BIN]
 #                    [--log FILE] [--out FILE] [--parse LOG]
 #
@@ -41,12 +42,16 @@
 #                 none/kublk none/kublk-zc raw/raw raw/ublksrv raw/kublk
 #                 raw/kublk-zc prealloc/qublk-q1 prealloc/ublksrv ...
 #                 empty/qemu-nbd)
+#   --fs          where the images live in the guest: tmpfs (default), or
+#                 ext4 on a brd ram disk (8 GiB guest by default), where
+#                 O_DIRECT reads and overwrites are issued inline as on a
+#                 disk (tmpfs sends every one through an io-wq thread)
 #   --workloads   the workloads (default: randwrite/4k randread/4k
-#                 randrw/4k rw/64k rw/512k)
+#                 randrw/4k rw/64k rw/512k; RW/BS/jN runs N fio jobs)
 #   --qublk BIN   benchmark BIN instead of building build/qublk
 #   --ab BIN      an A/B run: BIN (another qublk build, or a script that
 #                 execs one with other settings) runs as the B
-#                 configurations (null-b, raw-b, qublk-b-q1, qublk-b-q2),
+#                 configurations (null-b, null-b-q2, raw-b, qublk-b-q1, qublk-b-q2),
 #                 each right after its A; a table gives B/A per row
 #   --out FILE    also write the tables to FILE; --log FILE keeps the
 #                 console log; --parse LOG re-renders the tables from a
@@ -54,15 +59,15 @@
 #
 # The VM runs under TCG: absolute numbers mean little; compare ratios.
 # Needs tests/vm/setup.sh done; the guest gets the host's qemu-nbd (and its
-# libraries) as an extra file.  Defaults: 2 rounds of 55 runs (75 on 7.3,
+# libraries) as an extra file.  Defaults: 2 rounds of 65 runs (85 on 7.3,
 # with kublk), 3 s each after a 1 s ramp, 6 GiB guest (three images in
-# tmpfs at once): about 15 minutes of wall time on an idle host, 25 at a
+# tmpfs at once): about 18 minutes of wall time on an idle host, 30 at a
 # load of 10 (a third more on 7.3).
 set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$TOP"
 
-RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM=6G CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
+RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM='' FS=tmpfs CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
 WORKLOADS='randwrite/4k randread/4k randrw/4k rw/64k rw/512k'
 KERNEL=${QUBLK_VM_KERNEL:-6.12}
 AB='' QBIN=''
@@ -75,6 +80,7 @@ while [ $# -gt 0 ]; do
         --size) SIZE=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
         --cache) CACHE=$2; shift 2 ;;
+        --fs) FS=$2; shift 2 ;;
         --qdepth) QDEPTH=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --workloads) WORKLOADS=$2; shift 2 ;;
@@ -88,6 +94,12 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+case $FS in
+    tmpfs) : "${MEM:=6G}" ;;
+    ext4) : "${MEM:=8G}" ;;
+    *) echo "vm-ublk.sh: --fs $FS: tmpfs or ext4" >&2; exit 2 ;;
+esac
+
 # render LOG: the markdown tables from the guest's BENCH lines.
 render() {
     awk '
@@ -98,7 +110,7 @@ render() {
     }
     # the row metric: IOPS for 4k, MiB/s otherwise (read + write)
     function metric(wl) {
-        return wl ~ /\/4k$/ ? F["riops"] + F["wiops"] : (F["rbw"] + F["wbw"]) / 1024
+        return wl ~ /\/4k(\/|$)/ ? F["riops"] + F["wiops"] : (F["rbw"] + F["wbw"]) / 1024
     }
     # mean over the rounds, or "na"/"err"/"" (missing)
     function val(k) {
@@ -109,7 +121,7 @@ render() {
         if (v == "") return "-"
         if (v == "na") return "n/a"
         if (v == "err") return "ERR"
-        return wl ~ /\/4k$/ ? sprintf("%d", v + 0.5) : sprintf("%.1f", v)
+        return wl ~ /\/4k(\/|$)/ ? sprintf("%d", v + 0.5) : sprintf("%.1f", v)
     }
     # mean of the per-round ratios a/b, with their range when rounds > 1
     function ratio(ka, kb,   r, n, sum, lo, hi, x) {
@@ -192,13 +204,48 @@ render() {
                     ratio(kn, un), ratio(kn, uz), ratio(kr, ur), ratio(kr, urz)
             }
         }
+        # Queues (null-q2 runs): two queues against one, null and qcow2.
+        nq = 0
+        for (k in CNT) if (k ~ /null-q2/) nq++
+        if (nq) {
+            print ""
+            print "| workload | null q1 | null q2 | null q2/q1 | qcow2 q1 | qcow2 q2 | qcow2 q2/q1 |"
+            print "|---|---:|---:|---:|---:|---:|---:|"
+            for (w = 1; w <= nwl; w++) {
+                wl = wls[w]
+                kn = "none" SUBSEP "null" SUBSEP wl; kn2 = "none" SUBSEP "null-q2" SUBSEP wl
+                k1 = "prealloc" SUBSEP "qublk-q1" SUBSEP wl; k2 = "prealloc" SUBSEP "qublk-q2" SUBSEP wl
+                if (val(kn2) == "") continue
+                printf "| %s | %s | %s | %s | %s | %s | %s |\n",
+                    wl, fmt(wl, val(kn)), fmt(wl, val(kn2)), ratio(kn2, kn),
+                    fmt(wl, val(k1)), fmt(wl, val(k2)), ratio(k2, k1)
+            }
+        }
+        # Allocation (sparse/raw runs): what allocating in the file system
+        # costs a raw file, next to what an empty qcow2 pays.
+        ns = 0
+        for (k in CNT) if (k ~ /^sparse/) ns++
+        if (ns) {
+            print ""
+            print "| workload | raw | raw sparse | qcow2 prealloc q1 | qcow2 empty q1 | sparse/raw | empty/prealloc | empty/sparse |"
+            print "|---|---:|---:|---:|---:|---:|---:|---:|"
+            for (w = 1; w <= nwl; w++) {
+                wl = wls[w]
+                kr = "raw" SUBSEP "raw" SUBSEP wl; ks = "sparse" SUBSEP "raw" SUBSEP wl
+                k1 = "prealloc" SUBSEP "qublk-q1" SUBSEP wl; ke = "empty" SUBSEP "qublk-q1" SUBSEP wl
+                if (val(ks) == "") continue
+                printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n",
+                    wl, fmt(wl, val(kr)), fmt(wl, val(ks)), fmt(wl, val(k1)), fmt(wl, val(ke)),
+                    ratio(ks, kr), ratio(ke, k1), ratio(ke, ks)
+            }
+        }
         # A/B (--ab): B/A per row, when there are B runs.
         nb = 0
-        for (k in CNT) if (k ~ /(null-b|raw-b|qublk-b-q[0-9])/) nb++
+        for (k in CNT) if (k ~ /(null-b|null-b-q2|raw-b|qublk-b-q[0-9])/) nb++
         if (nb) {
             print ""
-            print "| image | workload | null B/A | raw B/A | q1 B/A | q2 B/A |"
-            print "|---|---|---:|---:|---:|---:|"
+            print "| image | workload | null B/A | null q2 B/A | raw B/A | q1 B/A | q2 B/A |"
+            print "|---|---|---:|---:|---:|---:|---:|"
             for (ii = 1; ii <= 2; ii++) {
                 img = imgs[ii]
                 for (w = 1; w <= nwl; w++) {
@@ -206,16 +253,17 @@ render() {
                     kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
                     k1 = img SUBSEP "qublk-q1" SUBSEP wl; k2 = img SUBSEP "qublk-q2" SUBSEP wl
                     bn = "none" SUBSEP "null-b" SUBSEP wl; br = "raw" SUBSEP "raw-b" SUBSEP wl
+                    kn2 = "none" SUBSEP "null-q2" SUBSEP wl; bn2 = "none" SUBSEP "null-b-q2" SUBSEP wl
                     b1 = img SUBSEP "qublk-b-q1" SUBSEP wl; b2 = img SUBSEP "qublk-b-q2" SUBSEP wl
-                    if (val(b1) == "" && val(b2) == "" && (ii > 1 || (val(bn) == "" && val(br) == ""))) continue
+                    if (val(b1) == "" && val(b2) == "" && (ii > 1 || (val(bn) == "" && val(bn2) == "" && val(br) == ""))) continue
                     # null and raw do not depend on the image kind: once.
-                    if (ii > 1) { rn = "-"; rr = "-" } else { rn = ratio(bn, kn); rr = ratio(br, kr) }
-                    printf "| qcow2 %s | %s | %s | %s | %s | %s |\n", img, wl, rn, rr, ratio(b1, k1), ratio(b2, k2)
+                    if (ii > 1) { rn = "-"; rn2 = "-"; rr = "-" } else { rn = ratio(bn, kn); rn2 = ratio(bn2, kn2); rr = ratio(br, kr) }
+                    printf "| qcow2 %s | %s | %s | %s | %s | %s | %s |\n", img, wl, rn, rn2, rr, ratio(b1, k1), ratio(b2, k2)
                 }
             }
         }
         print ""
-        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs). kublk (the kernel\x27s selftest server, 7.3 only, 1 queue): its null target and its loop target (O_DIRECT) on the raw file, plain (the driver copies the data to and from the server\x27s buffers) and -zc (--auto_zc: the driver registers the request\x27s pages as an io_uring buffer, as qublk does on 7.3; its null target then issues one io_uring NOP on it per request).\n", maxround
+        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); /jN: N fio jobs; the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size; raw sparse: a raw file created empty before each run, so that its writes allocate in the file system as an empty qcow2\x27s do). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs). kublk (the kernel\x27s selftest server, 7.3 only, 1 queue): its null target and its loop target (O_DIRECT) on the raw file, plain (the driver copies the data to and from the server\x27s buffers) and -zc (--auto_zc: the driver registers the request\x27s pages as an io_uring buffer, as qublk does on 7.3; its null target then issues one io_uring NOP on it per request).\n", maxround
         print ""
         print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO |"
         print "|---|---|---|---:|---:|---:|---:|---:|---:|"
@@ -289,18 +337,22 @@ if [ -n "$AB" ]; then
     EXTRA+=("$ABDIR/qublk-b")
     QUBLK_ID+="; B (--ab): $AB of $(date -r "$AB" '+%Y-%m-%d %H:%M')"
 fi
-# Per run: ~RUNTIME+RAMP+2 s (more on a loaded host: a margin), 55 runs a
-# round (85 with --ab, 20 more with kublk), plus image creation and boot.
-NRUNS=55
-[ -z "$AB" ] || NRUNS=85
-[ "$KUBLK" = 0 ] || NRUNS=$((NRUNS + 20))
+# Per run: ~RUNTIME+RAMP+2 s (more on a loaded host: a margin); per
+# workload 13 configurations (21 with --ab, 4 more with kublk), plus
+# image creation and boot.
+nwl=0
+for _ in $WORKLOADS; do nwl=$((nwl + 1)); done
+NCONF=13
+[ -z "$AB" ] || NCONF=21
+[ "$KUBLK" = 0 ] || NCONF=$((NCONF + 4))
+NRUNS=$((NCONF * nwl))
 TIMEOUT=$(( (RUNTIME + RAMP + 10) * NRUNS * ROUNDS + 600 ))
 rc=0
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tests/vm/run.sh --kernel "$KERNEL" --qublk "$QBIN" --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
-    --env BENCH_KUBLK="$KUBLK" \
+    --env BENCH_KUBLK="$KUBLK" --env BENCH_FS="$FS" \
     bench/vm-ublk.guest.sh "$NBD" "${EXTRA[@]}" >&2 || rc=$?
 [ -z "$AB" ] || rm -rf "$ABDIR"
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -312,7 +364,7 @@ only_arg=''
 [ "$QBIN" = build/qublk ] || only_arg+=" --qublk $QBIN"
 [ -z "$AB" ] || only_arg+=" --ab $AB"
 {
-    echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --qdepth $QDEPTH$only_arg"
+    echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --fs $FS --qdepth $QDEPTH$only_arg"
     echo
     # TCG vCPUs are host threads: other work on the host shows in the numbers.
     echo "Binary: $QUBLK_ID."

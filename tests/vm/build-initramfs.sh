@@ -44,6 +44,9 @@ TOOLS=(bash fio mkfs.ext4 mke2fs e2fsck fsck.ext4 tune2fs dumpe2fs debugfs resiz
 # there is no modprobe in the guest, so it is listed explicitly; "?NAME" is
 # optional (7.x has no crc32c_generic or libcrc32c: crc32c is built in).
 MODULES=(ublk_drv nbd loop virtio_blk ?crc32c_generic ?libcrc32c ?crc32c_cryptoapi ext4)
+# Modules shipped in /lib/modules but not loaded at boot: a guest script
+# loads them with its own parameters (brd: the benchmark's ram disk).
+SHIPPED=(brd)
 
 # copy_elf ROOT SRC [DEST]: copy an executable or library into ROOT at DEST
 # (default: the same path) and every shared library ldd finds for it, at the
@@ -172,7 +175,7 @@ build_modules() {
     [ -e "$KTREE/vmlinuz" ] || die "no kernel $kernel in $CACHE: run tests/vm/setup.sh"
     local name key
     name=$(readlink "$KTREE")
-    key=$( { echo "$name"; printf '%s\n' "${MODULES[@]}"; } | sha256sum | cut -c1-16)
+    key=$( { echo "$name"; printf '%s\n' "${MODULES[@]}" -- "${SHIPPED[@]}"; } | sha256sum | cut -c1-16)
     local out=$CACHE/modules-$kernel-$key.cpio
     if [ -s "$out" ]; then
         echo "$out"
@@ -196,6 +199,11 @@ build_modules() {
         xz -dc "${MODPATH[$m]}" >"$root/lib/modules/$m.ko"
     done
     printf '%s\n' "${MODORDER[@]}" >"$root/lib/modules/load-order"
+    for m in "${SHIPPED[@]}"; do
+        [ -n "${MODPATH[$m]:-}" ] || continue
+        [ -z "$(mod_depends "$m")" ] || die "shipped module $m has dependencies"
+        xz -dc "${MODPATH[$m]}" >"$root/lib/modules/$m.ko"
+    done
     echo "$name" >"$root/etc/qublk-vm-kernel"
     local tmp
     tmp=$(mktemp "$CACHE/.modules.XXXXXX")
