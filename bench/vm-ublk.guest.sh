@@ -277,13 +277,21 @@ stop_nbd() {
 
 # ---- images --------------------------------------------------------------
 
+# drop FILE: remove it; on ext4 (mounted -o discard) sync, so that the
+# discard of its blocks (brd frees the pages) runs now, not in the next run.
+drop() {
+    [ -e "$1" ] || return 0
+    rm -f "$1"
+    [ "$FS" = tmpfs ] || sync
+}
+
 # Preallocated images: falloc on tmpfs (pages allocated); full on ext4,
 # whose fallocated extents are unwritten: their first write converts them
 # (so it is issued through io-wq), which would make them empty images.
 mk_image() { # KIND PATH
     local pre=falloc
     [ "$FS" = tmpfs ] || pre=full
-    rm -f "$2"
+    drop "$2"
     case $1 in
         raw) qemu-img create -q -f raw -o preallocation=$pre "$2" "$SIZE" ;;
         prealloc) qemu-img create -q -f qcow2 -o preallocation=$pre "$2" "$SIZE" ;;
@@ -373,7 +381,7 @@ one_run() {
     if [ "$kind" = empty ] && [ "$cfg" != qemu-nbd ] && [ "$wl" != randread/4k ]; then
         qemu-img check -q "$img" || { echo "qemu-img check failed after $cfg $wl"; rc=1; }
     fi
-    [ "$kind" != sparse ] || rm -f "$img"
+    [ "$kind" != sparse ] || drop "$img"
     return "$rc"
 }
 
