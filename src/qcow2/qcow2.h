@@ -152,14 +152,14 @@ void qcow2_refcount_close(struct qcow2_state *s);
 int qcow2_read_reftable(struct qcow2_state *s, uint64_t **out, uint32_t *n);
 /* Lock held.  Refcount of host cluster @cluster (0 if not covered). */
 int qcow2_get_refcount(struct qcow2_state *s, uint64_t cluster, uint64_t *rc);
-/* Lock held.  Allocate @n contiguous clusters (refcount 0 -> 1, in the
- * refcount cache).  Returns -errno, host byte offset in *off. */
 /* Lock held.  Allocations now reach @end (bytes); the file grows ahead of
  * them (sparse) so that their writes do not extend it one by one. */
 void qcow2_set_file_end(struct qcow2_state *s, uint64_t end);
 /* Lock held, everything flushed.  Cut the file back to the end of
  * allocations and sync (close); a file that cannot be cut stays long. */
 int qcow2_trim_file(struct qcow2_state *s);
+/* Lock held.  Allocate @n contiguous clusters (refcount 0 -> 1, in the
+ * refcount cache).  Returns -errno, host byte offset in *off. */
 int qcow2_alloc_clusters(struct qcow2_state *s, uint64_t n, uint64_t *off);
 /* Lock held.  @size bytes (less than a cluster) for compressed data
  * (QEMU's qcow2_alloc_bytes): in the cluster the previous compressed data
