@@ -9,7 +9,7 @@
 # identical (qemu-img compare) and both clean (qemu-img check).  Covered:
 # plain and compressed clusters, a file tail cut off, 512 B and 64 KiB
 # clusters, `--cache none`.  And the file grown ahead of its allocations
-# while served, cut back at close.
+# while served, cut back at close, and by the repair of a dirty image.
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
 
@@ -134,5 +134,24 @@ stop
 [ "$(stat -c %s "$img")" = "$len" ] || fail "the tail a killed server left did not take new clusters"
 qcheck "$img"
 qio "$img" qcow2 <<<$'read -P 0x21 100M 8M\nread -P 0x22 200M 8M\nread -P 0x23 0 1M'
+# With lazy refcounts the killed server leaves the image dirty: the next
+# open repairs it and, its refcounts whole, cuts the tail off.
+img=$TMPD/grow-lazy.qcow2
+rm -f "$img" "$sock"
+mkimg -f qcow2 -o cluster_size=65536,lazy_refcounts=on "$img" 256M
+serve "$img" "$sock" qublk --cache none
+qio "nbd+unix:///?socket=$sock" raw <<<$'write -P 0x24 50M 8M\nflush'
+[ "$(stat -c %s "$img")" -gt "$(end_offset "$img")" ] || fail "the lazy image did not grow ahead"
+kill -KILL "$SERVER_PID"
+wait "$SERVER_PID" 2>/dev/null || true
+rm -f "$sock"
+serve "$img" "$sock" qublk --cache none
+grep -q 'repaired' "$TMPD/qublk.log" || { cat "$TMPD/qublk.log" >&2; fail "the dirty image was not repaired at open"; }
+len=$(stat -c %s "$img") end=$(end_offset "$img")
+echo "repaired at open: file $len bytes, image end $end"
+[ "$len" = "$end" ] || fail "the repair at open did not cut the grown tail ($len != $end)"
+qio "nbd+unix:///?socket=$sock" raw <<<$'read -P 0x24 50M 8M'
+stop
+qcheck "$img"
 FAIL_CONTEXT=
 echo "all thin-provisioning cases passed"
