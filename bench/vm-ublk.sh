@@ -138,6 +138,12 @@ render() {
         if (n == 1) return sprintf("%.2fx", sum)
         return sprintf("%.2fx (%.2f-%.2f)", sum / n, lo, hi)
     }
+    # whether a configuration matching the regex ran (and, with @bad, failed)
+    function ran(re, bad,   k) {
+        for (k in CNT) if (k ~ re) return 1
+        if (bad) for (k in BAD) if (k ~ re) return 1
+        return 0
+    }
     /^BENCH-CONF / { conf = substr($0, 12) }
     /^BENCH / {
         kv($0)
@@ -186,10 +192,7 @@ render() {
                 ratio(kn, sn), ratio(kr, sr), ratio(k1, sq), ratio(k2, sq)
         }
         # kublk (the 7.3 kernel only): null and loop, plain and --auto_zc.
-        nk = 0
-        for (k in CNT) if (k ~ /kublk/) nk++
-        for (k in BAD) if (k ~ /kublk/) nk++
-        if (nk) {
+        if (ran("kublk", 1)) {
             print ""
             print "| workload | kublk null | kublk-zc null | kublk loop | kublk-zc loop | null/kublk null | null/kublk-zc null | raw/kublk loop | raw/kublk-zc loop |"
             print "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -205,9 +208,7 @@ render() {
             }
         }
         # Queues (null-q2 runs): two queues against one, null and qcow2.
-        nq = 0
-        for (k in CNT) if (k ~ /null-q2/) nq++
-        if (nq) {
+        if (ran("null-q2", 0)) {
             print ""
             print "| workload | null q1 | null q2 | null q2/q1 | qcow2 q1 | qcow2 q2 | qcow2 q2/q1 |"
             print "|---|---:|---:|---:|---:|---:|---:|"
@@ -223,9 +224,7 @@ render() {
         }
         # Allocation (sparse/raw runs): what allocating in the file system
         # costs a raw file, next to what an empty qcow2 pays.
-        ns = 0
-        for (k in CNT) if (k ~ /^sparse/) ns++
-        if (ns) {
+        if (ran("^sparse", 0)) {
             print ""
             print "| workload | raw | raw sparse | qcow2 prealloc q1 | qcow2 empty q1 | sparse/raw | empty/prealloc | empty/sparse |"
             print "|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -240,9 +239,7 @@ render() {
             }
         }
         # A/B (--ab): B/A per row, when there are B runs.
-        nb = 0
-        for (k in CNT) if (k ~ /(null-b|null-b-q2|raw-b|qublk-b-q[0-9])/) nb++
-        if (nb) {
+        if (ran("(null-b|raw-b|qublk-b-q[0-9])", 0)) {
             print ""
             print "| image | workload | null B/A | null q2 B/A | raw B/A | q1 B/A | q2 B/A |"
             print "|---|---|---:|---:|---:|---:|---:|"
