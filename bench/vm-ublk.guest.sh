@@ -18,13 +18,13 @@
 # configurations alike.  One machine-readable line per run:
 #
 #   BENCH round=N img=KIND cfg=CONFIG wl=RW/BS st=ok|err|na riops=N
-#         rbw=KiB/s wiops=N wbw=KiB/s srv=CPU% iowq=CPU% fio=CPU% tot=CPU%
-#         n=TICKS err=N
+#         rbw=KiB/s wiops=N wbw=KiB/s srv=CPU% iowq=CPU% usr=CPU% fio=CPU%
+#         tot=CPU% n=TICKS err=N [ev_NAME=COUNT ... evsecs=S]
 #
 # CPU%: percent of one vCPU over a window in the middle of the run (from
 # /proc: the server daemon's threads, iowq the part of it in io_uring's
-# io-wq workers, the fio processes, and every non-idle tick of the machine);
-# the host turns these into the tables.  Nothing here asserts performance:
+# io-wq workers, usr the user-space time of its other threads, the fio
+# processes, and every non-idle tick of the machine); the host turns these into the tables.  Nothing here asserts performance:
 # a run fails only if fio reports errors, the device cannot be set up, or
 # qemu-img check finds an image damaged after qublk wrote to it.
 #
@@ -39,7 +39,9 @@
 # BENCH_ONLY (a regex on "KIND/CONFIG", default all), BENCH_WORKLOADS
 # (space-separated RW/BS or RW/BS/jN for N fio jobs, default all five
 # with 1 job), BENCH_KUBLK (1: run the kublk
-# configurations, n/a without the binary; else they are left out).  The
+# configurations, n/a without the binary; else they are left out),
+# BENCH_EVENTS (1: count kernel events over each CPU window with the perf
+# binary passed in; see window()).  The
 # peers' binaries, if any, are /vmtest/ublksrv and /vmtest/kublk (file
 # arguments of run.sh); so is a second qublk, /vmtest/qublk-b, for A/B
 # runs (bench/vm-ublk.sh --ab).
@@ -85,12 +87,13 @@ fi
 # ---- CPU accounting ------------------------------------------------------
 
 # ticks PID...: CPU ticks (utime+stime) of the processes' live threads, as
-# "ALL IOWQ": IOWQ is the share of io_uring's io-wq workers (iou-wrk-*), the
+# "ALL IOWQ USER": USER is the utime of the threads other than io-wq's (the
+# server's own code, out of the kernel), IOWQ is the share of io_uring's io-wq workers (iou-wrk-*), the
 # threads io_uring punts a request to when the file cannot take it without
 # blocking.  Per thread, so that both halves come from the same counters.
 # shellcheck disable=SC2086  # PID lists are split on purpose
 ticks() {
-    local p t s all=0 wq=0 v
+    local p t s all=0 wq=0 usr=0 v
     for p in "$@"; do
         for t in /proc/"$p"/task/*; do
             s=$(cat "$t/stat" 2>/dev/null) || continue
@@ -100,10 +103,69 @@ ticks() {
             set -- $v
             v=$((${12} + ${13}))
             all=$((all + v))
-            case $s in *'(iou-wrk'*) wq=$((wq + v)) ;; esac
+            case $s in *'(iou-wrk'*) wq=$((wq + v)) ;; *) usr=$((usr + ${12})) ;; esac
         done
     done
-    echo "$all $wq"
+    echo "$all $wq $usr"
+}
+
+# ---- event counts (BENCH_EVENTS=1) --------------------------------------
+
+# Kernel tracepoints counted machine-wide over the CPU window by perf stat
+# (the host's perf, a file argument of run.sh): exact counts, unlike TCG's
+# timing, so that two servers' paths can be compared per request: context
+# switches, wakeups, rescheduling and function-call IPIs, io_uring_enter
+# calls and all system calls, SQEs, punts to io-wq, user page faults.  NAME=TRACEPOINT; those
+# this kernel lacks are left out (said once in the log).
+EVENT_DEFS=(csw=sched:sched_switch wake=sched:sched_wakeup
+            ipi_resched=irq_vectors:reschedule_entry
+            ipi_call=irq_vectors:call_function_single_entry
+            enter=syscalls:sys_enter_io_uring_enter sys=raw_syscalls:sys_enter
+            sqe=io_uring:io_uring_submit_req iowq=io_uring:io_uring_queue_async_work
+            fault=exceptions:page_fault_user)
+EVENTS=() EV_PID=''
+setup_events() {
+    [ "${BENCH_EVENTS:-0}" = 1 ] || return 0
+    command -v perf >/dev/null || { echo "BENCH_EVENTS=1 but no perf in the guest" >&2; exit 1; }
+    echo -1 >/proc/sys/kernel/perf_event_paranoid
+    local d
+    for d in "${EVENT_DEFS[@]}"; do
+        if perf stat -a -x, -e "${d#*=}" -- true >/dev/null 2>&1; then
+            EVENTS+=("$d")
+        else
+            echo "events: this kernel has no ${d#*=}"
+        fi
+    done
+    [ "${#EVENTS[@]}" -gt 0 ] || { echo "perf counts none of the events here" >&2; exit 1; }
+    # Attach perf's probes to the tracepoints now, while nothing runs, and
+    # keep them: the first probe on a tracepoint patches the kernel's code
+    # at its call sites, and under TCG a vCPU that is running that code
+    # meanwhile can hit the breakpoint the patching leaves there (an
+    # "Oops: int3" in io_submit_sqes, seen when a window's perf started
+    # under load).  The windows' perf stat then only adds counters.
+    local args=()
+    for d in "${EVENTS[@]}"; do args+=(-e "${d#*=}"); done
+    perf stat -a -x, -o /dev/null "${args[@]}" -- sleep 1000000 >/dev/null 2>&1 &
+    EV_PID=$!
+    sleep 2
+}
+
+# window SECS: sleep SECS, counting EVENTS meanwhile when there are any;
+# prints " ev_NAME=COUNT ..." (empty without events) for the BENCH line.
+window() {
+    local secs=$1 d args=()
+    if [ "${#EVENTS[@]}" = 0 ]; then
+        sleep "$secs"
+        return 0
+    fi
+    for d in "${EVENTS[@]}"; do args+=(-e "${d#*=}"); done
+    perf stat -a -x, -o "$B/ev.out" "${args[@]}" -- sleep "$secs" >/dev/null 2>&1 || return 0
+    # -x, lines: COUNT,UNIT,EVENT,...
+    for d in "${EVENTS[@]}"; do
+        awk -F, -v ev="${d#*=}" -v name="${d%%=*}" \
+            '$3 == ev && $1 ~ /^[0-9]+$/ { printf " ev_%s=%s", name, $1 }' "$B/ev.out"
+    done
+    printf ' evsecs=%s' "$secs"
 }
 
 # busy: non-idle ticks of all CPUs (user nice system idle iowait irq softirq steal).
@@ -123,7 +185,7 @@ run_fio() {
     # RW/BS, or RW/BS/jN for N fio jobs (each with the whole depth)
     local rw=${wl%%/*} bs=${wl#*/} jobs=1 out=$B/fio.out fpid
     if [[ $bs == */j* ]]; then jobs=${bs##*/j} bs=${bs%%/*}; fi
-    local s0 s1 w0 w1 f0 f1 b0 b1 t0 t1 fiopids st=ok
+    local s0 s1 w0 w1 u0 u1 f0 f1 b0 b1 t0 t1 fiopids st=ok evs
     fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
         --bs="$bs" --iodepth=128 --iodepth_batch_submit=16 \
         --iodepth_batch_complete_min=16 --numjobs="$jobs" --rw="$rw" \
@@ -134,11 +196,11 @@ run_fio() {
     # Window: from after the ramp (and fio's start-up) to before the end.
     sleep "$(awk -v r="$RAMP" 'BEGIN { print r + 0.5 }')"
     fiopids=$(pidof fio)
-    read -r s0 w0 < <(ticks $srvpids)
+    read -r s0 w0 u0 < <(ticks $srvpids)
     read -r f0 _ < <(ticks $fiopids)
     read -r b0 t0 < <(busy)
-    sleep "$(awk -v t="$RUNTIME" 'BEGIN { print (t > 1.5 ? t - 1 : 0.5) }')"
-    read -r s1 w1 < <(ticks $srvpids)
+    evs=$(window "$(awk -v t="$RUNTIME" 'BEGIN { print (t > 1.5 ? t - 1 : 0.5) }')")
+    read -r s1 w1 u1 < <(ticks $srvpids)
     read -r f1 _ < <(ticks $fiopids)
     read -r b1 t1 < <(busy)
     if [ "$wl" = randread/4k ] && [ "${CUR_ROUND:-1}" = 1 ]; then
@@ -166,12 +228,12 @@ run_fio() {
     local ncpu
     ncpu=$(grep -c '^cpu[0-9]' /proc/stat)
     echo "$line" | awk -F';' -v round="${CUR_ROUND:-1}" -v img="$img" -v cfg="$cfg" -v wl="$wl" -v st="$st" \
-        -v srv=$((s1 - s0)) -v wq=$((w1 - w0)) -v fio=$((f1 - f0)) -v bsy=$((b1 - b0)) \
-        -v win="$tot" -v ncpu="$ncpu" '{
+        -v srv=$((s1 - s0)) -v wq=$((w1 - w0)) -v usr=$((u1 - u0)) -v fio=$((f1 - f0)) -v bsy=$((b1 - b0)) \
+        -v win="$tot" -v ncpu="$ncpu" -v evs="$evs" '{
             if ($5 != 0) st = "err"
             w = win / ncpu
-            printf "BENCH round=%s img=%s cfg=%s wl=%s st=%s riops=%d rbw=%d wiops=%d wbw=%d srv=%.0f iowq=%.0f fio=%.0f tot=%.0f n=%d err=%s\n",
-                round, img, cfg, wl, st, $8, $7, $49, $48, 100 * srv / w, 100 * wq / w, 100 * fio / w, 100 * bsy / w, win, $5
+            printf "BENCH round=%s img=%s cfg=%s wl=%s st=%s riops=%d rbw=%d wiops=%d wbw=%d srv=%.0f iowq=%.0f usr=%.0f fio=%.0f tot=%.0f n=%d err=%s%s\n",
+                round, img, cfg, wl, st, $8, $7, $49, $48, 100 * srv / w, 100 * wq / w, 100 * usr / w, 100 * fio / w, 100 * bsy / w, win, $5, evs
         }'
     [ "$st" = ok ] || { cat "$out"; return 1; }
 }
@@ -433,6 +495,8 @@ t_setup() {
     echo "BENCH-CONF size=$SIZE runtime=$RUNTIME ramp=$RAMP rounds=$ROUNDS qdepth=$QDEPTH cache=$CACHE fs=$FS ncpu=$(grep -c '^cpu[0-9]' /proc/stat) kernel=$(uname -r) mem=$(awk '/MemTotal/ { print $2 }' /proc/meminfo)kB"
     df -h "$B"
 }
+# Outside vmtest's subshell: the runs read EVENTS.
+setup_events
 vmtest bench-setup t_setup
 
 t_images() {
@@ -456,3 +520,4 @@ for ((round = 1; round <= ROUNDS; round++)); do
     vmtest "bench-r$round-check" t_check_prealloc
 done
 rm -f "$IMG_RAW" "$IMG_PRE" "$IMG_EMPTY"
+[ -z "$EV_PID" ] || kill "$EV_PID" 2>/dev/null || true

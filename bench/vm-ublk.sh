@@ -53,6 +53,11 @@
 #                 execs one with other settings) runs as the B
 #                 configurations (null-b, null-b-q2, raw-b, qublk-b-q1, qublk-b-q2),
 #                 each right after its A; a table gives B/A per row
+#   --events      also count kernel events per I/O (context switches,
+#                 wakeups, IPIs, system calls, SQEs, io-wq punts, page
+#                 faults: tracepoints, exact under TCG) with the
+#                 host's perf (apt-get install linux-perf) over each CPU
+#                 window; a table gives them per request
 #   --out FILE    also write the tables to FILE; --log FILE keeps the
 #                 console log; --parse LOG re-renders the tables from a
 #                 kept log without booting
@@ -70,7 +75,7 @@ cd "$TOP"
 RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM='' FS=tmpfs CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
 WORKLOADS='randwrite/4k randread/4k randrw/4k rw/64k rw/512k'
 KERNEL=${QUBLK_VM_KERNEL:-6.12}
-AB='' QBIN=''
+AB='' QBIN='' EVENTS=0
 while [ $# -gt 0 ]; do
     case $1 in
         --kernel) KERNEL=$2; shift 2 ;;
@@ -85,6 +90,7 @@ while [ $# -gt 0 ]; do
         --only) ONLY=$2; shift 2 ;;
         --workloads) WORKLOADS=$2; shift 2 ;;
         --ab) AB=$2; shift 2 ;;
+        --events) EVENTS=1; shift ;;
         --qublk) QBIN=$2; shift 2 ;;
         --log) LOG=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
@@ -157,6 +163,12 @@ render() {
         M[k, r] = m; SUM[k] += m; CNT[k]++
         IOPS[k] += F["riops"] + F["wiops"]
         SRV[k] += F["srv"]; WQ[k] += F["iowq"]; FIO[k] += F["fio"]; TOT[k] += F["tot"]
+        # --events: counts over the window; requests in it from the fio rate
+        if (F["evsecs"] != "") {
+            EVIO[k] += (F["riops"] + F["wiops"]) * F["evsecs"]
+            for (f in F) if (f ~ /^ev_/) { e = substr(f, 4); EV[k, e] += F[f]; seenev[e] = 1 }
+        }
+        if (F["usr"] != "") USR[k] += F["usr"]
         if (!(k in seenk)) { seenk[k] = 1; cpuk[++ncpu] = k }
     }
     END {
@@ -262,18 +274,44 @@ render() {
         print ""
         printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); /jN: N fio jobs; the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size; raw sparse: a raw file created empty before each run, so that its writes allocate in the file system as an empty qcow2\x27s do). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs). kublk (the kernel\x27s selftest server, 7.3 only, 1 queue): its null target and its loop target (O_DIRECT) on the raw file, plain (the driver copies the data to and from the server\x27s buffers) and -zc (--auto_zc: the driver registers the request\x27s pages as an io_uring buffer, as qublk does on 7.3; its null target then issues one io_uring NOP on it per request).\n", maxround
         print ""
-        print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO |"
-        print "|---|---|---|---:|---:|---:|---:|---:|---:|"
+        print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO | of which user us/IO |"
+        print "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
         for (i = 1; i <= ncpu; i++) {
             k = cpuk[i]; split(k, p, SUBSEP)
             if (k in BAD) continue
             n = CNT[k]
             us = IOPS[k] > 0 ? sprintf("%.1f", SRV[k] / 100 * 1e6 / IOPS[k]) : "-"
-            printf "| %s | %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %s |\n", p[1], p[2], p[3],
-                IOPS[k] / n, SRV[k] / n, WQ[k] / n, FIO[k] / n, TOT[k] / n, us
+            # (older logs have no usr field)
+            uu = IOPS[k] > 0 && (k in USR) ? sprintf("%.1f", USR[k] / 100 * 1e6 / IOPS[k]) : "-"
+            printf "| %s | %s | %s | %d | %.0f | %.0f | %.0f | %.0f | %s | %s |\n", p[1], p[2], p[3],
+                IOPS[k] / n, SRV[k] / n, WQ[k] / n, FIO[k] / n, TOT[k] / n, us, uu
         }
         print ""
-        print "CPU (means over the rounds): percent of one vCPU over a window in the middle of each run: utime+stime from /proc/PID/task/*/stat of the server\x27s threads (of which io-wq: its io_uring worker threads iou-wrk-*, where io_uring punts I/O the file cannot take without blocking; a worker that exits inside the window is lost) and of fio; the machine: /proc/stat non-idle ticks, max 100 x vCPUs (tick-sampled, so it can read below the per-thread sums). For ublk the driver work done in the daemon\x27s io_uring context counts as the daemon\x27s; for nbd the kernel\x27s socket receive work runs in kworkers (machine minus server minus fio)."
+        print "CPU (means over the rounds): percent of one vCPU over a window in the middle of each run: utime+stime from /proc/PID/task/*/stat of the server\x27s threads (of which io-wq: its io_uring worker threads iou-wrk-*, where io_uring punts I/O the file cannot take without blocking; a worker that exits inside the window is lost; user: the utime of its other threads, the server\x27s own code) and of fio; the machine: /proc/stat non-idle ticks, max 100 x vCPUs (tick-sampled, so it can read below the per-thread sums). For ublk the driver work done in the daemon\x27s io_uring context counts as the daemon\x27s; for nbd the kernel\x27s socket receive work runs in kworkers (machine minus server minus fio)."
+        # --events: per request, machine-wide (fio and kernel threads too);
+        # in the guest script order, then any other event.
+        split("csw wake ipi_resched ipi_call enter sys sqe iowq fault", order, " ")
+        nev = 0
+        for (j = 1; j in order; j++) if (order[j] in seenev) { evs[++nev] = order[j]; delete seenev[order[j]] }
+        for (e in seenev) evs[++nev] = e
+        if (nev) {
+            print ""
+            printf "| image | config | workload |"
+            for (j = 1; j <= nev; j++) printf " %s |", evs[j]
+            printf "\n|---|---|---|"
+            for (j = 1; j <= nev; j++) printf "---:|"
+            print ""
+            for (i = 1; i <= ncpu; i++) {
+                k = cpuk[i]; split(k, p, SUBSEP)
+                if ((k in BAD) || !(EVIO[k] > 0)) continue
+                printf "| %s | %s | %s |", p[1], p[2], p[3]
+                for (j = 1; j <= nev; j++)
+                    printf " %s |", ((k, evs[j]) in EV) ? sprintf("%.2f", EV[k, evs[j]] / EVIO[k]) : "-"
+                print ""
+            }
+            print ""
+            print "Events per request (--events): kernel tracepoints counted machine-wide by perf stat -a over the CPU window, divided by fio\x27s mean rate times the window: csw sched_switch, wake sched_wakeup, ipi_resched / ipi_call the rescheduling and function-call IPIs received, enter io_uring_enter calls, sys all system calls (fio\x27s too), sqe io_uring_submit_req, iowq io_uring_queue_async_work (punts to an io-wq worker), fault user page faults.  Exact counts, unlike TCG\x27s timing; perf\x27s own work is in them (small)."
+        }
         if (nerr) printf "\n%d runs failed (ERR): see the console log.\n", nerr
     }' "$1"
 }
@@ -334,6 +372,11 @@ if [ -n "$AB" ]; then
     EXTRA+=("$ABDIR/qublk-b")
     QUBLK_ID+="; B (--ab): $AB of $(date -r "$AB" '+%Y-%m-%d %H:%M')"
 fi
+if [ "$EVENTS" = 1 ]; then
+    PERF=$(command -v perf) ||
+        { echo "vm-ublk.sh: --events needs perf on the host (apt-get install linux-perf)" >&2; exit 1; }
+    EXTRA+=("$PERF")
+fi
 # Per run: ~RUNTIME+RAMP+2 s (more on a loaded host: a margin); per
 # workload 13 configurations (21 with --ab, 4 more with kublk), plus
 # image creation and boot.
@@ -349,7 +392,7 @@ load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tests/vm/run.sh --kernel "$KERNEL" --qublk "$QBIN" --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
-    --env BENCH_KUBLK="$KUBLK" --env BENCH_FS="$FS" \
+    --env BENCH_KUBLK="$KUBLK" --env BENCH_FS="$FS" --env BENCH_EVENTS="$EVENTS" \
     bench/vm-ublk.guest.sh "$NBD" "${EXTRA[@]}" >&2 || rc=$?
 [ -z "$AB" ] || rm -rf "$ABDIR"
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -360,6 +403,7 @@ only_arg=''
 [ "$WORKLOADS" = 'randwrite/4k randread/4k randrw/4k rw/64k rw/512k' ] || only_arg+=" --workloads '$WORKLOADS'"
 [ "$QBIN" = build/qublk ] || only_arg+=" --qublk $QBIN"
 [ -z "$AB" ] || only_arg+=" --ab $AB"
+[ "$EVENTS" = 0 ] || only_arg+=" --events"
 {
     echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --fs $FS --qdepth $QDEPTH$only_arg"
     echo
