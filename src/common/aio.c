@@ -41,10 +41,19 @@ static void remote_complete(struct aio_req *req, int res);
  *     that call returns.  Not for the ublk queues: A/B runs in the VM
  *     (bench/vm-ublk.sh --ab; 6.12 with copies, 7.3 with zero copy)
  *     found no gain beyond the spread between rounds.
- *   COOP_TASKRUN (5.19), the fallback: the same completions run at the
- *     thread's next system call instead of interrupting it in user space.
+ * Every ring (the deferred sets' fallback):
+ *   COOP_TASKRUN (5.19): the same completions run at the thread's next
+ *     system call instead of interrupting it in user space.  Without it,
+ *     each ublk request that reaches a queue thread while it runs costs a
+ *     rescheduling IPI to kick it (0.20-0.31 per request in the VM on
+ *     6.12, against 0.02 with it, as for ublksrv, which sets it:
+ *     bench/vm-ublk.sh --events).
  *   TASKRUN_FLAG (5.19): the kernel marks pending task work in the SQ
  *     ring's flags, so liburing enters for it when the loop only peeks.
+ *     (The first version of this loop set COOP_TASKRUN without it and saw
+ *     cross-thread wakeups stall for seconds; the cause was not found,
+ *     and today's loop stalls with neither: README, What the code taught
+ *     us.)
  */
 static const unsigned deferred_flag_sets[] = {
 	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
@@ -52,7 +61,11 @@ static const unsigned deferred_flag_sets[] = {
 	IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
 	0,
 };
-static const unsigned default_flag_sets[] = { IORING_SETUP_SINGLE_ISSUER, 0 };
+static const unsigned default_flag_sets[] = {
+	IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+	IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG,
+	0,
+};
 
 int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags)
 {
@@ -70,8 +83,15 @@ int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags)
 		p.cq_entries = entries * 4;
 		ret = io_uring_queue_init_params(entries, &ctx->ring, &p);
 		if (ret != -EINVAL || !sets[i])
-			return ret;
+			break;
 	}
+	/* io_uring_enter then finds the ring by index instead of a
+	 * descriptor lookup and file reference per call.  Per thread, like
+	 * the ring (SINGLE_ISSUER); a kernel without it (before 5.18) keeps
+	 * the descriptor. */
+	if (ret == 0)
+		io_uring_register_ring_fd(&ctx->ring);
+	return ret;
 }
 
 int aio_ctx_init(struct aio_ctx *ctx, unsigned entries)

@@ -173,6 +173,10 @@ static void tag_main(void *opaque)
 			     q->q_id, io->tag, result, addr);
 		if (q->zero_copy)
 			sqe->addr = ublk_auto_buf_reg_addr((__u16)io->tag, UBLK_AUTO_BUF_REG_FALLBACK);
+		if (q->cdev_fixed) {
+			sqe->fd = 0;
+			sqe->flags |= IOSQE_FIXED_FILE;
+		}
 		res = aio_co_wait_sqe(&q->aio, sqe);
 		if (res != UBLK_IO_RES_OK) {
 			if (res != UBLK_IO_RES_ABORT)
@@ -231,6 +235,12 @@ static int queue_setup(struct ublk_queue *q)
 	}
 	q->ring_open = true;
 	aio_ctx_set_current(&q->aio);
+	/* Without it each command looks the descriptor up (and, in a
+	 * threaded process, takes a reference to the file) as it is issued. */
+	ret = io_uring_register_files(&q->aio.ring, &d->cdev_fd, 1);
+	if (ret < 0)
+		log_debug("queue %u: io_uring file table: %s", q->q_id, strerror(-ret));
+	q->cdev_fixed = ret == 0;
 	if (q->zero_copy) {
 		/* Empty slots, one per tag, for the driver to fill.  Tests:
 		 * $QUBLK_TEST_ZC_SLOTS fewer, so that the driver cannot

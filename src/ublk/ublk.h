@@ -202,6 +202,9 @@ struct ublk_queue {
 	struct ublk_io *ios;          /* per tag */
 	struct aio_ctx aio;
 	bool ring_open;
+	/* /dev/ublkcN is file 0 of the ring's file table: the uring_cmds
+	 * name it by index (IOSQE_FIXED_FILE), no fd lookup per command. */
+	bool cdev_fixed;
 	/* Set by main before ublk_queue_stop for a hand-over: the thread
 	 * exits leaving its ring open, ublk_queue_join closes it. */
 	bool keep_ring;
