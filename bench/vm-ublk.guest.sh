@@ -86,14 +86,13 @@ fi
 
 # ---- CPU accounting ------------------------------------------------------
 
-# ticks PID...: CPU ticks (utime+stime) of the processes' live threads, as
-# "ALL IOWQ USER": USER is the utime of the threads other than io-wq's (the
-# server's own code, out of the kernel), IOWQ is the share of io_uring's io-wq workers (iou-wrk-*), the
-# threads io_uring punts a request to when the file cannot take it without
-# blocking.  Per thread, so that both halves come from the same counters.
+# snap PID...: the processes' live threads, one line each: "TID TICKS IOWQ
+# UTIME": TICKS is utime+stime, IOWQ 1 for io_uring's io-wq workers
+# (iou-wrk-*, the threads io_uring punts a request to when the file cannot
+# take it without blocking), UTIME the user-space part.
 # shellcheck disable=SC2086  # PID lists are split on purpose
-ticks() {
-    local p t s all=0 wq=0 usr=0 v
+snap() {
+    local p t s v
     for p in "$@"; do
         for t in /proc/"$p"/task/*; do
             s=$(cat "$t/stat" 2>/dev/null) || continue
@@ -101,12 +100,22 @@ ticks() {
             v=${s##*) }
             # shellcheck disable=SC2086  # split the fields
             set -- $v
-            v=$((${12} + ${13}))
-            all=$((all + v))
-            case $s in *'(iou-wrk'*) wq=$((wq + v)) ;; *) usr=$((usr + ${12})) ;; esac
+            case $s in *'(iou-wrk'*) v=1 ;; *) v=0 ;; esac
+            echo "${t##*/} $((${12} + ${13})) $v ${12}"
         done
     done
-    echo "$all $wq $usr"
+}
+
+# ticks SNAP0 SNAP1: the CPU ticks between two snaps, as "ALL IOWQ USER"
+# (USER: the utime of the threads other than io-wq's, the server's own
+# code).  Per thread: one in both counts the difference, one born in
+# between all of its ticks, one that exited in between nothing (lost: a
+# sum over the live threads would drop its earlier ticks too and could go
+# negative).
+ticks() {
+    awk 'NR == FNR { t[$1] = $2; u[$1] = $4; next }
+        { d = $2 - t[$1]; all += d; if ($3 == 1) wq += d; else usr += $4 - u[$1] }
+        END { printf "%d %d %d\n", all, wq, usr }' "$1" "$2"
 }
 
 # ---- event counts (BENCH_EVENTS=1) --------------------------------------
@@ -185,7 +194,7 @@ run_fio() {
     # RW/BS, or RW/BS/jN for N fio jobs (each with the whole depth)
     local rw=${wl%%/*} bs=${wl#*/} jobs=1 out=$B/fio.out fpid
     if [[ $bs == */j* ]]; then jobs=${bs##*/j} bs=${bs%%/*}; fi
-    local s0 s1 w0 w1 u0 u1 f0 f1 b0 b1 t0 t1 fiopids st=ok evs
+    local srv wq usr fio b0 b1 t0 t1 fiopids st=ok evs
     fio --name=bench --filename="$dev" --ioengine=libaio --direct=1 \
         --bs="$bs" --iodepth=128 --iodepth_batch_submit=16 \
         --iodepth_batch_complete_min=16 --numjobs="$jobs" --rw="$rw" \
@@ -196,13 +205,15 @@ run_fio() {
     # Window: from after the ramp (and fio's start-up) to before the end.
     sleep "$(awk -v r="$RAMP" 'BEGIN { print r + 0.5 }')"
     fiopids=$(pidof fio)
-    read -r s0 w0 u0 < <(ticks $srvpids)
-    read -r f0 _ < <(ticks $fiopids)
+    snap $srvpids >"$B/srv0"
+    snap $fiopids >"$B/fio0"
     read -r b0 t0 < <(busy)
     evs=$(window "$(awk -v t="$RUNTIME" 'BEGIN { print (t > 1.5 ? t - 1 : 0.5) }')")
-    read -r s1 w1 u1 < <(ticks $srvpids)
-    read -r f1 _ < <(ticks $fiopids)
+    snap $srvpids >"$B/srv1"
+    snap $fiopids >"$B/fio1"
     read -r b1 t1 < <(busy)
+    read -r srv wq usr < <(ticks "$B/srv0" "$B/srv1")
+    read -r fio _ < <(ticks "$B/fio0" "$B/fio1")
     if [ "$wl" = randread/4k ] && [ "${CUR_ROUND:-1}" = 1 ]; then
         # One snapshot per configuration, for the log.
         echo "top during $img $cfg $wl:"
@@ -228,7 +239,7 @@ run_fio() {
     local ncpu
     ncpu=$(grep -c '^cpu[0-9]' /proc/stat)
     echo "$line" | awk -F';' -v round="${CUR_ROUND:-1}" -v img="$img" -v cfg="$cfg" -v wl="$wl" -v st="$st" \
-        -v srv=$((s1 - s0)) -v wq=$((w1 - w0)) -v usr=$((u1 - u0)) -v fio=$((f1 - f0)) -v bsy=$((b1 - b0)) \
+        -v srv="$srv" -v wq="$wq" -v usr="$usr" -v fio="$fio" -v bsy=$((b1 - b0)) \
         -v win="$tot" -v ncpu="$ncpu" -v evs="$evs" '{
             if ($5 != 0) st = "err"
             w = win / ncpu
