@@ -24,9 +24,10 @@
 # CPU%: percent of one vCPU over a window in the middle of the run (from
 # /proc: the server daemon's threads, iowq the part of it in io_uring's
 # io-wq workers, usr the user-space time of its other threads, the fio
-# processes, and every non-idle tick of the machine); the host turns these into the tables.  Nothing here asserts performance:
-# a run fails only if fio reports errors, the device cannot be set up, or
-# qemu-img check finds an image damaged after qublk wrote to it.
+# processes, and every non-idle tick of the machine); the host turns these
+# into the tables.  Nothing here asserts performance: a run fails only if
+# fio reports errors, the device cannot be set up, or qemu-img check finds
+# an image damaged after qublk wrote to it.
 #
 # Memory: the raw and the preallocated qcow2 image (2 GiB each) and the
 # empty one live at once in a tmpfs of their own (/bench, 90% of RAM), so
@@ -124,15 +125,16 @@ ticks() {
 # (the host's perf, a file argument of run.sh): exact counts, unlike TCG's
 # timing, so that two servers' paths can be compared per request: context
 # switches, wakeups, rescheduling and function-call IPIs, io_uring_enter
-# calls and all system calls, SQEs, punts to io-wq, user page faults.  NAME=TRACEPOINT; those
-# this kernel lacks are left out (said once in the log).
+# calls and all system calls, SQEs, punts to io-wq, user page faults.
+# NAME=TRACEPOINT; those this kernel lacks are left out (said once in the
+# log).  EV_ARGS: perf's -e arguments for the ones kept.
 EVENT_DEFS=(csw=sched:sched_switch wake=sched:sched_wakeup
             ipi_resched=irq_vectors:reschedule_entry
             ipi_call=irq_vectors:call_function_single_entry
             enter=syscalls:sys_enter_io_uring_enter sys=raw_syscalls:sys_enter
             sqe=io_uring:io_uring_submit_req iowq=io_uring:io_uring_queue_async_work
             fault=exceptions:page_fault_user)
-EVENTS=() EV_PID=''
+EVENTS=() EV_ARGS=() EV_PID=''
 setup_events() {
     [ "${BENCH_EVENTS:-0}" = 1 ] || return 0
     command -v perf >/dev/null || { echo "BENCH_EVENTS=1 but no perf in the guest" >&2; exit 1; }
@@ -141,6 +143,7 @@ setup_events() {
     for d in "${EVENT_DEFS[@]}"; do
         if perf stat -a -x, -e "${d#*=}" -- true >/dev/null 2>&1; then
             EVENTS+=("$d")
+            EV_ARGS+=(-e "${d#*=}")
         else
             echo "events: this kernel has no ${d#*=}"
         fi
@@ -152,9 +155,7 @@ setup_events() {
     # meanwhile can hit the breakpoint the patching leaves there (an
     # "Oops: int3" in io_submit_sqes, seen when a window's perf started
     # under load).  The windows' perf stat then only adds counters.
-    local args=()
-    for d in "${EVENTS[@]}"; do args+=(-e "${d#*=}"); done
-    perf stat -a -x, -o /dev/null "${args[@]}" -- sleep 1000000 >/dev/null 2>&1 &
+    perf stat -a -x, -o /dev/null "${EV_ARGS[@]}" -- sleep 1000000 >/dev/null 2>&1 &
     EV_PID=$!
     sleep 2
 }
@@ -162,18 +163,16 @@ setup_events() {
 # window SECS: sleep SECS, counting EVENTS meanwhile when there are any;
 # prints " ev_NAME=COUNT ..." (empty without events) for the BENCH line.
 window() {
-    local secs=$1 d args=()
+    local secs=$1
     if [ "${#EVENTS[@]}" = 0 ]; then
         sleep "$secs"
         return 0
     fi
-    for d in "${EVENTS[@]}"; do args+=(-e "${d#*=}"); done
-    perf stat -a -x, -o "$B/ev.out" "${args[@]}" -- sleep "$secs" >/dev/null 2>&1 || return 0
-    # -x, lines: COUNT,UNIT,EVENT,...
-    for d in "${EVENTS[@]}"; do
-        awk -F, -v ev="${d#*=}" -v name="${d%%=*}" \
-            '$3 == ev && $1 ~ /^[0-9]+$/ { printf " ev_%s=%s", name, $1 }' "$B/ev.out"
-    done
+    perf stat -a -x, -o "$B/ev.out" "${EV_ARGS[@]}" -- sleep "$secs" >/dev/null 2>&1 || return 0
+    # -x, lines: COUNT,UNIT,EVENT,... in the order of EV_ARGS
+    awk -F, -v defs="${EVENTS[*]}" '
+        BEGIN { n = split(defs, d, " "); for (i = 1; i <= n; i++) { split(d[i], p, "="); name[p[2]] = p[1] } }
+        ($3 in name) && $1 ~ /^[0-9]+$/ { printf " ev_%s=%s", name[$3], $1 }' "$B/ev.out"
     printf ' evsecs=%s' "$secs"
 }
 

@@ -166,7 +166,12 @@ render() {
         # --events: counts over the window; requests in it from the fio rate
         if (F["evsecs"] != "") {
             EVIO[k] += (F["riops"] + F["wiops"]) * F["evsecs"]
-            for (f in F) if (f ~ /^ev_/) { e = substr(f, 4); EV[k, e] += F[f]; seenev[e] = 1 }
+            for (f in F) if (f ~ /^ev_/) EV[k, substr(f, 4)] += F[f]
+            # the columns in the order the guest counts them
+            for (i = 2; i <= NF; i++) if ($i ~ /^ev_/) {
+                e = substr($i, 4, index($i, "=") - 4)
+                if (!(e in seenev)) { seenev[e] = 1; evs[++nev] = e }
+            }
         }
         if (F["usr"] != "") USR[k] += F["usr"]
         if (!(k in seenk)) { seenk[k] = 1; cpuk[++ncpu] = k }
@@ -288,12 +293,7 @@ render() {
         }
         print ""
         print "CPU (means over the rounds): percent of one vCPU over a window in the middle of each run: utime+stime from /proc/PID/task/*/stat of the server\x27s threads (of which io-wq: its io_uring worker threads iou-wrk-*, where io_uring punts I/O the file cannot take without blocking; a worker that exits inside the window is lost; user: the utime of its other threads, the server\x27s own code) and of fio; the machine: /proc/stat non-idle ticks, max 100 x vCPUs (tick-sampled, so it can read below the per-thread sums). For ublk the driver work done in the daemon\x27s io_uring context counts as the daemon\x27s; for nbd the kernel\x27s socket receive work runs in kworkers (machine minus server minus fio)."
-        # --events: per request, machine-wide (fio and kernel threads too);
-        # in the guest script order, then any other event.
-        split("csw wake ipi_resched ipi_call enter sys sqe iowq fault", order, " ")
-        nev = 0
-        for (j = 1; j in order; j++) if (order[j] in seenev) { evs[++nev] = order[j]; delete seenev[order[j]] }
-        for (e in seenev) evs[++nev] = e
+        # --events: per request, machine-wide (fio and kernel threads too).
         if (nev) {
             print ""
             printf "| image | config | workload |"
