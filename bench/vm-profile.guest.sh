@@ -3,18 +3,22 @@
 # bench/vm-profile.guest.sh: the guest half of bench/vm-profile.sh.  For
 # each configuration in $PROF_CONFIGS (null, raw, prealloc, empty: qublk's
 # null target, its raw target on a preallocated raw file, qcow2
-# preallocated or empty), runs fio with bench/vm-ublk.sh's parameters
-# ($PROF_WORKLOAD, e.g. randwrite/4k) against `qublk add $PROF_ADD_ARGS`,
-# and records the whole machine with `perf record -a -g` for $PROF_SECS s
+# preallocated or empty; and the peers, when the host passed their
+# binaries: ublksrv-null, ublksrv-loop, ublksrv-qcow2, kublk-loop,
+# kublk-zc-loop, on the same images), runs fio with bench/vm-ublk.sh's
+# parameters ($PROF_WORKLOAD, e.g. randwrite/4k) against `qublk add
+# $PROF_ADD_ARGS` (or the peer), and records the whole machine with `perf record -a -g` for $PROF_SECS s
 # in the middle of the run.  Prints "PROFILE-BEGIN CFG" ... "PROFILE-END"
-# around the report (`perf report --no-children`, by symbol, top
-# $PROF_TOP lines) and fio's IOPS on a "PROFILE-IOPS" line.  PROF_PERF=0:
+# around the report (`perf report --no-children`: first the share of each
+# thread kind, the server's threads apart from its io-wq workers, then by
+# command and symbol, top $PROF_TOP lines) and fio's IOPS on a "PROFILE-IOPS" line.  PROF_PERF=0:
 # fio alone (what the recording costs: under TCG, sampling at
 # $PROF_FREQ Hz, default 997, halves the IOPS, and samples land on the
 # instructions where interrupts are let in, such as spin_unlock_irqrestore).
 B=/bench
 PATH=$VMTEST_DIR:$PATH
 SIZE=${PROF_SIZE:-2G}
+QDEPTH=128
 SECS=${PROF_SECS:-4}
 TOP=${PROF_TOP:-60}
 read -r -a CONFIGS <<<"${PROF_CONFIGS:-prealloc empty}"
@@ -24,6 +28,9 @@ ADD_ARGS=(${PROF_ADD_ARGS:-})
 PERF=$(command -v perf) || { echo "no perf in the guest" >&2; exit 1; }
 # shellcheck disable=SC2034
 VMTEST_XTRACE=0
+
+# shellcheck source=bench/vm-peers.guest.sh
+. "$VMTEST_DIR/vm-peers.guest.sh"
 
 mkdir -p "$B"
 grep -q " $B " /proc/mounts || mount -t tmpfs -o size=90% tmpfs "$B"
@@ -43,9 +50,21 @@ profile() { # CFG
         empty) img=$B/img.qcow2
              qemu-img create -q -f qcow2 "$img" "$SIZE"
              dev=$(qublk add -t qcow2 -d 128 "${ADD_ARGS[@]}" "$img") ;;
+        ublksrv-null) dev=$(start_ublksrv null) ;;
+        ublksrv-loop) img=$B/img.raw
+             qemu-img create -q -f raw -o preallocation=falloc "$img" "$SIZE"
+             dev=$(start_ublksrv loop "$img") ;;
+        ublksrv-qcow2) img=$B/img.qcow2
+             qemu-img create -q -f qcow2 -o preallocation=falloc "$img" "$SIZE"
+             dev=$(start_ublksrv qcow2 "$img") ;;
+        kublk-loop|kublk-zc-loop) img=$B/img.raw
+             local zc=()
+             [ "$cfg" = kublk-loop ] || zc=(--auto_zc)
+             qemu-img create -q -f raw -o preallocation=falloc "$img" "$SIZE"
+             dev=$(start_kublk loop "${zc[@]}" "$img") ;;
         *) fail "unknown configuration $cfg" ;;
     esac
-    [ -b "$dev" ] || fail "qublk add failed for $cfg"
+    [ -b "$dev" ] || fail "could not start $cfg"
     fio --name=p --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
         --iodepth=128 --iodepth_batch_submit=16 --iodepth_batch_complete_min=16 \
         --numjobs=1 --time_based --runtime="$run" --output-format=terse --terse-version=3 \
@@ -59,9 +78,20 @@ profile() { # CFG
     wait "$fpid" || { cat "$B/fio.out"; fail "fio failed"; }
     # terse v3: read iops field 8, write iops field 49
     awk -F';' -v c="$cfg" '{ print "PROFILE-IOPS " c " read=" $8 " write=" $49 }' "$B/fio.out"
-    qublk del -n "${dev#/dev/ublkb}"
+    case $cfg in
+        ublksrv-*) stop_ublksrv ;;
+        kublk-*) stop_kublk ;;
+        *) qublk del -n "${dev#/dev/ublkb}" ;;
+    esac
     [ -e "$B/perf.data" ] || { rm -f "${img:-/nonexistent}"; return 0; }
     echo "PROFILE-BEGIN $cfg"
+    # The share of each kind of thread: io-wq workers (iou-wrk-PID) as one,
+    # swapper (idle) left in.
+    "$PERF" report -i "$B/perf.data" --no-children --sort comm --stdio -g none \
+        2>/dev/null | awk '/^#/ || NF < 2 { next }
+            { c = $2; sub(/^iou-wrk-.*/, "iou-wrk", c); p[c] += $1 + 0 }
+            END { for (c in p) if (p[c] >= 0.5) printf "  thread %-16s %6.2f%%\n", c, p[c] }' |
+        sort -k3 -nr
     "$PERF" report -i "$B/perf.data" --no-children --sort comm,sym --stdio -g none \
         --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n "$TOP"
     echo "PROFILE-END"

@@ -11,7 +11,10 @@
 #                       [--workload randwrite/4k] [--secs S] [--top N]
 #                       [--add-args 'ARGS'] [--qublk BIN] [--log FILE]
 #
-#   --configs   null, raw, prealloc, empty (qcow2 preallocated or empty)
+#   --configs   null, raw, prealloc, empty (qcow2 preallocated or empty);
+#               the peers: ublksrv-null, ublksrv-loop, ublksrv-qcow2
+#               (bench/setup-peer.sh), kublk-loop, kublk-zc-loop (7.3 only,
+#               bench/setup-kublk.sh)
 #   --add-args  extra `qublk add` arguments (e.g. --no-zero-copy)
 # Needs tests/vm/setup.sh done and `perf` on the host (apt-get install
 # linux-perf).
@@ -20,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 KERNEL=${QUBLK_VM_KERNEL:-6.12} CONFIGS="prealloc empty" WL=randwrite/4k SECS=4 TOP=60
 ADD_ARGS="" QBIN=build/qublk LOG=""
-usage() { sed -n '3,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '3,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case $1 in
         --kernel) KERNEL=$2; shift ;;
@@ -40,14 +43,22 @@ done
 PERF=$(command -v perf) ||
     { echo "vm-profile.sh: no perf binary (apt-get install linux-perf)" >&2; exit 1; }
 [ -n "$LOG" ] || LOG=$(mktemp /tmp/qublk-vm-profile.XXXXXX.log)
-n=0
-for _ in $CONFIGS; do n=$((n + 1)); done
+n=0 EXTRA=(bench/vm-peers.guest.sh)
+for c in $CONFIGS; do
+    n=$((n + 1))
+    case $c in
+        ublksrv-*) peer=$(bench/setup-peer.sh) || exit 1 ;;
+        kublk-*) peer=$(bench/setup-kublk.sh) || exit 1 ;;
+        *) continue ;;
+    esac
+    case " ${EXTRA[*]} " in *" $peer "*) ;; *) EXTRA+=("$peer") ;; esac
+done
 rc=0
 tests/vm/run.sh --kernel "$KERNEL" --qublk "$QBIN" --mem 6G --quiet --log "$LOG" \
     --timeout $(( (SECS + 40) * n + 300 )) \
     --env "PROF_CONFIGS=$CONFIGS" --env "PROF_WORKLOAD=$WL" --env "PROF_SECS=$SECS" \
     --env "PROF_TOP=$TOP" --env "PROF_ADD_ARGS=$ADD_ARGS" \
-    bench/vm-profile.guest.sh "$PERF" >&2 || rc=$?
+    bench/vm-profile.guest.sh "$PERF" "${EXTRA[@]}" >&2 || rc=$?
 # shellcheck disable=SC2016  # the quotes are part of the text
 echo "Command: bench/vm-profile.sh --kernel $KERNEL --configs '$CONFIGS' --workload $WL --secs $SECS${ADD_ARGS:+ --add-args '$ADD_ARGS'}"
 echo
