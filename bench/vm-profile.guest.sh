@@ -1,24 +1,27 @@
 # SPDX-License-Identifier: MIT
 # shellcheck shell=bash
 # bench/vm-profile.guest.sh: the guest half of bench/vm-profile.sh.  For
-# each configuration in $PROF_CONFIGS (null, raw, prealloc, empty: qublk's
-# null target, its raw target on a preallocated raw file, qcow2
-# preallocated or empty; and the peers, when the host passed their
-# binaries: ublksrv-null, ublksrv-loop, ublksrv-qcow2, kublk-loop,
-# kublk-zc-loop, on the same images), runs fio with bench/vm-ublk.sh's
+# each configuration in $PROF_CONFIGS (null, raw, sparse, prealloc, empty:
+# qublk's null target, its raw target on a preallocated or an empty raw
+# file, qcow2 preallocated or empty; and the peers, when the host passed
+# their binaries: ublksrv-null, ublksrv-loop, ublksrv-qcow2, kublk-loop,
+# kublk-zc-loop, on the same images) in $PROF_FS (tmpfs or ext4 on a ram
+# disk, bench/vm-lib.guest.sh), runs fio with bench/vm-ublk.sh's
 # parameters ($PROF_WORKLOAD, e.g. randwrite/4k) against `qublk add
-# $PROF_ADD_ARGS` (or the peer), and records the whole machine with `perf record -a -g` for $PROF_SECS s
-# in the middle of the run.  Prints "PROFILE-BEGIN CFG" ... "PROFILE-END"
-# around the report (`perf report --no-children`: first the share of each
-# thread kind, the server's threads apart from its io-wq workers, then by
-# command and symbol, top $PROF_TOP lines) and fio's IOPS on a "PROFILE-IOPS" line.  PROF_PERF=0:
-# fio alone (what the recording costs: under TCG, sampling at
-# $PROF_FREQ Hz, default 997, halves the IOPS, and samples land on the
-# instructions where interrupts are let in, such as spin_unlock_irqrestore).
+# $PROF_ADD_ARGS` (or the peer), and records the whole machine with `perf
+# record -a -g` for $PROF_SECS s in the middle of the run.  Prints
+# "PROFILE-BEGIN CFG" ... "PROFILE-END" around the report (`perf report
+# --no-children`: first each kind of thread's share of the samples, then
+# by command and symbol, top $PROF_TOP lines) and fio's IOPS on a
+# "PROFILE-IOPS" line.  PROF_PERF=0: fio alone (what the recording costs:
+# under TCG, sampling at $PROF_FREQ Hz, default 997, halves the IOPS, and
+# samples land on the instructions where interrupts are let in, such as
+# spin_unlock_irqrestore).
 B=/bench
 PATH=$VMTEST_DIR:$PATH
 SIZE=${PROF_SIZE:-2G}
 QDEPTH=128
+FS=${PROF_FS:-tmpfs}
 SECS=${PROF_SECS:-4}
 TOP=${PROF_TOP:-60}
 read -r -a CONFIGS <<<"${PROF_CONFIGS:-prealloc empty}"
@@ -29,40 +32,37 @@ PERF=$(command -v perf) || { echo "no perf in the guest" >&2; exit 1; }
 # shellcheck disable=SC2034
 VMTEST_XTRACE=0
 
-# shellcheck source=bench/vm-peers.guest.sh
-. "$VMTEST_DIR/vm-peers.guest.sh"
+# shellcheck source=bench/vm-lib.guest.sh
+. "$VMTEST_DIR/vm-lib.guest.sh"
 
-mkdir -p "$B"
-grep -q " $B " /proc/mounts || mount -t tmpfs -o size=90% tmpfs "$B"
+bench_mount
 echo -1 >/proc/sys/kernel/perf_event_paranoid
 echo 0 >/proc/sys/kernel/kptr_restrict
 
 profile() { # CFG
     local cfg=$1 dev img rw=${WL%/*} bs=${WL#*/} run=$((SECS + 4))
     case $cfg in
-        null) dev=$(qublk add -t null --size "$SIZE" -d 128 "${ADD_ARGS[@]}") ;;
-        raw) img=$B/img.raw
-             qemu-img create -q -f raw -o preallocation=falloc "$img" "$SIZE"
-             dev=$(qublk add -t raw -d 128 "${ADD_ARGS[@]}" "$img") ;;
-        prealloc) img=$B/img.qcow2
-             qemu-img create -q -f qcow2 -o preallocation=falloc "$img" "$SIZE"
-             dev=$(qublk add -t qcow2 -d 128 "${ADD_ARGS[@]}" "$img") ;;
-        empty) img=$B/img.qcow2
-             qemu-img create -q -f qcow2 "$img" "$SIZE"
-             dev=$(qublk add -t qcow2 -d 128 "${ADD_ARGS[@]}" "$img") ;;
-        ublksrv-null) dev=$(start_ublksrv null) ;;
-        ublksrv-loop) img=$B/img.raw
-             qemu-img create -q -f raw -o preallocation=falloc "$img" "$SIZE"
-             dev=$(start_ublksrv loop "$img") ;;
-        ublksrv-qcow2) img=$B/img.qcow2
-             qemu-img create -q -f qcow2 -o preallocation=falloc "$img" "$SIZE"
-             dev=$(start_ublksrv qcow2 "$img") ;;
-        kublk-loop|kublk-zc-loop) img=$B/img.raw
-             local zc=()
-             [ "$cfg" = kublk-loop ] || zc=(--auto_zc)
-             qemu-img create -q -f raw -o preallocation=falloc "$img" "$SIZE"
-             dev=$(start_kublk loop "${zc[@]}" "$img") ;;
+        null|ublksrv-null) ;;
+        raw|ublksrv-loop|kublk-loop|kublk-zc-loop) img=$B/img.raw; mk_image raw "$img" ;;
+        sparse) img=$B/img.raw; mk_image sparse "$img" ;;
+        prealloc|ublksrv-qcow2) img=$B/img.qcow2; mk_image prealloc "$img" ;;
+        empty) img=$B/img.qcow2; mk_image empty "$img" ;;
         *) fail "unknown configuration $cfg" ;;
+    esac
+    # Preallocated images start uncached on ext4 (as in vm-ublk.guest.sh's
+    # t_images): O_DIRECT writes over cached pages go to io-wq.
+    if [ "$FS" = ext4 ]; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    fi
+    case $cfg in
+        null) dev=$(qublk add -t null --size "$SIZE" -d "$QDEPTH" "${ADD_ARGS[@]}") ;;
+        raw|sparse) dev=$(qublk add -t raw -d "$QDEPTH" "${ADD_ARGS[@]}" "$img") ;;
+        prealloc|empty) dev=$(qublk add -t qcow2 -d "$QDEPTH" "${ADD_ARGS[@]}" "$img") ;;
+        ublksrv-null) dev=$(start_ublksrv null) ;;
+        ublksrv-*) dev=$(start_ublksrv "${cfg#ublksrv-}" "$img") ;;
+        kublk-loop) dev=$(start_kublk loop "$img") ;;
+        kublk-zc-loop) dev=$(start_kublk loop --auto_zc "$img") ;;
     esac
     [ -b "$dev" ] || fail "could not start $cfg"
     fio --name=p --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \
@@ -83,7 +83,7 @@ profile() { # CFG
         kublk-*) stop_kublk ;;
         *) qublk del -n "${dev#/dev/ublkb}" ;;
     esac
-    [ -e "$B/perf.data" ] || { rm -f "${img:-/nonexistent}"; return 0; }
+    [ -e "$B/perf.data" ] || { drop "${img:-/nonexistent}"; return 0; }
     echo "PROFILE-BEGIN $cfg"
     # The share of each kind of thread: io-wq workers (iou-wrk-PID) as one,
     # swapper (idle) left in.
@@ -95,7 +95,8 @@ profile() { # CFG
     "$PERF" report -i "$B/perf.data" --no-children --sort comm,sym --stdio -g none \
         --percent-limit 0.5 2>/dev/null | grep -v '^#' | grep -v '^$' | head -n "$TOP"
     echo "PROFILE-END"
-    rm -f "$B/perf.data" "${img:-/nonexistent}"
+    rm -f "$B/perf.data"
+    drop "${img:-/nonexistent}"
 }
 
 need qublk fio qemu-img

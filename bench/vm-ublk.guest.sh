@@ -63,27 +63,9 @@ PATH=$VMTEST_DIR:$PATH
 # shellcheck disable=SC2034
 VMTEST_XTRACE=0
 
-# Where the images live (BENCH_FS): tmpfs, or ext4 on a brd ram disk.
-# tmpfs takes no I/O without blocking (no FMODE_NOWAIT), so io_uring
-# hands every read and write to an io-wq worker thread, and serializes the
-# writes to one file (no FOP_DIO_PARALLEL_WRITE); on ext4 over brd an
-# O_DIRECT read or overwrite of written blocks is issued inline, as on a
-# disk, and only allocating writes go to io-wq.
-mkdir -p "$B"
-# (busybox here has no mountpoint applet)
-if ! grep -q " $B " /proc/mounts; then
-    case $FS in
-        tmpfs) mount -t tmpfs -o size=90% tmpfs "$B" ;;
-        ext4)
-            # rd_size in KiB: 90% of the guest's memory, allocated as written
-            # (and returned on discard: mount -o discard).
-            insmod /lib/modules/brd.ko rd_nr=1 \
-                rd_size=$(( $(awk '/MemTotal/ { print $2 }' /proc/meminfo) * 9 / 10 ))
-            mkfs.ext4 -q -E lazy_itable_init=0,lazy_journal_init=0,nodiscard /dev/ram0
-            mount -t ext4 -o discard /dev/ram0 "$B" ;;
-        *) echo "BENCH_FS=$FS: tmpfs or ext4" >&2; exit 2 ;;
-    esac
-fi
+# shellcheck source=bench/vm-lib.guest.sh
+. "$VMTEST_DIR/vm-lib.guest.sh"
+bench_mount
 
 # ---- CPU accounting ------------------------------------------------------
 
@@ -268,9 +250,6 @@ stop_qublk() { # DEV
     [ ! -e "$1" ]
 }
 
-# The peers: start_ublksrv, start_kublk, peer_start and their stops.
-# shellcheck source=bench/vm-peers.guest.sh
-. "$VMTEST_DIR/vm-peers.guest.sh"
 
 start_nbd() { # FMT FILE
     # -c daemonises (the parent returns once the device is connected); the
@@ -297,29 +276,6 @@ stop_nbd() {
 }
 
 # ---- images --------------------------------------------------------------
-
-# drop FILE: remove it; on ext4 (mounted -o discard) sync, so that the
-# discard of its blocks (brd frees the pages) runs now, not in the next run.
-drop() {
-    [ -e "$1" ] || return 0
-    rm -f "$1"
-    [ "$FS" = tmpfs ] || sync
-}
-
-# Preallocated images: falloc on tmpfs (pages allocated); full on ext4,
-# whose fallocated extents are unwritten: their first write converts them
-# (so it is issued through io-wq), which would make them empty images.
-mk_image() { # KIND PATH
-    local pre=falloc
-    [ "$FS" = tmpfs ] || pre=full
-    drop "$2"
-    case $1 in
-        raw) qemu-img create -q -f raw -o preallocation=$pre "$2" "$SIZE" ;;
-        prealloc) qemu-img create -q -f qcow2 -o preallocation=$pre "$2" "$SIZE" ;;
-        empty) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
-        sparse) qemu-img create -q -f raw "$2" "$SIZE" ;;
-    esac
-}
 
 # ---- one run: set up, fio, tear down ------------------------------------
 

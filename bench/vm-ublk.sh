@@ -364,7 +364,7 @@ if [ -z "$LOG" ]; then
     KEEP=0
 fi
 # B: named qublk-b in the guest (run.sh copies files under their names).
-EXTRA=(bench/vm-peers.guest.sh "${PEER[@]}")
+EXTRA=(bench/vm-lib.guest.sh "${PEER[@]}")
 if [ -n "$AB" ]; then
     [ -x "$AB" ] || { echo "vm-ublk.sh: --ab $AB: not an executable" >&2; exit 2; }
     ABDIR=$(mktemp -d /tmp/qublk-vm-ab.XXXXXX)
