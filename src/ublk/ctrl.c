@@ -382,3 +382,10 @@ int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, unsigned dev_id)
 {
 	return new_cmd(c, QUBLK_CMD_TRY_STOP_DEV, UBLK_F_SAFE_STOP_DEV, dev_id, 0);
 }
+
+int ublk_ctrl_get_queue_affinity(struct ublk_ctrl *c, unsigned dev_id, unsigned q_id,
+				 cpu_set_t *set)
+{
+	CPU_ZERO(set);
+	return dev_cmd(c, UBLK_CMD_GET_QUEUE_AFFINITY, dev_id, set, sizeof(*set), q_id);
+}

@@ -314,6 +314,36 @@ static void redirect_stdio(unsigned dev_id, bool append)
 
 /* ------------------------------------------------------------- daemon */
 
+/* Queues at most this deep are pinned to one CPU. */
+#define QUEUE_PIN_MAX_DEPTH 4
+
+/*
+ * The CPU a queue's thread is pinned to, or -1 to let it float.  A
+ * shallow queue's thread sleeps between requests, and every wakeup lets
+ * the scheduler move it: measured at depth 1 (bench/vm-ublk.sh --qdepth
+ * 1, README), a thread kept on the first CPU of its queue's map (the CPUs
+ * whose requests reach it, as kublk pins) serves 1.7-2x the requests of
+ * a floating one.  A deep queue's thread stays busy and needs the freedom
+ * more: pinned at depth 128 it lost to its own fio job on one vCPU.
+ */
+static int queue_pin_cpu(struct ublk_dev *d, unsigned q_id)
+{
+	cpu_set_t set;
+	int ret;
+
+	if (d->info.queue_depth > QUEUE_PIN_MAX_DEPTH)
+		return -1;
+	ret = ublk_ctrl_get_queue_affinity(&d->ctrl, d->info.dev_id, q_id, &set);
+	if (ret < 0) {
+		log_debug("queue %u: GET_QUEUE_AFFINITY: %s", q_id, strerror(-ret));
+		return -1;
+	}
+	for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
+		if (CPU_ISSET(cpu, &set))
+			return cpu;
+	return -1;
+}
+
 static int setup_queues(struct ublk_dev *d)
 {
 	size_t per_q = (size_t)d->info.queue_depth * d->opts.max_io;
@@ -328,6 +358,7 @@ static int setup_queues(struct ublk_dev *d)
 		d->queues[i].dev = d;
 		d->queues[i].q_id = i;
 		d->queues[i].depth = d->info.queue_depth;
+		d->queues[i].pin_cpu = queue_pin_cpu(d, i);
 	}
 	for (unsigned i = 0; i < d->nr_queues; i++) {
 		struct ublk_queue *q = &d->queues[i];

@@ -381,6 +381,16 @@ static void *queue_thread(void *opaque)
 	if (prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) < 0)
 		log_debug("queue %u: PR_SET_IO_FLUSHER: %s", q->q_id, strerror(errno));
 
+	if (q->pin_cpu >= 0) {
+		cpu_set_t set;
+
+		CPU_ZERO(&set);
+		CPU_SET(q->pin_cpu, &set);
+		ret = pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+		if (ret)
+			log_debug("queue %u: pinning to CPU %d: %s", q->q_id, q->pin_cpu,
+				  strerror(ret));
+	}
 	ret = queue_setup(q);
 	q->init_ret = ret;
 	sem_post(&q->ready);

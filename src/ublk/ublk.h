@@ -21,6 +21,7 @@
 
 #include <liburing.h>
 #include <pthread.h>
+#include <sched.h>
 #include <semaphore.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -77,6 +78,10 @@ int ublk_ctrl_update_size(struct ublk_ctrl *c, unsigned dev_id, uint64_t bytes);
 int ublk_ctrl_quiesce(struct ublk_ctrl *c, unsigned dev_id, unsigned timeout_ms);
 /* TRY_STOP_DEV: STOP_DEV unless the block device is open (-EBUSY). */
 int ublk_ctrl_try_stop_dev(struct ublk_ctrl *c, unsigned dev_id);
+/* GET_QUEUE_AFFINITY: the CPUs whose requests go to queue @q_id (the
+ * block layer's map for the device's hardware queues). */
+int ublk_ctrl_get_queue_affinity(struct ublk_ctrl *c, unsigned dev_id, unsigned q_id,
+				 cpu_set_t *set);
 
 /* Encoding helpers, exported for the unit test. */
 unsigned ublk_ctrl_opcode(unsigned nr, bool encoded);
@@ -210,6 +215,9 @@ struct ublk_queue {
 	bool keep_ring;
 	unsigned live_tags;           /* tag coroutines not yet finished */
 	unsigned busy_tags;           /* tags inside a target op */
+	/* The CPU the thread is pinned to, or -1 (shallow queues only: see
+	 * queue_pin_cpu in dev.c). */
+	int pin_cpu;
 	pthread_t thread;
 	bool thread_started;
 	sem_t ready;                  /* posted once init_ret is set */

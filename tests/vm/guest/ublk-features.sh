@@ -5,7 +5,8 @@
 # have (Linux 6.12: recovery, unprivileged devices, ioctl encoding, user
 # copy; 7.3 adds update_size, quiesce, safe_stop_dev, auto_buf_reg,
 # per_io_daemon), the human and JSON outputs must agree, and a device
-# created by `qublk add` carries the flags qublk uses that the driver offers.
+# created by `qublk add` carries the flags qublk uses that the driver offers;
+# a shallow queue's thread is pinned to the first CPU of its queue's map.
 
 W=/tmp/ublk-features
 mkdir -p "$W"
@@ -71,6 +72,51 @@ t_zero_copy() {
     qublk del -n "$id"
 }
 
+# thread_cpus COMM: the Cpus_allowed_list of the thread named COMM (one
+# device at a time here, so the name is unique).
+thread_cpus() {
+    local t
+    for t in /proc/[0-9]*/task/[0-9]*; do
+        [ "$(cat "$t/comm" 2>/dev/null)" = "$1" ] || continue
+        awk '/^Cpus_allowed_list:/ { print $2 }' "$t/status"
+        return 0
+    done
+    fail "no thread $1"
+}
+
+# A shallow queue's thread is pinned to the first CPU of its queue's map
+# (the oracle: the block layer's own /sys/block/ublkbN/mq/Q/cpu_list); a
+# deep queue's threads float over every CPU.
+t_queue_pin() {
+    local dev id q first got all
+    all=$(cat /sys/devices/system/cpu/online)
+    truncate -s 64M "$W/pin.raw"
+    dev=$(qublk add -t raw -q 2 -d 2 "$W/pin.raw")
+    id=${dev#/dev/ublkb}
+    for q in 0 1; do
+        cat "/sys/block/ublkb$id/mq/$q/cpu_list"
+        first=$(tr -c '0-9' ' ' <"/sys/block/ublkb$id/mq/$q/cpu_list" | awk '{ print $1 }')
+        [ -n "$first" ] || fail "queue $q maps no CPU"
+        got=$(thread_cpus "qublk-q$q")
+        [ "$got" = "$first" ] || fail "depth 2: qublk-q$q runs on '$got', want '$first'"
+    done
+    # The pinned queues still move data, from both CPUs' submitters.
+    fio --name=pin --filename="$dev" --rw=randwrite --bs=4k --size=16M \
+        --verify=crc32c --verify_fatal=1 --ioengine=libaio --direct=1 --iodepth=4 \
+        --numjobs=2 --offset_increment=16M --group_reporting >/dev/null ||
+        fail "fio --verify through the pinned queues failed"
+    qublk del -n "$id"
+    rm -f "$W/pin.raw"
+    dev=$(qublk add -t null --size 64M -q 2 -d 128)
+    id=${dev#/dev/ublkb}
+    for q in 0 1; do
+        got=$(thread_cpus "qublk-q$q")
+        [ "$got" = "$all" ] || fail "depth 128: qublk-q$q runs on '$got', want '$all'"
+    done
+    qublk del -n "$id"
+}
+
 need qublk
 vmtest ublk-features t_features
 vmtest ublk-zero-copy t_zero_copy
+vmtest ublk-queue-pin t_queue_pin
