@@ -328,7 +328,7 @@ static void redirect_stdio(unsigned dev_id, bool append)
  */
 static int queue_pin_cpu(struct ublk_dev *d, unsigned q_id)
 {
-	cpu_set_t set;
+	cpu_set_t set, allowed;
 	int ret;
 
 	if (d->info.queue_depth > QUEUE_PIN_MAX_DEPTH)
@@ -338,6 +338,9 @@ static int queue_pin_cpu(struct ublk_dev *d, unsigned q_id)
 		log_debug("queue %u: GET_QUEUE_AFFINITY: %s", q_id, strerror(-ret));
 		return -1;
 	}
+	/* Only where the daemon may run (a cpuset, systemd's CPUAffinity=). */
+	if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
+		CPU_AND(&set, &set, &allowed);
 	for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
 		if (CPU_ISSET(cpu, &set))
 			return cpu;

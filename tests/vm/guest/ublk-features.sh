@@ -114,6 +114,15 @@ t_queue_pin() {
         [ "$got" = "$all" ] || fail "depth 128: qublk-q$q runs on '$got', want '$all'"
     done
     qublk del -n "$id"
+    # Pinned only where the daemon may run: started on CPU 1 alone (mask
+    # 2), no queue thread may go to CPU 0, whatever its queue's map says.
+    dev=$(taskset 2 qublk add -t null --size 64M -q 2 -d 2)
+    id=${dev#/dev/ublkb}
+    for q in 0 1; do
+        got=$(thread_cpus "qublk-q$q")
+        [ "$got" = 1 ] || fail "daemon on CPU 1: qublk-q$q runs on '$got'"
+    done
+    qublk del -n "$id"
 }
 
 need qublk
