@@ -322,8 +322,8 @@ static void redirect_stdio(unsigned dev_id, bool append)
  * shallow queue's thread sleeps between requests, and every wakeup lets
  * the scheduler move it: measured at depth 1 (bench/vm-ublk.sh --qdepth
  * 1, README), a thread kept on the first CPU of its queue's map (the CPUs
- * whose requests reach it, as kublk pins) serves 1.7-2x the requests of
- * a floating one.  A deep queue's thread stays busy and needs the freedom
+ * whose requests reach it, as kublk pins) serves 1.1-1.65x the requests
+ * of a floating one.  A deep queue's thread stays busy and needs the freedom
  * more: pinned at depth 128 it lost to its own fio job on one vCPU.
  */
 static int queue_pin_cpu(struct ublk_dev *d, unsigned q_id)
