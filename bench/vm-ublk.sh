@@ -144,6 +144,34 @@ render() {
         if (n == 1) return sprintf("%.2fx", sum)
         return sprintf("%.2fx (%.2f-%.2f)", sum / n, lo, hi)
     }
+    # A table with one row per workload: @keys names KIND/CONFIG runs
+    # (space-separated), @cols lays out the columns after the workload:
+    # vN the value of key N, rN/M the ratio of key N to key M.  Rows
+    # where none of the keys numbered in @need has a value are left out.
+    # @lead, if not empty, fills a first column (the image) on every row.
+    function wltable(head, lead, keys, cols, need,   nk, nc, nn, kk, c, a, p, q, w, wl, i, row, sep, any) {
+        print ""
+        print head
+        nc = split(cols, c, " ")
+        sep = lead == "" ? "|---|" : "|---|---|"
+        for (i = 1; i <= nc; i++) sep = sep "---:|"
+        print sep
+        nk = split(keys, a, " ")
+        nn = split(need, q, " ")
+        for (w = 1; w <= nwl; w++) {
+            wl = wls[w]
+            for (i = 1; i <= nk; i++) { kk[i] = a[i] SUBSEP wl; sub("/", SUBSEP, kk[i]) }
+            any = 0
+            for (i = 1; i <= nn; i++) if (val(kk[q[i]]) != "") any = 1
+            if (!any) continue
+            row = (lead == "" ? "" : "| " lead " ") "| " wl " |"
+            for (i = 1; i <= nc; i++) {
+                if (c[i] ~ /^v/) row = row " " fmt(wl, val(kk[substr(c[i], 2)])) " |"
+                else { split(substr(c[i], 2), p, "/"); row = row " " ratio(kk[p[1]], kk[p[2]]) " |" }
+            }
+            print row
+        }
+    }
     # whether a configuration matching the regex ran (and, with @bad, failed)
     function ran(re, bad,   k) {
         for (k in CNT) if (k ~ re) return 1
@@ -194,67 +222,26 @@ render() {
                     fmt(wl, val(kb)), ratio(k1, kb), ratio(k2, kb), ratio(k1, kr), ratio(k2, kr)
             }
         }
-        print ""
-        print "| image | workload | ublksrv null | ublksrv loop | ublksrv qcow2 | null/ublksrv null | raw/ublksrv loop | q1/ublksrv | q2/ublksrv |"
-        print "|---|---|---:|---:|---:|---:|---:|---:|---:|"
-        for (w = 1; w <= nwl; w++) {
-            wl = wls[w]
-            kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
-            sn = "none" SUBSEP "ublksrv" SUBSEP wl; sr = "raw" SUBSEP "ublksrv" SUBSEP wl
-            sq = "prealloc" SUBSEP "ublksrv" SUBSEP wl
-            k1 = "prealloc" SUBSEP "qublk-q1" SUBSEP wl; k2 = "prealloc" SUBSEP "qublk-q2" SUBSEP wl
-            if (val(sn) == "" && val(sr) == "" && val(sq) == "") continue
-            printf "| qcow2 prealloc | %s | %s | %s | %s | %s | %s | %s | %s |\n",
-                wl, fmt(wl, val(sn)), fmt(wl, val(sr)), fmt(wl, val(sq)),
-                ratio(kn, sn), ratio(kr, sr), ratio(k1, sq), ratio(k2, sq)
-        }
+        wltable("| image | workload | ublksrv null | ublksrv loop | ublksrv qcow2 | null/ublksrv null | raw/ublksrv loop | q1/ublksrv | q2/ublksrv |",
+                "qcow2 prealloc",
+                "none/null raw/raw prealloc/qublk-q1 prealloc/qublk-q2 none/ublksrv raw/ublksrv prealloc/ublksrv",
+                "v5 v6 v7 r1/5 r2/6 r3/7 r4/7", "5 6 7")
         # kublk (the 7.3 kernel only): null and loop, plain and --auto_zc.
-        if (ran("kublk", 1)) {
-            print ""
-            print "| workload | kublk null | kublk-zc null | kublk loop | kublk-zc loop | null/kublk null | null/kublk-zc null | raw/kublk loop | raw/kublk-zc loop |"
-            print "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-            for (w = 1; w <= nwl; w++) {
-                wl = wls[w]
-                kn = "none" SUBSEP "null" SUBSEP wl; kr = "raw" SUBSEP "raw" SUBSEP wl
-                un = "none" SUBSEP "kublk" SUBSEP wl; uz = "none" SUBSEP "kublk-zc" SUBSEP wl
-                ur = "raw" SUBSEP "kublk" SUBSEP wl; urz = "raw" SUBSEP "kublk-zc" SUBSEP wl
-                if (val(un) == "" && val(uz) == "" && val(ur) == "" && val(urz) == "") continue
-                printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
-                    wl, fmt(wl, val(un)), fmt(wl, val(uz)), fmt(wl, val(ur)), fmt(wl, val(urz)),
-                    ratio(kn, un), ratio(kn, uz), ratio(kr, ur), ratio(kr, urz)
-            }
-        }
+        if (ran("kublk", 1))
+            wltable("| workload | kublk null | kublk-zc null | kublk loop | kublk-zc loop | null/kublk null | null/kublk-zc null | raw/kublk loop | raw/kublk-zc loop |",
+                    "", "none/null raw/raw none/kublk none/kublk-zc raw/kublk raw/kublk-zc",
+                    "v3 v4 v5 v6 r1/3 r1/4 r2/5 r2/6", "3 4 5 6")
         # Queues (null-q2 runs): two queues against one, null and qcow2.
-        if (ran("null-q2", 0)) {
-            print ""
-            print "| workload | null q1 | null q2 | null q2/q1 | qcow2 q1 | qcow2 q2 | qcow2 q2/q1 |"
-            print "|---|---:|---:|---:|---:|---:|---:|"
-            for (w = 1; w <= nwl; w++) {
-                wl = wls[w]
-                kn = "none" SUBSEP "null" SUBSEP wl; kn2 = "none" SUBSEP "null-q2" SUBSEP wl
-                k1 = "prealloc" SUBSEP "qublk-q1" SUBSEP wl; k2 = "prealloc" SUBSEP "qublk-q2" SUBSEP wl
-                if (val(kn2) == "") continue
-                printf "| %s | %s | %s | %s | %s | %s | %s |\n",
-                    wl, fmt(wl, val(kn)), fmt(wl, val(kn2)), ratio(kn2, kn),
-                    fmt(wl, val(k1)), fmt(wl, val(k2)), ratio(k2, k1)
-            }
-        }
+        if (ran("null-q2", 0))
+            wltable("| workload | null q1 | null q2 | null q2/q1 | qcow2 q1 | qcow2 q2 | qcow2 q2/q1 |", "",
+                    "none/null none/null-q2 prealloc/qublk-q1 prealloc/qublk-q2",
+                    "v1 v2 r2/1 v3 v4 r4/3", "2")
         # Allocation (sparse/raw runs): what allocating in the file system
         # costs a raw file, next to what an empty qcow2 pays.
-        if (ran("^sparse", 0)) {
-            print ""
-            print "| workload | raw | raw sparse | qcow2 prealloc q1 | qcow2 empty q1 | sparse/raw | empty/prealloc | empty/sparse |"
-            print "|---|---:|---:|---:|---:|---:|---:|---:|"
-            for (w = 1; w <= nwl; w++) {
-                wl = wls[w]
-                kr = "raw" SUBSEP "raw" SUBSEP wl; ks = "sparse" SUBSEP "raw" SUBSEP wl
-                k1 = "prealloc" SUBSEP "qublk-q1" SUBSEP wl; ke = "empty" SUBSEP "qublk-q1" SUBSEP wl
-                if (val(ks) == "") continue
-                printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n",
-                    wl, fmt(wl, val(kr)), fmt(wl, val(ks)), fmt(wl, val(k1)), fmt(wl, val(ke)),
-                    ratio(ks, kr), ratio(ke, k1), ratio(ke, ks)
-            }
-        }
+        if (ran("^sparse", 0))
+            wltable("| workload | raw | raw sparse | qcow2 prealloc q1 | qcow2 empty q1 | sparse/raw | empty/prealloc | empty/sparse |", "",
+                    "raw/raw sparse/raw prealloc/qublk-q1 empty/qublk-q1",
+                    "v1 v2 v3 v4 r2/1 r4/3 r4/2", "2")
         # A/B (--ab): B/A per row, when there are B runs.
         if (ran("(null-b|raw-b|qublk-b-q[0-9])", 0)) {
             print ""
