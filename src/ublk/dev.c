@@ -314,17 +314,20 @@ static void redirect_stdio(unsigned dev_id, bool append)
 
 /* ------------------------------------------------------------- daemon */
 
-/* Queues at most this deep are pinned to one CPU. */
+/* Queues at most this deep may be pinned to one CPU. */
 #define QUEUE_PIN_MAX_DEPTH 4
 
 /*
  * The CPU a queue's thread is pinned to, or -1 to let it float.  A
  * shallow queue's thread sleeps between requests, and every wakeup lets
- * the scheduler move it: measured at depth 1 (bench/vm-ublk.sh --qdepth
- * 1, README), a thread kept on the first CPU of its queue's map (the CPUs
- * whose requests reach it, as kublk pins) serves 1.1-1.65x the requests
- * of a floating one.  A deep queue's thread stays busy and needs the freedom
- * more: pinned at depth 128 it lost to its own fio job on one vCPU.
+ * the scheduler move it: measured at depth 1 and 4 with one queue
+ * (bench/vm-ublk.sh --qdepth N, README), a thread kept on the first CPU
+ * of its queue's map (the CPUs whose requests reach it, as kublk pins)
+ * serves up to 1.65x the requests of a floating one.  Only when that map
+ * spans more than one CPU: a queue of its own CPU's requests pinned there
+ * shares that CPU with every submitter (two queues on two CPUs, one fio
+ * job: 0.65-0.82x at depth 4, as at 128).  A deep queue's thread stays
+ * busy and floats (one queue at depth 128: 0.85x to 1.22x pinned).
  */
 static int queue_pin_cpu(struct ublk_dev *d, unsigned q_id)
 {
@@ -341,6 +344,8 @@ static int queue_pin_cpu(struct ublk_dev *d, unsigned q_id)
 	/* Only where the daemon may run (a cpuset, systemd's CPUAffinity=). */
 	if (sched_getaffinity(0, sizeof(allowed), &allowed) == 0)
 		CPU_AND(&set, &set, &allowed);
+	if (CPU_COUNT(&set) < 2)
+		return -1;
 	for (int cpu = 0; cpu < CPU_SETSIZE; cpu++)
 		if (CPU_ISSET(cpu, &set))
 			return cpu;

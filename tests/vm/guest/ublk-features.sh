@@ -6,7 +6,8 @@
 # copy; 7.3 adds update_size, quiesce, safe_stop_dev, auto_buf_reg,
 # per_io_daemon), the human and JSON outputs must agree, and a device
 # created by `qublk add` carries the flags qublk uses that the driver offers;
-# a shallow queue's thread is pinned to the first CPU of its queue's map.
+# a shallow queue's thread is pinned to the first CPU of its queue's map
+# when that map spans more than one CPU.
 
 W=/tmp/ublk-features
 mkdir -p "$W"
@@ -85,43 +86,52 @@ thread_cpus() {
 }
 
 # A shallow queue's thread is pinned to the first CPU of its queue's map
-# (the oracle: the block layer's own /sys/block/ublkbN/mq/Q/cpu_list); a
-# deep queue's threads float over every CPU.
+# when that map spans more than one CPU (the oracle: the block layer's own
+# /sys/block/ublkbN/mq/Q/cpu_list); a queue of one CPU's requests, and a
+# deep queue, float over every CPU the daemon may use.
 t_queue_pin() {
-    local dev id q first got all
+    local dev id q first got all n
     all=$(cat /sys/devices/system/cpu/online)
+    [ "$all" = 0-1 ] || skip "written for two CPUs, not '$all'"
     truncate -s 64M "$W/pin.raw"
-    dev=$(qublk add -t raw -q 2 -d 2 "$W/pin.raw")
+    # One queue: all the CPUs' requests; pinned to the first.
+    dev=$(qublk add -t raw -q 1 -d 2 "$W/pin.raw")
     id=${dev#/dev/ublkb}
-    for q in 0 1; do
-        cat "/sys/block/ublkb$id/mq/$q/cpu_list"
-        first=$(tr -c '0-9' ' ' <"/sys/block/ublkb$id/mq/$q/cpu_list" | awk '{ print $1 }')
-        [ -n "$first" ] || fail "queue $q maps no CPU"
-        got=$(thread_cpus "qublk-q$q")
-        [ "$got" = "$first" ] || fail "depth 2: qublk-q$q runs on '$got', want '$first'"
-    done
-    # The pinned queues still move data, from both CPUs' submitters.
+    cat "/sys/block/ublkb$id/mq/0/cpu_list"
+    first=$(tr -c '0-9' ' ' <"/sys/block/ublkb$id/mq/0/cpu_list" | awk '{ print $1 }')
+    n=$(tr -c '0-9' ' ' <"/sys/block/ublkb$id/mq/0/cpu_list" | wc -w)
+    [ "$n" = 2 ] || fail "one queue maps $n CPUs, not 2"
+    got=$(thread_cpus qublk-q0)
+    [ "$got" = "$first" ] || fail "one queue, depth 2: qublk-q0 runs on '$got', want '$first'"
+    # The pinned queue still moves data, from both CPUs' submitters.
     fio --name=pin --filename="$dev" --rw=randwrite --bs=4k --size=16M \
         --verify=crc32c --verify_fatal=1 --ioengine=libaio --direct=1 --iodepth=4 \
         --numjobs=2 --offset_increment=16M --group_reporting >/dev/null ||
-        fail "fio --verify through the pinned queues failed"
+        fail "fio --verify through the pinned queue failed"
     qublk del -n "$id"
     rm -f "$W/pin.raw"
-    dev=$(qublk add -t null --size 64M -q 2 -d 128)
+    # Two queues, one CPU each: pinned there, a thread would share its CPU
+    # with every submitter of its requests.  They float.
+    dev=$(qublk add -t null --size 64M -q 2 -d 2)
     id=${dev#/dev/ublkb}
     for q in 0 1; do
+        cat "/sys/block/ublkb$id/mq/$q/cpu_list"
         got=$(thread_cpus "qublk-q$q")
-        [ "$got" = "$all" ] || fail "depth 128: qublk-q$q runs on '$got', want '$all'"
+        [ "$got" = "$all" ] || fail "two queues, depth 2: qublk-q$q runs on '$got', want '$all'"
     done
     qublk del -n "$id"
-    # Pinned only where the daemon may run: started on CPU 1 alone (mask
-    # 2), no queue thread may go to CPU 0, whatever its queue's map says.
-    dev=$(taskset 2 qublk add -t null --size 64M -q 2 -d 2)
+    # A deep queue floats.
+    dev=$(qublk add -t null --size 64M -q 1 -d 128)
     id=${dev#/dev/ublkb}
-    for q in 0 1; do
-        got=$(thread_cpus "qublk-q$q")
-        [ "$got" = 1 ] || fail "daemon on CPU 1: qublk-q$q runs on '$got'"
-    done
+    got=$(thread_cpus qublk-q0)
+    [ "$got" = "$all" ] || fail "depth 128: qublk-q0 runs on '$got', want '$all'"
+    qublk del -n "$id"
+    # Pinned only where the daemon may run: started on CPU 1 alone (mask
+    # 2), its one queue's thread may not go to CPU 0, the map's first.
+    dev=$(taskset 2 qublk add -t null --size 64M -q 1 -d 2)
+    id=${dev#/dev/ublkb}
+    got=$(thread_cpus qublk-q0)
+    [ "$got" = 1 ] || fail "daemon on CPU 1: qublk-q0 runs on '$got'"
     qublk del -n "$id"
 }
 
