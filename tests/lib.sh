@@ -308,6 +308,35 @@ mkimg() {
     qemu-img create -q "$@" >/dev/null || fail "qemu-img create $*"
 }
 
+# lock_bytes PID FILE: the OFD lock bytes PID holds on FILE (from its
+# fdinfo), sorted, space-separated.
+lock_bytes() {
+    local ino
+    ino=$(stat -c %i "$2")
+    cat /proc/"$1"/fdinfo/* 2>/dev/null | awk -v ino="$ino" '
+        $1 == "lock:" {
+            n = split($7, a, ":")
+            if (a[n] != ino) next
+            e = $9 == "EOF" ? $8 + 1000 : $9
+            for (b = $8; b <= e && b < $8 + 1000; b++) print b
+        }' | sort -n | uniq | tr '\n' ' ' | sed 's/ $//'
+}
+
+# wait_write_lock PID FILE: until PID (a qemu-io started on FILE) holds
+# FILE's write permission lock byte (101, QEMU's protocol).  Asking with
+# a second opener instead races the holder's own open: QEMU's protocol
+# takes, then tests, so two openers at once may both be refused, and the
+# holder then exits before the test uses it.
+wait_write_lock() {
+    local n=0
+    while ! [[ " $(lock_bytes "$1" "$2") " = *" 101 "* ]]; do
+        _alive "$1" || fail "the lock holder (pid $1) exited before locking $2"
+        n=$((n + 1))
+        [ "$n" -lt 400 ] || fail "pid $1 did not lock $2 in 20 s"
+        sleep 0.05
+    done
+}
+
 # require_vm: skip unless the ublk VM harness can run here (qublk built,
 # qemu-system-x86_64 and the guest kernel present; as root, tries
 # tests/vm/setup.sh first).

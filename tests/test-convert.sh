@@ -278,15 +278,8 @@ cp "$S/v3-64k.qcow2" "$O/held.qcow2"
 sum0=$(md5sum <"$O/held.qcow2")
 # (It holds it until killed: a timed sleep could end first on a loaded machine.)
 qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 600000' >/dev/null 2>&1 &
-holder=$! held=
-for _ in $(seq 400); do     # until qemu-io holds it: then readers are refused
-    if ! qemu-io -f qcow2 -r -c 'read 0 512' "$O/held.qcow2" >/dev/null 2>&1; then
-        held=1
-        break
-    fi
-    sleep 0.05
-done
-[ -n "$held" ] || fail "qemu-io never took the image"
+holder=$!
+wait_write_lock "$holder" "$O/held.qcow2"
 rc=0
 "$QUBLK" convert "$S/top.qcow2" "$O/held.qcow2" 2>"$TMPD/err" || rc=$?
 kill "$holder"

@@ -47,19 +47,6 @@ _locking_cleanup() {
 }
 trap _locking_cleanup EXIT
 
-# The lock bytes PID holds on FILE, sorted, space-separated.
-lock_bytes() {
-    local ino
-    ino=$(stat -c %i "$2")
-    cat /proc/"$1"/fdinfo/* 2>/dev/null | awk -v ino="$ino" '
-        $1 == "lock:" {
-            n = split($7, a, ":")
-            if (a[n] != ino) next
-            e = $9 == "EOF" ? $8 + 1000 : $9
-            for (b = $8; b <= e && b < $8 + 1000; b++) print b
-        }' | sort -n | uniq | tr '\n' ' ' | sed 's/ $//'
-}
-
 # bg_start LOG CMD...: run CMD in the background; sets BG_PID, BG_LOG.
 bg_start() {
     BG_N=$((BG_N + 1))

@@ -189,15 +189,8 @@ check_json "$TMPD/empty.qcow2"
 # qemu-io holds the image until killed (a timed sleep could end first on
 # a loaded machine).
 qemu-io -f qcow2 "$TOP" -c 'sleep 600000' >/dev/null 2>&1 &
-sleep_pid=$! held=
-for _ in $(seq 400); do
-    if ! qemu-io -f qcow2 -r -c 'read 0 512' "$TOP" >/dev/null 2>&1; then
-        held=1
-        break
-    fi
-    sleep 0.05
-done
-[ -n "$held" ] || fail "qemu-io never took $TOP"
+sleep_pid=$!
+wait_write_lock "$sleep_pid" "$TOP"
 rc=0 rc_u=0
 "$QUBLK" map "$TOP" >/dev/null 2>"$TMPD/err" || rc=$?
 "$QUBLK" map -U --output=json "$TOP" >/dev/null || rc_u=$?
