@@ -322,17 +322,18 @@ lock_bytes() {
         }' | sort -n | uniq | tr '\n' ' ' | sed 's/ $//'
 }
 
-# wait_write_lock PID FILE: until PID (a qemu-io started on FILE) holds
-# FILE's write permission lock byte (101, QEMU's protocol).  Asking with
-# a second opener instead races the holder's own open: QEMU's protocol
-# takes, then tests, so two openers at once may both be refused, and the
-# holder then exits before the test uses it.
-wait_write_lock() {
+# wait_lock_byte PID FILE BYTE: until PID holds lock byte BYTE of FILE
+# (a qemu-io holder is ready then: it prints nothing before its 'sleep').
+# Returns 1, saying why on stderr, if PID exits first or 20 s pass.
+# Asking with a second opener instead races the holder's own open: QEMU's
+# protocol takes, then tests, so two openers at once may both be refused,
+# and the holder then exits before the test uses it.
+wait_lock_byte() {
     local n=0
-    while ! [[ " $(lock_bytes "$1" "$2") " = *" 101 "* ]]; do
-        _alive "$1" || fail "the lock holder (pid $1) exited before locking $2"
+    while ! [[ " $(lock_bytes "$1" "$2") " = *" $3 "* ]]; do
+        _alive "$1" || { echo "pid $1 exited before locking byte $3 of $2" >&2; return 1; }
         n=$((n + 1))
-        [ "$n" -lt 400 ] || fail "pid $1 did not lock $2 in 20 s"
+        [ "$n" -lt 400 ] || { echo "pid $1: byte $3 of $2 not locked after 20 s" >&2; return 1; }
         sleep 0.05
     done
 }

@@ -279,7 +279,8 @@ sum0=$(md5sum <"$O/held.qcow2")
 # (It holds it until killed: a timed sleep could end first on a loaded machine.)
 qemu-io -f qcow2 "$O/held.qcow2" -c 'sleep 600000' >/dev/null 2>&1 &
 holder=$!
-wait_write_lock "$holder" "$O/held.qcow2"
+# Ready once it holds the write permission's lock byte (101).
+wait_lock_byte "$holder" "$O/held.qcow2" 101 || fail "qemu-io never took $O/held.qcow2"
 rc=0
 "$QUBLK" convert "$S/top.qcow2" "$O/held.qcow2" 2>"$TMPD/err" || rc=$?
 kill "$holder"

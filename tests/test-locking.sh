@@ -71,19 +71,9 @@ bg_wait_sock() {
     done
 }
 
-# bg_wait_lock FILE BYTE: until BG_PID holds lock byte BYTE of FILE (the
-# holder's readiness: qemu-io prints nothing before its 'sleep').
+# bg_wait_lock FILE BYTE: until BG_PID holds lock byte BYTE of FILE.
 bg_wait_lock() {
-    local n=0
-    while ! [[ " $(lock_bytes "$BG_PID" "$1") " = *" $2 "* ]]; do
-        if ! _alive "$BG_PID"; then
-            cat "$BG_LOG" >&2
-            fail "holder exited before locking $1"
-        fi
-        n=$((n + 1))
-        [ "$n" -lt 400 ] || { cat "$BG_LOG" >&2; fail "byte $2 of $1 not locked after 20 s"; }
-        sleep 0.05
-    done
+    wait_lock_byte "$BG_PID" "$1" "$2" || { cat "$BG_LOG" >&2; fail "holder did not lock byte $2 of $1"; }
 }
 
 # bg_stop PID LOG [RC]: SIGTERM; it must exit with RC (default 0), and

@@ -190,7 +190,8 @@ check_json "$TMPD/empty.qcow2"
 # a loaded machine).
 qemu-io -f qcow2 "$TOP" -c 'sleep 600000' >/dev/null 2>&1 &
 sleep_pid=$!
-wait_write_lock "$sleep_pid" "$TOP"
+# Ready once it holds the write permission's lock byte (101).
+wait_lock_byte "$sleep_pid" "$TOP" 101 || fail "qemu-io never took $TOP"
 rc=0 rc_u=0
 "$QUBLK" map "$TOP" >/dev/null 2>"$TMPD/err" || rc=$?
 "$QUBLK" map -U --output=json "$TOP" >/dev/null || rc_u=$?
