@@ -57,7 +57,10 @@ drop() {
 # prealloc (qcow2, preallocated), empty (qcow2).  Preallocated images:
 # falloc on tmpfs (pages allocated); full on ext4, whose fallocated
 # extents are unwritten: their first write converts them (so it is issued
-# through io-wq), which would make them empty images.
+# through io-wq), which would make them empty images.  qemu-img writes
+# those zeros through the page cache, and an O_DIRECT write over cached
+# pages must drop them, which io_uring cannot do without blocking (it
+# would go to io-wq): they start uncached.
 mk_image() { # KIND PATH
     local pre=falloc
     [ "$FS" = tmpfs ] || pre=full
@@ -67,7 +70,11 @@ mk_image() { # KIND PATH
         prealloc) qemu-img create -q -f qcow2 -o preallocation=$pre "$2" "$SIZE" ;;
         empty) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
         sparse) qemu-img create -q -f raw "$2" "$SIZE" ;;
-    esac
+    esac || return
+    if [ "$pre" = full ] && { [ "$1" = raw ] || [ "$1" = prealloc ]; }; then
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+    fi
 }
 
 # ---- the peers --------------------------------------------------------------

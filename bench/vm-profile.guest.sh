@@ -49,12 +49,6 @@ profile() { # CFG
         empty) img=$B/img.qcow2; mk_image empty "$img" ;;
         *) fail "unknown configuration $cfg" ;;
     esac
-    # Preallocated images start uncached on ext4 (as in vm-ublk.guest.sh's
-    # t_images): O_DIRECT writes over cached pages go to io-wq.
-    if [ "$FS" = ext4 ]; then
-        sync
-        echo 3 >/proc/sys/vm/drop_caches
-    fi
     case $cfg in
         null) dev=$(qublk add -t null --size "$SIZE" -d "$QDEPTH" "${ADD_ARGS[@]}") ;;
         raw|sparse) dev=$(qublk add -t raw -d "$QDEPTH" "${ADD_ARGS[@]}" "$img") ;;

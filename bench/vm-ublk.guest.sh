@@ -417,13 +417,6 @@ vmtest bench-setup t_setup
 t_images() {
     mk_image raw "$IMG_RAW"
     mk_image prealloc "$IMG_PRE"
-    # qemu-img wrote the preallocated zeros through the page cache: an
-    # O_DIRECT write over cached pages must drop them, which io_uring
-    # cannot do without blocking (it would go to io-wq).  Start uncached.
-    if [ "$FS" = ext4 ]; then
-        sync
-        echo 3 >/proc/sys/vm/drop_caches
-    fi
     df -h "$B"
 }
 vmtest bench-images t_images
