@@ -304,7 +304,7 @@ static unsigned run_ready(struct aio_ctx *ctx)
 int aio_run_once(struct aio_ctx *ctx, bool block)
 {
 	struct io_uring_cqe *cqes[AIO_REAP_BATCH];
-	struct { struct aio_req *req; int res; } done[AIO_REAP_BATCH];
+	struct { struct aio_req *req; int res; unsigned flags; } done[AIO_REAP_BATCH];
 	unsigned n, i;
 	int ret;
 
@@ -317,6 +317,8 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 		wait = 0;
 	else if (!wait && ctx->idle_hook)
 		ctx->idle_hook(ctx->idle_opaque, false);    /* a busy loop looks too */
+	if (ctx->submit_hook)
+		ctx->submit_hook(ctx->submit_opaque);
 	ret = io_uring_submit_and_wait(&ctx->ring, wait);
 	if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY && ret != -ETIME)
 		return ret;
@@ -325,14 +327,19 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 		for (i = 0; i < n; i++) {
 			done[i].req = io_uring_cqe_get_data(cqes[i]);
 			done[i].res = cqes[i]->res;
-			/* Posted by another ring: not one of our SQEs. */
-			if (done[i].req != &ctx->remote_req)
+			done[i].flags = cqes[i]->flags;
+			/* Posted by another ring: not one of our SQEs.  A
+			 * multishot SQE is in flight until its last CQE. */
+			if (done[i].req != &ctx->remote_req && !(done[i].flags & IORING_CQE_F_MORE))
 				ctx->inflight--;
 		}
 		io_uring_cq_advance(&ctx->ring, n);
-		for (i = 0; i < n; i++)
-			if (done[i].req)
-				done[i].req->complete(done[i].req, done[i].res);
+		for (i = 0; i < n; i++) {
+			if (!done[i].req)
+				continue;
+			ctx->cqe_flags = done[i].flags;
+			done[i].req->complete(done[i].req, done[i].res);
+		}
 	} while (n == AIO_REAP_BATCH);
 	return 0;
 }

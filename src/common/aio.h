@@ -5,7 +5,9 @@
  *
  * Every SQE's user_data is a pointer to a struct aio_req; its complete()
  * runs on the loop with the CQE result.  This is the only place user_data
- * is encoded.  A coroutine waiting for one SQE uses aio_co_wait_sqe(), or
+ * is encoded.  A multishot SQE completes its req once per CQE; the CQE's
+ * flags (IORING_CQE_F_MORE: more to come; a provided buffer's id) are
+ * aio_ctx.cqe_flags while complete() runs.  A coroutine waiting for one SQE uses aio_co_wait_sqe(), or
  * aio_co_wait_sqe_as() with a struct aio_wait that another coroutine may
  * cancel (aio_cancel()).
  *
@@ -49,6 +51,13 @@ struct aio_ctx {
 	 * Returns true if it made a coroutine ready: the loop does not sleep. */
 	bool (*idle_hook)(void *opaque, bool sleeping);
 	void *idle_opaque;
+	/* Optional: called before each submit, to queue the SQEs that carry
+	 * what the coroutines just run left behind, gathered into one (the
+	 * ublk queue's batched COMMIT). */
+	void (*submit_hook)(void *opaque);
+	void *submit_opaque;
+	/* The flags of the CQE whose complete() runs (see above). */
+	unsigned cqe_flags;
 };
 
 /* Returns -errno. */
