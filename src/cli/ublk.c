@@ -42,7 +42,7 @@ static void add_usage(FILE *out)
 		"Usage: qublk add [-t qcow2|raw|null] [-q QUEUES] [-d DEPTH] [--read-only [-U]]\n"
 		"                 [-n ID] [--size SIZE] [--cache none|writeback] [--no-recovery]\n"
 		"                 [--discard unmap|ignore] [--unprivileged] [--recover-on-restart]\n"
-		"                 [--no-zero-copy]\n"
+		"                 [--no-zero-copy] [--no-batch]\n"
 		"                 [--foreground] [FILE]\n\n"
 		"Serve FILE (or, with -t null, nothing) as the block device /dev/ublkbN.\n"
 		"Prints the device path once the device is live; the daemon runs until\n"
@@ -76,6 +76,9 @@ static void add_usage(FILE *out)
 		"                       and user_copy, kernel 6.16+: 'qublk features'), in\n"
 		"                       which reads and writes of the image use the\n"
 		"                       request's own pages\n"
+		"      --no-batch       one command per request to fetch it and one to\n"
+		"                       commit it, even where the driver takes them in\n"
+		"                       batches per queue (batch_io: 7.3 has it)\n"
 		"      --unprivileged   an unprivileged device (UBLK_F_UNPRIVILEGED_DEV), which\n"
 		"                       only its owner can use: the default when not root.\n"
 		"                       Needs qublk's udev rules (60-qublk.rules: members of\n"
@@ -243,6 +246,7 @@ int cmd_add(int argc, char **argv)
 		{ "foreground", no_argument, NULL, 'f' },
 		{ "no-recovery", no_argument, NULL, 'R' },
 		{ "no-zero-copy", no_argument, NULL, 'Z' },
+		{ "no-batch", no_argument, NULL, 'B' },
 		{ "unprivileged", no_argument, NULL, 'u' },
 		{ "recover-on-restart", no_argument, NULL, 'X' },
 		{ "discard", required_argument, NULL, 'D' },
@@ -320,6 +324,9 @@ int cmd_add(int argc, char **argv)
 			break;
 		case 'Z':
 			o.no_zero_copy = true;
+			break;
+		case 'B':
+			o.no_batch = true;
 			break;
 		case 'u':
 			o.unprivileged = true;
@@ -656,9 +663,11 @@ int cmd_list(int argc, char **argv)
 			state = "quiescing";
 		if (json) {
 			printf("%s\n  {\"id\": %d, \"state\": \"%s\", \"recoverable\": %s, "
-			       "\"zero_copy\": %s, \"flags\": %llu, \"target\": ", shown ? "," : "",
-			       ids[i], state, (info.flags & UBLK_F_USER_RECOVERY) ? "true" : "false",
+			       "\"zero_copy\": %s, \"batch\": %s, \"flags\": %llu, \"target\": ",
+			       shown ? "," : "", ids[i], state,
+			       (info.flags & UBLK_F_USER_RECOVERY) ? "true" : "false",
 			       (info.flags & UBLK_F_AUTO_BUF_REG) ? "true" : "false",
+			       (info.flags & UBLK_F_BATCH_IO) ? "true" : "false",
 			       (unsigned long long)info.flags);
 			cli_json_string(stdout, st.target);
 			printf(", \"image\": ");

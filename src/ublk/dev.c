@@ -608,7 +608,12 @@ static int handover(struct ublk_dev *d, int cfd)
 		send_reply(cfd, "error: the device was created without user_recovery", -1);
 		return 0;
 	}
-	if (d->info.flags & UBLK_F_QUIESCE) {
+	/* Not with batched commands: there (7.3) QUIESCE_DEV waits for no
+	 * request and cancels the FETCHes as STOP_DEV does, marking the
+	 * queues aborted, so that every request arriving until the next
+	 * daemon recovers the device fails with EIO.  Closing our rings,
+	 * as without QUIESCE_DEV, makes the kernel requeue them instead. */
+	if ((d->info.flags & UBLK_F_QUIESCE) && !(d->info.flags & UBLK_F_BATCH_IO)) {
 		/* Requests in flight complete here, on the queue threads. */
 		ret = ublk_ctrl_quiesce(&d->ctrl, id, 30000);
 		if (ret < 0) {
@@ -620,8 +625,9 @@ static int handover(struct ublk_dev *d, int cfd)
 		}
 		log_info("ublk%u: quiesced for hand-over", id);
 	} else {
-		log_info("ublk%u: stopping the queues for hand-over (no QUIESCE_DEV here: "
-			 "requests the queues hold are requeued)", id);
+		log_info("ublk%u: stopping the queues for hand-over (%s: requests the queues "
+			 "hold are requeued)", id,
+			 (d->info.flags & UBLK_F_QUIESCE) ? "batched commands" : "no QUIESCE_DEV here");
 	}
 	stop_queues(d);
 	if (d->cdev_fd >= 0) {
@@ -1116,6 +1122,8 @@ static int dev_create(struct ublk_dev *d)
 	if (o->no_recovery)
 		d->info.flags &= ~(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				   UBLK_F_QUIESCE);
+	if (o->no_batch)
+		d->info.flags &= ~UBLK_F_BATCH_IO;
 	if (o->unprivileged && !(d->info.flags & UBLK_F_UNPRIVILEGED_DEV)) {
 		log_error("this ublk driver offers no unprivileged devices");
 		return -EOPNOTSUPP;

@@ -39,7 +39,8 @@ static const struct ublk_feature features[] = {
 	  "'qublk upgrade': the old daemon hands over without being killed" },
 	{ UBLK_F_PER_IO_DAEMON, "per_io_daemon", NULL },
 	{ UBLK_F_BUF_REG_OFF_DAEMON, "buf_reg_off_daemon", NULL },
-	{ UBLK_F_BATCH_IO, "batch_io", NULL },
+	{ UBLK_F_BATCH_IO, "batch_io",
+	  "each queue fetches and commits requests in batches (add --no-batch: not)" },
 	{ UBLK_F_INTEGRITY, "integrity", NULL },
 	{ UBLK_F_SAFE_STOP_DEV, "safe_stop_dev",
 	  "'qublk del' refuses while the device is open or mounted" },
@@ -93,6 +94,8 @@ uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged, bool zero_copy)
 	 * refuses either for unprivileged devices. */
 	if (zero_copy && !unprivileged && (offered & zc) == zc)
 		f |= zc;
+	/* Batched fetch and commit, with zero copy or without. */
+	f |= UBLK_F_BATCH_IO;
 	/* REISSUE implies RECOVERY: never ask for one without the other. */
 	if (!(offered & UBLK_F_USER_RECOVERY))
 		f &= ~(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE);

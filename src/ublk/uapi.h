@@ -223,6 +223,38 @@ struct ublk_params {
 #define UBLK_IO_RES_ABORT         (-ENODEV)
 #endif
 
+/* ---- UBLK_F_BATCH_IO (7.3): per-queue commands instead of per-tag ones.
+ * PREP hands the driver every tag (their buffer index or address), FETCH
+ * (multishot, with a provided buffer ring) delivers the tags of new
+ * requests as arrays of __u16, COMMIT returns results for any number of
+ * tags and makes them ready for their next request.  PREP and COMMIT
+ * carry an array of elements at sqe->addr (sqe->len bytes): a header,
+ * plus the buffer address with HAS_BUF_ADDR. ---- */
+#ifndef UBLK_U_IO_PREP_IO_CMDS
+struct ublk_elem_header {
+	__u16 tag;
+	__u16 buf_index;        /* AUTO_BUF_REG: where the next request's pages go */
+	__s32 result;           /* COMMIT only */
+};
+struct ublk_batch_io {
+	__u16 q_id;
+	__u16 flags;
+	__u16 nr_elem;
+	__u8 elem_bytes;
+	__u8 reserved;
+	__u64 reserved2;
+};
+#define UBLK_BATCH_F_HAS_ZONE_LBA          (1 << 0)
+#define UBLK_BATCH_F_HAS_BUF_ADDR          (1 << 1)
+#define UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK (1 << 2)
+#define UBLK_U_IO_PREP_IO_CMDS   _IOWR('u', 0x25, struct ublk_batch_io)
+#define UBLK_U_IO_COMMIT_IO_CMDS _IOWR('u', 0x26, struct ublk_batch_io)
+#define UBLK_U_IO_FETCH_IO_CMDS  _IOWR('u', 0x27, struct ublk_batch_io)
+#endif
+#ifndef IORING_URING_CMD_MULTISHOT
+#define IORING_URING_CMD_MULTISHOT (1U << 1)
+#endif
+
 /* ---- mmap offsets ---- */
 #ifndef UBLKSRV_CMD_BUF_OFFSET
 #define UBLKSRV_CMD_BUF_OFFSET 0
@@ -388,6 +420,10 @@ _Static_assert(UBLK_U_CMD_QUIESCE_DEV == 0xc0207516, "UBLK_U_CMD_QUIESCE_DEV enc
 _Static_assert(UBLK_U_CMD_TRY_STOP_DEV == 0xc0207517, "UBLK_U_CMD_TRY_STOP_DEV encoding");
 _Static_assert(UBLK_U_IO_FETCH_REQ == 0xc0107520, "UBLK_U_IO_FETCH_REQ encoding");
 _Static_assert(UBLK_U_IO_COMMIT_AND_FETCH_REQ == 0xc0107521, "UBLK_U_IO_COMMIT_AND_FETCH_REQ encoding");
+_Static_assert(sizeof(struct ublk_elem_header) == 8, "ublk_elem_header");
+_Static_assert(sizeof(struct ublk_batch_io) == 16, "ublk_batch_io");
+_Static_assert(UBLK_U_IO_PREP_IO_CMDS == 0xc0107525, "UBLK_U_IO_PREP_IO_CMDS encoding");
+_Static_assert(UBLK_U_IO_FETCH_IO_CMDS == 0xc0107527, "UBLK_U_IO_FETCH_IO_CMDS encoding");
 
 static inline __u8 ublk_iod_op(const struct ublksrv_io_desc *iod) { return iod->op_flags & 0xff; }
 

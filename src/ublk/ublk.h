@@ -205,6 +205,9 @@ struct ublk_queue {
 	bool zero_copy;
 	struct kbuf_window kbufs;
 	struct ublk_io *ios;          /* per tag */
+	/* Batched commands (UBLK_F_BATCH_IO), or NULL: per-tag FETCH and
+	 * COMMIT_AND_FETCH (queue.c). */
+	struct ublk_batch *batch;
 	struct aio_ctx aio;
 	bool ring_open;
 	/* /dev/ublkcN is file 0 of the ring's file table: the uring_cmds
@@ -260,6 +263,7 @@ struct ublk_dev_opts {
 	uint64_t size;          /* null target */
 	bool no_recovery;       /* ADD: without UBLK_F_USER_RECOVERY */
 	bool no_zero_copy;      /* ADD: without UBLK_F_AUTO_BUF_REG (copy the data) */
+	bool no_batch;          /* ADD: without UBLK_F_BATCH_IO (per-tag commands) */
 	bool unprivileged;      /* ADD: UBLK_F_UNPRIVILEGED_DEV */
 	enum ublk_discard discard;
 };

@@ -190,7 +190,8 @@ static void test_features(void)
 	const struct ublk_feature *f;
 	uint64_t seen = 0, all = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 		UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_UPDATE_SIZE |
-		UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG;
+		UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG |
+		UBLK_F_BATCH_IO;
 	size_t n;
 
 	/* One entry per bit, in bit order, every name distinct. */
@@ -210,7 +211,7 @@ static void test_features(void)
 	CHECK(ublk_features_used() == (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				       UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
 				       UBLK_F_UPDATE_SIZE | UBLK_F_QUIESCE | UBLK_F_SAFE_STOP_DEV |
-				       UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY));
+				       UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY | UBLK_F_BATCH_IO));
 	/* 'qublk features' says "uses" for exactly the bits a device may be
 	 * created with (each has its command: add, recover, upgrade,
 	 * resize, del, add --unprivileged; zero copy for add). */
@@ -219,13 +220,15 @@ static void test_features(void)
 
 	/* Device flags: only what is offered; recovery never for
 	 * unprivileged devices; quiesce and reissue only with recovery;
-	 * zero copy only when asked, privileged, and both bits offered. */
+	 * zero copy only when asked, privileged, and both bits offered;
+	 * batched commands whenever offered. */
 	CHECK(ublk_dev_flags(0, false, true) == 0);
 	CHECK(ublk_dev_flags(all, false, false) ==
 	      (all & ~(UBLK_F_UNPRIVILEGED_DEV | UBLK_F_USER_COPY | UBLK_F_AUTO_BUF_REG)));
 	CHECK(ublk_dev_flags(all, false, true) == (all & ~UBLK_F_UNPRIVILEGED_DEV));
 	CHECK(ublk_dev_flags(all, true, true) == (UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE |
-						  UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV));
+						  UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV |
+						  UBLK_F_BATCH_IO));
 	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE, false, true) == 0);
 	/* the 6.12 set: user copy alone is not zero copy */
 	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |

@@ -45,7 +45,7 @@ check_image() {
     rm -f "$W/qemu.raw"
 }
 
-# fio_case NAME FMT QUEUES [BACKING]
+# fio_case FMT QUEUES [BACKING]; $ADD_OPTS: more options for qublk add.
 fio_case() {
     local fmt=$1 queues=$2 backing=${3:-} img dev
     img=$W/img.$fmt
@@ -57,7 +57,8 @@ fio_case() {
     else
         qemu-img create -q -f "$fmt" "$img" "$IMG_SIZE"
     fi
-    dev=$(qublk add -t "$fmt" -q "$queues" "$img")
+    # shellcheck disable=SC2086 # ADD_OPTS: words
+    dev=$(qublk add -t "$fmt" -q "$queues" ${ADD_OPTS:-} "$img")
     [ -b "$dev" ]
     fio_verify "$dev" "$queues"
     dd if="$dev" of="$W/dev.dump" bs=1M iflag=direct status=none
@@ -91,6 +92,15 @@ t_fio_qcow2_q2() {
 t_fio_zc_fallback() {
     ublk_has auto_buf_reg || skip "no zero copy on $VMTEST_KERNEL"
     (export QUBLK_TEST_ZC_SLOTS=8; fio_case qcow2 1 backing)
+}
+# Where the driver takes batches (7.3) they are the default, with zero
+# copy: the two other ways a request can travel there, each checked as
+# the default one is: one command per request (zero copy), and batches
+# with copies (each element then carries the tag's buffer address).
+t_fio_modes() {
+    ublk_has batch_io || skip "no batch_io on $VMTEST_KERNEL"
+    (export ADD_OPTS=--no-batch; fio_case qcow2 2)
+    (export ADD_OPTS=--no-zero-copy; fio_case qcow2 2)
 }
 t_fio_null_q2() {
     local dev
@@ -208,6 +218,7 @@ vmtest ublk-fio-zc-fallback t_fio_zc_fallback
 vmtest ublk-fio-qcow2-q1 t_fio_qcow2_q1
 vmtest ublk-fio-qcow2-backing-q1 t_fio_qcow2_backing_q1
 vmtest ublk-fio-qcow2-q2 t_fio_qcow2_q2
+vmtest ublk-fio-modes t_fio_modes
 vmtest ublk-read-only t_read_only
 vmtest ublk-discard t_discard
 vmtest ublk-symlink-backing t_symlink_backing

@@ -25,7 +25,7 @@ t_features() {
     local no=() f
     case $VMTEST_KERNEL in
         6.12) no=(update_size quiesce safe_stop_dev auto_buf_reg per_io_daemon batch_io) ;;
-        7.3) yes+=(update_size quiesce safe_stop_dev auto_buf_reg per_io_daemon) ;;
+        7.3) yes+=(update_size quiesce safe_stop_dev auto_buf_reg per_io_daemon batch_io) ;;
         *) fail "unknown kernel '$VMTEST_KERNEL'" ;;
     esac
     for f in "${yes[@]}"; do
@@ -43,7 +43,7 @@ t_features() {
     if [ "$VMTEST_KERNEL" = 7.3 ]; then
         # Zero copy: auto_buf_reg, with user_copy for what the daemon
         # must touch itself.
-        for f in update_size quiesce safe_stop_dev auto_buf_reg user_copy; do
+        for f in update_size quiesce safe_stop_dev auto_buf_reg user_copy batch_io; do
             used "$f" || fail "qublk should use $f"
         done
     else
@@ -54,22 +54,28 @@ t_features() {
     return 0
 }
 
-# A device gets zero copy where the driver offers it (7.3), unless asked
-# not to; `qublk list` says which.
+# A device gets zero copy and batches where the driver offers them (7.3),
+# unless asked not to; `qublk list` says which.
 t_zero_copy() {
     local dev id want=false
     [ "$VMTEST_KERNEL" = 7.3 ] && want=true
     dev=$(qublk add -t null --size 64M)
     id=${dev#/dev/ublkb}
     qublk list --output json | tee "$W/list.json"
-    grep -q "\"id\": $id, .*\"zero_copy\": $want," "$W/list.json" ||
-        fail "$dev: zero_copy should be $want on $VMTEST_KERNEL"
+    grep -q "\"id\": $id, .*\"zero_copy\": $want, \"batch\": $want," "$W/list.json" ||
+        fail "$dev: zero_copy and batch should be $want on $VMTEST_KERNEL"
     qublk del -n "$id"
     dev=$(qublk add -t null --size 64M --no-zero-copy)
     id=${dev#/dev/ublkb}
     qublk list --output json | tee "$W/list.json"
-    grep -q "\"id\": $id, .*\"zero_copy\": false," "$W/list.json" ||
-        fail "$dev: --no-zero-copy ignored"
+    grep -q "\"id\": $id, .*\"zero_copy\": false, \"batch\": $want," "$W/list.json" ||
+        fail "$dev: --no-zero-copy ignored, or it changed batch"
+    qublk del -n "$id"
+    dev=$(qublk add -t null --size 64M --no-batch)
+    id=${dev#/dev/ublkb}
+    qublk list --output json | tee "$W/list.json"
+    grep -q "\"id\": $id, .*\"zero_copy\": $want, \"batch\": false," "$W/list.json" ||
+        fail "$dev: --no-batch ignored, or it changed zero copy"
     qublk del -n "$id"
 }
 

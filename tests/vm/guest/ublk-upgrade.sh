@@ -2,12 +2,15 @@
 # shellcheck shell=bash
 # tests/vm/guest/ublk-upgrade.sh: live upgrade (issue 8).  `qublk upgrade`
 # hands a device over to a new daemon while fio --verify=crc32c writes to
-# it at iodepth 64 (1 and 2 queues, qcow2): fio must see zero errors, the
+# it at iodepth 64 (1 and 2 queues, qcow2; on 7.3 2 queues once more with
+# --no-batch): fio must see zero errors, the
 # daemon pid must change, the image must stay locked against qemu-io
 # throughout (it is passed open, with its locks), and after del qemu-img
 # check must be clean (a hand-over is not a crash: no leaks) and QEMU must
-# read what the device read.  On 6.12 (no QUIESCE_DEV) the old daemon
-# stops its queues and the kernel requeues what they held.  A hand-over
+# read what the device read.  On 6.12 (no QUIESCE_DEV), and on 7.3 with
+# batched commands (there QUIESCE_DEV fails the requests that arrive
+# before the new daemon takes over), the old daemon stops its queues and
+# the kernel requeues what they held.  A hand-over
 # that hangs or fails prints both daemons' threads (kernel stacks) and
 # the device's log (ublk_dump).
 # UPGRADES (default 3) hand-overs per fio run, the first 0.2..0.8 s in,
@@ -58,7 +61,8 @@ run_upgrade() {
 upgrade_case() {
     local queues=$1 img=$W/img.qcow2 dev id fio_pid rc k t old new
     qemu-img create -q -f qcow2 "$img" 128M
-    dev=$(qublk add -q "$queues" "$img")
+    # shellcheck disable=SC2086 # ADD_OPTS: words
+    dev=$(qublk add -q "$queues" ${ADD_OPTS:-} "$img")
     id=$(devnum "$dev")
     fio --allow_file_create=0 --name=v --filename="$dev" --direct=1 --ioengine=libaio --rw=randwrite \
         --bssplit=4k/50:64k/40:512k/10 --iodepth=64 --numjobs="$queues" --size="${UPGRADE_FIO_SIZE:-32M}" \
@@ -102,6 +106,12 @@ upgrade_case() {
 
 t_upgrade_q1() { upgrade_case 1; }
 t_upgrade_q2() { upgrade_case 2; }
+# Where batched commands are the default (7.3), a device without them is
+# the one that is quiesced (QUIESCE_DEV) for its hand-over.
+t_upgrade_nobatch() {
+    ublk_has batch_io || skip "no batch_io on $VMTEST_KERNEL"
+    (export ADD_OPTS=--no-batch; upgrade_case 2)
+}
 
 # Refusals: upgrade of a device with no daemon, recover of a live one.
 t_upgrade_refusals() {
@@ -127,4 +137,5 @@ if [ -n "${UPGRADE_ONLY:-}" ]; then
 fi
 vmtest ublk-upgrade-q1 t_upgrade_q1
 vmtest ublk-upgrade-q2 t_upgrade_q2
+vmtest ublk-upgrade-nobatch t_upgrade_nobatch
 vmtest ublk-upgrade-refusals t_upgrade_refusals
