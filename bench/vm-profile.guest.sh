@@ -5,9 +5,10 @@
 # qublk's null target, its raw target on a preallocated or an empty raw
 # file, qcow2 preallocated or empty; and the peers, when the host passed
 # their binaries: ublksrv-null, ublksrv-loop, ublksrv-qcow2, kublk-loop,
-# kublk-zc-loop, on the same images) in $PROF_FS (tmpfs or ext4 on a ram
-# disk, bench/vm-lib.guest.sh), runs fio with bench/vm-ublk.sh's
-# parameters ($PROF_WORKLOAD, e.g. randwrite/4k) against `qublk add
+# kublk-zc-loop, kublk-zcb-loop (--auto_zc -b), on the same images) in
+# $PROF_FS (tmpfs or ext4 on a ram disk, bench/vm-lib.guest.sh), runs
+# fio with bench/vm-ublk.sh's parameters ($PROF_WORKLOAD, e.g.
+# randwrite/4k) against `qublk add
 # $PROF_ADD_ARGS` (or the peer), and records the whole machine with `perf
 # record -a -g` for $PROF_SECS s in the middle of the run.  Prints
 # "PROFILE-BEGIN CFG" ... "PROFILE-END" around the report (`perf report
@@ -43,7 +44,7 @@ profile() { # CFG
     local cfg=$1 dev img rw=${WL%/*} bs=${WL#*/} run=$((SECS + 4))
     case $cfg in
         null|ublksrv-null) ;;
-        raw|ublksrv-loop|kublk-loop|kublk-zc-loop) img=$B/img.raw; mk_image raw "$img" ;;
+        raw|ublksrv-loop|kublk-loop|kublk-zc-loop|kublk-zcb-loop) img=$B/img.raw; mk_image raw "$img" ;;
         sparse) img=$B/img.raw; mk_image sparse "$img" ;;
         prealloc|ublksrv-qcow2) img=$B/img.qcow2; mk_image prealloc "$img" ;;
         empty) img=$B/img.qcow2; mk_image empty "$img" ;;
@@ -57,6 +58,7 @@ profile() { # CFG
         ublksrv-*) dev=$(start_ublksrv "${cfg#ublksrv-}" "$img") ;;
         kublk-loop) dev=$(start_kublk loop "$img") ;;
         kublk-zc-loop) dev=$(start_kublk loop --auto_zc "$img") ;;
+        kublk-zcb-loop) dev=$(start_kublk loop --auto_zc -b "$img") ;;
     esac
     [ -b "$dev" ] || fail "could not start $cfg"
     fio --name=p --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" \

@@ -16,7 +16,8 @@
 #   --configs   null, raw, sparse (raw preallocated or created empty),
 #               prealloc, empty (qcow2 preallocated or empty);
 #               the peers: ublksrv-null, ublksrv-loop, ublksrv-qcow2
-#               (bench/setup-peer.sh), kublk-loop, kublk-zc-loop (7.3 only,
+#               (bench/setup-peer.sh), kublk-loop, kublk-zc-loop,
+#               kublk-zcb-loop (--auto_zc -b; 7.3 only,
 #               bench/setup-kublk.sh)
 #   --fs        where the images live: tmpfs, or ext4 on a brd ram disk
 #               (8 GiB guest; as bench/vm-ublk.sh --fs)

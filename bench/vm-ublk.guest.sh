@@ -284,9 +284,10 @@ IMG_SPARSE=$B/img-sparse.raw
 
 # one_run KIND CFG WL: KIND none (null), raw, prealloc or empty; CFG null,
 # raw, qublk-q1, qublk-q2, qemu-nbd or ublksrv (ublksrv's null, loop or
-# qcow2 target by KIND), kublk or kublk-zc (kublk's null or loop target by
-# KIND, kublk-zc with --auto_zc); null-q2: null with 2 queues; null-b,
-# null-b-q2, raw-b, qublk-b-q1, qublk-b-q2:
+# qcow2 target by KIND), kublk, kublk-zc or kublk-zcb (kublk's null or
+# loop target by KIND, kublk-zc with --auto_zc, kublk-zcb with --auto_zc
+# -b); null-q2: null with 2 queues; null-b, null-b-q2, raw-b, qublk-b-q1,
+# qublk-b-q2:
 # the same through the B binary (qublk-b, bench/vm-ublk.sh --ab).  The device is
 # set up for this run
 # alone, so that the configurations of one workload run back to back
@@ -323,9 +324,12 @@ one_run() {
                 raw) dev=$(start_ublksrv loop "$img") ;;
                 *) dev=$(start_ublksrv qcow2 "$img") ;;
             esac ;;
-        kublk|kublk-zc)
+        kublk|kublk-zc|kublk-zcb)
             local zc=()
-            [ "$cfg" = kublk ] || zc=(--auto_zc)
+            case $cfg in
+                kublk-zc) zc=(--auto_zc) ;;
+                kublk-zcb) zc=(--auto_zc -b) ;;
+            esac
             case $kind in
                 none) dev=$(start_kublk null "${zc[@]}") ;;
                 *) dev=$(start_kublk loop "${zc[@]}" "$img") ;;
@@ -366,8 +370,8 @@ one_run() {
 # next to their A ones when there is a qublk-b).
 bench_wl() {
     local round=$1 wl=$2 kind cfg rc=0 kc
-    for kc in none/null none/null-b none/null-q2 none/null-b-q2 none/ublksrv none/kublk none/kublk-zc \
-              raw/raw raw/raw-b raw/ublksrv raw/kublk raw/kublk-zc sparse/raw sparse/raw-b \
+    for kc in none/null none/null-b none/null-q2 none/null-b-q2 none/ublksrv none/kublk none/kublk-zc none/kublk-zcb \
+              raw/raw raw/raw-b raw/ublksrv raw/kublk raw/kublk-zc raw/kublk-zcb sparse/raw sparse/raw-b \
               prealloc/qublk-q1 prealloc/qublk-b-q1 prealloc/qublk-q2 prealloc/qublk-b-q2 \
               prealloc/ublksrv prealloc/qemu-nbd \
               empty/qublk-q1 empty/qublk-b-q1 empty/qublk-q2 empty/qublk-b-q2 empty/qemu-nbd; do

@@ -14,8 +14,9 @@
 # kernel also kublk, the kernel's own selftest server
 # (tools/testing/selftests/ublk of Debian's linux-source-7.3, built
 # statically by bench/setup-kublk.sh into bench/.cache; its null and loop
-# targets, 1 queue, plain and with --auto_zc, the zero copy qublk uses on
-# 7.3).  Within
+# targets, 1 queue, plain, with --auto_zc, the zero copy qublk uses on
+# 7.3, and with --auto_zc -b, batched commands as qublk uses them there).
+# Within
 # a round, each workload runs on every configuration back to back, so that
 # the host's load (TCG vCPUs are host threads) hits them alike; ratios are
 # per round, then averaged.  Not part of `make check`: numbers, not
@@ -33,14 +34,16 @@
 # read+write), the ratios qublk/qemu-nbd and qcow2/raw per row, the same
 # against ublksrv (qublk null/ublksrv null, qublk raw/ublksrv loop, qublk
 # q1 and q2/ublksrv qcow2) and against kublk (qublk null/kublk null and
-# raw/kublk loop, each against kublk plain and --auto_zc), and a CPU table
+# raw/kublk loop, each against kublk plain, --auto_zc and --auto_zc -b),
+# and a CPU table
 # (percent of one vCPU sampled mid-run: the server daemon, its io-wq
 # workers, fio, the whole machine; server CPU per I/O).
 #   --kernel      the guest kernel (tests/vm/run.sh; default
 #                 $QUBLK_VM_KERNEL or 6.12)
 #   --only        a regex on KIND/CONFIG (none/null none/ublksrv
-#                 none/kublk none/kublk-zc raw/raw raw/ublksrv raw/kublk
-#                 raw/kublk-zc prealloc/qublk-q1 prealloc/ublksrv ...
+#                 none/kublk none/kublk-zc none/kublk-zcb raw/raw
+#                 raw/ublksrv raw/kublk raw/kublk-zc raw/kublk-zcb
+#                 prealloc/qublk-q1 prealloc/ublksrv ...
 #                 empty/qemu-nbd)
 #   --fs          where the images live in the guest: tmpfs (default), or
 #                 ext4 on a brd ram disk (8 GiB guest by default), where
@@ -64,7 +67,7 @@
 #
 # The VM runs under TCG: absolute numbers mean little; compare ratios.
 # Needs tests/vm/setup.sh done; the guest gets the host's qemu-nbd (and its
-# libraries) as an extra file.  Defaults: 2 rounds of 65 runs (85 on 7.3,
+# libraries) as an extra file.  Defaults: 2 rounds of 65 runs (95 on 7.3,
 # with kublk), 3 s each after a 1 s ramp, 6 GiB guest (three images in
 # tmpfs at once): about 18 minutes of wall time on an idle host, 30 at a
 # load of 10 (a third more on 7.3).
@@ -231,6 +234,11 @@ render() {
             wltable("| workload | kublk null | kublk-zc null | kublk loop | kublk-zc loop | null/kublk null | null/kublk-zc null | raw/kublk loop | raw/kublk-zc loop |",
                     "", "none/null raw/raw none/kublk none/kublk-zc raw/kublk raw/kublk-zc",
                     "v3 v4 v5 v6 r1/3 r1/4 r2/5 r2/6", "3 4 5 6")
+        # kublk with batched commands (--auto_zc -b), as qublk uses them on 7.3.
+        if (ran("kublk-zcb", 1))
+            wltable("| workload | kublk-zcb null | kublk-zcb loop | null/kublk-zcb null | raw/kublk-zcb loop |",
+                    "", "none/null raw/raw none/kublk-zcb raw/kublk-zcb",
+                    "v3 v4 r1/3 r2/4", "3 4")
         # Queues (null-q2 runs): two queues against one, null and qcow2.
         if (ran("null-q2", 0))
             wltable("| workload | null q1 | null q2 | null q2/q1 | qcow2 q1 | qcow2 q2 | qcow2 q2/q1 |", "",
@@ -264,7 +272,7 @@ render() {
             }
         }
         print ""
-        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); /jN: N fio jobs; the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size; raw sparse: a raw file created empty before each run, so that its writes allocate in the file system as an empty qcow2\x27s do). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs). kublk (the kernel\x27s selftest server, 7.3 only, 1 queue): its null target and its loop target (O_DIRECT) on the raw file, plain (the driver copies the data to and from the server\x27s buffers) and -zc (--auto_zc: the driver registers the request\x27s pages as an io_uring buffer, as qublk does on 7.3; its null target then issues one io_uring NOP on it per request).\n", maxround
+        printf "4k rows: IOPS (read+write); 64k/512k rows: MiB/s (read+write); /jN: N fio jobs; the mean of %d round(s). Ratios: the mean of the per-round ratios, (min-max) over the rounds. null and raw do not depend on the qcow2 image kind (raw: a preallocated raw file of the same size; raw sparse: a raw file created empty before each run, so that its writes allocate in the file system as an empty qcow2\x27s do). ublksrv (229e918, 1 queue): its null target, its loop target on the raw file, its qcow2 target on the preallocated qcow2 (it cannot run on an empty image on tmpfs). kublk (the kernel\x27s selftest server, 7.3 only, 1 queue): its null target and its loop target (O_DIRECT) on the raw file, plain (the driver copies the data to and from the server\x27s buffers), -zc (--auto_zc: the driver registers the request\x27s pages as an io_uring buffer, as qublk does on 7.3; its null target then issues one io_uring NOP on it per request) and -zcb (--auto_zc -b: with batched commands, UBLK_F_BATCH_IO, as qublk\x27s on 7.3).\n", maxround
         print ""
         print "| image | config | workload | IOPS | server CPU % | of which io-wq % | fio CPU % | machine CPU % | server CPU us/IO | of which user us/IO |"
         print "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -365,13 +373,13 @@ if [ "$EVENTS" = 1 ]; then
     EXTRA+=("$PERF")
 fi
 # Per run: ~RUNTIME+RAMP+2 s (more on a loaded host: a margin); per
-# workload 13 configurations (21 with --ab, 4 more with kublk), plus
+# workload 13 configurations (21 with --ab, 6 more with kublk), plus
 # image creation and boot.
 nwl=0
 for _ in $WORKLOADS; do nwl=$((nwl + 1)); done
 NCONF=13
 [ -z "$AB" ] || NCONF=21
-[ "$KUBLK" = 0 ] || NCONF=$((NCONF + 4))
+[ "$KUBLK" = 0 ] || NCONF=$((NCONF + 6))
 NRUNS=$((NCONF * nwl))
 TIMEOUT=$(( (RUNTIME + RAMP + 10) * NRUNS * ROUNDS + 600 ))
 rc=0
