@@ -30,8 +30,12 @@
  * between the request's pages and the image.  If the driver could not
  * register them (UBLK_IO_F_NEED_REG_BUF), that request goes through the
  * tag's own buffer and user copy instead.
+ *
+ * Batched commands (the device has UBLK_F_BATCH_IO): the same coroutines,
+ * but a tag hands its result back and waits for its next request through
+ * the queue's batches (batch.c) instead of its own uring_cmd.
  */
-#include "ublk/ublk.h"
+#include "ublk/queue-int.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -49,62 +53,6 @@
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
 #endif
-
-struct ublk_io {
-	struct ublk_queue *q;
-	unsigned tag;
-	struct coro *co;
-	/* Batched commands: the tag waits for FETCH to hand it a request
-	 * (waiting), which sets res (UBLK_IO_RES_OK, or why there are no
-	 * more) before it wakes the tag. */
-	bool waiting;
-	int res;
-};
-
-/*
- * Batched commands (the device has UBLK_F_BATCH_IO, 7.3): instead of one
- * uring_cmd per tag per request, the queue has one multishot FETCH whose
- * CQEs carry the tags of new requests (as __u16 arrays in buffers of a
- * provided-buffer ring), and one COMMIT per loop turn carrying the
- * results of every request that ended in that turn (the submit hook
- * gathers them).  The tags' coroutines are the same; only the point
- * where a tag hands its result back and waits for its next request
- * differs (batch_next against the per-tag uring_cmd in tag_main).
- *
- * Ownership: the queue thread alone.  A commit buffer is filled while
- * current, handed to the kernel at the next submit and reused once its
- * CQE is seen; a fetch buffer is the kernel's until its CQE, then read
- * and given straight back.
- */
-#define BATCH_FETCH_BUFS 8      /* power of two (a buffer ring) */
-#define BATCH_COMMIT_BUFS 4
-
-struct batch_commit {
-	struct aio_req req;
-	struct ublk_queue *q;
-	uint8_t *elems;
-	unsigned n;             /* elements filled (while current) or sent */
-	bool busy;              /* sent, CQE not seen */
-};
-
-struct ublk_batch {
-	struct ublk_queue *q;
-	unsigned elem_bytes;    /* 8, or 16 with the buffer address */
-	uint16_t flags;         /* UBLK_BATCH_F_* of PREP and COMMIT */
-	struct batch_commit commits[BATCH_COMMIT_BUFS];
-	unsigned cur;           /* the commit buffer being filled; never busy */
-	struct io_uring_buf_ring *br;
-	size_t br_len;
-	uint8_t *fetch_bufs;    /* BATCH_FETCH_BUFS * fetch_len bytes */
-	unsigned fetch_len;
-	struct aio_req fetch_req;
-	/* 0 while FETCH lives; then the result that ended it (ABORT when
-	 * the device stops): every waiting tag gets it and leaves. */
-	int fetch_end;
-	struct aio_req prep_req;
-	int prep_res;
-	bool prep_done;
-};
 
 int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 		   uint32_t max_io, bool read_only, uint64_t *off, uint32_t *len)
@@ -200,179 +148,6 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *k
 	return -EOPNOTSUPP;
 }
 
-static void batch_prep_sqe(struct io_uring_sqe *sqe, const struct ublk_queue *q, unsigned op,
-			   unsigned nr_elem, unsigned elem_bytes, unsigned flags)
-{
-	struct ublk_batch_io cmd = {
-		.q_id = (__u16)q->q_id,
-		.flags = (__u16)flags,
-		.nr_elem = (__u16)nr_elem,
-		.elem_bytes = (__u8)elem_bytes,
-	};
-	__u64 user_data = sqe->user_data;   /* set by aio_get_sqe */
-
-	memset(sqe, 0, sizeof(*sqe));
-	sqe->opcode = IORING_OP_URING_CMD;
-	sqe->fd = q->dev->cdev_fd;
-	if (q->cdev_fixed) {
-		sqe->fd = 0;
-		sqe->flags |= IOSQE_FIXED_FILE;
-	}
-	sqe->cmd_op = op;
-	memcpy(sqe->cmd, &cmd, sizeof(cmd));
-	sqe->user_data = user_data;
-}
-
-/* Element @i of @elems: tag @tag ready for its next request (its buffer
- * index, or address, in the same place as the last), with @result. */
-static void batch_elem(const struct ublk_queue *q, uint8_t *elems, unsigned i, unsigned tag,
-		       int result)
-{
-	const struct ublk_batch *b = q->batch;
-	struct ublk_elem_header e = { .tag = (__u16)tag, .buf_index = (__u16)tag, .result = result };
-	uint8_t *p = elems + (size_t)i * b->elem_bytes;
-
-	memcpy(p, &e, sizeof(e));
-	if (b->flags & UBLK_BATCH_F_HAS_BUF_ADDR) {
-		uint64_t addr = (uint64_t)(uintptr_t)(q->bufs + (size_t)tag * q->dev->opts.max_io);
-		memcpy(p + sizeof(e), &addr, sizeof(addr));
-	}
-}
-
-static void batch_commit_done(struct aio_req *req, int res)
-{
-	struct batch_commit *c = (struct batch_commit *)req;
-	struct ublk_queue *q = c->q;
-	long want = (long)c->n * q->batch->elem_bytes;
-
-	/* The driver returns the bytes it took; the rest stay ours, with
-	 * requests the kernel still waits for: that is a bug, here or there. */
-	if (res != want) {
-		if (q->stop_now || q->batch->fetch_end)
-			log_debug("queue %u: COMMIT_IO_CMDS of %u: %d", q->q_id, c->n, res);
-		else
-			log_error("queue %u: COMMIT_IO_CMDS took %d of %ld bytes%s%s", q->q_id, res,
-				  want, res < 0 ? ": " : "", res < 0 ? strerror(-res) : "");
-	}
-	c->n = 0;
-	c->busy = false;
-}
-
-/* Submit hook: send what the current commit buffer gathered, then fill
- * a free one.  With none free (the CQEs of earlier COMMITs not yet
- * reaped) it waits for the next turn: those CQEs wake the loop. */
-static void batch_flush(void *opaque)
-{
-	struct ublk_queue *q = opaque;
-	struct ublk_batch *b = q->batch;
-	struct batch_commit *c = &b->commits[b->cur];
-	struct io_uring_sqe *sqe;
-	unsigned next;
-
-	if (!c->n)
-		return;
-	for (next = 0; next < BATCH_COMMIT_BUFS; next++)
-		if (next != b->cur && !b->commits[next].busy)
-			break;
-	if (next == BATCH_COMMIT_BUFS)
-		return;
-	sqe = aio_get_sqe(&q->aio, &c->req);
-	batch_prep_sqe(sqe, q, UBLK_U_IO_COMMIT_IO_CMDS, c->n, b->elem_bytes, b->flags);
-	sqe->addr = (uint64_t)(uintptr_t)c->elems;
-	sqe->len = c->n * b->elem_bytes;
-	c->busy = true;
-	b->cur = next;
-}
-
-static void batch_wake(struct ublk_io *io, int res)
-{
-	io->waiting = false;
-	io->res = res;
-	aio_schedule(io->co);
-}
-
-static void batch_arm_fetch(struct ublk_queue *q)
-{
-	struct ublk_batch *b = q->batch;
-	struct io_uring_sqe *sqe = aio_get_sqe(&q->aio, &b->fetch_req);
-
-	batch_prep_sqe(sqe, q, UBLK_U_IO_FETCH_IO_CMDS, b->fetch_len / 2, 2, 0);
-	sqe->uring_cmd_flags = IORING_URING_CMD_MULTISHOT;
-	sqe->flags |= IOSQE_BUFFER_SELECT;
-	sqe->buf_group = 0;
-}
-
-static void batch_fetch_done(struct aio_req *req, int res)
-{
-	struct ublk_batch *b = (struct ublk_batch *)((char *)req - offsetof(struct ublk_batch, fetch_req));
-	struct ublk_queue *q = b->q;
-	unsigned flags = q->aio.cqe_flags;
-
-	if (flags & IORING_CQE_F_BUFFER) {
-		unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
-		uint8_t *buf = b->fetch_bufs + (size_t)bid * b->fetch_len;
-
-		if (bid >= BATCH_FETCH_BUFS) {
-			log_error("queue %u: FETCH_IO_CMDS in buffer %u of %u", q->q_id, bid,
-				  BATCH_FETCH_BUFS);
-			abort();
-		}
-		for (int i = 0; res > 0 && i + 2 <= res && (unsigned)i + 2 <= b->fetch_len; i += 2) {
-			uint16_t tag;
-
-			memcpy(&tag, buf + i, sizeof(tag));
-			if (tag >= q->depth || !q->ios[tag].waiting) {
-				/* Never from a sound driver: the tag is busy or
-				 * unknown; starting it would run two requests on
-				 * one buffer. */
-				log_error("queue %u: FETCH_IO_CMDS gave tag %u, %s", q->q_id, tag,
-					  tag >= q->depth ? "out of range" : "not waiting");
-				continue;
-			}
-			batch_wake(&q->ios[tag], UBLK_IO_RES_OK);
-		}
-		/* Read: the buffer goes back to the ring at once. */
-		io_uring_buf_ring_add(b->br, buf, b->fetch_len, (unsigned short)bid,
-				      io_uring_buf_ring_mask(BATCH_FETCH_BUFS), 0);
-		io_uring_buf_ring_advance(b->br, 1);
-	}
-	if (flags & IORING_CQE_F_MORE)
-		return;
-	/* The multishot ended.  Out of buffers (-ENOBUFS: CQEs we had not
-	 * reaped held them all) or a success: the tags it had not delivered
-	 * wait in the driver, and a new FETCH picks them up. */
-	if ((res >= 0 || res == -ENOBUFS) && !q->stop_now) {
-		batch_arm_fetch(q);
-		return;
-	}
-	b->fetch_end = res < 0 ? res : UBLK_IO_RES_ABORT;
-	if (res != UBLK_IO_RES_ABORT && !q->stop_now)
-		log_error("queue %u: FETCH_IO_CMDS: %s", q->q_id, strerror(-res));
-	for (unsigned i = 0; i < q->depth; i++)
-		if (q->ios[i].waiting)
-			batch_wake(&q->ios[i], b->fetch_end);
-}
-
-/* Batched commands: hand this tag's result back (with the next COMMIT)
- * and wait for its next request.  Returns UBLK_IO_RES_OK or why none
- * will come. */
-static int batch_next(struct ublk_io *io, bool commit, int result)
-{
-	struct ublk_queue *q = io->q;
-	struct ublk_batch *b = q->batch;
-
-	if (commit) {
-		struct batch_commit *c = &b->commits[b->cur];
-
-		batch_elem(q, c->elems, c->n++, io->tag, result);
-	}
-	if (b->fetch_end)
-		return b->fetch_end;
-	io->waiting = true;
-	coro_yield();
-	return io->res;
-}
-
 static void tag_main(void *opaque)
 {
 	struct ublk_io *io = opaque;
@@ -392,7 +167,7 @@ static void tag_main(void *opaque)
 		int res;
 
 		if (q->batch) {
-			res = batch_next(io, commit, result);
+			res = ublk_batch_next(io, commit, result);
 			if (res != UBLK_IO_RES_OK)
 				break;
 		} else {
@@ -430,121 +205,6 @@ static void tag_main(void *opaque)
 		commit = true;
 	}
 	q->live_tags--;
-}
-
-static void batch_prep_done(struct aio_req *req, int res)
-{
-	struct ublk_batch *b = (struct ublk_batch *)((char *)req - offsetof(struct ublk_batch, prep_req));
-
-	b->prep_res = res;
-	b->prep_done = true;
-	b->commits[BATCH_COMMIT_BUFS - 1].busy = false;
-}
-
-static void batch_free(struct ublk_queue *q)
-{
-	struct ublk_batch *b = q->batch;
-
-	if (!b)
-		return;
-	for (unsigned i = 0; i < BATCH_COMMIT_BUFS; i++)
-		free(b->commits[i].elems);
-	free(b->fetch_bufs);
-	if (b->br)
-		munmap(b->br, b->br_len);
-	free(b);
-	q->batch = NULL;
-}
-
-/* Batched commands: buffers, the FETCH buffer ring, the submit hook, and
- * a PREP of every tag queued (batch_start sees its result). */
-static int batch_setup(struct ublk_queue *q)
-{
-	struct io_uring_buf_reg reg = { .ring_entries = BATCH_FETCH_BUFS, .bgid = 0 };
-	struct batch_commit *prep;
-	struct io_uring_sqe *sqe;
-	struct ublk_batch *b;
-	int ret;
-
-	b = q->batch = calloc(1, sizeof(*b));
-	if (!b)
-		return -ENOMEM;
-	b->q = q;
-	/* Zero copy: each element names the tag's slot in the ring's buffer
-	 * table (the tag itself); copies: the tag's buffer address. */
-	if (q->zero_copy) {
-		b->elem_bytes = sizeof(struct ublk_elem_header);
-		b->flags = UBLK_BATCH_F_AUTO_BUF_REG_FALLBACK;
-	} else {
-		b->elem_bytes = sizeof(struct ublk_elem_header) + sizeof(uint64_t);
-		b->flags = UBLK_BATCH_F_HAS_BUF_ADDR;
-	}
-	for (unsigned i = 0; i < BATCH_COMMIT_BUFS; i++) {
-		b->commits[i].q = q;
-		b->commits[i].req.complete = batch_commit_done;
-		b->commits[i].elems = calloc(q->depth, b->elem_bytes);
-		if (!b->commits[i].elems)
-			return -ENOMEM;
-	}
-	b->fetch_len = 2 * q->depth;
-	b->fetch_bufs = calloc(BATCH_FETCH_BUFS, b->fetch_len);
-	if (!b->fetch_bufs)
-		return -ENOMEM;
-	b->br_len = ALIGN_UP(BATCH_FETCH_BUFS * sizeof(struct io_uring_buf),
-			     (size_t)sysconf(_SC_PAGESIZE));
-	b->br = mmap(NULL, b->br_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (b->br == MAP_FAILED) {
-		b->br = NULL;
-		return -errno;
-	}
-	io_uring_buf_ring_init(b->br);
-	reg.ring_addr = (uint64_t)(uintptr_t)b->br;
-	ret = io_uring_register_buf_ring(&q->aio.ring, &reg, 0);
-	if (ret < 0) {
-		log_error("queue %u: io_uring buffer ring: %s", q->q_id, strerror(-ret));
-		return ret;
-	}
-	for (unsigned i = 0; i < BATCH_FETCH_BUFS; i++)
-		io_uring_buf_ring_add(b->br, b->fetch_bufs + (size_t)i * b->fetch_len, b->fetch_len,
-				      (unsigned short)i, io_uring_buf_ring_mask(BATCH_FETCH_BUFS),
-				      (int)i);
-	io_uring_buf_ring_advance(b->br, BATCH_FETCH_BUFS);
-	b->fetch_req.complete = batch_fetch_done;
-	q->aio.submit_hook = batch_flush;
-	q->aio.submit_opaque = q;
-
-	/* PREP: every tag, from the last commit buffer (busy until its CQE;
-	 * the first is current). */
-	prep = &b->commits[BATCH_COMMIT_BUFS - 1];
-	for (unsigned i = 0; i < q->depth; i++)
-		batch_elem(q, prep->elems, i, i, 0);
-	prep->busy = true;
-	b->prep_req.complete = batch_prep_done;
-	sqe = aio_get_sqe(&q->aio, &b->prep_req);
-	batch_prep_sqe(sqe, q, UBLK_U_IO_PREP_IO_CMDS, q->depth, b->elem_bytes, b->flags);
-	sqe->addr = (uint64_t)(uintptr_t)prep->elems;
-	sqe->len = q->depth * b->elem_bytes;
-	return 0;
-}
-
-/* After the PREP went in: its result, then the FETCH. */
-static int batch_start(struct ublk_queue *q)
-{
-	struct ublk_batch *b = q->batch;
-	int ret;
-
-	for (int tries = 0; !b->prep_done && tries < 100; tries++) {
-		ret = aio_run_once(&q->aio, true);
-		if (ret < 0)
-			return ret;
-	}
-	if (!b->prep_done || b->prep_res != 0) {
-		log_error("queue %u: the driver refused PREP_IO_CMDS: %s", q->q_id,
-			  b->prep_done ? strerror(-b->prep_res) : "no answer");
-		return b->prep_done && b->prep_res < 0 ? b->prep_res : -EIO;
-	}
-	batch_arm_fetch(q);
-	return aio_run_once(&q->aio, false);
 }
 
 static void stop_complete(struct aio_req *req, int res)
@@ -617,7 +277,7 @@ static int queue_setup(struct ublk_queue *q)
 	}
 
 	if (d->info.flags & UBLK_F_BATCH_IO) {
-		ret = batch_setup(q);
+		ret = ublk_batch_setup(q);
 		if (ret < 0)
 			return ret;
 	}
@@ -649,7 +309,7 @@ static int queue_setup(struct ublk_queue *q)
 	 * driver refuses fails inline, so a second round reaps it. */
 	ret = aio_run_once(&q->aio, false);
 	if (ret == 0 && q->batch)
-		ret = batch_start(q);
+		ret = ublk_batch_start(q);
 	if (ret == 0)
 		ret = aio_run_once(&q->aio, false);
 	if (ret < 0) {
@@ -683,7 +343,7 @@ static void queue_teardown(struct ublk_queue *q)
 		q->iods = NULL;
 	}
 	/* After the ring: the kernel no longer reads the buffers. */
-	batch_free(q);
+	ublk_batch_free(q);
 }
 
 /* The ring failed with requests inside the target.  Their coroutines
@@ -713,7 +373,7 @@ static void __attribute__((noreturn)) queue_die(struct ublk_queue *q)
 static void flush_sqes(struct ublk_queue *q)
 {
 	if (q->batch)
-		batch_flush(q);
+		ublk_batch_flush(q);
 	for (int tries = 0; io_uring_sq_ready(&q->aio.ring) && tries < 100; tries++) {
 		int ret = io_uring_submit(&q->aio.ring);
 		if (ret < 0 && ret != -EINTR && ret != -EAGAIN && ret != -EBUSY) {
