@@ -1122,7 +1122,10 @@ static int dev_create(struct ublk_dev *d)
 	if (o->no_recovery)
 		d->info.flags &= ~(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				   UBLK_F_QUIESCE);
-	if (o->no_batch)
+	/* A queue of depth 1 is refused batches: the 7.3 driver sizes each
+	 * queue's event FIFO by its depth, and a FIFO of one entry fails
+	 * ADD_DEV with EINVAL. */
+	if (o->no_batch || o->depth < 2)
 		d->info.flags &= ~UBLK_F_BATCH_IO;
 	if (o->unprivileged && !(d->info.flags & UBLK_F_UNPRIVILEGED_DEV)) {
 		log_error("this ublk driver offers no unprivileged devices");

@@ -77,6 +77,15 @@ t_zero_copy() {
     grep -q "\"id\": $id, .*\"zero_copy\": $want, \"batch\": false," "$W/list.json" ||
         fail "$dev: --no-batch ignored, or it changed zero copy"
     qublk del -n "$id"
+    # Depth 1: no batches (the 7.3 driver refuses them there), and the
+    # device works.
+    dev=$(qublk add -t null --size 64M -d 1)
+    id=${dev#/dev/ublkb}
+    qublk list --output json | tee "$W/list.json"
+    grep -q "\"id\": $id, .*\"zero_copy\": $want, \"batch\": false," "$W/list.json" ||
+        fail "$dev: a queue of depth 1 should not be batched"
+    dd if="$dev" of=/dev/null bs=4k count=256 iflag=direct status=none
+    qublk del -n "$id"
 }
 
 # thread_cpus COMM: the Cpus_allowed_list of the thread named COMM (one
