@@ -7,9 +7,9 @@
  * runs on the loop with the CQE result.  This is the only place user_data
  * is encoded.  A multishot SQE completes its req once per CQE; the CQE's
  * flags (IORING_CQE_F_MORE: more to come; a provided buffer's id) are
- * aio_ctx.cqe_flags while complete() runs.  A coroutine waiting for one SQE uses aio_co_wait_sqe(), or
- * aio_co_wait_sqe_as() with a struct aio_wait that another coroutine may
- * cancel (aio_cancel()).
+ * aio_ctx.cqe_flags while complete() runs.  A coroutine waiting for one
+ * SQE uses aio_co_wait_sqe(), or aio_co_wait_sqe_as() with a struct
+ * aio_wait that another coroutine may cancel (aio_cancel()).
  *
  * Thread model: an aio_ctx is used only by the thread that made it current.
  */

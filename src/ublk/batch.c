@@ -65,18 +65,9 @@ static void batch_prep_sqe(struct io_uring_sqe *sqe, const struct ublk_queue *q,
 		.nr_elem = (__u16)nr_elem,
 		.elem_bytes = (__u8)elem_bytes,
 	};
-	__u64 user_data = sqe->user_data;   /* set by aio_get_sqe */
 
-	memset(sqe, 0, sizeof(*sqe));
-	sqe->opcode = IORING_OP_URING_CMD;
-	sqe->fd = q->dev->cdev_fd;
-	if (q->cdev_fixed) {
-		sqe->fd = 0;
-		sqe->flags |= IOSQE_FIXED_FILE;
-	}
-	sqe->cmd_op = op;
-	memcpy(sqe->cmd, &cmd, sizeof(cmd));
-	sqe->user_data = user_data;
+	ublk_io_cmd_prep(sqe, q->dev->cdev_fd, op, &cmd, sizeof(cmd));
+	ublk_queue_cdev_sqe(q, sqe);
 }
 
 /* Element @i of @elems: tag @tag ready for its next request (its buffer
@@ -90,7 +81,7 @@ static void batch_elem(const struct ublk_queue *q, uint8_t *elems, unsigned i, u
 
 	memcpy(p, &e, sizeof(e));
 	if (b->flags & UBLK_BATCH_F_HAS_BUF_ADDR) {
-		uint64_t addr = (uint64_t)(uintptr_t)(q->bufs + (size_t)tag * q->dev->opts.max_io);
+		uint64_t addr = (uint64_t)(uintptr_t)ublk_tag_buf(q, tag);
 		memcpy(p + sizeof(e), &addr, sizeof(addr));
 	}
 }

@@ -73,21 +73,27 @@ unsigned ublk_io_opcode(bool commit, bool encoded)
 	return commit ? UBLK_IO_COMMIT_AND_FETCH_REQ : UBLK_IO_FETCH_REQ;
 }
 
-void ublk_io_prep(struct io_uring_sqe *sqe, int fd, unsigned op, unsigned q_id,
-		  unsigned tag, int result, uint64_t addr)
+void ublk_io_cmd_prep(struct io_uring_sqe *sqe, int fd, unsigned op, const void *cmd,
+		      size_t len)
 {
-	/* A 64-byte SQE: the 16-byte io command fits its cmd area. */
-	struct ublksrv_io_cmd cmd = {
-		.q_id = q_id, .tag = tag, .result = result, .addr = addr,
-	};
 	__u64 user_data = sqe->user_data;   /* set by aio_get_sqe */
 
 	memset(sqe, 0, sizeof(*sqe));
 	sqe->opcode = IORING_OP_URING_CMD;
 	sqe->fd = fd;
 	sqe->cmd_op = op;
-	memcpy(sqe->cmd, &cmd, sizeof(cmd));
+	memcpy(sqe->cmd, cmd, len);
 	sqe->user_data = user_data;
+}
+
+void ublk_io_prep(struct io_uring_sqe *sqe, int fd, unsigned op, unsigned q_id,
+		  unsigned tag, int result, uint64_t addr)
+{
+	struct ublksrv_io_cmd cmd = {
+		.q_id = q_id, .tag = tag, .result = result, .addr = addr,
+	};
+
+	ublk_io_cmd_prep(sqe, fd, op, &cmd, sizeof(cmd));
 }
 
 const char *ublk_state_name(unsigned state)

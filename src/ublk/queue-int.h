@@ -8,6 +8,7 @@
 #define QUBLK_UBLK_QUEUE_INT_H
 
 #include <stdbool.h>
+#include <stdint.h>
 
 #include "ublk/ublk.h"
 
@@ -22,6 +23,21 @@ struct ublk_io {
 	int res;
 };
 
+/* The tag's own buffer (copies; zero copy's fallback). */
+static inline uint8_t *ublk_tag_buf(const struct ublk_queue *q, unsigned tag)
+{
+	return q->bufs + (size_t)tag * q->dev->opts.max_io;
+}
+
+/* An I/O uring_cmd SQE names /dev/ublkcN by its index in the ring's file
+ * table when the queue registered it there. */
+static inline void ublk_queue_cdev_sqe(const struct ublk_queue *q, struct io_uring_sqe *sqe)
+{
+	if (q->cdev_fixed) {
+		sqe->fd = 0;
+		sqe->flags |= IOSQE_FIXED_FILE;
+	}
+}
 
 /* batch.c.  setup: before the tags start (buffers, the FETCH buffer
  * ring, aio's submit hook), queueing a PREP of every tag; start: after

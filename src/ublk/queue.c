@@ -153,7 +153,7 @@ static void tag_main(void *opaque)
 	struct ublk_io *io = opaque;
 	struct ublk_queue *q = io->q;
 	const struct ublk_dev *d = q->dev;
-	uint8_t *buf = q->bufs + (size_t)io->tag * d->opts.max_io;
+	uint8_t *buf = ublk_tag_buf(q, io->tag);
 	uint8_t *kbuf = q->zero_copy ? q->kbufs.base + (size_t)io->tag * q->kbufs.stride : NULL;
 	/* Zero copy: the command carries no buffer address; the SQE's own
 	 * addr field names the index the driver registers the pages at
@@ -178,10 +178,7 @@ static void tag_main(void *opaque)
 			if (q->zero_copy)
 				sqe->addr = ublk_auto_buf_reg_addr((__u16)io->tag,
 								   UBLK_AUTO_BUF_REG_FALLBACK);
-			if (q->cdev_fixed) {
-				sqe->fd = 0;
-				sqe->flags |= IOSQE_FIXED_FILE;
-			}
+			ublk_queue_cdev_sqe(q, sqe);
 			res = aio_co_wait_sqe(&q->aio, sqe);
 			if (res != UBLK_IO_RES_OK) {
 				if (res != UBLK_IO_RES_ABORT)

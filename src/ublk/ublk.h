@@ -88,6 +88,10 @@ unsigned ublk_ctrl_opcode(unsigned nr, bool encoded);
 void ublk_ctrl_prep(struct io_uring_sqe *sqe, int fd, unsigned op,
 		    const struct ublksrv_ctrl_cmd *cmd);
 unsigned ublk_io_opcode(bool commit, bool encoded);
+/* A 64-byte SQE for an I/O uring_cmd on @fd, @cmd (at most 16 bytes: the
+ * SQE's cmd area) copied in; keeps the user_data aio_get_sqe set. */
+void ublk_io_cmd_prep(struct io_uring_sqe *sqe, int fd, unsigned op, const void *cmd,
+		      size_t len);
 void ublk_io_prep(struct io_uring_sqe *sqe, int fd, unsigned op, unsigned q_id,
 		  unsigned tag, int result, uint64_t addr);
 const char *ublk_state_name(unsigned state);
