@@ -76,6 +76,7 @@ int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags)
 
 	memset(ctx, 0, sizeof(*ctx));
 	ctx->remote_req.complete = remote_complete;
+	ctx->files_base = -1;
 	/* Each list ends with 0: its EINVAL is the caller's. */
 	for (size_t i = 0;; i++) {
 		memset(&p, 0, sizeof(p));
@@ -104,6 +105,52 @@ void aio_ctx_deinit(struct aio_ctx *ctx)
 	io_uring_queue_exit(&ctx->ring);
 	if (cur_ctx == ctx)
 		cur_ctx = NULL;
+}
+
+/* The io layer's slots come after the owner's (at most 4) files. */
+int aio_ctx_register_files(struct aio_ctx *ctx, const int *fds, unsigned n)
+{
+	int table[4 + AIO_FILES];
+	int ret;
+
+	if (n > 4)
+		return -EINVAL;
+	for (unsigned i = 0; i < n + AIO_FILES; i++)
+		table[i] = i < n ? fds[i] : -1;
+	ret = io_uring_register_files(&ctx->ring, table, n + AIO_FILES);
+	if (ret == 0) {
+		ctx->files_base = (int)n;
+		memset(ctx->file_ids, 0, sizeof(ctx->file_ids));
+	}
+	return ret;
+}
+
+int aio_file_index(struct aio_ctx *ctx, uint64_t id, int fd)
+{
+	unsigned slot = AIO_FILES;
+	int ret;
+
+	if (ctx->files_base < 0 || fd < 0)
+		return -1;
+	for (unsigned i = 0; i < AIO_FILES; i++) {
+		if (ctx->file_ids[i] == id)
+			return ctx->files_base + (int)i;
+		if (!ctx->file_ids[i] && slot == AIO_FILES)
+			slot = i;
+	}
+	/* A full table is not recycled: a long backing chain read in turn
+	 * would cost a system call per operation.  Descriptors then. */
+	if (slot == AIO_FILES)
+		return -1;
+	ret = io_uring_register_files_update(&ctx->ring, (unsigned)ctx->files_base + slot, &fd, 1);
+	if (ret != 1) {
+		/* Not again on every operation: descriptors from now on. */
+		log_debug("io_uring file table update: %s", strerror(ret < 0 ? -ret : EIO));
+		ctx->files_base = -1;
+		return -1;
+	}
+	ctx->file_ids[slot] = id;
+	return ctx->files_base + (int)slot;
 }
 
 void aio_ctx_set_current(struct aio_ctx *ctx) { cur_ctx = ctx; }

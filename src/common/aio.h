@@ -26,6 +26,10 @@ struct aio_req {
 	void (*complete)(struct aio_req *req, int res);
 };
 
+/* Slots of a ring's file table for the files the io layer reads and
+ * writes (besides the owner's own, e.g. /dev/ublkcN). */
+#define AIO_FILES 8
+
 struct aio_ctx {
 	struct io_uring ring;
 	unsigned inflight;        /* SQEs handed out, CQEs not yet seen */
@@ -58,6 +62,12 @@ struct aio_ctx {
 	void *submit_opaque;
 	/* The flags of the CQE whose complete() runs (see above). */
 	unsigned cqe_flags;
+	/* The ring's file table (aio_ctx_register_files): the owner's files
+	 * at 0..files_base-1, then AIO_FILES slots the io layer fills as it
+	 * uses files (aio_file_index); file_ids[i] names the io file in
+	 * slot files_base + i (0: none).  files_base -1: no table. */
+	int files_base;
+	uint64_t file_ids[AIO_FILES];
 };
 
 /* Returns -errno. */
@@ -67,6 +77,20 @@ int aio_ctx_init(struct aio_ctx *ctx, unsigned entries);
 #define AIO_CTX_DEFER_TASKRUN 1u
 int aio_ctx_init_flags(struct aio_ctx *ctx, unsigned entries, unsigned flags);
 void aio_ctx_deinit(struct aio_ctx *ctx);
+/* Give the ring a file table: @fds (@n <= 4) at indexes 0..@n-1, then AIO_FILES
+ * empty slots that aio_file_index() fills.  An SQE naming a file by its
+ * index (IOSQE_FIXED_FILE) saves the kernel a descriptor lookup and a
+ * file reference per operation.  The table holds its own reference to
+ * each file until the slot is reused or the ring is closed: give a ring
+ * a table only if it is closed before the files it serves (the ublk
+ * queues: their rings close before the target does).  Returns -errno. */
+int aio_ctx_register_files(struct aio_ctx *ctx, const int *fds, unsigned n);
+/* The table index of the file with io-layer @id (unique per open, never
+ * reused) and descriptor @fd on @ctx's ring, putting it in a free slot
+ * if it is not there; -1 where the ring has no table, the table is full
+ * or the kernel refuses (the caller then names the descriptor).  @ctx's
+ * thread only. */
+int aio_file_index(struct aio_ctx *ctx, uint64_t id, int fd);
 void aio_ctx_set_current(struct aio_ctx *ctx);
 struct aio_ctx *aio_ctx_current(void);
 

@@ -73,6 +73,18 @@ void io_free(void *buf) { free(buf); }
 static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int cnt,
 		     uint64_t off);
 
+/* Name @f in @sqe (prepared with f->fd) by its index in the ring's file
+ * table where the ring has one (aio_ctx_register_files). */
+static void sqe_file(struct aio_ctx *ctx, struct io_uring_sqe *sqe, const struct io_file *f)
+{
+	int i = aio_file_index(ctx, f->id, f->fd);
+
+	if (i >= 0) {
+		sqe->fd = i;
+		sqe->flags |= IOSQE_FIXED_FILE;
+	}
+}
+
 /* A kernel buffer range (kbuf.h) through a bounce buffer and user copy:
  * where a fixed-buffer op cannot serve it (another thread's ring, no
  * ring, or an O_DIRECT file that refuses the request pages' layout). */
@@ -109,6 +121,7 @@ static ssize_t rw_kbuf(struct io_file *f, bool write, const struct kbuf_ref *kr,
 		io_uring_prep_write_fixed(sqe, f->fd, (void *)(uintptr_t)kr->off, len, off, kr->index);
 	else
 		io_uring_prep_read_fixed(sqe, f->fd, (void *)(uintptr_t)kr->off, len, off, kr->index);
+	sqe_file(ctx, sqe, f);
 	ret = aio_co_wait_sqe(ctx, sqe);
 	/* O_DIRECT wants every page segment block-aligned; the request's
 	 * pages need not be (a client's own direct I/O buffer). */
@@ -141,6 +154,7 @@ static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int
 			else
 				io_uring_prep_readv(sqe, f->fd, iov, cnt, off);
 		}
+		sqe_file(ctx, sqe, f);
 		return aio_co_wait_sqe(ctx, sqe);
 	}
 	do {
@@ -320,6 +334,7 @@ static int fd_flush(struct io_file *f)
 	if (coro_self() && ctx) {
 		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
 		io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
+		sqe_file(ctx, sqe, f);
 		return aio_co_wait_sqe(ctx, sqe);
 	}
 	return fdatasync(f->fd) ? -errno : 0;
@@ -346,6 +361,7 @@ static int fd_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 	if (coro_self() && ctx) {
 		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
 		io_uring_prep_fallocate(sqe, f->fd, mode, off, len);
+		sqe_file(ctx, sqe, f);
 		ret = aio_co_wait_sqe(ctx, sqe);
 	} else {
 		ret = fallocate(f->fd, mode, off, len) ? -errno : 0;
@@ -413,6 +429,9 @@ static unsigned dio_alignment(int fd)
 	return MAX(align, 512u);
 }
 
+/* io_file.id: 1, 2, ... in the order files are opened. */
+static uint64_t next_file_id;
+
 static int fd_file_new(int fd, const char *path, bool read_only, bool direct,
 		       struct io_file **out)
 {
@@ -425,6 +444,7 @@ static int fd_file_new(int fd, const char *path, bool read_only, bool direct,
 	}
 	ff->f.ops = &fd_ops;
 	ff->f.fd = fd;
+	ff->f.id = __atomic_add_fetch(&next_file_id, 1, __ATOMIC_RELAXED);
 	ff->f.read_only = read_only;
 	ff->f.direct = direct;
 	ff->f.align = direct ? dio_alignment(fd) : 1;

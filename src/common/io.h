@@ -38,6 +38,8 @@ struct io_file {
 	const struct io_file_ops *ops;
 	void *priv;
 	int fd;                 /* -1 for files with no descriptor */
+	uint64_t id;            /* unique per open (> 0; 0 with no descriptor):
+	                         * names it in rings' file tables (aio.h) */
 	bool read_only;
 	bool direct;            /* opened with O_DIRECT */
 	unsigned align;         /* offset/length/buffer alignment of the fd */

@@ -239,8 +239,10 @@ static int queue_setup(struct ublk_queue *q)
 	q->ring_open = true;
 	aio_ctx_set_current(&q->aio);
 	/* Without it each command looks the descriptor up (and, in a
-	 * threaded process, takes a reference to the file) as it is issued. */
-	ret = io_uring_register_files(&q->aio.ring, &d->cdev_fd, 1);
+	 * threaded process, takes a reference to the file) as it is issued.
+	 * The io layer names the image files by index too: the ring closes
+	 * before the target's files (queue_teardown, ublk_queue_join). */
+	ret = aio_ctx_register_files(&q->aio, &d->cdev_fd, 1);
 	if (ret < 0)
 		log_debug("queue %u: io_uring file table: %s", q->q_id, strerror(-ret));
 	q->cdev_fixed = ret == 0;

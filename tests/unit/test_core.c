@@ -382,6 +382,104 @@ static void test_kbuf(void)
 	close(fd);
 }
 
+/* --- ring file tables ---
+ * The io layer names files by their index in a ring's table.  A table
+ * slot keeps its own reference to the file it was given, so it must be
+ * keyed by the io_file's id, never by the descriptor number: a file
+ * closed and another opened in its place get the same number. */
+static struct aio_ctx ft_ctx;
+static char ft_dir[300];
+static int ft_result;
+
+static int ft_open(int i, struct io_file **f)
+{
+	char path[400];
+
+	snprintf(path, sizeof(path), "%s/f%d", ft_dir, i);
+	return io_file_open(path, IO_OPEN_CREATE, f);
+}
+
+/* @f's bytes at 0, read by path. */
+static int ft_first(int i, char *c)
+{
+	char path[400];
+	int fd, n;
+
+	snprintf(path, sizeof(path), "%s/f%d", ft_dir, i);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -errno;
+	n = (int)pread(fd, c, 1, 0);
+	close(fd);
+	return n == 1 ? 0 : -EIO;
+}
+
+static void ft_fn(void *opaque)
+{
+	struct io_file *f[AIO_FILES + 2] = { NULL };
+	struct io_file *a;
+	int fd_a, idx, ret = 0, i;
+	char c;
+
+	(void)opaque;
+	/* Installed on first use, after the owner's file (index 0). */
+	if (ft_open(100, &a) || io_pwrite(a, "a", 1, 0)) {
+		ft_result = -1;
+		return;
+	}
+	idx = aio_file_index(&ft_ctx, a->id, a->fd);
+	if (idx != 1)
+		ret = -2;
+	fd_a = a->fd;
+	io_file_close(a);
+	/* The same descriptor number, another file: a slot of its own. */
+	if (!ret && (ft_open(101, &f[0]) || f[0]->fd != fd_a))
+		ret = -3;
+	if (!ret && io_pwrite(f[0], "b", 1, 0))
+		ret = -4;
+	if (!ret && aio_file_index(&ft_ctx, f[0]->id, f[0]->fd) != 2)
+		ret = -5;
+	if (!ret && (ft_first(100, &c) || c != 'a' || ft_first(101, &c) || c != 'b'))
+		ret = -6;
+	/* Fill the table: the files past it go by descriptor, as right. */
+	for (i = 1; !ret && i < AIO_FILES + 2; i++) {
+		if (ft_open(101 + i, &f[i]) || io_pwrite(f[i], &"0123456789"[i], 1, 0))
+			ret = -7;
+		else if ((aio_file_index(&ft_ctx, f[i]->id, f[i]->fd) < 0) != (i >= AIO_FILES - 1))
+			ret = -8;
+	}
+	for (i = 1; !ret && i < AIO_FILES + 2; i++)
+		if (ft_first(101 + i, &c) || c != "0123456789"[i])
+			ret = -9;
+	/* fdatasync and fallocate by index too. */
+	if (!ret && (io_flush(f[0]) || io_fallocate(f[0], 0, 0, 8192)))
+		ret = -10;
+	for (i = 0; i < AIO_FILES + 2; i++)
+		if (f[i])
+			io_file_close(f[i]);
+	ft_result = ret;
+}
+
+static void test_file_table(void)
+{
+	char owner[400], c = 0;
+	int fd;
+
+	snprintf(ft_dir, sizeof(ft_dir), "%s", tmpdir);
+	snprintf(owner, sizeof(owner), "%s/owner", tmpdir);
+	fd = open(owner, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	CHECK(fd >= 0 && pwrite(fd, "o", 1, 0) == 1);
+	CHECK(aio_ctx_init(&ft_ctx, 64) == 0);
+	CHECK(aio_ctx_register_files(&ft_ctx, &fd, 1) == 0);
+	aio_ctx_set_current(&ft_ctx);
+	CHECK(aio_run_coroutine(ft_fn, NULL) == 0);
+	CHECK(ft_result == 0, " step %d", ft_result);
+	/* Nothing went to the owner's file at index 0. */
+	CHECK(pread(fd, &c, 1, 0) == 1 && c == 'o');
+	aio_ctx_deinit(&ft_ctx);
+	close(fd);
+}
+
 static void test_helpers(void)
 {
 	uint64_t v;
@@ -419,6 +517,7 @@ int main(void)
 	run_io_model(IO_OPEN_DIRECT, "direct");
 	test_raw();
 	test_close_error();
+	test_file_table();
 	char cmd[300];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
 	if (system(cmd)) {}
