@@ -10,6 +10,8 @@
 #                              (names look like build/tests/coro or
 #                              build-asan/test-diff-nbd)
 # Environment:
+#   QUBLK_IO_INLINE     io.c's inline I/O: 0 (default here: io_uring, as on
+#                       a disk), 1, or empty (auto: files in memory)
 #   QUBLK_BUILDS        build directories to test (default "build build-asan")
 #   QUBLK_TEST_TIMEOUT  seconds per test (default 600; unit tests 120)
 #   QUBLK_TEST_SERVER   qemu-nbd: run the NBD tests against qemu-nbd
@@ -26,6 +28,13 @@ set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
 TOP=$(pwd)
+
+# The io layer's inline I/O (src/common/io.c) would turn every small read
+# and write of the tests' images in /dev/shm into a system call, so that
+# concurrent requests never interleave around their data I/O: the host
+# tests go through io_uring, as images on a disk do.  The VM tests (images
+# in the guest's tmpfs) and test_core's io model cover inline I/O.
+export QUBLK_IO_INLINE=${QUBLK_IO_INLINE-0}
 
 # Tests allowed to skip in CI (space-separated names without the build
 # prefix, e.g. "test-ublk").  Keep this short: CI installs every tool.

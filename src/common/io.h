@@ -42,6 +42,9 @@ struct io_file {
 	                         * names it in rings' file tables (aio.h) */
 	bool read_only;
 	bool direct;            /* opened with O_DIRECT */
+	bool inline_io;         /* small reads and writes as system calls on
+	                         * the calling thread, even in a coroutine
+	                         * (a file in memory: io.c, io_inline_file) */
 	unsigned align;         /* offset/length/buffer alignment of the fd */
 	char *path;
 	int sticky_err;         /* -errno once a flush failed (io_flush), else 0 */

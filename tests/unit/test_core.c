@@ -206,6 +206,7 @@ static void run_io_model(unsigned flags, const char *name)
 	close(fd);
 	memset(model, 0, sizeof(model));
 	CHECK(io_file_open(path, flags, &iof) == 0);
+	CHECK(iof->inline_io == !strcmp(getenv("QUBLK_IO_INLINE"), "1"));
 	CHECK(aio_ctx_init(&ctx, 32) == 0);
 	aio_ctx_set_current(&ctx);
 	for (int round = 0; round < 20; round++) {
@@ -504,6 +505,8 @@ static void test_helpers(void)
 int main(void)
 {
 	log_set_prog("test_core");
+	/* The io layer through the ring (the tests that yield in I/O). */
+	setenv("QUBLK_IO_INLINE", "0", 1);
 	if (!mkdtemp(tmpdir)) {
 		perror("mkdtemp");
 		return 1;
@@ -515,6 +518,11 @@ int main(void)
 	test_mutex_threads();
 	run_io_model(0, "buffered");
 	run_io_model(IO_OPEN_DIRECT, "direct");
+	/* Inline I/O (io.c): the same, with no yield around the data I/O. */
+	setenv("QUBLK_IO_INLINE", "1", 1);
+	run_io_model(0, "buffered-inline");
+	run_io_model(IO_OPEN_DIRECT, "direct-inline");
+	setenv("QUBLK_IO_INLINE", "0", 1);
 	test_raw();
 	test_close_error();
 	test_file_table();

@@ -10,7 +10,10 @@
 # fsyncs and reads from two threads pinned to the two CPUs, checking every
 # batch against its model; after `qublk del` the image must compare equal
 # to the model (qemu-img compare) and check clean.  Both blk-mq queues must
-# have dispatched requests.
+# have dispatched requests.  Every other case runs the daemon with
+# QUBLK_IO_INLINE=0: its reads and writes of the image (in tmpfs) then go
+# through io_uring, as on a disk, and yield, so that the requests of one
+# queue interleave around them too; the others with inline I/O (io.c).
 # The starting content of the compressed and backing-file cases and the
 # compressed images come from the host (race_files in tests/test-vm-ublk.sh).
 # Replay: QUBLK_SEED=N QUBLK_VM_GUEST=race tests/test-vm-ublk.sh (tests/vm/run.sh
@@ -78,7 +81,11 @@ race_case() {
             init=(-i "$FILES/init-$cs.raw")
             ;;
     esac
-    dev=$(qublk add -t qcow2 -q 2 "$img")
+    if [ $(($3 % 2)) = 1 ]; then
+        dev=$(QUBLK_IO_INLINE=0 qublk add -t qcow2 -q 2 "$img")
+    else
+        dev=$(qublk add -t qcow2 -q 2 "$img")
+    fi
     [ -b "$dev" ]
     local dbg=/sys/kernel/debug/block/${dev#/dev/}
     if ! "$RACE" -s "$seed" -c "$(bytes "$cs")" -b "$(batches "$cs")" "${init[@]}" "$dev" "$W/model.raw"; then
