@@ -4,6 +4,8 @@
  *
  * All calls work both inside a coroutine (async on the thread's io_uring,
  * the coroutine yields) and outside (plain blocking syscalls, for tools).
+ * Small reads and writes of a file in memory are syscalls in a coroutine
+ * too, which then does not yield (inline I/O, io.c).
  * Reads are complete or fail: bytes past end of file read as zeros.
  * Writes are complete or fail.  With O_DIRECT, unaligned requests are
  * bounced and read-modify-written under a range lock, so callers may use
