@@ -385,8 +385,10 @@ int aio_run_once(struct aio_ctx *ctx, bool block)
 			if (!done[i].req)
 				continue;
 			ctx->cqe_flags = done[i].flags;
+			ctx->reaped_left = n - i - 1;
 			done[i].req->complete(done[i].req, done[i].res);
 		}
+		ctx->reaped_left = 0;
 	} while (n == AIO_REAP_BATCH);
 	return 0;
 }

@@ -62,6 +62,8 @@ struct aio_ctx {
 	void *submit_opaque;
 	/* The flags of the CQE whose complete() runs (see above). */
 	unsigned cqe_flags;
+	/* CQEs reaped with it whose complete() has not run yet. */
+	unsigned reaped_left;
 	/* The ring's file table (aio_ctx_register_files): the owner's files
 	 * at 0..files_base-1, then AIO_FILES slots the io layer fills as it
 	 * uses files (aio_file_index); file_ids[i] names the io file in
@@ -85,6 +87,14 @@ void aio_ctx_deinit(struct aio_ctx *ctx);
  * a table only if it is closed before the files it serves (the ublk
  * queues: their rings close before the target does).  Returns -errno. */
 int aio_ctx_register_files(struct aio_ctx *ctx, const int *fds, unsigned n);
+/* Whether the loop has nothing else to run right now: no coroutine
+ * ready, no completion reaped or posted that has not run.  Called from a
+ * coroutine of the loop, it says that coroutine is all the work there is
+ * (an SQE it or others wait for may still be in flight). */
+static inline bool aio_idle(struct aio_ctx *ctx)
+{
+	return !ctx->ready_head && !ctx->reaped_left && !io_uring_cq_ready(&ctx->ring);
+}
 /* The table index of the file with io-layer @id (unique per open, never
  * reused) and descriptor @fd on @ctx's ring, putting it in a free slot
  * if it is not there; -1 where the ring has no table, the table is full

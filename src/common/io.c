@@ -86,8 +86,6 @@ void io_free(void *buf) { free(buf); }
  * $QUBLK_IO_INLINE=0 turns it off (the tests that want io_uring's
  * interleavings of concurrent requests), =1 on for any file.
  */
-#define IO_INLINE_MAX (16 * 1024)
-
 static bool io_inline_file(int fd, unsigned align)
 {
 	const char *env = getenv("QUBLK_IO_INLINE");

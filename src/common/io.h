@@ -52,6 +52,13 @@ struct io_file {
 	int sticky_err;         /* -errno once a flush failed (io_flush), else 0 */
 };
 
+/* The largest read or write of an inline_io file made inline (io.c). */
+#define IO_INLINE_MAX (16 * 1024)
+static inline size_t io_inline_max(const struct io_file *f)
+{
+	return f && f->inline_io ? IO_INLINE_MAX : 0;
+}
+
 enum {
 	IO_OPEN_RDONLY = 1 << 0,
 	IO_OPEN_DIRECT = 1 << 1,   /* try O_DIRECT, fall back to buffered */

@@ -372,7 +372,8 @@ static int setup_queues(struct ublk_dev *d)
 		struct ublk_queue *q = &d->queues[i];
 
 		/* Zero copy: the buffers serve only requests the driver could
-		 * not register, so they are not touched up front. */
+		 * not register and small lone ones (queue.c), so they are not
+		 * touched up front. */
 		q->zero_copy = d->info.flags & UBLK_F_AUTO_BUF_REG;
 		q->bufs = mmap(NULL, per_q, PROT_READ | PROT_WRITE,
 			       MAP_PRIVATE | MAP_ANONYMOUS | (q->zero_copy ? 0 : MAP_POPULATE), -1, 0);

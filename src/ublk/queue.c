@@ -29,7 +29,9 @@
  * (common/kbuf.h) as the buffer, so its file reads and writes go straight
  * between the request's pages and the image.  If the driver could not
  * register them (UBLK_IO_F_NEED_REG_BUF), that request goes through the
- * tag's own buffer and user copy instead.
+ * tag's own buffer and user copy instead; so does a small read or write
+ * that is the queue's only work, when the image file takes it inline
+ * (handle_request).
  *
  * Batched commands (the device has UBLK_F_BATCH_IO): the same coroutines,
  * but a tag hands its result back and waits for its next request through
@@ -87,6 +89,14 @@ int ublk_check_iod(const struct ublksrv_io_desc *iod, uint64_t dev_size,
 	return op;
 }
 
+/* Whether the request a tag starts (busy_tags counts it) is all the
+ * queue has to do: no other tag inside a target op, nothing reaped or
+ * ready to run that could start one. */
+static bool lone_request(struct ublk_queue *q)
+{
+	return q->busy_tags == 1 && aio_idle(&q->aio);
+}
+
 /* Run one request; returns the COMMIT result (bytes or -errno).  @buf is
  * the tag's buffer; @kbuf its kernel buffer slot (zero copy) or NULL. */
 static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *kbuf)
@@ -112,8 +122,15 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *k
 	}
 	/* Zero copy: the tag's slot (@whole), unless the driver could not
 	 * register the pages; then the tag's buffer, filled or emptied by
-	 * user copy. */
-	by_copy = kbuf && (iod.op_flags & UBLK_IO_F_NEED_REG_BUF);
+	 * user copy.  The same for a small read or write the image file
+	 * takes inline when it is the queue's only work: a fixed-buffer op
+	 * on a file in memory goes to an io-wq worker, and a lone request
+	 * waits for that hand-over; copied, it never leaves this thread.
+	 * Under load the hand-over overlaps other requests and zero copy is
+	 * the cheaper (README, "Zero copy for a lone request"). */
+	by_copy = kbuf && ((iod.op_flags & UBLK_IO_F_NEED_REG_BUF) ||
+			   ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) &&
+			    len <= t->inline_max && lone_request(q)));
 
 	if (kbuf && !by_copy)
 		buf = kbuf;

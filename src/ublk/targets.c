@@ -62,6 +62,7 @@ static int engine_open(struct ublk_tgt *t, const struct ublk_tgt_opts *o, const 
 	t->read_only = bs->read_only;
 	/* The engine's metadata lock is a cross-thread co_mutex (test_mt). */
 	t->can_multiqueue = true;
+	t->inline_max = (uint32_t)io_inline_max(bs->file);
 	return 0;
 }
 

@@ -186,6 +186,9 @@ struct ublk_tgt {
 	unsigned cluster_size;  /* allocation unit, 0 = none */
 	bool read_only;
 	bool can_multiqueue;    /* safe to call from several queue threads */
+	uint32_t inline_max;    /* reads and writes up to this size reach the
+	                         * image file as system calls on the calling
+	                         * thread (an image in memory, io.h); 0: none */
 	bool unmap;             /* set by the device, not the target: discard is
 	                         * advertised and passed on (--discard unmap) */
 };
@@ -203,7 +206,8 @@ struct ublk_queue {
 	struct ublksrv_io_desc *iods; /* mmap of /dev/ublkcN, read-only */
 	size_t iods_len;
 	uint8_t *bufs;                /* depth * max_io bytes (zero copy: only for
-	                               * requests the driver could not register) */
+	                               * requests the driver could not register
+	                               * and small lone ones, queue.c) */
 	/* Zero copy (the device has UBLK_F_AUTO_BUF_REG): the tags' kernel
 	 * buffers, tag i at fixed-buffer index i of this queue's ring. */
 	bool zero_copy;

@@ -481,6 +481,58 @@ static void test_file_table(void)
 	close(fd);
 }
 
+/* --- aio_idle ---
+ * A coroutine learns whether it is the loop's only work (ublk queues
+ * choose a lone request's path by it, queue.c).  Two waits that end in
+ * one reaped batch: the first resumed must see the second coming; the
+ * second, with the driver asleep on a timeout, sees nothing else. */
+static int idle_seen[2] = { -1, -1 };
+
+static void idle_child(void *opaque)
+{
+	struct aio_ctx *ctx = aio_ctx_current();
+	struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
+
+	io_uring_prep_nop(sqe);
+	aio_co_wait_sqe(ctx, sqe);
+	idle_seen[(intptr_t)opaque] = aio_idle(ctx);
+}
+
+static void idle_fn(void *opaque)
+{
+	struct aio_ctx *ctx = aio_ctx_current();
+	struct coro *c[2];
+	int *ready_seen = opaque;
+
+	for (intptr_t i = 0; i < 2; i++) {
+		c[i] = coro_new(idle_child, (void *)i, 0);
+		if (!c[i])
+			return;
+		aio_schedule(c[i]);
+	}
+	*ready_seen = aio_idle(ctx);   /* both children ready to run */
+	aio_co_sleep_ms(ctx, 100);
+	for (int i = 0; i < 2; i++) {
+		if (!coro_finished(c[i]))
+			idle_seen[i] = -2;
+		coro_free(c[i]);
+	}
+}
+
+static void test_aio_idle(void)
+{
+	struct aio_ctx ctx;
+	int ready_seen = -1;
+
+	CHECK(aio_ctx_init(&ctx, 64) == 0);
+	aio_ctx_set_current(&ctx);
+	CHECK(aio_run_coroutine(idle_fn, &ready_seen) == 0);
+	CHECK(ready_seen == 0, " (%d)", ready_seen);
+	CHECK(idle_seen[0] == 0 && idle_seen[1] == 1, " (%d %d)", idle_seen[0], idle_seen[1]);
+	aio_ctx_set_current(NULL);
+	aio_ctx_deinit(&ctx);
+}
+
 static void test_helpers(void)
 {
 	uint64_t v;
@@ -526,6 +578,7 @@ int main(void)
 	test_raw();
 	test_close_error();
 	test_file_table();
+	test_aio_idle();
 	char cmd[300];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
 	if (system(cmd)) {}
