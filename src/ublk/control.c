@@ -487,13 +487,13 @@ int ublk_control_receive_handover(int dev_id, int *out_fd)
 	return 0;
 }
 
-int ublk_dev_resize(int dev_id, uint64_t size)
+/* Send @req and wait up to @timeout_s for "ok" (0) or "error: REASON"
+ * (logged, -EIO). */
+static int ok_request(int dev_id, const char *req, int timeout_s)
 {
-	char req[64], buf[512];
-	int ret;
+	char buf[1024];
+	int ret = sock_request(dev_id, req, buf, sizeof(buf), NULL, timeout_s);
 
-	snprintf(req, sizeof(req), RESIZE_REQ " %llu", (unsigned long long)size);
-	ret = sock_request(dev_id, req, buf, sizeof(buf), NULL, 120);
 	if (ret < 0)
 		return ret;
 	if (strcmp(buf, "ok")) {
@@ -503,10 +503,18 @@ int ublk_dev_resize(int dev_id, uint64_t size)
 	return 0;
 }
 
+int ublk_dev_resize(int dev_id, uint64_t size)
+{
+	char req[64];
+
+	snprintf(req, sizeof(req), RESIZE_REQ " %llu", (unsigned long long)size);
+	return ok_request(dev_id, req, 120);
+}
+
 int ublk_dev_snapshot(int dev_id, enum bdrv_snapshot_op op, const char *name)
 {
 	size_t len = strlen(name) + 32;
-	char *req = malloc(len), buf[1024];
+	char *req = malloc(len);
 	int ret;
 
 	if (!req)
@@ -514,15 +522,9 @@ int ublk_dev_snapshot(int dev_id, enum bdrv_snapshot_op op, const char *name)
 	snprintf(req, len, SNAPSHOT_REQ "%s %s", op == BDRV_SNAPSHOT_DELETE ? "delete" : "create",
 		 name);
 	/* A snapshot walks every L2 table of the image: allow a big one. */
-	ret = sock_request(dev_id, req, buf, sizeof(buf), NULL, 600);
+	ret = ok_request(dev_id, req, 600);
 	free(req);
-	if (ret < 0)
-		return ret;
-	if (strcmp(buf, "ok")) {
-		log_error("ublk%d: %s", dev_id, strncmp(buf, "error: ", 7) ? buf : buf + 7);
-		return -EIO;
-	}
-	return 0;
+	return ret;
 }
 
 /* One message of the list (see snapshot_list_reply) into @e. */
