@@ -131,6 +131,8 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *k
 	by_copy = kbuf && ((iod.op_flags & UBLK_IO_F_NEED_REG_BUF) ||
 			   ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) &&
 			    len <= t->inline_max && lone_request(q)));
+	if (by_copy)
+		q->nr_copied++;
 
 	if (kbuf && !by_copy)
 		buf = kbuf;
@@ -452,8 +454,9 @@ static void *queue_thread(void *opaque)
 		}
 	}
 	flush_sqes(q);
-	log_debug("queue %u: exit after %llu requests (%llu errors)", q->q_id,
-		  (unsigned long long)q->nr_ios, (unsigned long long)q->nr_errors);
+	log_debug("queue %u: exit after %llu requests (%llu errors, %llu by user copy)", q->q_id,
+		  (unsigned long long)q->nr_ios, (unsigned long long)q->nr_errors,
+		  (unsigned long long)q->nr_copied);
 	/* Hand-over: the ring outlives this thread (ublk_queue_join closes
 	 * it), so the kernel cancels our commands as it does for a thread
 	 * that dies, and requeues what reaches us from here on. */

@@ -239,6 +239,7 @@ struct ublk_queue {
 	bool stop_now;
 	/* counters, read after the thread is joined */
 	uint64_t nr_ios, nr_errors;
+	uint64_t nr_copied;            /* zero copy: requests that went by user copy */
 };
 
 /* add --discard, as qublk nbd's (qemu-nbd's names).  AUTO: unmap for a

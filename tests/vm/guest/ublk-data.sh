@@ -7,6 +7,8 @@
 #     backing file, then the whole device read with dd before `qublk del`;
 #     after del: qemu-img check clean and qemu-img convert -O raw identical
 #     to what the device returned;
+#   - the same at iodepth 1 with small blocks on a zero-copy device (7.3),
+#     where lone requests go by user copy (the daemon's count is checked);
 #   - --read-only refuses writes and leaves the image byte-identical;
 #   - blkdiscard and blkdiscard -z on ranges give what qemu-io gives for the
 #     same operations on a copy (qemu-img compare).
@@ -19,14 +21,15 @@ mkdir -p "$W"
 
 devnum() { echo "${1#/dev/ublkb}"; }
 
-# fio_verify DEV JOBS: random writes of 512 B..1 MiB at iodepth 64, then a
-# verify pass; JOBS > 1 writes disjoint regions from several CPUs so that
-# more than one hardware queue sees requests.
+# fio_verify DEV JOBS: random writes of 512 B..1 MiB at iodepth 64 (or
+# $FIO_BSSPLIT at $FIO_DEPTH), then a verify pass; JOBS > 1 writes disjoint
+# regions from several CPUs so that more than one hardware queue sees
+# requests.
 fio_verify() {
     local dev=$1 jobs=$2
     fio --allow_file_create=0 --name=verify --filename="$dev" --direct=1 --ioengine=libaio \
-        --rw=randwrite --bssplit=512/10:4k/40:64k/20:256k/15:1m/15 \
-        --iodepth=64 --size="$FIO_SIZE" --numjobs="$jobs" --offset_increment=48M \
+        --rw=randwrite --bssplit="${FIO_BSSPLIT:-512/10:4k/40:64k/20:256k/15:1m/15}" \
+        --iodepth="${FIO_DEPTH:-64}" --size="$FIO_SIZE" --numjobs="$jobs" --offset_increment=48M \
         --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=1 \
         --randrepeat=0 --group_reporting --output-format=terse --terse-version=3 \
         >"$W/fio.out" 2>&1 || { cat "$W/fio.out"; return 1; }
@@ -60,6 +63,7 @@ fio_case() {
     # shellcheck disable=SC2086 # ADD_OPTS: words
     dev=$(qublk add -t "$fmt" -q "$queues" ${ADD_OPTS:-} "$img")
     [ -b "$dev" ]
+    devnum "$dev" >"$W/last-id"
     fio_verify "$dev" "$queues"
     dd if="$dev" of="$W/dev.dump" bs=1M iflag=direct status=none
     qublk del -n "$(devnum "$dev")"
@@ -101,6 +105,22 @@ t_fio_modes() {
     ublk_has batch_io || skip "no batch_io on $VMTEST_KERNEL"
     (export ADD_OPTS=--no-batch; fio_case qcow2 2)
     (export ADD_OPTS=--no-zero-copy; fio_case qcow2 2)
+}
+# Zero copy, one request at a time: a read or write of up to 16 KiB that
+# is its queue's only work goes by user copy through the tag's buffer and
+# inline to the image (in tmpfs), a larger one by zero copy; over a
+# backing file (copy-on-write).  The daemon's exit line (QUBLK_DEBUG)
+# counts the requests that went by copy.
+t_fio_lone() {
+    local id n
+    ublk_has auto_buf_reg || skip "no zero copy on $VMTEST_KERNEL"
+    (export QUBLK_DEBUG=1 FIO_DEPTH=1 FIO_BSSPLIT=512/20:4k/40:16k/20:64k/20 FIO_SIZE=16M
+     fio_case qcow2 1 backing)
+    id=$(cat "$W/last-id")
+    grep 'exit after' "/run/qublk/ublk$id.log" || true
+    n=$(sed -n 's/.*queue 0: exit after [0-9]* requests ([0-9]* errors, \([0-9]*\) by user copy).*/\1/p' \
+        "/run/qublk/ublk$id.log")
+    [ "${n:-0}" -gt 0 ] || fail "no request went by user copy at iodepth 1"
 }
 t_fio_null_q2() {
     local dev
@@ -215,6 +235,7 @@ vmtest ublk-fio-raw-q1 t_fio_raw_q1
 vmtest ublk-fio-raw-q2 t_fio_raw_q2
 vmtest ublk-fio-null-q2 t_fio_null_q2
 vmtest ublk-fio-zc-fallback t_fio_zc_fallback
+vmtest ublk-fio-lone t_fio_lone
 vmtest ublk-fio-qcow2-q1 t_fio_qcow2_q1
 vmtest ublk-fio-qcow2-backing-q1 t_fio_qcow2_backing_q1
 vmtest ublk-fio-qcow2-q2 t_fio_qcow2_q2
