@@ -6,8 +6,11 @@ Usage: nbd_writer.py SOCKET SIZE SEED OUT
 
 Fixed newstyle handshake (NBD_OPT_EXPORT_NAME), then rounds of 16
 pipelined writes (4 KiB..128 KiB, random offsets, a byte pattern per
-write) followed by a flush.  A write is durable once a flush sent after
-its reply has been answered.  OUT.started appears after the first round.
+write) followed by a flush.  The writes of a round are on disjoint
+ranges: requests in flight together have no order between them, so two
+overlapping ones would leave either's bytes, and the content would have
+no one right answer.  A write is durable once a flush sent after its
+reply has been answered.  OUT.started appears after the first round.
 When the connection drops (the server was
 killed) it writes OUT (the durable image content) and OUT.mask (1 where
 a byte was written since the last answered flush: its content is not
@@ -68,7 +71,10 @@ def main():
             pending = {}
             for _ in range(16):
                 n = rnd.choice((4096, 65536, 131072, rnd.randrange(1, 64) * 512))
-                off = rnd.randrange(0, size - n) // 512 * 512
+                while True:
+                    off = rnd.randrange(0, size - n) // 512 * 512
+                    if all(off + n <= o or o + m <= off for o, m, _p in pending.values()):
+                        break
                 pat = rnd.randrange(1, 256)
                 handle += 1
                 pending[handle] = (off, n, pat)

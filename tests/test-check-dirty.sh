@@ -10,7 +10,8 @@
 #     refcounts stale.  A read-write open by qublk nbd must repair it (log
 #     line), after which qemu-img check is clean and every flushed byte
 #     reads back.
-# The writer is tests/nbd_writer.py (16 writes in flight, flush per round).
+# The writer is tests/nbd_writer.py (16 writes in flight on disjoint
+# ranges, flush per round).
 # shellcheck source=tests/lib.sh
 . "$(dirname "$0")/lib.sh"
 
