@@ -181,7 +181,7 @@ static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int
 
 	if (cnt == 1 && kbuf_find(iov[0].iov_base, iov[0].iov_len, &kr))
 		return rw_kbuf(f, write, &kr, iov[0].iov_len, off);
-	if (coro_self() && ctx && !(f->inline_io && iov_size(iov, cnt) <= IO_INLINE_MAX)) {
+	if (coro_self() && ctx && iov_size(iov, cnt) > io_inline_max(f)) {
 		struct io_uring_sqe *sqe = aio_get_sqe(ctx, NULL);
 		if (cnt == 1) {
 			if (write)

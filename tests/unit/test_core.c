@@ -529,7 +529,6 @@ static void test_aio_idle(void)
 	CHECK(aio_run_coroutine(idle_fn, &ready_seen) == 0);
 	CHECK(ready_seen == 0, " (%d)", ready_seen);
 	CHECK(idle_seen[0] == 0 && idle_seen[1] == 1, " (%d %d)", idle_seen[0], idle_seen[1]);
-	aio_ctx_set_current(NULL);
 	aio_ctx_deinit(&ctx);
 }
 
