@@ -61,8 +61,8 @@ drop() {
 # those zeros through the page cache, and an O_DIRECT write over cached
 # pages must drop them, which io_uring cannot do without blocking (it
 # would go to io-wq): they start uncached.
-mk_image() { # KIND PATH
-    local pre=falloc
+mk_image() { # KIND PATH; $BENCH_PREALLOC: falloc (default) or full on tmpfs
+    local pre=${BENCH_PREALLOC:-falloc}
     [ "$FS" = tmpfs ] || pre=full
     drop "$2"
     case $1 in
@@ -71,7 +71,7 @@ mk_image() { # KIND PATH
         empty) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
         sparse) qemu-img create -q -f raw "$2" "$SIZE" ;;
     esac || return
-    if [ "$pre" = full ] && { [ "$1" = raw ] || [ "$1" = prealloc ]; }; then
+    if [ "$FS" != tmpfs ] && { [ "$1" = raw ] || [ "$1" = prealloc ]; }; then
         sync
         echo 3 >/proc/sys/vm/drop_caches
     fi

@@ -49,6 +49,10 @@
 #                 ext4 on a brd ram disk (8 GiB guest by default), where
 #                 O_DIRECT reads and overwrites are issued inline as on a
 #                 disk (tmpfs sends every one through an io-wq thread)
+#   --prealloc    how the preallocated images (raw, prealloc) are made on
+#                 tmpfs: falloc (default: pages allocated, never written)
+#                 or full (every page written, as an image in use has
+#                 them; ext4 always gets full)
 #   --workloads   the workloads (default: randwrite/4k randread/4k
 #                 randrw/4k rw/64k rw/512k; RW/BS/jN runs N fio jobs)
 #   --qublk BIN   benchmark BIN instead of building build/qublk
@@ -75,7 +79,7 @@ set -euo pipefail
 TOP=$(cd "$(dirname "$0")/.." && pwd)
 cd "$TOP"
 
-RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM='' FS=tmpfs CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
+RUNTIME=3 RAMP=1 ROUNDS=2 SIZE=2G MEM='' FS=tmpfs PREALLOC=falloc CACHE=none QDEPTH=128 ONLY=. LOG='' OUT='' PARSE=''
 WORKLOADS='randwrite/4k randread/4k randrw/4k rw/64k rw/512k'
 KERNEL=${QUBLK_VM_KERNEL:-6.12}
 AB='' QBIN='' EVENTS=0
@@ -89,6 +93,7 @@ while [ $# -gt 0 ]; do
         --mem) MEM=$2; shift 2 ;;
         --cache) CACHE=$2; shift 2 ;;
         --fs) FS=$2; shift 2 ;;
+        --prealloc) PREALLOC=$2; shift 2 ;;
         --qdepth) QDEPTH=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --workloads) WORKLOADS=$2; shift 2 ;;
@@ -103,6 +108,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+case $PREALLOC in
+    falloc|full) ;;
+    *) echo "vm-ublk.sh: --prealloc $PREALLOC: falloc or full" >&2; exit 2 ;;
+esac
 case $FS in
     tmpfs) : "${MEM:=6G}" ;;
     ext4) : "${MEM:=8G}" ;;
@@ -387,7 +396,7 @@ load0=$(cut -d' ' -f1-3 /proc/loadavg)
 tests/vm/run.sh --kernel "$KERNEL" --qublk "$QBIN" --mem "$MEM" --timeout "$TIMEOUT" --log "$LOG" --quiet \
     --env BENCH_SIZE="$SIZE" --env BENCH_RUNTIME="$RUNTIME" --env BENCH_RAMP="$RAMP" --env BENCH_ROUNDS="$ROUNDS" \
     --env BENCH_CACHE="$CACHE" --env BENCH_QDEPTH="$QDEPTH" --env BENCH_ONLY="$ONLY" --env BENCH_WORKLOADS="$WORKLOADS" \
-    --env BENCH_KUBLK="$KUBLK" --env BENCH_FS="$FS" --env BENCH_EVENTS="$EVENTS" \
+    --env BENCH_KUBLK="$KUBLK" --env BENCH_FS="$FS" --env BENCH_PREALLOC="$PREALLOC" --env BENCH_EVENTS="$EVENTS" \
     bench/vm-ublk.guest.sh "$NBD" "${EXTRA[@]}" >&2 || rc=$?
 [ -z "$AB" ] || rm -rf "$ABDIR"
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -399,6 +408,7 @@ only_arg=''
 [ "$QBIN" = build/qublk ] || only_arg+=" --qublk $QBIN"
 [ -z "$AB" ] || only_arg+=" --ab $AB"
 [ "$EVENTS" = 0 ] || only_arg+=" --events"
+[ "$PREALLOC" = falloc ] || only_arg+=" --prealloc $PREALLOC"
 {
     echo "Command: bench/vm-ublk.sh --kernel $KERNEL --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --mem $MEM --cache $CACHE --fs $FS --qdepth $QDEPTH$only_arg"
     echo
