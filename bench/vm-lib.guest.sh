@@ -55,7 +55,8 @@ drop() {
 
 # mk_image KIND PATH: raw (preallocated), sparse (raw, created empty),
 # prealloc (qcow2, preallocated), empty (qcow2).  Preallocated images:
-# falloc on tmpfs (pages allocated); full on ext4, whose fallocated
+# falloc on tmpfs (pages allocated, never written), or full with
+# $BENCH_PREALLOC=full (every page written); full on ext4, whose fallocated
 # extents are unwritten: their first write converts them (so it is issued
 # through io-wq), which would make them empty images.  qemu-img writes
 # those zeros through the page cache, and an O_DIRECT write over cached
