@@ -5,7 +5,9 @@
  * All calls work both inside a coroutine (async on the thread's io_uring,
  * the coroutine yields) and outside (plain blocking syscalls, for tools).
  * Small reads and writes of a file in memory are syscalls in a coroutine
- * too, which then does not yield (inline I/O, io.c).
+ * too, which then does not yield (inline I/O, io.c); where the file's
+ * pages are all written, reads and writes of any size are copies through
+ * a mapping of it (io_map.h).
  * Reads are complete or fail: bytes past end of file read as zeros.
  * Writes are complete or fail.  With O_DIRECT, unaligned requests are
  * bounced and read-modify-written under a range lock, so callers may use
@@ -72,6 +74,9 @@ int io_file_open(const char *path, unsigned flags, struct io_file **out);
  * io_file owns @fd from then on, even on failure.  Returns -errno. */
 int io_file_adopt(int fd, const char *path, struct io_file **out);
 void io_file_close(struct io_file *f);
+/* Reads and writes of @f made through its mapping so far (io_map.h; 0
+ * for a file that has none). */
+uint64_t io_file_map_copies(const struct io_file *f);
 
 static inline int io_preadv(struct io_file *f, const struct iovec *iov, int n, uint64_t off)
 { return f->ops->preadv(f, iov, n, off); }

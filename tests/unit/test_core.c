@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: MIT */
 /* Unit tests for the core: coroutines, wait queues, the event loop, the
  * io layer (buffered and O_DIRECT with unaligned read-modify-write),
- * the raw driver, kernel buffer windows and the small helpers. */
+ * the raw driver, kernel buffer windows, a file in memory through its
+ * mapping and the small helpers. */
 #include <errno.h>
 #include <pthread.h>
 #include <fcntl.h>
@@ -9,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "block/bdrv.h"
@@ -16,6 +18,7 @@
 #include "common/coro.h"
 #include "common/io.h"
 #include "common/io_fault.h"
+#include "common/io_map.h"
 #include "common/kbuf.h"
 #include "common/util.h"
 
@@ -192,8 +195,12 @@ static void io_worker(void *opaque)
 	io_done++;
 }
 
-static void run_io_model(unsigned flags, const char *name)
+/* @written: the file written (zeros) instead of sparse, so that an
+ * inline file in memory goes through its mapping (io_map.h) until holes
+ * are punched in it. */
+static void run_io_model(unsigned flags, const char *name, bool written)
 {
+	static const unsigned char zeros[FSZ];
 	struct aio_ctx ctx;
 	char path[256];
 	enum { NJOBS = 64 };
@@ -202,13 +209,17 @@ static void run_io_model(unsigned flags, const char *name)
 
 	snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
 	int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
-	CHECK(fd >= 0 && ftruncate(fd, FSZ) == 0);
+	CHECK(fd >= 0 && (written ? pwrite(fd, zeros, FSZ, 0) != FSZ : ftruncate(fd, FSZ) != 0) == 0);
 	close(fd);
 	memset(model, 0, sizeof(model));
 	CHECK(io_file_open(path, flags, &iof) == 0);
 	CHECK(iof->inline_io == !strcmp(getenv("QUBLK_IO_INLINE"), "1"));
 	CHECK(aio_ctx_init(&ctx, 32) == 0);
 	aio_ctx_set_current(&ctx);
+	/* A written file's chunk is mapped once it has been used a while by
+	 * requests too large to go inline (those that count, io.c). */
+	for (int i = 0; written && i < 8; i++)
+		CHECK(io_pread(iof, model, 64 << 10, 0) == 0);
 	for (int round = 0; round < 20; round++) {
 		/* Non-overlapping jobs that may share DIO blocks. */
 		unsigned pos = rnd() % 4096;
@@ -237,6 +248,9 @@ static void run_io_model(unsigned flags, const char *name)
 	CHECK(io_pread(iof, back + 3, FSZ + 50, 0) == 0);   /* past EOF reads zeros */
 	CHECK(memcmp(back + 3, model, FSZ) == 0);
 	CHECK(buf_is_zero(back + 3 + FSZ, 50));
+	/* A written file in memory went through its mapping, at least until
+	 * the first hole was punched. */
+	CHECK(written == (io_file_map_copies(iof) > 0));
 	free(back);
 	aio_ctx_deinit(&ctx);
 	io_file_close(iof);
@@ -461,6 +475,140 @@ static void ft_fn(void *opaque)
 	ft_result = ret;
 }
 
+/* --- a file in memory through its mapping (io_map.h) --- */
+static uint64_t blocks_of(int fd)
+{
+	struct stat st;
+	return fstat(fd, &st) ? 0 : (uint64_t)st.st_blocks;
+}
+
+static size_t map_rw_counts(struct io_map *m, bool write, void *buf, size_t len, uint64_t off,
+			    bool counts)
+{
+	struct iovec v = { buf, len };
+	return io_map_rw(m, write, &v, 1, off, counts);
+}
+
+static size_t map_rw(struct io_map *m, bool write, void *buf, size_t len, uint64_t off)
+{
+	return map_rw_counts(m, write, buf, len, off, true);
+}
+
+/* How many times the mapping refuses the same access before it takes it
+ * (200: never). */
+static int refusals_counts(struct io_map *m, bool write, void *buf, size_t len, uint64_t off,
+			   bool counts)
+{
+	int n = 0;
+
+	while (n < 200 && map_rw_counts(m, write, buf, len, off, counts) != len)
+		n++;
+	return n;
+}
+
+static int refusals(struct io_map *m, bool write, void *buf, size_t len, uint64_t off)
+{
+	return refusals_counts(m, write, buf, len, off, true);
+}
+
+static void test_io_map(void)
+{
+	enum { MB = 1 << 20 };
+	char path[256], buf[4096], back[4096];
+	struct io_map *m;
+	uint64_t b;
+	int fd;
+
+	snprintf(path, sizeof(path), "%s/map", tmpdir);
+	fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	CHECK(fd >= 0);
+	/* Fallocate'd, never written: refused (a fault would clear pages
+	 * that read() leaves alone), and reading leaves them so. */
+	CHECK(fallocate(fd, 0, 0, 4 * MB) == 0);
+	m = io_map_open(fd, false);
+	CHECK(m != NULL);
+	memset(buf, 0xa5, sizeof(buf));
+	b = blocks_of(fd);
+	CHECK(map_rw(m, false, back, sizeof(back), MB) == 0);
+	/* Every page written: copied through once a chunk has been used 16
+	 * times (then asked) and 32 more (chunk 0 was used once already). */
+	memset(back, 0, sizeof(back));
+	for (uint64_t off = 0; off < 4 * MB; off += sizeof(buf))
+		CHECK(pwrite(fd, back, sizeof(back), off) == (ssize_t)sizeof(back));
+	CHECK(blocks_of(fd) == b);
+	/* Accesses that do not count (small ones, io.c) never map a chunk
+	 * nor bring its mapping nearer... */
+	CHECK(refusals_counts(m, false, back, sizeof(back), 3 * MB, false) == 200);
+	CHECK(refusals(m, false, back, sizeof(back), 3 * MB) == 16 + 1 + 32);
+	CHECK(refusals(m, false, back, sizeof(back), MB) == 15 + 1 + 32);
+	/* ... but use a chunk that is mapped. */
+	CHECK(map_rw_counts(m, false, back, sizeof(back), 3 * MB + 4096, false) == sizeof(back));
+	CHECK(map_rw(m, true, buf, sizeof(buf), MB + 512) == sizeof(buf));
+	CHECK(pread(fd, back, sizeof(back), MB + 512) == (ssize_t)sizeof(back));
+	CHECK(memcmp(buf, back, sizeof(buf)) == 0);
+	CHECK(map_rw(m, false, back, sizeof(back), 3 * MB) == sizeof(back) &&
+	      buf_is_zero(back, sizeof(back)));
+	/* Past the known end: the caller's system call (and its growth). */
+	CHECK(map_rw(m, true, buf, sizeof(buf), 4 * MB - 100) == 0);
+	CHECK(pwrite(fd, buf, sizeof(buf), 4 * MB - 100) == (ssize_t)sizeof(buf));
+	io_map_grown(m, 4 * MB - 100 + sizeof(buf));
+	/* A hole punched: that chunk is unknown again and refused, and a
+	 * read there leaves the file as it was (a fault would allocate a
+	 * page); asked once used 16 times, it has holes until written. */
+	io_map_punch(m, 2 * MB + 8192, 8192);
+	CHECK(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * MB + 8192, 8192) == 0);
+	b = blocks_of(fd);
+	CHECK(map_rw(m, false, back, sizeof(back), 2 * MB + 8192) == 0);
+	CHECK(map_rw(m, false, back, sizeof(back), 2 * MB) == 0);
+	CHECK(blocks_of(fd) == b);
+	/* The other chunks still go through. */
+	CHECK(map_rw(m, false, back, sizeof(back), MB + 512) == sizeof(back) &&
+	      memcmp(buf, back, sizeof(back)) == 0);
+	/* Written whole again: taken once asked and used 32 more times. */
+	CHECK(pwrite(fd, buf, sizeof(buf), 2 * MB + 8192) == (ssize_t)sizeof(buf) &&
+	      pwrite(fd, buf, sizeof(buf), 2 * MB + 12288) == (ssize_t)sizeof(buf));
+	CHECK(refusals(m, false, back, sizeof(back), 2 * MB) == 14 + 1 + 32);
+	/* A 64 KiB access counts as its 16 pages: a chunk is asked at its
+	 * second one and mapped after two more. */
+	{
+		static char big[64 << 10];
+		io_map_punch(m, 2 * MB, 4096);
+		CHECK(map_rw(m, false, big, sizeof(big), 2 * MB) == 0);
+		CHECK(refusals(m, false, big, sizeof(big), 2 * MB) == 1 + 2);
+	}
+	/* Cut short behind its back: the copy faults (SIGBUS), is caught,
+	 * and refused; the process lives on. */
+	CHECK(ftruncate(fd, MB) == 0);
+	CHECK(map_rw(m, false, back, sizeof(back), 3 * MB) == 0);
+	CHECK(map_rw(m, true, buf, sizeof(buf), 3 * MB) == 0);
+	CHECK(map_rw(m, false, back, sizeof(back), 512) == sizeof(back));
+	/* Truncation told: nothing past the new end. */
+	io_map_truncate(m, 8192);
+	CHECK(ftruncate(fd, 8192) == 0);
+	CHECK(map_rw(m, false, back, sizeof(back), 8192) == 0);
+	io_map_close(m);
+	close(fd);
+
+	/* A sparse file: only chunks with no hole go through. */
+	fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
+	CHECK(fd >= 0 && ftruncate(fd, 4 * MB) == 0);
+	for (uint64_t off = 0; off < 2 * MB; off += sizeof(buf))
+		CHECK(pwrite(fd, buf, sizeof(buf), off) == (ssize_t)sizeof(buf));
+	m = io_map_open(fd, true);
+	CHECK(m != NULL);
+	b = blocks_of(fd);
+	CHECK(map_rw(m, false, back, sizeof(back), 2 * MB + MB / 2) == 0);
+	CHECK(refusals(m, false, back, sizeof(back), MB) == 16 + 1 + 32 &&
+	      memcmp(buf, back, sizeof(back)) == 0);
+	CHECK(refusals(m, false, back, sizeof(back), 2 * MB + MB / 2) == 200);
+	CHECK(blocks_of(fd) == b);
+	/* Read-only: no writes through it. */
+	CHECK(map_rw(m, true, buf, sizeof(buf), MB) == 0);
+	io_map_close(m);
+	close(fd);
+	unlink(path);
+}
+
 static void test_file_table(void)
 {
 	char owner[400], c = 0;
@@ -567,17 +715,20 @@ int main(void)
 	test_coro_basic();
 	test_mutex();
 	test_mutex_threads();
-	run_io_model(0, "buffered");
-	run_io_model(IO_OPEN_DIRECT, "direct");
+	run_io_model(0, "buffered", false);
+	run_io_model(IO_OPEN_DIRECT, "direct", false);
 	/* Inline I/O (io.c): the same, with no yield around the data I/O. */
 	setenv("QUBLK_IO_INLINE", "1", 1);
-	run_io_model(0, "buffered-inline");
-	run_io_model(IO_OPEN_DIRECT, "direct-inline");
+	run_io_model(0, "buffered-inline", false);
+	run_io_model(IO_OPEN_DIRECT, "direct-inline", false);
+	run_io_model(0, "buffered-mapped", true);
+	run_io_model(IO_OPEN_DIRECT, "direct-mapped", true);
 	setenv("QUBLK_IO_INLINE", "0", 1);
 	test_raw();
 	test_close_error();
 	test_file_table();
 	test_aio_idle();
+	test_io_map();
 	char cmd[300];
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", tmpdir);
 	if (system(cmd)) {}

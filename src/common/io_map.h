@@ -1,0 +1,50 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * A file in memory (tmpfs, ramfs) read and written through a shared
+ * mapping of it: a copy with no system call, where a read or write would
+ * be a system call on the calling thread (inline I/O, io.c) or a hop to
+ * an io-wq worker.  Only ranges the mapping can serve without changing
+ * the file go through it: below the known end of file, in 2 MiB chunks
+ * that hold no hole (a fault on a hole would allocate a page where a
+ * read leaves none).  Everything else is the caller's system call, as
+ * before, and the io layer tells the map what changes the file's shape
+ * (growth, holes punched, truncation).  A fault the map did not foresee
+ * (the file cut short by someone else) is caught and the caller falls
+ * back to its system call.  Thread-safe.
+ */
+#ifndef QUBLK_IO_MAP_H
+#define QUBLK_IO_MAP_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+struct io_map;
+
+/* Map @fd (a regular file) read-only or read-write; NULL if it cannot be
+ * mapped or $QUBLK_IO_MAP is 0. */
+struct io_map *io_map_open(int fd, bool read_only);
+void io_map_close(struct io_map *m);
+
+/* Copy file bytes [off, off + iov's size) to (@write: from) @iov through
+ * the mapping.  Returns the size copied, or 0 when the mapping cannot
+ * serve the range: the caller then makes its system call.  @counts: the
+ * access counts toward mapping the chunks it touches (pass it where the
+ * caller's system call is dear, an io-wq hop; an access that does not
+ * count uses only chunks already mapped). */
+size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt, uint64_t off,
+		 bool counts);
+
+/* How many reads and writes io_map_rw served (0 for NULL). */
+uint64_t io_map_copies(const struct io_map *m);
+
+/* The file now extends to at least @end (a write or fallocate past its
+ * end succeeded). */
+void io_map_grown(struct io_map *m, uint64_t end);
+/* Before holes are punched in [off, off + len). */
+void io_map_punch(struct io_map *m, uint64_t off, uint64_t len);
+/* Before the file is truncated to @size (shrunk or grown). */
+void io_map_truncate(struct io_map *m, uint64_t size);
+
+#endif
