@@ -13,7 +13,10 @@
 # Image kinds: empty, preallocated (metadata, falloc), compressed (qemu-img
 # convert -c of patterned data) and over a qcow2 backing file with data,
 # each with 512 B, 4 KiB, 64 KiB and 2 MiB clusters (v3), plus v2 over a
-# backing file (where QEMU ignores discards and writes explicit zeros).
+# backing file (where QEMU ignores discards and writes explicit zeros);
+# and full (every page written) with inline I/O on, so that the server
+# reads and writes the image through its mapping (io_map.h) while
+# discards punch holes in it (its count of such copies is checked).
 #
 # Replay a failure: QUBLK_SEED=N tests/test-concurrent-nbd.sh [CASE-PATTERN]
 # (QUBLK_KEEP=1 keeps the scripts: the failing offset is in img.N.io).
@@ -55,6 +58,8 @@ CASES=(
     "backing-c64k    backing     64k  1.1   16M  writeback"
     "backing-c2M     backing     2M   1.1   32M  none"
     "backing-c64k-v2 backing     64k  0.10  16M  writeback"
+    "full-c64k       full        64k  1.1   16M  writeback"
+    "full-c2M        full        2M   1.1   32M  writeback"
 )
 
 # make_images KIND OPTS SIZE DIR: DIR/img.qcow2 and its starting content in
@@ -65,7 +70,7 @@ make_images() {
     mkimg -f raw "$ref" "$size"
     case $kind in
         empty) mkimg -f qcow2 -o "$opts" "$img" "$size" ;;
-        metadata|falloc)
+        metadata|falloc|full)
             mkimg -f qcow2 -o "$opts,preallocation=$kind" "$img" "$size" ;;
         compressed)
             qio "$ref" raw <"$dir/init.io"
@@ -103,7 +108,13 @@ run_case() {
 
     local img=$dir/img.qcow2 ref=$dir/ref.raw s
     make_images "$kind" "cluster_size=$cs,compat=$compat" "$size" "$dir"
-    start_nbd_server "$img" --cache "$cache"
+    if [ "$kind" = full ]; then
+        # The map is for files in memory with inline I/O (io.c), which
+        # the host tests turn off (tests/run.sh); its debug line counts.
+        QUBLK_IO_INLINE=1 QUBLK_DEBUG=1 start_nbd_server "$img" --cache "$cache"
+    else
+        start_nbd_server "$img" --cache "$cache"
+    fi
     for s in 0 1; do
         qio "$NBD_URI" raw <"$dir/img.$s.io"
         qio "$ref" raw <"$dir/ref.$s.io"
@@ -116,6 +127,11 @@ run_case() {
         rm -f "$dir/readback.raw"
     done
     stop_nbd_server
+    if [ "$kind" = full ] && [ "$QUBLK_TEST_SERVER" != qemu-nbd ]; then
+        grep -E 'through its mapping' "$NBD_LOG" || true
+        grep -Eq 'img\.qcow2: [1-9][0-9]* reads and writes through its mapping' "$NBD_LOG" \
+            || fail "no I/O went through the image's mapping"
+    fi
     qcompare "$img" "$ref"
     qcheck "$img"
     if [ "$kind" = backing ]; then

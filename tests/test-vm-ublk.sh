@@ -23,7 +23,8 @@
 #         (QUBLK_VM_FULL=1: everything, full size);
 #   6.12  a smoke of what differs on Debian 12's kernel: features, kill -9
 #         without recovery (qcow2), recover (two cases, one kill each),
-#         upgrade without QUIESCE_DEV, resize refused (no UPDATE_SIZE).
+#         upgrade without QUIESCE_DEV, resize refused (no UPDATE_SIZE),
+#         fio --verify through an image's mapping (copies, not zero copy).
 # The ASan/UBSan build: 7.3 only, a smoke of the daemon paths the
 # sanitizers watch (--recover-on-restart after a kill under fio, a busy
 # del and --force, one hand-over with 2 queues under fio); the guest
@@ -98,8 +99,10 @@ for k in "${kernels[@]}"; do
             # requests wait for timeouts here: one kill case, one kill per
             # recover case.  ublk-race (minutes under TCG) checks the
             # daemon's request handling, which 7.3 runs in full.
-            6.12) set_=(ublk-features.sh ublk-kill.sh ublk-recover.sh ublk-resize.sh ublk-upgrade.sh)
-                  envs=(--env KILL_ONLY=qcow2 --env "RECOVER_ONLY=q2-backing ext4"
+            6.12) set_=(ublk-data.sh ublk-features.sh ublk-kill.sh ublk-recover.sh ublk-resize.sh
+                        ublk-upgrade.sh)
+                  envs=(--env DATA_ONLY=ublk-fio-mapped --env KILL_ONLY=qcow2
+                        --env "RECOVER_ONLY=q2-backing ext4"
                         --env RECOVER_KILLS=1 --env UPGRADES=2 --env "UPGRADE_ONLY=q2 refusals") ;;
             *) fail "unknown kernel $k" ;;
         esac

@@ -9,10 +9,13 @@
 #     to what the device returned;
 #   - the same at iodepth 1 with small blocks on a zero-copy device (7.3),
 #     where lone requests go by user copy (the daemon's count is checked);
+#   - the same over an image whose pages are all written, read and
+#     written through its mapping (the daemon's count is checked);
 #   - --read-only refuses writes and leaves the image byte-identical;
 #   - blkdiscard and blkdiscard -z on ranges give what qemu-io gives for the
 #     same operations on a copy (qemu-img compare).
-# Scratch images live in /tmp (tmpfs inside the VM).
+# Scratch images live in /tmp (tmpfs inside the VM).  DATA_ONLY: the
+# names of the cases to run (default all; ublk-clean always runs).
 
 IMG_SIZE=${UBLK_TEST_IMG_SIZE:-128M}
 FIO_SIZE=${UBLK_TEST_FIO_SIZE:-40M}
@@ -48,7 +51,8 @@ check_image() {
     rm -f "$W/qemu.raw"
 }
 
-# fio_case FMT QUEUES [BACKING]; $ADD_OPTS: more options for qublk add.
+# fio_case FMT QUEUES [BACKING]; $ADD_OPTS: more options for qublk add,
+# $PREALLOC: the image's preallocation.
 fio_case() {
     local fmt=$1 queues=$2 backing=${3:-} img dev
     img=$W/img.$fmt
@@ -58,7 +62,7 @@ fio_case() {
         qemu-io -f qcow2 -c 'write -P 0x5a 0 16M' -c 'write -P 0xa5 100M 8M' "$W/base.qcow2" >/dev/null
         qemu-img create -q -f qcow2 -b "$W/base.qcow2" -F qcow2 "$img"
     else
-        qemu-img create -q -f "$fmt" "$img" "$IMG_SIZE"
+        qemu-img create -q -f "$fmt" ${PREALLOC:+-o preallocation=$PREALLOC} "$img" "$IMG_SIZE"
     fi
     # shellcheck disable=SC2086 # ADD_OPTS: words
     dev=$(qublk add -t "$fmt" -q "$queues" ${ADD_OPTS:-} "$img")
@@ -230,19 +234,34 @@ t_symlink_backing() {
     rm -rf "$a" "$b" "$W/qemu.raw" "$W/dev.dump"
 }
 
-vmtest ublk-params t_params
-vmtest ublk-fio-raw-q1 t_fio_raw_q1
-vmtest ublk-fio-raw-q2 t_fio_raw_q2
-vmtest ublk-fio-null-q2 t_fio_null_q2
-vmtest ublk-fio-zc-fallback t_fio_zc_fallback
-vmtest ublk-fio-lone t_fio_lone
-vmtest ublk-fio-qcow2-q1 t_fio_qcow2_q1
-vmtest ublk-fio-qcow2-backing-q1 t_fio_qcow2_backing_q1
-vmtest ublk-fio-qcow2-q2 t_fio_qcow2_q2
-vmtest ublk-fio-modes t_fio_modes
-vmtest ublk-read-only t_read_only
-vmtest ublk-discard t_discard
-vmtest ublk-symlink-backing t_symlink_backing
+# A file in memory through its mapping (io_map.h): an image whose pages
+# are all written (preallocation=full) is read and written by memcpy
+# from two queue threads; the daemon's debug log counts the copies made
+# so when it closes the image.
+t_fio_mapped() {
+    local id
+    (export QUBLK_DEBUG=1 PREALLOC=full; fio_case qcow2 2)
+    id=$(cat "$W/last-id")
+    grep 'through its mapping' "/run/qublk/ublk$id.log" || true
+    grep -Eq 'img\.qcow2: [1-9][0-9]* reads and writes through its mapping' \
+        "/run/qublk/ublk$id.log" || fail "no I/O went through the image's mapping"
+}
+
+data_case() { case " ${DATA_ONLY:-$1} " in *" $1 "*) vmtest "$@" ;; esac; }
+data_case ublk-params t_params
+data_case ublk-fio-raw-q1 t_fio_raw_q1
+data_case ublk-fio-raw-q2 t_fio_raw_q2
+data_case ublk-fio-null-q2 t_fio_null_q2
+data_case ublk-fio-zc-fallback t_fio_zc_fallback
+data_case ublk-fio-lone t_fio_lone
+data_case ublk-fio-mapped t_fio_mapped
+data_case ublk-fio-qcow2-q1 t_fio_qcow2_q1
+data_case ublk-fio-qcow2-backing-q1 t_fio_qcow2_backing_q1
+data_case ublk-fio-qcow2-q2 t_fio_qcow2_q2
+data_case ublk-fio-modes t_fio_modes
+data_case ublk-read-only t_read_only
+data_case ublk-discard t_discard
+data_case ublk-symlink-backing t_symlink_backing
 # Nothing may be left behind.
 t_clean() { qublk del --all; ! ls /dev/ublkb* >/dev/null 2>&1; }
 vmtest ublk-clean t_clean
