@@ -25,6 +25,8 @@
  * the requests that would hop to an io-wq worker, not the small ones it
  * serves inline (a system call on its own thread, cheaper than their
  * share of the asks and faults), which use only chunks already mapped.
+ * The file is mmap'ed at the first ask, not at open, so that one only
+ * ever given small requests has no mapping at all.
  * Any other access is the caller's system call, which is what it was
  * before; a chunk found incomplete is asked again after 16 more pages,
  * then 32, 64 ... (the system calls' writes fill it).
@@ -94,8 +96,11 @@ static uint32_t word(uint32_t gen, unsigned tries, unsigned kind, unsigned count
 }
 
 struct io_map {
-	uint8_t *base;
-	uint64_t len;           /* address space mapped: accesses past it are syscalls */
+	uint8_t *base;          /* NULL until the first ask (atomic; under lock) */
+	int fd;                 /* the io_file's: open while the map is */
+	bool map_failed;        /* mmap failed: nothing goes through the map */
+	pthread_mutex_t lock;   /* maps the file */
+	uint64_t len;           /* address space to map: accesses past it are syscalls */
 	uint64_t size;          /* the file's known size (atomic) */
 	uint32_t *chunk;        /* len >> CHUNK_SHIFT words (atomic) */
 	uint64_t copies;        /* reads and writes served (atomic) */
@@ -137,7 +142,6 @@ struct io_map *io_map_open(int fd, bool read_only)
 	struct statfs sf;
 	struct stat st;
 	uint64_t size, whole;
-	void *p;
 
 	if ((env && !strcmp(env, "0")) || fstat(fd, &st) || !S_ISREG(st.st_mode) ||
 	    fstatfs(fd, &sf) ||
@@ -148,20 +152,15 @@ struct io_map *io_map_open(int fd, bool read_only)
 	/* Room to grow for a file we write (qcow2 allocates at its end). */
 	whole = read_only ? size : MAX(2 * size, 64ull << 30);
 	whole = MIN(ALIGN_UP(MAX(whole, 1), CHUNK_SIZE), 16ull << 40);
-	p = mmap(NULL, whole, PROT_READ | (read_only ? 0 : PROT_WRITE),
-		 MAP_SHARED | MAP_NORESERVE, fd, 0);
-	if (p == MAP_FAILED)
-		return NULL;
 	m = calloc(1, sizeof(*m));
 	if (m)
 		m->chunk = calloc(whole >> CHUNK_SHIFT, sizeof(*m->chunk));
 	if (!m || !m->chunk) {
 		free(m);
-		munmap(p, whole);
 		return NULL;
 	}
-	madvise(p, whole, MADV_DONTFORK);
-	m->base = p;
+	pthread_mutex_init(&m->lock, NULL);
+	m->fd = fd;
 	m->len = whole;
 	m->size = MIN(size, whole);
 	m->read_only = read_only;
@@ -175,9 +174,38 @@ void io_map_close(struct io_map *m)
 {
 	if (!m)
 		return;
-	munmap(m->base, m->len);
+	if (m->base)
+		munmap(m->base, m->len);
+	pthread_mutex_destroy(&m->lock);
 	free(m->chunk);
 	free(m);
+}
+
+/* The mapping, made at the first ask rather than at open: a file only
+ * ever given small requests (which never ask) has none.  NULL if mmap
+ * failed (then nothing goes through the map). */
+static uint8_t *map_base(struct io_map *m)
+{
+	uint8_t *base = __atomic_load_n(&m->base, __ATOMIC_ACQUIRE);
+	void *p;
+
+	if (base || __atomic_load_n(&m->map_failed, __ATOMIC_RELAXED))
+		return base;
+	pthread_mutex_lock(&m->lock);
+	base = m->base;
+	if (!base && !m->map_failed) {
+		p = mmap(NULL, m->len, PROT_READ | (m->read_only ? 0 : PROT_WRITE),
+			 MAP_SHARED | MAP_NORESERVE, m->fd, 0);
+		if (p == MAP_FAILED) {
+			__atomic_store_n(&m->map_failed, true, __ATOMIC_RELAXED);
+		} else {
+			madvise(p, m->len, MADV_DONTFORK);
+			base = p;
+			__atomic_store_n(&m->base, base, __ATOMIC_RELEASE);
+		}
+	}
+	pthread_mutex_unlock(&m->lock);
+	return base;
 }
 
 /* Is every page of [start, end) (within one chunk) in the page cache
@@ -186,8 +214,9 @@ void io_map_close(struct io_map *m)
 static bool chunk_resident(struct io_map *m, uint64_t start, uint64_t end)
 {
 	unsigned char vec[CHUNK_SIZE / PAGE];
+	uint8_t *base = map_base(m);
 
-	if (end <= start || mincore(m->base + start, end - start, vec))
+	if (!base || end <= start || mincore(base + start, end - start, vec))
 		return false;
 	for (uint64_t i = 0; i < (end - start) / PAGE; i++)
 		if (!(vec[i] & 1))
@@ -224,7 +253,7 @@ static bool chunk_ready(struct io_map *m, uint64_t c, unsigned pages, bool count
 		end = MIN(start + CHUNK_SIZE,
 			  ALIGN_UP(__atomic_load_n(&m->size, __ATOMIC_ACQUIRE), (uint64_t)PAGE));
 		if (end > start)
-			madvise(m->base + start, end - start,
+			madvise(__atomic_load_n(&m->base, __ATOMIC_ACQUIRE) + start, end - start,
 				m->read_only ? MADV_POPULATE_READ : MADV_POPULATE_WRITE);
 		nv = word(gen, 0, CH_WHOLE, 0);
 	} else if (chunk_resident(m, start,
@@ -282,7 +311,7 @@ size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt,
 		return 0;
 	}
 	map_fault = &jb;
-	p = m->base + off;
+	p = __atomic_load_n(&m->base, __ATOMIC_ACQUIRE) + off;
 	for (int i = 0; i < cnt; i++) {
 		if (write)
 			memcpy(p, iov[i].iov_base, iov[i].iov_len);

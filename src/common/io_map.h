@@ -22,8 +22,10 @@
 
 struct io_map;
 
-/* Map @fd (a regular file) read-only or read-write; NULL if it cannot be
- * mapped or $QUBLK_IO_MAP is 0. */
+/* A map of @fd (a regular file on tmpfs or ramfs), read-only or
+ * read-write; NULL if it cannot have one or $QUBLK_IO_MAP is 0.  The
+ * mapping itself is made when a chunk is first asked (io_map.c): @fd
+ * must stay open until io_map_close. */
 struct io_map *io_map_open(int fd, bool read_only);
 void io_map_close(struct io_map *m);
 

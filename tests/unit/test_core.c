@@ -511,6 +511,22 @@ static int refusals(struct io_map *m, bool write, void *buf, size_t len, uint64_
 	return refusals_counts(m, write, buf, len, off, true);
 }
 
+/* Has this process a mapping of @path?  (/proc/self/maps names it.) */
+static bool path_mapped(const char *path)
+{
+	char line[512];
+	bool found = false;
+	FILE *f = fopen("/proc/self/maps", "r");
+
+	CHECK(f != NULL);
+	while (f && fgets(line, sizeof(line), f))
+		if (strstr(line, path))
+			found = true;
+	if (f)
+		fclose(f);
+	return found;
+}
+
 static void test_io_map(void)
 {
 	enum { MB = 1 << 20 };
@@ -539,7 +555,10 @@ static void test_io_map(void)
 	/* Accesses that do not count (small ones, io.c) never map a chunk
 	 * nor bring its mapping nearer... */
 	CHECK(refusals_counts(m, false, back, sizeof(back), 3 * MB, false) == 200);
+	/* ... and, until one that counts asks, leave the file unmapped. */
+	CHECK(!path_mapped(path));
 	CHECK(refusals(m, false, back, sizeof(back), 3 * MB) == 16 + 1 + 32);
+	CHECK(path_mapped(path));
 	CHECK(refusals(m, false, back, sizeof(back), MB) == 15 + 1 + 32);
 	/* ... but use a chunk that is mapped. */
 	CHECK(map_rw_counts(m, false, back, sizeof(back), 3 * MB + 4096, false) == sizeof(back));
@@ -605,6 +624,7 @@ static void test_io_map(void)
 	/* Read-only: no writes through it. */
 	CHECK(map_rw(m, true, buf, sizeof(buf), MB) == 0);
 	io_map_close(m);
+	CHECK(!path_mapped(path));
 	close(fd);
 	unlink(path);
 }
