@@ -246,20 +246,18 @@ static bool chunk_ready(struct io_map *m, uint64_t c, unsigned pages, bool count
 					    __ATOMIC_RELAXED, __ATOMIC_RELAXED);
 		return false;
 	}
+	/* The chunk's pages within the file's known size. */
+	end = MIN(start + CHUNK_SIZE,
+		  ALIGN_UP(__atomic_load_n(&m->size, __ATOMIC_ACQUIRE), (uint64_t)PAGE));
 	if (kind == CH_WARM) {
 		/* Used enough to be worth its page faults (or one madvise):
 		 * mapping a chunk at its first access cost 0.6x at depth 1,
 		 * where few requests touch a chunk (README, "Mapped I/O"). */
-		end = MIN(start + CHUNK_SIZE,
-			  ALIGN_UP(__atomic_load_n(&m->size, __ATOMIC_ACQUIRE), (uint64_t)PAGE));
 		if (end > start)
 			madvise(__atomic_load_n(&m->base, __ATOMIC_ACQUIRE) + start, end - start,
 				m->read_only ? MADV_POPULATE_READ : MADV_POPULATE_WRITE);
 		nv = word(gen, 0, CH_WHOLE, 0);
-	} else if (chunk_resident(m, start,
-				  MIN(start + CHUNK_SIZE,
-				      ALIGN_UP(__atomic_load_n(&m->size, __ATOMIC_ACQUIRE),
-					       (uint64_t)PAGE)))) {
+	} else if (chunk_resident(m, start, end)) {
 		nv = word(gen, 0, CH_WARM, WARM_ACCESSES);
 	} else {
 		nv = word(gen, MIN(tries + 1, 15u), CH_SPARSE, (unsigned)SPARSE_FIRST << tries);

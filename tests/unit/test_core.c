@@ -209,7 +209,8 @@ static void run_io_model(unsigned flags, const char *name, bool written)
 
 	snprintf(path, sizeof(path), "%s/%s", tmpdir, name);
 	int fd = open(path, O_CREAT | O_TRUNC | O_RDWR, 0644);
-	CHECK(fd >= 0 && (written ? pwrite(fd, zeros, FSZ, 0) != FSZ : ftruncate(fd, FSZ) != 0) == 0);
+	CHECK(fd >= 0);
+	CHECK(written ? pwrite(fd, zeros, FSZ, 0) == FSZ : ftruncate(fd, FSZ) == 0);
 	close(fd);
 	memset(model, 0, sizeof(model));
 	CHECK(io_file_open(path, flags, &iof) == 0);
