@@ -433,6 +433,11 @@ static int fd_fallocate(struct io_file *f, int mode, uint64_t off, uint64_t len)
 	}
 	if (f->direct)
 		range_unlock(ff, &r);
+	/* Again once the holes are there: an ask made while the punch was
+	 * in flight may have found the pages still resident, and a chunk it
+	 * marked whole would map them back in, filling the holes. */
+	if (ff->map && (mode & FALLOC_FL_PUNCH_HOLE))
+		io_map_punch(ff->map, off, len);
 	if (ff->map && ret == 0 && !(mode & FALLOC_FL_KEEP_SIZE))
 		io_map_grown(ff->map, off + len);
 	return ret;

@@ -44,7 +44,8 @@ uint64_t io_map_copies(const struct io_map *m);
 /* The file now extends to at least @end (a write or fallocate past its
  * end succeeded). */
 void io_map_grown(struct io_map *m, uint64_t end);
-/* Before holes are punched in [off, off + len). */
+/* Before holes are punched in [off, off + len), and again after (an ask
+ * that raced the punch is forgotten). */
 void io_map_punch(struct io_map *m, uint64_t off, uint64_t len);
 /* Before the file is truncated to @size (shrunk or grown). */
 void io_map_truncate(struct io_map *m, uint64_t size);
