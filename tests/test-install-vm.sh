@@ -1,5 +1,6 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
+# run.sh: alone
 # The systemd unit's life in the VM, with a stand-in for systemd and udev
 # (the guest has neither: its /init is busybox): what qublk@.service
 # runs, run by hand the way systemd runs it, against the real ublk driver

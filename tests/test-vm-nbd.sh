@@ -1,5 +1,6 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
+# run.sh: alone
 # The kernel's NBD client in the VM (tests/vm/guest/nbd-kernel.sh): ext4 on
 # /dev/nbd0 over 4 connections to `qublk nbd` running in the guest,
 # blkdiscard, checksums across a reconnect, e2fsck -fn, qemu-img check.

@@ -1,5 +1,6 @@
 #!/bin/bash
 # SPDX-License-Identifier: MIT
+# run.sh: alone
 # run.sh: timeout 2400
 # The ublk acceptance tests against the real kernel driver, in the VM
 # (tests/vm/), one boot per kernel (tests/vm/multi.guest.sh runs a
