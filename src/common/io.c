@@ -214,9 +214,18 @@ static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int
 	struct kbuf_ref kr;
 	ssize_t ret;
 
-	if (cnt == 1 && kbuf_find(iov[0].iov_base, iov[0].iov_len, &kr))
+	if (cnt == 1 && kbuf_find(iov[0].iov_base, iov[0].iov_len, &kr)) {
+		/* A kernel buffer with no ring (user copy alone): the one
+		 * copy between the request's pages and the file's. */
+		void *p = map && !kr.w->ctx ? io_map_range(map, write, off, iov[0].iov_len,
+							    iov[0].iov_len > io_inline_max(f))
+					    : NULL;
+		if (p && kbuf_user_copy(&kr, write, p, iov[0].iov_len) == 0) {
+			io_map_served(map);
+			return (ssize_t)iov[0].iov_len;
+		}
 		ret = rw_kbuf(f, write, &kr, iov[0].iov_len, off);
-	else if (map && (ret = (ssize_t)io_map_rw(map, write, iov, cnt, off,
+	} else if (map && (ret = (ssize_t)io_map_rw(map, write, iov, cnt, off,
 						  iov_size(iov, cnt) > io_inline_max(f))) > 0)
 		return ret;
 	else

@@ -288,28 +288,40 @@ static void reset(struct io_map *m, uint64_t off, uint64_t end, bool keep_sparse
 	}
 }
 
+void *io_map_range(struct io_map *m, bool write, uint64_t off, size_t len, bool counts)
+{
+	uint64_t end = off + len;
+
+	if (!len || end < off || end > m->len || (write && m->read_only) ||
+	    end > __atomic_load_n(&m->size, __ATOMIC_ACQUIRE))
+		return NULL;
+	for (uint64_t c = off >> CHUNK_SHIFT; c <= (end - 1) >> CHUNK_SHIFT; c++) {
+		uint64_t a = MAX(off, c << CHUNK_SHIFT), b = MIN(end, (c + 1) << CHUNK_SHIFT);
+		if (!chunk_ready(m, c, (unsigned)DIV_ROUND_UP(b - a, PAGE), counts))
+			return NULL;
+	}
+	return __atomic_load_n(&m->base, __ATOMIC_ACQUIRE) + off;
+}
+
+void io_map_served(struct io_map *m)
+{
+	__atomic_add_fetch(&m->copies, 1, __ATOMIC_RELAXED);
+}
+
 size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt, uint64_t off,
 		 bool counts)
 {
 	size_t len = iov_size(iov, cnt);
-	uint64_t end = off + len;
 	sigjmp_buf jb;
-	uint8_t *p;
+	uint8_t *p = io_map_range(m, write, off, len, counts);
 
-	if (!len || end < off || end > m->len || (write && m->read_only) ||
-	    end > __atomic_load_n(&m->size, __ATOMIC_ACQUIRE))
+	if (!p)
 		return 0;
-	for (uint64_t c = off >> CHUNK_SHIFT; c <= (end - 1) >> CHUNK_SHIFT; c++) {
-		uint64_t a = MAX(off, c << CHUNK_SHIFT), b = MIN(end, (c + 1) << CHUNK_SHIFT);
-		if (!chunk_ready(m, c, (unsigned)DIV_ROUND_UP(b - a, PAGE), counts))
-			return 0;
-	}
 	if (sigsetjmp(jb, 0)) {
 		map_fault = NULL;
 		return 0;
 	}
 	map_fault = &jb;
-	p = __atomic_load_n(&m->base, __ATOMIC_ACQUIRE) + off;
 	for (int i = 0; i < cnt; i++) {
 		if (write)
 			memcpy(p, iov[i].iov_base, iov[i].iov_len);
@@ -318,7 +330,7 @@ size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt,
 		p += iov[i].iov_len;
 	}
 	map_fault = NULL;
-	__atomic_add_fetch(&m->copies, 1, __ATOMIC_RELAXED);
+	io_map_served(m);
 	return len;
 }
 

@@ -38,6 +38,14 @@ void io_map_close(struct io_map *m);
 size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt, uint64_t off,
 		 bool counts);
 
+/* The mapping's address of file bytes [off, off + len), where io_map_rw
+ * would copy them (the same checks, @counts as there), or NULL.  A copy
+ * to or from it made by the kernel (a system call given the address)
+ * fails with EFAULT where io_map_rw's memcpy would take SIGBUS; the
+ * caller reports a copy made with io_map_served. */
+void *io_map_range(struct io_map *m, bool write, uint64_t off, size_t len, bool counts);
+void io_map_served(struct io_map *m);
+
 /* How many reads and writes io_map_rw served (0 for NULL). */
 uint64_t io_map_copies(const struct io_map *m);
 

@@ -33,6 +33,13 @@
  * that is the queue's only work, when the image file takes it inline
  * (handle_request).
  *
+ * User copy alone (the device has UBLK_F_USER_COPY without AUTO_BUF_REG:
+ * 6.12 with $QUBLK_USER_COPY=1): the commands carry no buffer address
+ * and the driver copies nothing; handle_request copies each read's and
+ * write's data by pread/pwrite of /dev/ublkcN, through the tag's buffer
+ * or, for requests over the inline size, between the request's pages
+ * and the image's mapping (io.c, do_rw).
+ *
  * Batched commands (the device has UBLK_F_BATCH_IO): the same coroutines,
  * but a tag hands its result back and waits for its next request through
  * the queue's batches (batch.c) instead of its own uring_cmd.
@@ -98,14 +105,15 @@ static bool lone_request(struct ublk_queue *q)
 }
 
 /* Run one request; returns the COMMIT result (bytes or -errno).  @buf is
- * the tag's buffer; @kbuf its kernel buffer slot (zero copy) or NULL. */
+ * the tag's buffer; @kbuf its kernel buffer slot (zero copy, user copy)
+ * or NULL. */
 static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *kbuf)
 {
 	const struct ublk_dev *d = q->dev;
 	const struct ublk_tgt *t = &d->tgt;
 	const struct kbuf_ref whole = { .w = &q->kbufs, .index = tag };
 	struct ublksrv_io_desc iod;
-	bool by_copy;
+	bool by_copy, rw;
 	uint64_t off;
 	uint32_t len;
 	int op, ret;
@@ -127,10 +135,15 @@ static int handle_request(struct ublk_queue *q, unsigned tag, void *buf, void *k
 	 * on a file in memory goes to an io-wq worker, and a lone request
 	 * waits for that hand-over; copied, it never leaves this thread.
 	 * Under load the hand-over overlaps other requests and zero copy is
-	 * the cheaper (README, "Zero copy for a lone request"). */
+	 * the cheaper (README, "Zero copy for a lone request").  User copy
+	 * alone (6.12, on request): a small read or write through the tag's
+	 * buffer, a larger one as the slot, which the io layer copies
+	 * straight to or from the image's mapping where it has one, else
+	 * through a bounce buffer (io.c, rw_kbuf). */
+	rw = op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE;
 	by_copy = kbuf && ((iod.op_flags & UBLK_IO_F_NEED_REG_BUF) ||
-			   ((op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) &&
-			    len <= t->inline_max && lone_request(q)));
+			   (rw && q->user_copy && len <= t->inline_max) ||
+			   (rw && q->zero_copy && len <= t->inline_max && lone_request(q)));
 	if (by_copy)
 		q->nr_copied++;
 
@@ -173,12 +186,14 @@ static void tag_main(void *opaque)
 	struct ublk_queue *q = io->q;
 	const struct ublk_dev *d = q->dev;
 	uint8_t *buf = ublk_tag_buf(q, io->tag);
-	uint8_t *kbuf = q->zero_copy ? q->kbufs.base + (size_t)io->tag * q->kbufs.stride : NULL;
+	uint8_t *kbuf = q->zero_copy || q->user_copy
+				? q->kbufs.base + (size_t)io->tag * q->kbufs.stride
+				: NULL;
 	/* Zero copy: the command carries no buffer address; the SQE's own
 	 * addr field names the index the driver registers the pages at
 	 * (FALLBACK: if it cannot, it says so instead of failing the
 	 * request). */
-	uint64_t addr = q->zero_copy ? 0 : (uint64_t)(uintptr_t)buf;
+	uint64_t addr = q->zero_copy || q->user_copy ? 0 : (uint64_t)(uintptr_t)buf;
 	bool commit = false;
 	int result = 0;
 

@@ -211,6 +211,11 @@ struct ublk_queue {
 	/* Zero copy (the device has UBLK_F_AUTO_BUF_REG): the tags' kernel
 	 * buffers, tag i at fixed-buffer index i of this queue's ring. */
 	bool zero_copy;
+	/* USER_COPY alone ($QUBLK_USER_COPY=1 on a driver without
+	 * AUTO_BUF_REG, dev.c): the driver copies nothing; every read's and
+	 * write's data is the daemon's to copy, by pread/pwrite of
+	 * /dev/ublkcN (kbufs, a window with no ring). */
+	bool user_copy;
 	struct kbuf_window kbufs;
 	struct ublk_io *ios;          /* per tag */
 	/* Batched commands (UBLK_F_BATCH_IO), or NULL: per-tag FETCH and

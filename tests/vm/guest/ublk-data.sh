@@ -245,6 +245,20 @@ t_fio_mapped() {
     grep 'through its mapping' "/run/qublk/ublk$id.log" || true
     grep -Eq 'img\.qcow2: [1-9][0-9]* reads and writes through its mapping' \
         "/run/qublk/ublk$id.log" || fail "no I/O went through the image's mapping"
+    # User copy alone (QUBLK_USER_COPY=1, a driver without zero copy):
+    # the larger requests' data goes by pread/pwrite of /dev/ublkcN
+    # straight between the request's pages and the mapping.
+    if ublk_has user_copy && ! ublk_has auto_buf_reg; then
+        rm -f "/run/qublk/ublk$id.log"
+        (export QUBLK_DEBUG=1 PREALLOC=full QUBLK_USER_COPY=1; fio_case qcow2 2)
+        id=$(cat "$W/last-id")
+        grep 'by user copy' "/run/qublk/ublk$id.log" || true
+        grep -Eq 'queue 0: exit after .* [1-9][0-9]* by user copy' "/run/qublk/ublk$id.log" ||
+            fail "QUBLK_USER_COPY=1: no request of queue 0 went by user copy"
+        grep 'through its mapping' "/run/qublk/ublk$id.log" || true
+        grep -Eq 'img\.qcow2: [1-9][0-9]* reads and writes through its mapping' \
+            "/run/qublk/ublk$id.log" || fail "no user copy went through the image's mapping"
+    fi
 }
 
 data_case() { case " ${DATA_ONLY:-$1} " in *" $1 "*) vmtest "$@" ;; esac; }
