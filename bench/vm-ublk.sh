@@ -57,7 +57,9 @@
 #                 randrw/4k rw/64k rw/512k; RW/BS/jN runs N fio jobs)
 #   --qublk BIN   benchmark BIN instead of building build/qublk
 #   --ab BIN      an A/B run: BIN (another qublk build, or a script that
-#                 execs one with other settings) runs as the B
+#                 execs one with other settings: A is /usr/local/bin/qublk
+#                 in the guest, e.g. 'QUBLK_USER_COPY=1 exec
+#                 /usr/local/bin/qublk "$@"') runs as the B
 #                 configurations (null-b, null-b-q2, raw-b, qublk-b-q1, qublk-b-q2),
 #                 each right after its A; a table gives B/A per row
 #   --events      also count kernel events per I/O (context switches,
