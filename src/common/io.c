@@ -221,7 +221,7 @@ static ssize_t do_rw(struct io_file *f, bool write, const struct iovec *iov, int
 							    iov[0].iov_len > io_inline_max(f))
 					    : NULL;
 		if (p && kbuf_user_copy(&kr, write, p, iov[0].iov_len) == 0) {
-			io_map_served(map);
+			io_map_served_by_kernel(map);
 			return (ssize_t)iov[0].iov_len;
 		}
 		ret = rw_kbuf(f, write, &kr, iov[0].iov_len, off);
@@ -484,8 +484,9 @@ static void fd_close(struct io_file *f)
 
 	assert(!((struct fd_file *)f)->ranges);
 	if (map)
-		log_debug("%s: %llu reads and writes through its mapping", f->path,
-			  (unsigned long long)io_map_copies(map));
+		log_debug("%s: %llu reads and writes through its mapping (%llu copied by the kernel)",
+			  f->path, (unsigned long long)io_map_copies(map),
+			  (unsigned long long)io_map_kernel_copies(map));
 	io_map_close(map);
 	close(f->fd);
 	free(f->path);

@@ -104,6 +104,7 @@ struct io_map {
 	uint64_t size;          /* the file's known size (atomic) */
 	uint32_t *chunk;        /* len >> CHUNK_SHIFT words (atomic) */
 	uint64_t copies;        /* reads and writes served (atomic) */
+	uint64_t kernel_copies; /* of which copied by the kernel (atomic) */
 	bool read_only;
 };
 
@@ -303,9 +304,10 @@ void *io_map_range(struct io_map *m, bool write, uint64_t off, size_t len, bool 
 	return __atomic_load_n(&m->base, __ATOMIC_ACQUIRE) + off;
 }
 
-void io_map_served(struct io_map *m)
+void io_map_served_by_kernel(struct io_map *m)
 {
 	__atomic_add_fetch(&m->copies, 1, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&m->kernel_copies, 1, __ATOMIC_RELAXED);
 }
 
 size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt, uint64_t off,
@@ -330,13 +332,18 @@ size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt,
 		p += iov[i].iov_len;
 	}
 	map_fault = NULL;
-	io_map_served(m);
+	__atomic_add_fetch(&m->copies, 1, __ATOMIC_RELAXED);
 	return len;
 }
 
 uint64_t io_map_copies(const struct io_map *m)
 {
 	return m ? __atomic_load_n(&m->copies, __ATOMIC_RELAXED) : 0;
+}
+
+uint64_t io_map_kernel_copies(const struct io_map *m)
+{
+	return m ? __atomic_load_n(&m->kernel_copies, __ATOMIC_RELAXED) : 0;
 }
 
 void io_map_grown(struct io_map *m, uint64_t end)

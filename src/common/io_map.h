@@ -42,12 +42,14 @@ size_t io_map_rw(struct io_map *m, bool write, const struct iovec *iov, int cnt,
  * would copy them (the same checks, @counts as there), or NULL.  A copy
  * to or from it made by the kernel (a system call given the address)
  * fails with EFAULT where io_map_rw's memcpy would take SIGBUS; the
- * caller reports a copy made with io_map_served. */
+ * caller reports a copy made with io_map_served_by_kernel. */
 void *io_map_range(struct io_map *m, bool write, uint64_t off, size_t len, bool counts);
-void io_map_served(struct io_map *m);
+void io_map_served_by_kernel(struct io_map *m);
 
-/* How many reads and writes io_map_rw served (0 for NULL). */
+/* How many reads and writes the mapping served (0 for NULL), and how
+ * many of them the kernel copied (io_map_served_by_kernel). */
 uint64_t io_map_copies(const struct io_map *m);
+uint64_t io_map_kernel_copies(const struct io_map *m);
 
 /* The file now extends to at least @end (a write or fallocate past its
  * end succeeded). */

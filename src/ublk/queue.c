@@ -193,7 +193,7 @@ static void tag_main(void *opaque)
 	 * addr field names the index the driver registers the pages at
 	 * (FALLBACK: if it cannot, it says so instead of failing the
 	 * request). */
-	uint64_t addr = q->zero_copy || q->user_copy ? 0 : (uint64_t)(uintptr_t)buf;
+	uint64_t addr = kbuf ? 0 : (uint64_t)(uintptr_t)buf;
 	bool commit = false;
 	int result = 0;
 
