@@ -71,8 +71,9 @@ int cmd_features(int argc, char **argv)
 	}
 	have = ctrl.features;
 	ublk_ctrl_close(&ctrl);
-	/* What devices made here get: user_copy is used only with
-	 * auto_buf_reg, unprivileged_dev only on request. */
+	/* What devices made here get: user_copy only with auto_buf_reg
+	 * or on request (QUBLK_USER_COPY=1), unprivileged_dev only on
+	 * request. */
 	used = ublk_dev_flags(have, false, true) | ublk_dev_flags(have, true, true);
 	if (uname(&u) < 0)
 		snprintf(u.release, sizeof(u.release), "?");

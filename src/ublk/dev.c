@@ -553,17 +553,8 @@ static int dev_create(struct ublk_dev *d)
 	d->info.dev_id = o->dev_id < 0 ? (__u32)-1 : (__u32)o->dev_id;
 	d->info.ublksrv_pid = getpid();
 	d->info.flags = ublk_dev_flags(d->ctrl.features, o->unprivileged, !o->no_zero_copy);
-	/* User copy alone, where the driver has no zero copy (6.12), on
-	 * request: one copy instead of two for requests whose image range
-	 * is in memory and mapped (io_map.h), a system call more for the
-	 * others (README, "User copy on 6.12").  A device recovered later
-	 * keeps what its flags say, whatever the new daemon's environment. */
-	if (!o->no_zero_copy && !o->unprivileged && !(d->info.flags & UBLK_F_AUTO_BUF_REG) &&
-	    (d->ctrl.features & UBLK_F_USER_COPY) && getenv("QUBLK_USER_COPY") &&
-	    !strcmp(getenv("QUBLK_USER_COPY"), "1")) {
-		d->info.flags |= UBLK_F_USER_COPY;
+	if ((d->info.flags & UBLK_F_USER_COPY) && !(d->info.flags & UBLK_F_AUTO_BUF_REG))
 		log_debug("user copy alone: the daemon copies every request's data");
-	}
 	if (o->no_recovery)
 		d->info.flags &= ~(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
 				   UBLK_F_QUIESCE);

@@ -13,6 +13,8 @@
 #include "ublk/ublk.h"
 
 #include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "common/util.h"
 
@@ -29,7 +31,8 @@ static const struct ublk_feature features[] = {
 	  "'qublk add --unprivileged' (the default for non-root users)" },
 	{ UBLK_F_CMD_IOCTL_ENCODE, "cmd_ioctl_encode", "ioctl-encoded command opcodes" },
 	{ UBLK_F_USER_COPY, "user_copy",
-	  "with auto_buf_reg: the few requests whose data qublk itself must touch" },
+	  "with auto_buf_reg: the few requests whose data qublk itself must touch; "
+	  "alone (no auto_buf_reg) with QUBLK_USER_COPY=1: every request's data" },
 	{ UBLK_F_ZONED, "zoned", NULL },
 	{ UBLK_F_USER_RECOVERY_FAIL_IO, "user_recovery_fail_io", NULL },
 	{ UBLK_F_UPDATE_SIZE, "update_size", "'qublk resize -n ID SIZE' on a live device" },
@@ -73,6 +76,13 @@ uint64_t ublk_features_used(void)
 	return m;
 }
 
+bool ublk_user_copy_alone(void)
+{
+	const char *v = getenv("QUBLK_USER_COPY");
+
+	return v && !strcmp(v, "1");
+}
+
 uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged, bool zero_copy)
 {
 	const uint64_t zc = UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY;
@@ -94,6 +104,14 @@ uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged, bool zero_copy)
 	 * refuses either for unprivileged devices. */
 	if (zero_copy && !unprivileged && (offered & zc) == zc)
 		f |= zc;
+	/* User copy alone, where the driver has no zero copy (6.12), on
+	 * request: one copy instead of two for requests whose image range
+	 * is in memory and mapped (io_map.h), a system call more for the
+	 * others (README, "User copy on 6.12").  A device recovered later
+	 * keeps what its flags say, whatever the new daemon's environment. */
+	else if (zero_copy && !unprivileged && !(offered & UBLK_F_AUTO_BUF_REG) &&
+		 ublk_user_copy_alone())
+		f |= UBLK_F_USER_COPY;
 	/* Batched fetch and commit, with zero copy or without. */
 	f |= UBLK_F_BATCH_IO;
 	/* REISSUE implies RECOVERY: never ask for one without the other. */

@@ -106,9 +106,12 @@ struct ublk_feature {
 const struct ublk_feature *ublk_feature_table(size_t *n);
 const char *ublk_feature_name(uint64_t bit);   /* NULL: unknown bit */
 uint64_t ublk_features_used(void);             /* every bit qublk may use */
+/* Whether $QUBLK_USER_COPY asks for user copy alone (6.12). */
+bool ublk_user_copy_alone(void);
 /* The UBLK_F_* flags a new device asks for, given what the driver offers;
- * @zero_copy: AUTO_BUF_REG and USER_COPY where offered (never for an
- * unprivileged device). */
+ * @zero_copy: AUTO_BUF_REG and USER_COPY where offered, or USER_COPY
+ * alone where AUTO_BUF_REG is not and ublk_user_copy_alone() (never for
+ * an unprivileged device). */
 uint64_t ublk_dev_flags(uint64_t offered, bool unprivileged, bool zero_copy);
 
 /* ------------------------------------------------------------- targets */

@@ -230,11 +230,26 @@ static void test_features(void)
 						  UBLK_F_UPDATE_SIZE | UBLK_F_SAFE_STOP_DEV |
 						  UBLK_F_BATCH_IO));
 	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_QUIESCE, false, true) == 0);
-	/* the 6.12 set: user copy alone is not zero copy */
-	CHECK(ublk_dev_flags(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
-			     UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY,
-			     false, true) ==
-	      (UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE | UBLK_F_CMD_IOCTL_ENCODE));
+	/* the 6.12 set: user copy alone is not zero copy, and is used only
+	 * on request (QUBLK_USER_COPY=1), privileged, with zero copy allowed */
+	const uint64_t v612 = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+			      UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_USER_COPY;
+	const uint64_t f612 = UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE |
+			      UBLK_F_CMD_IOCTL_ENCODE;
+	unsetenv("QUBLK_USER_COPY");
+	CHECK(!ublk_user_copy_alone());
+	CHECK(ublk_dev_flags(v612, false, true) == f612);
+	setenv("QUBLK_USER_COPY", "yes", 1);
+	CHECK(!ublk_user_copy_alone());
+	setenv("QUBLK_USER_COPY", "1", 1);
+	CHECK(ublk_user_copy_alone());
+	CHECK(ublk_dev_flags(v612, false, true) == (f612 | UBLK_F_USER_COPY));
+	CHECK(ublk_dev_flags(v612, false, false) == f612);
+	CHECK(ublk_dev_flags(v612, true, true) ==
+	      (UBLK_F_UNPRIVILEGED_DEV | UBLK_F_CMD_IOCTL_ENCODE));
+	/* with auto_buf_reg offered, the request changes nothing */
+	CHECK(ublk_dev_flags(all, false, true) == (all & ~UBLK_F_UNPRIVILEGED_DEV));
+	unsetenv("QUBLK_USER_COPY");
 	CHECK(ublk_dev_flags(UBLK_F_AUTO_BUF_REG, false, true) == 0);
 }
 

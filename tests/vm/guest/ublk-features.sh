@@ -47,8 +47,13 @@ t_features() {
             used "$f" || fail "qublk should use $f"
         done
     else
-        # user_copy alone is no use to qublk.
-        ! used user_copy || fail "qublk does not use user_copy without auto_buf_reg"
+        # user_copy alone only on request.
+        ! used user_copy || fail "qublk uses user_copy alone only with QUBLK_USER_COPY=1"
+        QUBLK_USER_COPY=1 qublk features --output json > "$W/f.json"
+        used user_copy || fail "QUBLK_USER_COPY=1: features should say user_copy is used"
+        QUBLK_USER_COPY=1 qublk features | grep -Eq "^user_copy +yes +uses " ||
+            fail "QUBLK_USER_COPY=1: human output disagrees on user_copy"
+        qublk features --output json > "$W/f.json"
     fi
     qublk features --output xml && fail "a bad --output must be refused"
     return 0
