@@ -26,9 +26,10 @@
 #         without recovery (qcow2), recover (two cases, one kill each),
 #         upgrade without QUIESCE_DEV, resize refused (no UPDATE_SIZE),
 #         fio --verify through an image's mapping (copies, not zero copy).
-# The ASan/UBSan build: 7.3 only, a smoke of the daemon paths the
-# sanitizers watch (--recover-on-restart after a kill under fio, a busy
-# del and --force, one hand-over with 2 queues under fio); the guest
+# The ASan/UBSan build: a smoke of the daemon paths the sanitizers watch,
+# on 7.3 --recover-on-restart after a kill under fio, a busy del and
+# --force, one hand-over with 2 queues under fio, on 6.12 fio --verify
+# through an image's mapping, copied and by user copy alone; the guest
 # processes write sanitizer reports to a directory the harness checks
 # after every test (tests/vm/guest-lib.sh).
 # Prints each guest script's time (guest uptime) and each boot's wall
@@ -79,10 +80,16 @@ rc=0 total=0
 for k in "${kernels[@]}"; do
     envs=()
     if [ "$asan" = 1 ]; then
-        [ "$k" = 7.3 ] || { echo "== kernel $k: not for the ASan build (7.3 smoke only)"; continue; }
-        set_=(ublk-recover.sh ublk-stop.sh ublk-upgrade.sh)
-        envs=(--env "RECOVER_ONLY=restart" --env "UPGRADE_ONLY=q2" --env UPGRADES=1
-              --env VMTEST_SAN_DIR=/tmp/vmtest-san
+        case $k in
+            7.3) set_=(ublk-recover.sh ublk-stop.sh ublk-upgrade.sh)
+                 envs=(--env "RECOVER_ONLY=restart" --env "UPGRADE_ONLY=q2" --env UPGRADES=1) ;;
+            # User copy alone (QUBLK_USER_COPY=1) and mapped I/O: the
+            # paths only this kernel takes.
+            6.12) set_=(ublk-data.sh)
+                  envs=(--env DATA_ONLY=ublk-fio-mapped) ;;
+            *) fail "unknown kernel $k" ;;
+        esac
+        envs+=(--env VMTEST_SAN_DIR=/tmp/vmtest-san
               --env "ASAN_OPTIONS=log_path=/tmp/vmtest-san/asan:detect_leaks=1"
               --env "UBSAN_OPTIONS=log_path=/tmp/vmtest-san/ubsan:print_stacktrace=1:halt_on_error=1")
     else

@@ -54,6 +54,7 @@ struct fd_file {
 	unsigned nrmw;            /* how many of them are RMWs */
 	int spin;
 	struct io_map *map;       /* an inline_io file's mapping, or NULL */
+	uint64_t bounced;         /* kernel buffer ranges bounced (rw_kbuf_bounced), atomic */
 };
 
 void *io_alloc(size_t len)
@@ -129,21 +130,36 @@ static void sqe_file(struct aio_ctx *ctx, struct io_uring_sqe *sqe, const struct
 
 /* A kernel buffer range (kbuf.h) through a bounce buffer and user copy:
  * where a fixed-buffer op cannot serve it (another thread's ring, no
- * ring, or an O_DIRECT file that refuses the request pages' layout). */
+ * ring, or an O_DIRECT file that refuses the request pages' layout).
+ * The bounce buffer is the same range of the slot's own (the window's,
+ * idle while its request uses the slot; pieces of one request are
+ * disjoint ranges), unless the window has none or O_DIRECT wants an
+ * alignment the range's offset lacks. */
 static ssize_t rw_kbuf_bounced(struct io_file *f, bool write, const struct kbuf_ref *kr,
 			       size_t len, uint64_t off)
 {
-	struct iovec v = { io_alloc(len), len };
+	const struct kbuf_window *w = kr->w;
+	bool own = w->bounce && !(f->direct && (!f->align || kr->off % f->align));
+	struct iovec v = { own ? w->bounce + (size_t)kr->index * w->stride + kr->off : io_alloc(len),
+			   len };
 	ssize_t ret;
 
 	if (!v.iov_base)
 		return -ENOMEM;
-	if (write)
-		kbuf_copy_out(kr, v.iov_base, len);
-	ret = do_rw(f, write, &v, 1, off);
-	if (!write && ret > 0)
-		kbuf_copy_in(kr, v.iov_base, (size_t)ret);
-	io_free(v.iov_base);
+	__atomic_fetch_add(&((struct fd_file *)f)->bounced, 1, __ATOMIC_RELAXED);
+	/* The copies fail the request, not the daemon: with user copy
+	 * alone (6.12) this is a common path, and the request's pages can
+	 * go away under us (an aborted queue). */
+	ret = write ? kbuf_user_copy(kr, true, v.iov_base, len) : 0;
+	if (ret == 0)
+		ret = do_rw(f, write, &v, 1, off);
+	if (!write && ret > 0) {
+		int err = kbuf_user_copy(kr, false, v.iov_base, (size_t)ret);
+		if (err < 0)
+			ret = err;
+	}
+	if (!own)
+		io_free(v.iov_base);
 	return ret;
 }
 
@@ -267,8 +283,7 @@ static int rw_full(struct io_file *f, bool write, const struct iovec *iov, int c
 		if (ret == 0) {
 			if (write)
 				return -EIO;
-			iov_memset(iov, cnt, done, 0, total - done);
-			return 0;
+			return iov_memset(iov, cnt, done, 0, total - done);
 		}
 		done += ret;
 	}
@@ -304,7 +319,7 @@ static int fd_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64
 	struct iovec v = { bounce, end - start };
 	int ret = rw_full(f, false, &v, 1, start);
 	if (!ret)
-		iov_from_buf(iov, cnt, 0, (char *)bounce + (off - start), len);
+		ret = iov_from_buf(iov, cnt, 0, (char *)bounce + (off - start), len);
 	io_free(bounce);
 	return ret;
 }
@@ -385,8 +400,9 @@ static int fd_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint6
 			v.iov_base = (char *)bounce + blen - f->align;
 			ret = rw_full(f, false, &v, 1, r.end - f->align);
 		}
+		if (!ret)
+			ret = iov_to_buf(iov, cnt, 0, (char *)bounce + (off - r.start), len);
 		if (!ret) {
-			iov_to_buf(iov, cnt, 0, (char *)bounce + (off - r.start), len);
 			v.iov_base = bounce;
 			v.iov_len = blen;
 			ret = rw_full(f, true, &v, 1, r.start);
@@ -483,6 +499,9 @@ static void fd_close(struct io_file *f)
 	struct io_map *map = ((struct fd_file *)f)->map;
 
 	assert(!((struct fd_file *)f)->ranges);
+	if (((struct fd_file *)f)->bounced)
+		log_debug("%s: %llu reads and writes of kernel buffers through a bounce buffer",
+			  f->path, (unsigned long long)((struct fd_file *)f)->bounced);
 	if (map)
 		log_debug("%s: %llu reads and writes through its mapping (%llu copied by the kernel)",
 			  f->path, (unsigned long long)io_map_copies(map),

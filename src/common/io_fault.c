@@ -92,8 +92,8 @@ static int ff_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint64
 	size_t len = iov_size(iov, cnt);
 	for (struct pending_write *w = ff->head; w; w = w->next) {
 		uint64_t s = MAX(off, w->off), e = MIN(off + len, w->off + w->len);
-		if (s < e)
-			iov_from_buf(iov, cnt, s - off, w->data + (s - w->off), e - s);
+		if (s < e && (ret = iov_from_buf(iov, cnt, s - off, w->data + (s - w->off), e - s)))
+			return ret;
 	}
 	return 0;
 }
@@ -127,7 +127,8 @@ static size_t rec_begin(struct fault_file *ff, enum io_fault_kind kind, int mode
 			log->error = -ENOMEM;
 			return SIZE_MAX;
 		}
-		iov_to_buf(iov, cnt, 0, r->data, len);
+		if ((log->error = iov_to_buf(iov, cnt, 0, r->data, len)))
+			return SIZE_MAX;
 	}
 	return log->n++;
 }
@@ -159,7 +160,11 @@ static int do_pwritev(struct fault_file *ff, const struct iovec *iov, int cnt, u
 	w->off = off;
 	w->len = len;
 	w->next = NULL;
-	iov_to_buf(iov, cnt, 0, w->data, len);
+	int ret = iov_to_buf(iov, cnt, 0, w->data, len);
+	if (ret < 0) {
+		free(w);
+		return ret;
+	}
 	if (ff->tail)
 		ff->tail->next = w;
 	else

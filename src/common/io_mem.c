@@ -17,10 +17,11 @@ static int mem_preadv(struct io_file *f, const struct iovec *iov, int cnt, uint6
 
 	if (off < m->size) {
 		done = MIN(len, m->size - off);
-		iov_from_buf(iov, cnt, 0, m->data + off, done);
+		int ret = iov_from_buf(iov, cnt, 0, m->data + off, done);
+		if (ret < 0)
+			return ret;
 	}
-	iov_memset(iov, cnt, done, 0, len - done);
-	return 0;
+	return iov_memset(iov, cnt, done, 0, len - done);
 }
 
 static int mem_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint64_t off)
@@ -39,8 +40,7 @@ static int mem_pwritev(struct io_file *f, const struct iovec *iov, int cnt, uint
 		m->data = n;
 		m->size = end;
 	}
-	iov_to_buf(iov, cnt, 0, m->data + off, len);
-	return 0;
+	return iov_to_buf(iov, cnt, 0, m->data + off, len);
 }
 
 static int mem_flush(struct io_file *f) { (void)f; return 0; }

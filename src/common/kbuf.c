@@ -115,29 +115,7 @@ int kbuf_user_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len)
 	return 0;
 }
 
-/* The iovec helpers' copies, which cannot report an error (kbuf.h). */
-static void must_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len)
-{
-	int ret = kbuf_user_copy(r, out, buf, len);
-
-	if (ret < 0) {
-		log_error("user copy %s request buffer %u at %zu (%zu bytes): %s",
-			  out ? "from" : "to", r->index, r->off, len, strerror(-ret));
-		abort();
-	}
-}
-
-void kbuf_copy_in(const struct kbuf_ref *r, const void *src, size_t len)
-{
-	must_copy(r, false, (void *)src, len);
-}
-
-void kbuf_copy_out(const struct kbuf_ref *r, void *dst, size_t len)
-{
-	must_copy(r, true, dst, len);
-}
-
-void kbuf_fill(const struct kbuf_ref *r, int c, size_t len)
+int kbuf_fill(const struct kbuf_ref *r, int c, size_t len)
 {
 	static const uint8_t zeros[65536];
 	uint8_t buf[4096];
@@ -153,6 +131,9 @@ void kbuf_fill(const struct kbuf_ref *r, int c, size_t len)
 		struct kbuf_ref piece = *r;
 
 		piece.off += at;
-		must_copy(&piece, false, (void *)src, MIN(chunk, len - at));
+		int ret = kbuf_user_copy(&piece, false, (void *)src, MIN(chunk, len - at));
+		if (ret < 0)
+			return ret;
 	}
+	return 0;
 }

@@ -43,6 +43,8 @@ struct kbuf_window {
 	int copy_fd;            /* user copy: /dev/ublkcN */
 	uint64_t copy_off;      /* its file offset for slot 0 */
 	unsigned copy_shift;    /* slot i at copy_off + ((uint64_t)i << copy_shift) */
+	uint8_t *bounce;        /* slot i's bounce buffer at bounce + i * stride, owned by
+				 * whoever owns the slot's request; NULL: none */
 };
 
 /* A range inside one slot. */
@@ -75,12 +77,10 @@ bool kbuf_iov_any(const struct iovec *iov, int iovcnt);
 /* User copy of @len bytes between @buf and the range @r: from it (@out:
  * pread of /dev/ublkcN) or into it.  Returns 0 or -errno (-EIO: short). */
 int kbuf_user_copy(const struct kbuf_ref *r, bool out, void *buf, size_t len);
-/* The same for the iovec helpers, which cannot report an error.  A copy
- * cannot fail for a request the daemon owns; if the kernel refuses
- * anyway, the data the request would carry is unknown, so these log and
- * abort (a recoverable device's requests go to the next daemon). */
-void kbuf_copy_in(const struct kbuf_ref *r, const void *src, size_t len);
-void kbuf_copy_out(const struct kbuf_ref *r, void *dst, size_t len);
-void kbuf_fill(const struct kbuf_ref *r, int c, size_t len);
+/* Fill @len bytes of the range @r with @c, by user copy.  Returns 0 or
+ * -errno.  A copy cannot fail for a request the daemon owns unless the
+ * kernel took it back (its queue aborted); the request then fails with
+ * that error and the daemon goes on. */
+int kbuf_fill(const struct kbuf_ref *r, int c, size_t len);
 
 #endif

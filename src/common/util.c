@@ -122,11 +122,12 @@ int iov_slice(const struct iovec *src, int src_cnt, size_t off, size_t len,
 	return len ? -EINVAL : n;
 }
 
-/* Walk bytes [off, off+len) of an iovec, calling fn on each piece. */
-#define IOV_WALK(iov, iovcnt, off, len, BODY)                                 \
+/* Walk bytes [off, off+len) of an iovec, evaluating BODY (an int: 0 or
+ * -errno) on each piece; the first error ends the walk in @err. */
+#define IOV_WALK(iov, iovcnt, off, len, err, BODY)                            \
 	do {                                                                  \
 		size_t _off = (off), _len = (len), _done = 0;                 \
-		for (int _i = 0; _i < (iovcnt) && _len; _i++) {               \
+		for (int _i = 0; _i < (iovcnt) && _len && !(err); _i++) {     \
 			if (_off >= (iov)[_i].iov_len) {                      \
 				_off -= (iov)[_i].iov_len;                    \
 				continue;                                     \
@@ -134,7 +135,7 @@ int iov_slice(const struct iovec *src, int src_cnt, size_t off, size_t len,
 			size_t piece = MIN((iov)[_i].iov_len - _off, _len);   \
 			char *base = (char *)(iov)[_i].iov_base + _off;       \
 			size_t done = _done;                                  \
-			BODY;                                                 \
+			(err) = (BODY);                                       \
 			(void)done;                                           \
 			_done += piece;                                       \
 			_len -= piece;                                        \
@@ -143,30 +144,38 @@ int iov_slice(const struct iovec *src, int src_cnt, size_t off, size_t len,
 	} while (0)
 
 /* A piece in a kernel buffer window (kbuf.h) is copied by user copy. */
-void iov_memset(const struct iovec *iov, int iovcnt, size_t off, int c, size_t len)
+int iov_memset(const struct iovec *iov, int iovcnt, size_t off, int c, size_t len)
 {
 	struct kbuf_ref r;
+	int err = 0;
 
-	IOV_WALK(iov, iovcnt, off, len,
-		 kbuf_find(base, piece, &r) ? kbuf_fill(&r, c, piece) : (void)memset(base, c, piece));
+	IOV_WALK(iov, iovcnt, off, len, err,
+		 kbuf_find(base, piece, &r) ? kbuf_fill(&r, c, piece)
+					    : (memset(base, c, piece), 0));
+	return err;
 }
 
-void iov_to_buf(const struct iovec *iov, int iovcnt, size_t off, void *buf, size_t len)
+int iov_to_buf(const struct iovec *iov, int iovcnt, size_t off, void *buf, size_t len)
 {
 	struct kbuf_ref r;
+	int err = 0;
 
-	IOV_WALK(iov, iovcnt, off, len,
-		 kbuf_find(base, piece, &r) ? kbuf_copy_out(&r, (char *)buf + done, piece)
-					    : (void)memcpy((char *)buf + done, base, piece));
+	IOV_WALK(iov, iovcnt, off, len, err,
+		 kbuf_find(base, piece, &r) ? kbuf_user_copy(&r, true, (char *)buf + done, piece)
+					    : (memcpy((char *)buf + done, base, piece), 0));
+	return err;
 }
 
-void iov_from_buf(const struct iovec *iov, int iovcnt, size_t off, const void *buf, size_t len)
+int iov_from_buf(const struct iovec *iov, int iovcnt, size_t off, const void *buf, size_t len)
 {
 	struct kbuf_ref r;
+	int err = 0;
 
-	IOV_WALK(iov, iovcnt, off, len,
-		 kbuf_find(base, piece, &r) ? kbuf_copy_in(&r, (const char *)buf + done, piece)
-					    : (void)memcpy(base, (const char *)buf + done, piece));
+	IOV_WALK(iov, iovcnt, off, len, err,
+		 kbuf_find(base, piece, &r)
+			 ? kbuf_user_copy(&r, false, (char *)buf + done, piece)
+			 : (memcpy(base, (const char *)buf + done, piece), 0));
+	return err;
 }
 
 bool buf_is_zero(const void *buf, size_t len)

@@ -76,10 +76,12 @@ size_t iov_size(const struct iovec *iov, int iovcnt);
  * entries).  Returns the number of entries or -EINVAL if it does not fit. */
 int iov_slice(const struct iovec *src, int src_cnt, size_t off, size_t len,
 	      struct iovec *dst, int dst_max);
-void iov_memset(const struct iovec *iov, int iovcnt, size_t off, int c, size_t len);
-/* Copy between a flat buffer and bytes at @off of an iovec. */
-void iov_to_buf(const struct iovec *iov, int iovcnt, size_t off, void *buf, size_t len);
-void iov_from_buf(const struct iovec *iov, int iovcnt, size_t off, const void *buf, size_t len);
+__attribute__((warn_unused_result)) int iov_memset(const struct iovec *iov, int iovcnt, size_t off, int c, size_t len);
+/* Copy between a flat buffer and bytes at @off of an iovec.  These three
+ * return 0, or -errno where a piece in a kernel buffer window could not
+ * be copied by user copy (kbuf.h): plain memory never fails. */
+__attribute__((warn_unused_result)) int iov_to_buf(const struct iovec *iov, int iovcnt, size_t off, void *buf, size_t len);
+__attribute__((warn_unused_result)) int iov_from_buf(const struct iovec *iov, int iovcnt, size_t off, const void *buf, size_t len);
 bool buf_is_zero(const void *buf, size_t len);
 
 #endif

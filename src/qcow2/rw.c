@@ -125,7 +125,7 @@ static int read_backing(struct qcow2_state *s, uint64_t guest, uint64_t len,
 			return ret;
 	}
 	if (len > in)
-		iov_memset(iov, iovcnt, iov_off + in, 0, len - in);
+		return iov_memset(iov, iovcnt, iov_off + in, 0, len - in);
 	return 0;
 }
 
@@ -179,7 +179,7 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 			break;
 		case QCOW2_ZERO_PLAIN:
 		case QCOW2_ZERO_ALLOC:
-			iov_memset(iov, iovcnt, done, 0, m.bytes);
+			ret = iov_memset(iov, iovcnt, done, 0, m.bytes);
 			break;
 		case QCOW2_NORMAL:
 			n = iov_slice(iov, iovcnt, done, m.bytes, sl, BDRV_IOV_MAX);
@@ -193,8 +193,9 @@ int qcow2_co_preadv(struct bdrv *bs, uint64_t off, uint64_t len,
 			}
 			ret = read_compressed(s, m.l2e, b, b + 2 * (size_t)s->cluster_size);
 			if (ret == 0)
-				iov_from_buf(iov, iovcnt, done,
-					     b + qcow2_offset_in_cluster(s, off + done), m.bytes);
+				ret = iov_from_buf(iov, iovcnt, done,
+						   b + qcow2_offset_in_cluster(s, off + done),
+						   m.bytes);
 			bounce_put(s, b);
 			break;
 		}
@@ -418,8 +419,9 @@ static int write_subclusters(struct qcow2_state *s, struct qcow2_map *m, uint64_
 				ret = fill_unwritten(s, m->type, c0, guest + bytes,
 						     wend - (guest + bytes), b);
 		}
+		if (ret == 0)
+			ret = iov_to_buf(iov, iovcnt, iov_off, b + (guest - c0), bytes);
 		if (ret == 0) {
-			iov_to_buf(iov, iovcnt, iov_off, b + (guest - c0), bytes);
 			v[0].iov_base = b;
 			v[0].iov_len = cs;
 			ret = qcow2_pwritev_data(s, QCOW2_W_COW, v, 1, host);
@@ -1019,7 +1021,11 @@ int qcow2_co_pwritev_compressed(struct bdrv *bs, uint64_t off, uint64_t len,
 		return -ENOMEM;
 	/* A short last cluster is compressed whole, with a zero tail, as
 	 * QEMU does.  Anything that does not shrink is written normally. */
-	iov_to_buf(iov, iovcnt, 0, b, len);
+	ret = iov_to_buf(iov, iovcnt, 0, b, len);
+	if (ret < 0) {
+		bounce_put(s, b);
+		return ret;
+	}
 	memset(b + len, 0, cs - len);
 	clen = qcow2_compress(s->meta.h.compression_type, b, cs, b + cs, cs - 1);
 	if (clen == -ENOSPC)

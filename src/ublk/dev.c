@@ -393,6 +393,9 @@ static int setup_queues(struct ublk_dev *d)
 				.copy_fd = d->cdev_fd,
 				.copy_off = UBLKSRV_IO_BUF_OFFSET + ((uint64_t)i << UBLK_QID_OFF),
 				.copy_shift = UBLK_TAG_OFF,
+				/* A request given the slot leaves its tag's
+				 * buffer idle: the io layer's bounce buffer. */
+				.bounce = q->bufs,
 			};
 			ret = kbuf_window_add(&q->kbufs);
 			if (ret < 0) {

@@ -362,13 +362,13 @@ static void test_kbuf(void)
 	for (size_t i = 0; i < sizeof(buf); i++)
 		buf[i] = (uint8_t)(i * 7 + 1);
 	v[1].iov_len = 900;
-	iov_from_buf(v, 2, 0, buf, 1000);
+	CHECK(iov_from_buf(v, 2, 0, buf, 1000) == 0);
 	CHECK(!memcmp(plain, buf, 100));
 	CHECK(pread(fd, back, 900, (1 << 20) + (3 << 17)) == 900 && !memcmp(back, buf + 100, 900));
 	memset(back, 0, sizeof(back));
-	iov_to_buf(v, 2, 50, back, 950);
+	CHECK(iov_to_buf(v, 2, 50, back, 950) == 0);
 	CHECK(!memcmp(back, buf + 50, 950));
-	iov_memset(v, 2, 90, 0, 910);
+	CHECK(iov_memset(v, 2, 90, 0, 910) == 0);
 	CHECK(pread(fd, back, 900, (1 << 20) + (3 << 17)) == 900 && buf_is_zero(back, 900));
 	CHECK(plain[89] == buf[89] && plain[90] == 0);
 
@@ -392,6 +392,42 @@ static void test_kbuf(void)
 	      !memcmp(back + 512, buf + 4096 - 100, 8192));
 	CHECK(pread(fd, buf, 4096, (1 << 20) + (1 << 17) + 4096 + 8192) == 4096 &&
 	      !memcmp(buf, back, 4096));
+
+	/* A copy the kernel refuses (here: a descriptor open for reading
+	 * only) fails the call with its error, for the helpers and for the
+	 * io layer's bounced reads and writes, with the window's own bounce
+	 * buffer as with one allocated. */
+	uint8_t img[4096];
+	int rfd, wfd;
+
+	snprintf(path, sizeof(path), "%s/ublkc", tmpdir);
+	rfd = open(path, O_RDONLY);
+	wfd = open(path, O_WRONLY);
+	CHECK(rfd >= 0 && wfd >= 0);
+	CHECK(pread(kbuf_img->fd, img, sizeof(img), 8192) == sizeof(img));
+	kw.copy_fd = rfd;
+	CHECK(iov_from_buf(v, 2, 0, buf, 1000) == -EBADF);
+	CHECK(iov_memset(v, 2, 90, 0, 910) == -EBADF);
+	CHECK(io_pread(kbuf_img, kw.base + 2 * 65536, 4096, 8192) == -EBADF);
+	for (int own = 0; own < 2; own++) {
+		uint8_t *bounce = own ? io_alloc(4 * 65536) : NULL;
+
+		kw.bounce = bounce;
+		kw.copy_fd = rfd;
+		CHECK(io_pread(kbuf_img, kw.base + 2 * 65536 + 512, 4096, 8192) == -EBADF);
+		kw.copy_fd = wfd;
+		CHECK(io_pwrite(kbuf_img, kw.base + 2 * 65536 + 512, 4096, 8192) == -EBADF);
+		CHECK(io_pread(kbuf_img, kw.base + 2 * 65536 + 512, 4096, 8192) == 0);
+		CHECK(pread(fd, back, 4096, (1 << 20) + (2 << 17) + 512) == 4096 &&
+		      !memcmp(back, img, 4096));
+		CHECK(pwrite(fd, "x", 1, (1 << 20) + (2 << 17) + 512) == 1);
+		kw.bounce = NULL;
+		io_free(bounce);
+	}
+	kw.copy_fd = fd;
+	close(rfd);
+	close(wfd);
+
 	io_file_close(kbuf_img);
 	kbuf_window_del(&kw);
 	CHECK(kw.base == NULL && !kbuf_maybe(back));

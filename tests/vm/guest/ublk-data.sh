@@ -258,6 +258,15 @@ t_fio_mapped() {
         grep 'through its mapping' "/run/qublk/ublk$id.log" || true
         grep -Eq 'img\.qcow2: [1-9][0-9]* reads and writes through its mapping \([1-9][0-9]* copied by the kernel\)' \
             "/run/qublk/ublk$id.log" || fail "no user copy went through the image's mapping"
+        # Over a backing file: holes the mapping leaves to system calls
+        # (the larger requests bounce through their tag's buffer),
+        # copy-on-write merging guest data by user copy.
+        rm -f "/run/qublk/ublk$id.log"
+        (export QUBLK_DEBUG=1 QUBLK_USER_COPY=1; fio_case qcow2 2 backing)
+        id=$(cat "$W/last-id")
+        grep 'bounce buffer' "/run/qublk/ublk$id.log" || true
+        grep -Eq 'img\.qcow2: [1-9][0-9]* reads and writes of kernel buffers through a bounce buffer' \
+            "/run/qublk/ublk$id.log" || fail "QUBLK_USER_COPY=1: no request bounced over holes"
     fi
 }
 
