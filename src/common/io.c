@@ -133,13 +133,13 @@ static void sqe_file(struct aio_ctx *ctx, struct io_uring_sqe *sqe, const struct
  * ring, or an O_DIRECT file that refuses the request pages' layout).
  * The bounce buffer is the same range of the slot's own (the window's,
  * idle while its request uses the slot; pieces of one request are
- * disjoint ranges), unless the window has none or O_DIRECT wants an
- * alignment the range's offset lacks. */
+ * disjoint ranges), unless the window has none or the range's offset
+ * lacks the file's alignment (O_DIRECT's; 1 for other files). */
 static ssize_t rw_kbuf_bounced(struct io_file *f, bool write, const struct kbuf_ref *kr,
 			       size_t len, uint64_t off)
 {
 	const struct kbuf_window *w = kr->w;
-	bool own = w->bounce && !(f->direct && (!f->align || kr->off % f->align));
+	bool own = w->bounce && IS_ALIGNED(kr->off, (size_t)f->align);
 	struct iovec v = { own ? w->bounce + (size_t)kr->index * w->stride + kr->off : io_alloc(len),
 			   len };
 	ssize_t ret;
@@ -496,12 +496,13 @@ static int fd_get_size(struct io_file *f, uint64_t *size)
 
 static void fd_close(struct io_file *f)
 {
-	struct io_map *map = ((struct fd_file *)f)->map;
+	struct fd_file *ff = (struct fd_file *)f;
+	struct io_map *map = ff->map;
 
-	assert(!((struct fd_file *)f)->ranges);
-	if (((struct fd_file *)f)->bounced)
+	assert(!ff->ranges);
+	if (ff->bounced)
 		log_debug("%s: %llu reads and writes of kernel buffers through a bounce buffer",
-			  f->path, (unsigned long long)((struct fd_file *)f)->bounced);
+			  f->path, (unsigned long long)ff->bounced);
 	if (map)
 		log_debug("%s: %llu reads and writes through its mapping (%llu copied by the kernel)",
 			  f->path, (unsigned long long)io_map_copies(map),
