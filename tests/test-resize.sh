@@ -81,6 +81,11 @@ expect_size "$R" $((2 << 20))
 qemu-io -f raw -c 'read -P 0xab 0 1M' -c 'read -P 0 1M 1M' "$R" >/dev/null
 "$QUBLK" resize --shrink "$R" -1M >/dev/null
 expect_size "$R" $((1 << 20))
+# "FILE -- SIZE", as qemu-img takes it.
+"$QUBLK" resize "$R" -- +512K >/dev/null
+expect_size "$R" $((1536 << 10))
+"$QUBLK" resize --shrink "$R" -- -512K >/dev/null
+expect_size "$R" $((1 << 20))
 refused 1 'multiple of 512' "$R" 1000000
 refused 2 'expected a size' "$R" 12XB
 refused 2 'expected a size' "$R" -1M

@@ -23,7 +23,7 @@
 static void usage(FILE *out)
 {
 	fprintf(out,
-		"Usage: qublk resize [--shrink] [-f FMT] FILE [+|-]SIZE\n"
+		"Usage: qublk resize [--shrink] [-f FMT] FILE [--] [+|-]SIZE\n"
 		"       qublk resize -n ID [+]SIZE\n\n"
 		"Change the virtual size of image FILE, or grow the image under the live\n"
 		"ublk device ID and the device with it (UPDATE_SIZE: the kernel's ublk\n"
@@ -185,6 +185,11 @@ int cmd_resize(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 		return resize_live(id, argv[optind]);
+	}
+	/* "FILE -- -1G", as qemu-img takes it: getopt stopped at FILE. */
+	if (argc - optind == 3 && strcmp(argv[optind + 1], "--") == 0) {
+		argv[optind + 1] = argv[optind];
+		optind++;
 	}
 	if (argc - optind != 2) {
 		usage(stderr);
