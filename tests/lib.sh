@@ -17,6 +17,8 @@
 #   qio FILE-OR-URI FMT [qemu-io args]   run a qemu-io script from stdin,
 #                             fail on any failed command (aio ones included)
 #   nbd_read_all OUT          copy the whole served export to raw file OUT
+#   run_table FUNC PATTERN ROW...  run FUNC INDEX FIELDS... for each row of a
+#                             case table whose name matches PATTERN
 #   qemu_versions             the QEMU versions to use as oracles: 7 (the
 #                             system's tools) and 10 (tests/setup-qemu10.sh;
 #                             required with CI=true, else used when set up);
@@ -232,6 +234,30 @@ qio() {
         grep -iE -m 20 'failed|error|mismatch' "$out" >&2 || true
         fail "qemu-io on $target failed (exit $rc)"
     fi
+}
+
+# run_table FUNC PATTERN ROW...: FUNC INDEX FIELDS... for each row of a
+# test's case table (fields split on blanks; INDEX counts from 1 in table
+# order, so a case's seed is the same whatever PATTERN selects) whose
+# first field, the case's name, matches the regex PATTERN (every row
+# when empty); "ok NAME (N s)" after each; fails if no row matches.
+run_table() {
+    local func=$1 pattern=$2 row idx=0 n=0 t0
+    local -a f
+    shift 2
+    for row in "$@"; do
+        idx=$((idx + 1))
+        read -ra f <<<"$row"
+        if [ -n "$pattern" ] && ! [[ ${f[0]} =~ $pattern ]]; then
+            continue
+        fi
+        t0=$SECONDS
+        "$func" "$idx" "${f[@]}"
+        echo "ok ${f[0]} ($((SECONDS - t0)) s)"
+        n=$((n + 1))
+    done
+    [ "$n" -gt 0 ] || fail "no case matches '$pattern'"
+    echo "$n cases passed"
 }
 
 nbd_read_all() {

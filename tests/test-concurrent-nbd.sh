@@ -156,19 +156,4 @@ run_case() {
     FAIL_CONTEXT=
 }
 
-n=0
-idx=0
-for c in "${CASES[@]}"; do
-    # shellcheck disable=SC2086 # split the table row into fields
-    set -- $c
-    idx=$((idx + 1))
-    if [ -n "$PATTERN" ] && ! [[ $1 =~ $PATTERN ]]; then
-        continue
-    fi
-    t0=$SECONDS
-    run_case "$idx" "$@"
-    echo "ok $1 ($((SECONDS - t0)) s)"
-    n=$((n + 1))
-done
-[ "$n" -gt 0 ] || fail "no case matches '$PATTERN'"
-echo "$n cases passed"
+run_table run_case "$PATTERN" "${CASES[@]}"
