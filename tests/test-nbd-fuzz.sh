@@ -26,7 +26,7 @@ requires qemu-img qemu-io "$PYTHON"
 requires_server
 
 SEED=${QUBLK_SEED:-$(( ($(date +%s) * 1000 + RANDOM) % 1000000000 ))}
-case $QUBLK in *asan*) SESSIONS=${QUBLK_FUZZ_SESSIONS:-2000} ;; *) SESSIONS=${QUBLK_FUZZ_SESSIONS:-3000} ;; esac
+case $QUBLK in *asan*) SESSIONS=${QUBLK_FUZZ_SESSIONS:-1500} ;; *) SESSIONS=${QUBLK_FUZZ_SESSIONS:-2000} ;; esac
 PATTERN=${1:-}
 SIZE=$((64 * 1024 * 1024))
 echo "seed $SEED, $SESSIONS sessions a case (replay: QUBLK_SEED=$SEED $0 ${PATTERN})"
