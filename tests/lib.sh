@@ -243,17 +243,17 @@ qio() {
 # when empty); "ok NAME (N s)" after each; fails if no row matches.
 run_table() {
     local func=$1 pattern=$2 row idx=0 n=0 t0
-    local -a f
+    local -a fields
     shift 2
     for row in "$@"; do
         idx=$((idx + 1))
-        read -ra f <<<"$row"
-        if [ -n "$pattern" ] && ! [[ ${f[0]} =~ $pattern ]]; then
+        read -ra fields <<<"$row"
+        if [ -n "$pattern" ] && ! [[ ${fields[0]} =~ $pattern ]]; then
             continue
         fi
         t0=$SECONDS
-        "$func" "$idx" "${f[@]}"
-        echo "ok ${f[0]} ($((SECONDS - t0)) s)"
+        "$func" "$idx" "${fields[@]}"
+        echo "ok ${fields[0]} ($((SECONDS - t0)) s)"
         n=$((n + 1))
     done
     [ "$n" -gt 0 ] || fail "no case matches '$pattern'"
