@@ -145,17 +145,24 @@ class Session:
         if r.random() < 0.1:
             ln = self.u32()
         magic = IHAVEOPT if r.random() < 0.97 else r.getrandbits(64)
+        if magic == IHAVEOPT and ln == len(data) and o not in (OPT_ABORT, OPT_EXPORT_NAME):
+            return self.send_option(o, data) == 1 and o == OPT_GO
         send(self.s, struct.pack(">QII", magic, o, ln) + data)
-        if magic != IHAVEOPT or ln != len(data) or o == OPT_ABORT:
-            # Now the server has to find its own way out of it.
-            if ln > len(data) and r.random() < 0.5:
-                send(self.s, self.blob(r.randrange(64)))
-            raise Done("malformed option")
-        if o == OPT_EXPORT_NAME:
+        if o == OPT_EXPORT_NAME and magic == IHAVEOPT and ln == len(data):
             # Success is the export's size and flags with no option
             # reply (and 124 bytes of zeros unless NO_ZEROES).
             recvall(self.s, 10)
             return True
+        # Now the server has to find its own way out of it.
+        if ln > len(data) and r.random() < 0.5:
+            send(self.s, self.blob(r.randrange(64)))
+        raise Done("malformed option")
+
+    def send_option(self, o, data):
+        """Send well-formed option @o and read its replies up to the
+        final one; returns that one's type (1: ACK, bit 31: an error).
+        The modes the server acknowledged are the session's."""
+        send(self.s, struct.pack(">QII", IHAVEOPT, o, len(data)) + data)
         while True:
             magic, ro, typ, rl = struct.unpack(">QIII", recvall(self.s, 20))
             if magic != REPMAGIC or ro != o:
@@ -168,9 +175,9 @@ class Session:
                     self.sr = True
                 elif o == OPT_EXT:
                     self.ext = self.sr = True
-                return o == OPT_GO
+                return typ
             if typ & (1 << 31):
-                return False
+                return typ
 
     # -- transmission --------------------------------------------------
     def drain(self):
@@ -255,29 +262,15 @@ def session(path, size, seed, i, counts, lock):
                     started = True
                     break
             if kind == "transmit" and not started:
+                # A good handshake: the modes are the ones the server
+                # acknowledged (send_option), not the ones asked for.
                 if r.random() < 0.5:
-                    s.sr = True
-                    s.ext = r.random() < 0.5
-                    send(s.s, struct.pack(">QII", IHAVEOPT, OPT_EXT if s.ext else OPT_SR, 0))
-                    recvall(s.s, 20)
+                    s.send_option(OPT_EXT if r.random() < 0.5 else OPT_SR, b"")
                 if r.random() < 0.5:
-                    d = struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation"
-                    send(s.s, struct.pack(">QII", IHAVEOPT, OPT_SET_META, len(d)) + d)
-                    while True:
-                        typ, rl = struct.unpack(">8x4xII", recvall(s.s, 20))
-                        recvall(s.s, rl)
-                        if typ == 1 or typ & (1 << 31):
-                            break
-                d = struct.pack(">IH", 0, 0)
-                send(s.s, struct.pack(">QII", IHAVEOPT, OPT_GO, len(d)) + d)
-                while True:
-                    typ, rl = struct.unpack(">8x4xII", recvall(s.s, 20))
-                    recvall(s.s, rl)
-                    if typ == 1:
-                        started = True
-                        break
-                    if typ & (1 << 31):
-                        break
+                    q = b"base:allocation"
+                    s.send_option(OPT_SET_META,
+                                  struct.pack(">III", 0, 1, len(q)) + q)
+                started = s.send_option(OPT_GO, struct.pack(">IH", 0, 0)) == 1
             if started:
                 s.transmit()
     except Done as e:
